@@ -1,0 +1,3 @@
+from layercut.cli import main
+
+raise SystemExit(main())
