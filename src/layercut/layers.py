@@ -1,0 +1,175 @@
+"""A decoder-only model is a list of decoder layers: find that list, and cut segments out of it in place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from torch import nn
+
+from layercut.errors import LayercutError
+
+logger = logging.getLogger(__name__)
+
+Segment = tuple[int, int]
+
+# Config entries that hold one value per decoder layer and are sliced with the layers.
+PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
+# Config entries that are lists but never per-layer, whatever their length.
+NOT_PER_LAYER_CONFIG_KEYS = ("architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
+
+
+def text_config(model: nn.Module):
+    """The config that owns ``num_hidden_layers`` (the text config of a multimodal model)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def num_layers(model: nn.Module) -> int:
+    """Number of decoder layers the model's config declares."""
+    return int(text_config(model).num_hidden_layers)
+
+
+def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return ``(dotted name, module list)`` of the model's decoder layers.
+
+    The layers are the one ``nn.ModuleList`` of length ``num_hidden_layers`` whose elements are all of a class
+    named in ``model._no_split_modules`` (``model.layers`` for Llama-like models, ``transformer.h`` for GPT-2,
+    ``model.decoder.layers`` for OPT). ``layers_path`` names the list explicitly when that rule finds none or
+    several.
+    """
+    if layers_path:
+        try:
+            module = model.get_submodule(layers_path)
+        except AttributeError as error:
+            raise LayercutError(f"layers_path {layers_path!r} names no submodule of the model ({error})") from error
+        if not isinstance(module, nn.ModuleList):
+            raise LayercutError(f"layers_path {layers_path!r} is a {type(module).__name__}, not an nn.ModuleList")
+        return layers_path, module
+    expected = num_layers(model)
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) == expected
+        and all(type(layer).__name__ in block_classes for layer in module)
+    ]
+    if len(found) == 1:
+        return found[0]
+    names = ", ".join(name for name, _ in found) or "none"
+    raise LayercutError(
+        f"cannot tell which module list holds the {expected} decoder layers of {type(model).__name__} "
+        f"(candidates: {names}); pass layers_path='dotted.name' (CLI: --layers-path) to name it"
+    )
+
+
+def validate_segments(segments: Sequence[Sequence[int]], total: int) -> list[Segment]:
+    """Check 0-based half-open segments against ``total`` layers; return them sorted as tuples.
+
+    Raises LayercutError for an empty, reversed, out-of-range or overlapping segment, or for a cut that would
+    leave no layer.
+    """
+    if not segments:
+        raise LayercutError("no segment to remove; give at least one START:END (0-based, END exclusive)")
+    checked = []
+    for segment in segments:
+        if len(segment) != 2:
+            raise LayercutError(f"segment {segment!r} must be a pair START:END")
+        start, end = int(segment[0]), int(segment[1])
+        if start >= end:
+            raise LayercutError(
+                f"segment {start}:{end} is empty; END is exclusive, so {start}:{start + 1} removes layer {start}"
+            )
+        if start < 0 or end > total:
+            raise LayercutError(
+                f"segment {start}:{end} is out of range for a model with {total} layers (valid: 0 <= START < END <= {total})"
+            )
+        checked.append((start, end))
+    checked.sort()
+    for (s0, e0), (s1, e1) in zip(checked, checked[1:]):
+        if s1 < e0:
+            raise LayercutError(f"segments {s0}:{e0} and {s1}:{e1} overlap; merge them into {s0}:{max(e0, e1)}")
+    removed = sum(end - start for start, end in checked)
+    if removed >= total:
+        raise LayercutError(f"removing {removed} of {total} layers leaves none; remove at most {total - 1}")
+    return checked
+
+
+def kept_layers(segments: Sequence[Segment], total: int) -> list[int]:
+    """Original indices of the layers that survive cutting ``segments`` out of ``total`` layers."""
+    removed = {index for start, end in segments for index in range(start, end)}
+    return [index for index in range(total) if index not in removed]
+
+
+def merge_adjacent(segments: Sequence[Segment]) -> list[Segment]:
+    """Sorted segments with touching ones joined (``[(2, 4), (4, 6)] -> [(2, 6)]``)."""
+    merged: list[list[int]] = []
+    for start, end in sorted(segments):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(start, end) for start, end in merged]
+
+
+def per_layer_config_keys(config, total: int) -> list[str]:
+    """Names of the config's per-layer lists; raises LayercutError for a list of length ``total`` we do not know."""
+    keys = []
+    for key, value in config.to_dict().items():
+        if not isinstance(value, (list, tuple)) or key in NOT_PER_LAYER_CONFIG_KEYS:
+            continue
+        if key in PER_LAYER_CONFIG_KEYS:
+            if len(value) != total:
+                raise LayercutError(f"config.{key} has {len(value)} entries but the model has {total} layers")
+            keys.append(key)
+        elif len(value) == total:
+            raise LayercutError(
+                f"config.{key} is a list with one entry per layer that layercut does not know how to slice; "
+                f"open an issue, or remove the entry from config.json if it is unused"
+            )
+    return keys
+
+
+def drop_layers(model: nn.Module, segments: Sequence[Sequence[int]], layers_path: str | None = None) -> list[Segment]:
+    """Remove the decoder layers in ``segments`` (0-based, half-open, original indices) from ``model`` in place.
+
+    Afterwards every submodule's ``layer_idx`` equals its new position, per-layer config lists are sliced and
+    ``num_hidden_layers`` is the new count, so ``save_pretrained`` writes a standard checkpoint. Returns the
+    validated, sorted segments.
+    """
+    _, layers = find_decoder_layers(model, layers_path)
+    config = text_config(model)
+    total = len(layers)
+    checked = validate_segments(segments, total)
+    keys = per_layer_config_keys(config, total)
+    keep = kept_layers(checked, total)
+    for index in sorted({i for start, end in checked for i in range(start, end)}, reverse=True):
+        del layers[index]
+    for position, layer in enumerate(layers):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+    for key in keys:
+        values = list(getattr(config, key))
+        setattr(config, key, [values[index] for index in keep])
+    config.num_hidden_layers = len(keep)
+    if config is not model.config and hasattr(model.config, "num_hidden_layers"):
+        model.config.num_hidden_layers = len(keep)
+    logger.info("removed layers %s: %d -> %d decoder layers", format_segments(checked), total, len(keep))
+    return checked
+
+
+def format_segments(segments: Sequence[Segment]) -> str:
+    """``[(12, 18)] -> "[12:18)"``, the way layercut prints segments."""
+    return ", ".join(f"[{start}:{end})" for start, end in segments)
+
+
+def parse_segment(text: str) -> Segment:
+    """Parse ``"START:END"`` (0-based, END exclusive) into a pair; LayercutError on anything else."""
+    parts = text.split(":")
+    try:
+        start, end = (int(part) for part in parts)
+    except ValueError:
+        raise LayercutError(f"segment {text!r} must look like START:END with integers, e.g. 12:18") from None
+    return start, end

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random models built from config across families, and an offline tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+VOCAB = 128
+HIDDEN = 32
+LAYERS = 6
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", COMMON),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**COMMON, "sliding_window": 8}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              {**COMMON, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 3}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**COMMON, "head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**COMMON, "head_dim": 8, "sliding_window": 8}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**COMMON, "head_dim": 8, "sliding_window": 8}),
+    "phi": ("PhiConfig", "PhiForCausalLM", COMMON),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", COMMON),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=256, **TOKENS)),
+    "opt": ("OPTConfig", "OPTForCausalLM",
+            dict(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                 max_position_embeddings=256, word_embed_proj_dim=HIDDEN, **TOKENS)),
+}
+
+
+def build_tiny(family: str, seed: int = 0, layers: int = LAYERS):
+    """A random-init tiny model of ``family`` in eval mode, float32, CPU."""
+    config_name, model_name, kwargs = FAMILIES[family]
+    kwargs = dict(kwargs)
+    key = "n_layer" if family == "gpt2" else "num_hidden_layers"
+    kwargs[key] = layers
+    config = getattr(transformers, config_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(family):
+    return build_tiny(family)
+
+
+def random_ids(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=generator)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with VOCAB entries, trained offline on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:VOCAB - 8])
+    text = ["The quick brown fox jumps over the lazy dog. " * 4, "Layers of a model are cut and repaired. " * 4]
+    tokenizer.train_from_iterator(text, trainer=trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                                bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    assert len(fast) <= VOCAB
+    return fast
