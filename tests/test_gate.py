@@ -1,0 +1,157 @@
+"""The concave gate: invariants of the hooks, the notch profile, and the search against the exhaustive oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import LAYERS, build_tiny, random_ids
+
+from layercut.gate import (
+    exhaustive,
+    gated,
+    hard_gates,
+    hard_kl,
+    neighbours,
+    notch_mask,
+    round_widths,
+    search_notches,
+    search_segments,
+    token_kl,
+)
+from layercut.layers import drop_layers
+
+
+def test_gate_of_one_changes_nothing(tiny_model):
+    ids = random_ids()
+    with torch.no_grad():
+        expected = tiny_model(ids).logits
+        with gated(tiny_model) as set_gates:
+            set_gates(torch.ones(1, LAYERS))
+            actual = tiny_model(ids).logits
+    torch.testing.assert_close(actual, expected)
+
+
+def test_gate_of_zero_equals_dropping_the_segment(family):
+    ids = random_ids()
+    model = build_tiny(family)
+    with torch.no_grad(), gated(model) as set_gates:
+        set_gates(hard_gates([((2, 4),)], LAYERS))
+        gated_logits = model(ids).logits
+    drop_layers(model, [(2, 4)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, gated_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_profiles_apply_per_row():
+    model = build_tiny("llama")
+    ids = random_ids(batch=2)
+    candidates = [((0, 2),), ((3, 5),)]
+    with torch.no_grad(), gated(model) as set_gates:
+        set_gates(hard_gates(candidates, LAYERS))
+        stacked = model(ids.repeat(2, 1)).logits
+        for row, candidate in enumerate(candidates):
+            set_gates(hard_gates([candidate], LAYERS))
+            torch.testing.assert_close(stacked[2 * row : 2 * row + 2], model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_the_gate_and_nothing_else():
+    model = build_tiny("qwen3").requires_grad_(False)
+    ids = random_ids()
+    starts = torch.tensor([[1.3]], requires_grad=True)
+    with gated(model) as set_gates:
+        with torch.no_grad():
+            teacher = model(ids).logits
+        set_gates(1 - notch_mask(starts, torch.tensor([[2.0]]), LAYERS, tau=0.5))
+        loss = token_kl(teacher, model(ids).logits).mean()
+        loss.backward()
+    assert starts.grad is not None and starts.grad.abs().item() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_notch_mask_is_the_indicator_at_low_temperature():
+    mask = notch_mask(torch.tensor([[2.0, 6.0]]), torch.tensor([[3.0, 1.0]]), 8, tau=0.01)
+    expected = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 0]], dtype=torch.float32)
+    torch.testing.assert_close(mask, expected, atol=1e-6, rtol=0)
+    soft = notch_mask(torch.tensor([[2.5]]), torch.tensor([[3.0]]), 8, tau=0.3)
+    assert soft[0, 3] > 0.9 and soft[0, 0] < 0.01 and 0.2 < soft[0, 2] < 0.8
+
+
+def test_token_kl_matches_direct_computation_and_is_zero_on_equal_inputs():
+    generator = torch.Generator().manual_seed(0)
+    p = torch.randn(2, 5, 11, generator=generator)
+    q = torch.randn(4, 5, 11, generator=generator)
+    direct = torch.stack([
+        torch.nn.functional.kl_div(q[r].log_softmax(-1), p[r % 2].log_softmax(-1), log_target=True,
+                                   reduction="sum") / 5
+        for r in range(4)
+    ])
+    torch.testing.assert_close(token_kl(p, q, chunk=2), direct)
+    assert token_kl(p, p).abs().max() < 1e-6
+
+
+def test_round_widths_and_neighbours():
+    assert round_widths([2.6, 3.4], 6) == [3, 3]
+    assert sum(round_widths([0.1, 0.2, 5.7], 6)) == 6
+    assert set(neighbours(((3, 6),), 10)) == {((2, 5),), ((4, 7),)}
+    assert neighbours(((0, 3),), 3) == []
+
+
+def window_costs(costs: list[float], interaction: float = 0.0):
+    """A synthetic landscape: removing layers costs their sum, plus a penalty for removing neighbours together."""
+    costs_t = torch.tensor(costs)
+
+    def objective(gates: torch.Tensor) -> torch.Tensor:
+        removed = 1 - gates
+        return (removed * costs_t).sum(-1) + interaction * (removed[:, 1:] * removed[:, :-1]).sum(-1)
+
+    def hard(candidates):
+        return objective(hard_gates(candidates, len(costs))).tolist()
+
+    return objective, hard
+
+
+@pytest.mark.parametrize(
+    "costs",
+    [
+        # a narrow deep well (start 3) beside a wide shallow one (starts 9-13)
+        [5, 5, 5, 0.2, 0.1, 0.2, 4, 4, 4, 1, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4],
+        # the best window at the very end
+        [3, 2, 2, 2, 3, 3, 3, 2, 2, 2, 2, 3, 1, 0.5, 0.4, 0.3],
+        # the best window at the very start
+        [0.1, 0.2, 0.1, 2, 2, 2, 1, 1, 1, 2, 2, 2, 3, 3],
+    ],
+)
+@pytest.mark.parametrize("remove", [2, 3, 4])
+def test_search_reaches_the_exhaustive_optimum_on_synthetic_landscapes(costs, remove):
+    objective, hard = window_costs(costs, interaction=0.3)
+    oracle = exhaustive(hard, len(costs), remove)
+    found = search_notches(objective, hard, len(costs), remove, steps=40)
+    assert found.kl == pytest.approx(oracle.kl)  # ties allowed: several windows can share the optimum
+    assert found.landscape[" ".join(f"{s}:{e}" for s, e in found.segments)] == pytest.approx(oracle.kl)
+    assert found.evaluations < oracle.evaluations + 8
+
+
+def test_two_notches_find_two_separate_wells():
+    costs = [3, 3, 0.1, 0.1, 3, 3, 3, 3, 3, 0.1, 0.1, 3, 3, 3]
+    objective, hard = window_costs(costs)
+    found = search_notches(objective, hard, len(costs), remove=4, notches=2, steps=60)
+    assert found.segments == [(2, 4), (9, 11)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gate_search_matches_exhaustive_on_a_tiny_model(family):
+    model = build_tiny(family, layers=8)
+    windows = random_ids(batch=4, length=12, seed=1)
+    oracle = search_segments(model, windows, remove=2, method="exhaustive")
+    found = search_segments(model, windows, remove=2, steps=20, seed=0)
+    assert found.kl == pytest.approx(oracle.kl, rel=1e-5)
+    assert found.segments == oracle.segments
+    again = search_segments(model, windows, remove=2, steps=20, seed=0)
+    assert again.segments == found.segments and again.trajectory == found.trajectory
+
+
+def test_hard_kl_is_zero_for_no_cut_and_positive_for_a_cut():
+    model = build_tiny("llama")
+    windows = random_ids(batch=3, length=10)
+    losses = hard_kl(model, windows, [(), ((1, 3),)], batch_size=2)
+    assert abs(losses[0]) < 1e-6 and losses[1] > 0

