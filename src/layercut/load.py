@@ -82,7 +82,7 @@ def resolve_model(name: str) -> str:
 
 def check_causal(config) -> None:
     """Raise LayercutError unless ``config`` describes a decoder-only causal language model."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     architectures = getattr(config, "architectures", None) or []

@@ -12,6 +12,7 @@ import functools
 import importlib.metadata
 import logging
 import math
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,14 +62,14 @@ def load_local_copy(local_copy: str, label_from: str | None = None, **_lm_eval_m
     """
     import datasets
 
-    splits = {
-        folder.name: datasets.load_from_disk(str(folder), keep_in_memory=True)  # in memory: no cache files
-        for folder in sorted(Path(local_copy).iterdir())
-        if (folder / "state.json").is_file()
-    }
+    splits = [folder for folder in sorted(Path(local_copy).iterdir()) if (folder / "state.json").is_file()]
+    # In memory, so that map() writes no cache files next to the installed copy.
+    dataset = datasets.DatasetDict(
+        {split.name: datasets.load_from_disk(split, keep_in_memory=True) for split in splits}
+    )
     if label_from is not None:
-        splits = {name: split.map(lambda doc: {"label": int(doc[label_from])}) for name, split in splits.items()}
-    return datasets.DatasetDict(splits)
+        dataset = dataset.map(lambda doc: {"label": int(doc[label_from])})
+    return dataset
 
 
 def _local_folder(config: dict) -> Path:
@@ -89,19 +90,20 @@ def _local_folder(config: dict) -> Path:
 def _overlay(config: dict, yaml_path: Path) -> str:
     """YAML text of a task that includes ``yaml_path`` and reads the local copy instead of the Hub."""
     folder = _local_folder(config)
-    local_splits = {path.name for path in folder.iterdir() if path.is_dir()}
-    dataset_kwargs = {"local_copy": str(folder)}
-    label_from = _LABEL_FROM.get((config.get("dataset_path"), config.get("dataset_name")))
-    if label_from:
-        dataset_kwargs["label_from"] = label_from
-    # Splits the copy lacks (train, and ARC/OpenBookQA test) are switched off so lm-eval uses the rest.
-    missing = {key: None for key in _SPLIT_KEYS if config.get(key) and config[key] not in local_splits}
-    if not ({config.get("test_split"), config.get("validation_split")} & local_splits):
+    present = {path.name for path in folder.iterdir() if path.is_dir()}
+    # Splits the copy lacks (train; ARC's and OpenBookQA's test) are switched off so lm-eval uses the rest.
+    missing = {key: None for key in _SPLIT_KEYS if config.get(key) and config[key] not in present}
+    if not ({config.get("test_split"), config.get("validation_split")} & present):
         raise LayercutError(f"the offline copy {folder} holds neither the test nor the validation split")
-    if missing.get("test_split", "kept") is None:
-        logger.info("%s: no local %r split; evaluating its validation split", config["task"], config["test_split"])
+    if "test_split" in missing:
+        logger.info("%s: no local %r split; scoring validation instead", config["task"], config["test_split"])
+    label_from = _LABEL_FROM.get((config.get("dataset_path"), config.get("dataset_name")))
+    dataset_kwargs = {"local_copy": str(folder), "label_from": label_from}
     overlay = {"include": str(yaml_path), "dataset_kwargs": dataset_kwargs, **missing}
-    return yaml.safe_dump(overlay, sort_keys=False) + "custom_dataset: !function layercut.zeroshot.load_local_copy\n"
+    return (
+        yaml.safe_dump(overlay, sort_keys=False)
+        + "custom_dataset: !function layercut.zeroshot.load_local_copy\n"
+    )
 
 
 @functools.cache
@@ -110,7 +112,8 @@ def _standard_tasks():
     try:
         from lm_eval.tasks import TaskManager
     except ImportError as error:
-        raise LayercutError("zero-shot evaluation needs lm-eval; install it with `pip install 'layercut[eval]'`") from error
+        message = "zero-shot evaluation needs lm-eval; install it with `pip install 'layercut[eval]'`"
+        raise LayercutError(message) from error
     return TaskManager()
 
 
@@ -121,9 +124,11 @@ def _members(manager, name: str) -> list[str]:
         return [member for child in sorted(entry.tags) for member in _members(manager, child)]
     if name not in manager.all_groups:
         return [name]
-    children = entry.cfg["task"] if isinstance(entry.cfg["task"], list) else [entry.cfg["task"]]
-    names = [child if isinstance(child, str) else child.get("task") or child.get("group") for child in children]
-    return [name] + [member for child in names if child in manager.task_index for member in _members(manager, child)]
+    members = [name]
+    for child in entry.cfg["task"] if isinstance(entry.cfg["task"], list) else [entry.cfg["task"]]:
+        child = child if isinstance(child, str) else child.get("task") or child.get("group")
+        members += _members(manager, child) if child in manager.task_index else []
+    return members
 
 
 def _check_tasks(tasks: Sequence[str]) -> list[str]:
@@ -173,7 +178,12 @@ def _summarize(results: dict, members: dict[str, list[str]]) -> dict[str, dict]:
 
 
 def evaluate_zero_shot(
-    model, tokenizer, tasks: Sequence[str] = TASKS, limit: int | None = None, batch_size: int = 8, seed: int = 0
+    model,
+    tokenizer,
+    tasks: Sequence[str] = TASKS,
+    limit: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
 ) -> dict:
     """Zero-shot accuracy of an already-loaded causal LM on standard lm-eval tasks, read from offline copies.
 
@@ -242,7 +252,7 @@ def _retained(pruned: float, dense: float, chance: float) -> dict:
 
 
 def retention(pruned: dict, dense: dict, metric: str = "acc") -> dict:
-    """How much of the dense model's zero-shot accuracy the pruned model keeps (two ``evaluate_zero_shot`` results).
+    """The share of the dense model's zero-shot accuracy the pruned one keeps (two evaluate_zero_shot dicts).
 
     Per task and for the average: ``retention = pruned / dense`` and
     ``retention_above_chance = (pruned - chance) / (dense - chance)``; None where the denominator is <= 0.
@@ -256,11 +266,25 @@ def retention(pruned: dict, dense: dict, metric: str = "acc") -> dict:
             f"retention needs the same tasks on both sides: dense has {sorted(tasks)}, "
             f"pruned has {sorted(pruned['tasks'])}; evaluate both with the same --tasks"
         )
-    per_task = {
-        task: _retained(_value(pruned["tasks"][task], metric), _value(dense["tasks"][task], metric), CHANCE[task])
-        for task in tasks
-    }
-    average = _retained(
-        pruned["average"][metric], dense["average"][metric], _mean(CHANCE[task] for task in tasks)
-    )
+    per_task = {}
+    for task in tasks:
+        scores = _value(pruned["tasks"][task], metric), _value(dense["tasks"][task], metric)
+        per_task[task] = _retained(*scores, CHANCE[task])
+    chance = _mean(CHANCE[task] for task in tasks)
+    average = _retained(pruned["average"][metric], dense["average"][metric], chance)
     return {"metric": metric, "tasks": per_task, "average": average}
+
+
+def main() -> int:
+    """``python -m layercut.zeroshot FOLDER``: write the overlays for ``lm_eval --include_path FOLDER``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m layercut.zeroshot FOLDER")
+    folder = sys.argv[1]
+    names = write_offline_tasks(folder)
+    logger.info("wrote %d task overlays; use them with `lm_eval --include_path %s ...`", len(names), folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""The ``layercut`` command line; its options are generated from the typed recipe in :mod:`layercut.config`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from layercut import config
+from layercut.errors import LayercutError
+
+logger = logging.getLogger("layercut")
+
+
+def _stage_printer():
+    started = time.perf_counter()
+
+    def show(stage: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {stage}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    lines = [f"| {'':{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {name:{width}} | {value} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run_prune(arguments: argparse.Namespace) -> int:
+    from layercut.pipeline import prune
+
+    recipe = config.recipe_from_arguments(arguments, arguments.recipe)
+    record = prune(arguments.model, recipe, arguments.output, arguments.overwrite, progress=_stage_printer())
+    ppl = record["metrics"]["perplexity"]
+    rows = [
+        ("removed segments", ", ".join(f"[{s}:{e})" for s, e in record["segments"])),
+        ("layers", f"{record['num_layers_before']} -> {record['num_layers_after']}"),
+        ("parameters", f"{record['parameters_before']:,} -> {record['parameters_after']:,}"),
+        ("search", f"{record['method']} (KL {_number(record['search']['kl'])}, {record['search']['seconds']:.1f}s)"),
+        ("heal", f"{record['heal']} ({record['healing'].get('trainable_parameters', 0):,} trainable parameters)"),
+        (f"perplexity dense ({ppl['text']})", _number(ppl["before"])),
+        ("perplexity cut", _number(ppl["after_cut"])),
+        ("perplexity healed", _number(ppl["after"])),
+        ("output", str(arguments.output)),
+    ]
+    print(_table(rows))
+    return 0
+
+
+def run_search(arguments: argparse.Namespace) -> int:
+    from layercut.load import load_model
+    from layercut.pipeline import calibration, planned_removal, select_segments
+
+    recipe = config.recipe_from_arguments(arguments, arguments.recipe)
+    show = _stage_printer()
+    show("load")
+    model, tokenizer = load_model(arguments.model, recipe.model)
+    planned_removal(model, recipe)
+    windows = calibration(tokenizer, recipe)
+    show(f"search ({recipe.search.method})")
+    found = select_segments(model, windows, recipe)
+    if arguments.plots:
+        from layercut import plots
+
+        folder = Path(arguments.plots)
+        folder.mkdir(parents=True, exist_ok=True)
+        plots.search_plots(found, folder)
+        (folder / "search.json").write_text(json.dumps(_search_json(found, with_details=True), indent=2) + "\n")
+    if arguments.json:
+        print(json.dumps(_search_json(found)))
+    else:
+        print(_table([("method", found.method),
+                      ("segments", ", ".join(f"[{s}:{e})" for s, e in found.segments)),
+                      ("KL (nats/token)", _number(found.kl)), ("seconds", f"{found.seconds:.1f}"),
+                      ("cuts scored exactly", str(found.evaluations))]))
+    return 0
+
+
+def _search_json(found, with_details: bool = False) -> dict:
+    result = {"method": found.method, "segments": [list(s) for s in found.segments],
+              "kl": None if math.isnan(found.kl) else found.kl, "seconds": found.seconds,
+              "evaluations": found.evaluations}
+    if with_details:
+        result.update(trajectory=found.trajectory, landscape=found.landscape)
+    return result
+
+
+def run_eval(arguments: argparse.Namespace) -> int:
+    from layercut.evaluate import perplexity
+    from layercut.load import load_model
+    from layercut.pipeline import perplexity_windows
+
+    recipe = config.recipe_from_arguments(arguments, arguments.recipe)
+    given = vars(arguments)
+    want_ppl = "data.ppl" in given or not arguments.tasks
+    show = _stage_printer()
+    show("load")
+    model, tokenizer = load_model(arguments.model, recipe.model)
+    result: dict = {"model": arguments.model}
+    if want_ppl:
+        windows = perplexity_windows(tokenizer, recipe)
+        show(f"perplexity ({recipe.data.ppl}, {windows.shape[0]} windows of {windows.shape[1]} tokens)")
+        result["perplexity"] = perplexity(model, windows, recipe.data.batch_size)
+    if arguments.tasks:
+        from layercut.zeroshot import evaluate_zero_shot
+
+        show("zero-shot tasks")
+        tasks = [task.strip() for task in arguments.tasks.split(",") if task.strip()]
+        result.update(evaluate_zero_shot(model, tokenizer, tasks, arguments.limit, recipe.data.batch_size,
+                                         recipe.data.seed))
+    if arguments.json:
+        print(json.dumps(result))
+        return 0
+    rows = []
+    if "perplexity" in result:
+        rows.append((f"perplexity ({recipe.data.ppl})", _number(result["perplexity"])))
+    for task, values in result.get("tasks", {}).items():
+        rows.append((f"{task} acc / acc_norm", f"{_number(values.get('acc'))} / {_number(values.get('acc_norm'))}"))
+    if "average" in result:
+        rows.append(("average acc / acc_norm",
+                     f"{_number(result['average']['acc'])} / {_number(result['average']['acc_norm'])}"))
+    print(_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layercut", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prune = commands.add_parser("prune", help="search, cut, heal and export a pruned checkpoint")
+    prune.add_argument("model", help="model folder, hub id, or smollm2-135m")
+    prune.add_argument("--output", required=True, help="folder to write the pruned checkpoint into")
+    prune.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    prune.add_argument("--recipe", help="YAML recipe with model/data/search/heal sections; flags override it")
+    config.add_arguments(prune)
+    prune.set_defaults(run=run_prune)
+
+    search = commands.add_parser("search", help="find the segment(s) to cut; writes nothing unless asked")
+    search.add_argument("model", help="model folder, hub id, or smollm2-135m")
+    search.add_argument("--json", action="store_true", help="print one JSON object")
+    search.add_argument("--plots", help="folder to write the trajectory and landscape plots into")
+    search.add_argument("--recipe", help="YAML recipe; flags override it")
+    config.add_arguments(search, ("model", "data", "search"))
+    search.set_defaults(run=run_search)
+
+    evaluate = commands.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
+    evaluate.add_argument("model", help="model folder, hub id, or smollm2-135m")
+    evaluate.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. piqa,hellaswag,arc_easy")
+    evaluate.add_argument("--limit", type=int, help="items per task (default: all)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--recipe", help="YAML recipe; flags override it")
+    config.add_arguments(evaluate, ("model", "data"))
+    evaluate.set_defaults(run=run_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if arguments.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "lm_eval", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return arguments.run(arguments)
+    except LayercutError as error:
+        print(f"layercut: error: {error}", file=sys.stderr)
+        return 2

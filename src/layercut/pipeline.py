@@ -1,0 +1,147 @@
+"""The pipeline: load → calibrate → search → cut → heal → evaluate → export, composed from the stage functions."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from layercut import data, plots
+from layercut.config import Recipe, SearchOptions, dump_recipe, to_dict
+from layercut.errors import LayercutError
+from layercut.evaluate import perplexity
+from layercut.export import check_output, export_checkpoint, library_versions
+from layercut.gate import SearchResult, search_segments
+from layercut.heal import heal, teacher_targets
+from layercut.layers import drop_layers, find_decoder_layers, parse_segment, validate_segments
+from layercut.load import load_model
+
+logger = logging.getLogger(__name__)
+
+
+def removal_count(options: SearchOptions, total: int) -> int:
+    """Layers to remove from ``--remove`` or ``--ratio`` (rounded to whole layers)."""
+    if options.remove is not None and options.ratio is not None:
+        raise LayercutError("give either --remove N or --ratio R, not both")
+    if options.remove is not None:
+        count = options.remove
+    elif options.ratio is not None:
+        if not 0 < options.ratio < 1:
+            raise LayercutError(f"--ratio {options.ratio} must be between 0 and 1 (a fraction of the layers)")
+        count = round(options.ratio * total)
+    else:
+        raise LayercutError("say how much to remove: --remove N, --ratio R or --segment START:END")
+    if not 0 < count < total:
+        raise LayercutError(f"cannot remove {count} of {total} layers; choose between 1 and {total - 1}")
+    if count < options.segments:
+        raise LayercutError(f"cannot split {count} removed layers into {options.segments} segments")
+    return count
+
+
+def calibration(tokenizer, recipe: Recipe):
+    """The calibration windows ``[calib_windows, seq_len]`` of the recipe."""
+    text = data.load_text(recipe.data.calib, "calib")
+    return data.calibration_windows(tokenizer, text, recipe.data.seq_len, recipe.data.calib_windows, recipe.data.seed)
+
+
+def perplexity_windows(tokenizer, recipe: Recipe):
+    """The perplexity windows of the recipe's test text (``ppl_windows`` of them; 0 = all)."""
+    text = data.load_text(recipe.data.ppl, "test")
+    return data.evaluation_windows(tokenizer, text, recipe.data.seq_len, recipe.data.ppl_windows or None)
+
+
+def planned_removal(model, recipe: Recipe) -> list[tuple[int, int]] | int:
+    """The validated segments the recipe names, or else the number of layers to remove; checked before work."""
+    options, total = recipe.search, len(find_decoder_layers(model, recipe.model.layers_path)[1])
+    if options.segment:
+        return validate_segments([parse_segment(text) for text in options.segment], total)
+    if options.method == "exhaustive" and options.segments > 1:
+        raise LayercutError("--method exhaustive searches one segment; use --method clp for --segments > 1")
+    return removal_count(options, total)
+
+
+def select_segments(model, windows, recipe: Recipe) -> SearchResult:
+    """The segments to cut: given ones, or found by the recipe's method on the calibration windows."""
+    options, plan = recipe.search, planned_removal(model, recipe)
+    if isinstance(plan, list):
+        return SearchResult("given", plan, float("nan"), 0.0)
+    if options.method in ("clp", "exhaustive"):
+        return search_segments(
+            model, windows, plan, options.method, options.segments, options.gate_starts, options.gate_steps,
+            options.gate_lr, options.tau_start, options.tau_end, options.gate_windows, recipe.data.batch_size,
+            recipe.data.seed, recipe.model.layers_path,
+        )
+    from layercut.criteria import select_by_criterion
+
+    return select_by_criterion(model, windows, plan, options.method, recipe.data.batch_size, recipe.model.layers_path)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool = False, progress=None) -> dict:
+    """Run the whole pipeline and export the pruned checkpoint to ``output``; return the record it wrote.
+
+    ``progress(stage)`` is called as each stage starts, for the CLI's display.
+    """
+    def stage(name: str) -> None:
+        logger.info("%s", name)
+        if progress is not None:
+            progress(name)
+
+    check_output(output, overwrite)
+    started = time.perf_counter()
+    stage("load")
+    model, tokenizer = load_model(model_name, recipe.model)
+    total = len(find_decoder_layers(model, recipe.model.layers_path)[1])
+    parameters_before = count_parameters(model)
+    planned_removal(model, recipe)
+    stage("calibration data")
+    windows = calibration(tokenizer, recipe)
+    test_windows = perplexity_windows(tokenizer, recipe)
+    stage("dense perplexity")
+    dense_ppl = perplexity(model, test_windows, recipe.data.batch_size)
+    stage(f"search ({recipe.search.method})")
+    found = select_segments(model, windows, recipe)
+    teacher, heal_windows = None, None
+    if recipe.heal.heal != "none":
+        text = data.load_text(recipe.data.calib, "calib")
+        heal_windows = data.calibration_windows(tokenizer, text, recipe.data.seq_len, recipe.heal.heal_windows,
+                                                recipe.data.seed + 1)
+        if recipe.heal.heal_loss == "kl":
+            stage("teacher targets")
+            teacher = teacher_targets(model, heal_windows, recipe.heal.heal_top_k, recipe.data.batch_size)
+    stage("cut")
+    segments = drop_layers(model, found.segments, recipe.model.layers_path)
+    cut_ppl = perplexity(model, test_windows, recipe.data.batch_size)
+    stage(f"heal ({recipe.heal.heal})")
+    model, heal_report = heal(model, heal_windows, segments, total, recipe.heal, teacher, recipe.data.seed,
+                              recipe.model.layers_path)
+    healed_ppl = perplexity(model, test_windows, recipe.data.batch_size) if heal_report["steps"] else cut_ppl
+    record = {
+        "source": model_name,
+        "segments": [list(segment) for segment in segments],
+        "method": found.method,
+        "heal": recipe.heal.heal,
+        "num_layers_before": total,
+        "num_layers_after": total - sum(end - start for start, end in segments),
+        "parameters_before": parameters_before,
+        "parameters_after": count_parameters(model),
+        "search": {"kl": found.kl, "seconds": found.seconds, "evaluations": found.evaluations},
+        "healing": heal_report,
+        "metrics": {"perplexity": {"before": dense_ppl, "after_cut": cut_ppl, "after": healed_ppl,
+                                   "text": recipe.data.ppl, "windows": int(test_windows.shape[0]),
+                                   "seq_len": recipe.data.seq_len}},
+        "seed": recipe.data.seed,
+        "recipe": to_dict(recipe),
+        "versions": library_versions(),
+        "seconds": None,
+    }
+    stage("export")
+    with tempfile.TemporaryDirectory() as scratch:
+        extra = plots.search_plots(found, Path(scratch))
+        record["seconds"] = time.perf_counter() - started
+        export_checkpoint(model, tokenizer, output, record, dump_recipe(recipe), overwrite, extra)
+    return record

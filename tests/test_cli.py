@@ -1,0 +1,152 @@
+"""The command line end to end on a tiny saved model: prune, search, eval, and every bad input's error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from conftest import LAYERS, build_tiny
+
+from layercut.cli import main
+
+WORDS = ("the model cuts layers and repairs the cut so quality stays while cost falls "
+         "engineers compress checkpoints for cheaper deployment on small machines").split()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny Llama with a tokenizer, and a local text file for calibration and perplexity."""
+    root = tmp_path_factory.mktemp("cli")
+    model = build_tiny("llama")
+    model.save_pretrained(root / "tiny")
+    tiny_tokenizer.save_pretrained(root / "tiny")
+    generator = torch.Generator().manual_seed(0)
+    paragraphs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (60,), generator=generator).tolist())
+                  for _ in range(40)]
+    (root / "text.txt").write_text("\n\n".join(paragraphs))
+    return root
+
+
+def common(root) -> list[str]:
+    return ["--calib", str(root / "text.txt"), "--ppl", str(root / "text.txt"), "--seq-len", "16",
+            "--calib-windows", "4", "--ppl-windows", "4"]
+
+
+def test_prune_given_segment_exports_a_checkpoint_that_loads_without_layercut(workspace, capsys):
+    out = workspace / "pruned"
+    code = main(["prune", str(workspace / "tiny"), "--segment", "1:3", "--output", str(out), "--heal", "none",
+                 *common(workspace)])
+    assert code == 0
+    record = json.loads((out / "layercut.json").read_text())
+    assert record["segments"] == [[1, 3]]
+    assert record["num_layers_before"] == LAYERS and record["num_layers_after"] == LAYERS - 2
+    assert record["parameters_after"] < record["parameters_before"]
+    ppl = record["metrics"]["perplexity"]
+    assert ppl["before"] > 1 and ppl["after"] > 1
+    assert {"config.json", "model.safetensors", "recipe.yaml", "README.md", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+    assert "[1:3)" in (out / "README.md").read_text()
+    check = (
+        "import sys, transformers, torch\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        "assert m.config.num_hidden_layers == 4\n"
+        "m(torch.tensor([[1, 2, 3]]))\n"
+        "assert not any(name.startswith('layercut') for name in sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=workspace)
+    assert "perplexity healed" in capsys.readouterr().out
+
+
+def test_prune_with_gate_search_and_endpoint_healing(workspace):
+    out = workspace / "healed"
+    code = main(["prune", str(workspace / "tiny"), "--remove", "2", "--output", str(out), "--gate-steps", "4",
+                 "--heal-steps", "2", "--heal-batch", "2", "--heal-windows", "4", "--heal-top-k", "8",
+                 *common(workspace)])
+    assert code == 0
+    record = json.loads((out / "layercut.json").read_text())
+    assert record["method"] == "clp" and record["healing"]["trainable_parameters"] > 0
+    assert (out / "gate_trajectory.png").is_file() and (out / "kl_landscape.png").is_file()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == LAYERS - 2
+
+
+def test_search_json_for_gate_and_exhaustive(workspace, capsys):
+    results = {}
+    for method in ("clp", "exhaustive"):
+        assert main(["search", str(workspace / "tiny"), "--remove", "2", "--method", method, "--gate-steps", "6",
+                     "--json", *common(workspace)[:6]]) == 0
+        results[method] = json.loads(capsys.readouterr().out)
+    for result in results.values():
+        assert {"method", "segments", "kl", "seconds"} <= set(result)
+        (start, end), = result["segments"]
+        assert end - start == 2
+    assert results["clp"]["kl"] == pytest.approx(results["exhaustive"]["kl"], rel=1e-5)
+
+
+def test_eval_json_perplexity(workspace, capsys):
+    assert main(["eval", str(workspace / "tiny"), "--json", *common(workspace)[2:]]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+
+
+def test_recipe_file_sets_options_and_flags_override_it(workspace):
+    from layercut.config import load_recipe, recipe_from_arguments
+    from layercut.cli import build_parser
+
+    recipe_file = workspace / "recipe.yaml"
+    recipe_file.write_text("search:\n  remove: 3\n  method: exhaustive\nheal:\n  heal_steps: 7\n")
+    assert load_recipe(recipe_file).search.remove == 3
+    arguments = build_parser().parse_args(["prune", "m", "--output", "o", "--remove", "2"])
+    recipe = recipe_from_arguments(arguments, str(recipe_file))
+    assert (recipe.search.remove, recipe.search.method, recipe.heal.heal_steps) == (2, "exhaustive", 7)
+
+
+@pytest.fixture(scope="module")
+def encoder_only(workspace):
+    path = workspace / "bert"
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, architectures=["BertForMaskedLM"])
+    transformers.BertForMaskedLM(config).save_pretrained(path)
+    return path
+
+
+BAD = [
+    (["prune", "{root}/missing", "--segment", "1:2"], "neither an existing folder"),
+    (["prune", "{bert}", "--segment", "1:2"], "not a decoder-only"),
+    (["prune", "{tiny}", "--segment", "4:9"], "out of range"),
+    (["prune", "{tiny}", "--segment", "3:3"], "empty"),
+    (["prune", "{tiny}", "--segment", "1:3", "--segment", "2:4"], "overlap"),
+    (["prune", "{tiny}", "--segment", "0:6"], "leaves none"),
+    (["prune", "{tiny}", "--remove", "6"], "cannot remove 6"),
+    (["prune", "{tiny}", "--segment", "1:2", "--seq-len", "5000"], "smaller --seq-len"),
+    (["prune", "{tiny}", "--segment", "1:2", "--recipe", "{root}/bad_recipe.yaml"], "unknown key"),
+    (["prune", "{tiny}", "--segment", "1:2", "--output", "{root}/tiny"], "already exists"),
+    (["search", "{tiny}", "--remove", "2", "--calib", "nowhere-corpus"], "nowhere-corpus"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD, ids=[message for _, message in BAD])
+def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(workspace, encoder_only, capsys, argv, message):
+    (workspace / "bad_recipe.yaml").write_text("search:\n  remov: 3\n")
+    values = {"root": workspace, "tiny": workspace / "tiny", "bert": encoder_only}
+    argv = [part.format(**values) for part in argv]
+    if argv[0] == "prune" and "--output" not in argv:
+        argv += ["--output", str(workspace / "never")]
+    before = sorted(p.name for p in workspace.iterdir())
+    if "--calib" not in argv:
+        argv += ["--calib", str(workspace / "text.txt"), "--ppl", str(workspace / "text.txt")]
+    if "--seq-len" not in argv:
+        argv += ["--seq-len", "16"]
+    code = main(argv)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in workspace.iterdir()) == before
+
+
+def test_console_script_exit_code(workspace):
+    result = subprocess.run([sys.executable, "-m", "layercut", "search", str(workspace / "missing"), "--remove", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "layercut: error:" in result.stderr
