@@ -150,3 +150,31 @@ def test_console_script_exit_code(workspace):
     result = subprocess.run([sys.executable, "-m", "layercut", "search", str(workspace / "missing"), "--remove", "1"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "layercut: error:" in result.stderr
+
+
+def test_compare_runs_every_method_and_resumes(workspace, capsys):
+    out = workspace / "compare"
+    argv = ["compare", str(workspace / "tiny"), "--remove", "2", "--methods", "clp,exhaustive,angular,sleb,tail",
+            "--output", str(out), "--gate-steps", "3", "--heal-steps", "1", "--heal-batch", "2", "--heal-windows", "4",
+            "--heal-top-k", "8", *common(workspace)]
+    assert main(argv) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert [row["method"] for row in result["rows"]] == ["clp", "exhaustive", "angular", "sleb", "tail"]
+    assert all(sum(e - s for s, e in row["segments"]) == 2 for row in result["rows"])
+    assert result["rows"][0]["kl"] == pytest.approx(result["rows"][1]["kl"], rel=1e-5)
+    assert result["rows"][4]["segments"] == [[LAYERS - 2, LAYERS]]
+    assert (out / "compare.png").is_file() and "| sleb |" in (out / "compare.md").read_text()
+    stamp = (out / "cells" / "clp.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0  # a rerun skips finished cells
+    assert (out / "cells" / "clp.json").stat().st_mtime_ns == stamp
+
+
+def test_search_json_for_every_baseline(workspace, capsys):
+    from layercut.criteria import CRITERIA
+
+    for method in CRITERIA:
+        assert main(["search", str(workspace / "tiny"), "--remove", "2", "--method", method, "--json",
+                     *common(workspace)[:6]]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["method"] == method and sum(e - s for s, e in result["segments"]) == 2

@@ -135,6 +135,20 @@ def run_eval(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def run_compare(arguments: argparse.Namespace) -> int:
+    from layercut.compare import compare
+
+    recipe = config.recipe_from_arguments(arguments, arguments.recipe)
+    methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
+    tasks = [t.strip() for t in arguments.tasks.split(",") if t.strip()] if arguments.tasks else None
+    result = compare(arguments.model, recipe, methods, arguments.output, tasks, arguments.limit,
+                     progress=_stage_printer())
+    from layercut.compare import markdown_table
+
+    print(markdown_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layercut", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -164,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--recipe", help="YAML recipe; flags override it")
     config.add_arguments(evaluate, ("model", "data"))
     evaluate.set_defaults(run=run_eval)
+
+    comparison = commands.add_parser("compare", help="run several selection methods under one protocol")
+    comparison.add_argument("model", help="model folder, hub id, or smollm2-135m")
+    comparison.add_argument("--methods", default=",".join(config.METHODS),
+                            help=f"comma-separated methods (default: all of {', '.join(config.METHODS)})")
+    comparison.add_argument("--output", required=True, help="folder for compare.json/.md/.png; reruns resume")
+    comparison.add_argument("--tasks", help="comma-separated lm-eval tasks to evaluate too")
+    comparison.add_argument("--limit", type=int, help="items per task (default: all)")
+    comparison.add_argument("--recipe", help="YAML recipe; flags override it")
+    config.add_arguments(comparison)
+    comparison.set_defaults(run=run_compare)
     return parser
 
 

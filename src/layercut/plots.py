@@ -20,7 +20,7 @@ def search_plots(found: SearchResult, folder: Path) -> dict[str, Path]:
     """Write ``gate_trajectory.png`` (when the gate ran) and ``kl_landscape.png`` (when cuts were scored)."""
     plt = _pyplot()
     written = {}
-    if found.trajectory:
+    if found.trajectory and "starts" in found.trajectory[0]:
         steps = [row["step"] for row in found.trajectory]
         figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         profiles = len(found.trajectory[0]["starts"])
@@ -45,12 +45,14 @@ def search_plots(found: SearchResult, folder: Path) -> dict[str, Path]:
         figure, axis = plt.subplots(figsize=(7, 3.5))
         starts = sorted(single)
         axis.bar(starts, [single[s] for s in starts], color="tab:blue")
-        if len(found.segments) == 1:
-            axis.bar([found.segments[0][0]], [found.kl], color="tab:red", label="chosen")
+        chosen = found.segments[0][0] if len(found.segments) == 1 else None
+        if chosen in single:
+            axis.bar([chosen], [single[chosen]], color="tab:red", label="chosen")
             axis.legend()
         axis.set_xlabel("segment start (layer)")
-        axis.set_ylabel("hard-cut KL (nats/token)")
-        axis.set_title(f"{found.method}: KL of each scored cut")
+        kl = found.method in ("clp", "exhaustive")
+        axis.set_ylabel("hard-cut KL (nats/token)" if kl else f"{found.method} score")
+        axis.set_title(f"{found.method}: {'KL of each scored cut' if kl else 'score by start layer'}")
         figure.tight_layout()
         written["kl_landscape.png"] = folder / "kl_landscape.png"
         figure.savefig(written["kl_landscape.png"], dpi=110)
