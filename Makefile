@@ -37,7 +37,7 @@ demo: $(ASSETS)
 	$(BIN)/layercut prune smollm2-135m --ratio 0.2 --output $(DEMO_OUT) --overwrite \
 		--seq-len 128 --calib-windows 8 --ppl-windows 24 \
 		--gate-starts 4 --gate-windows 1 --gate-steps 20 \
-		--heal-steps 40 --heal-batch 4 --heal-windows 64 --heal-lr 2e-4
+		--heal-steps 40 --heal-batch 4 --heal-windows 64
 
 clean:
 	rm -rf $(VENV) runs

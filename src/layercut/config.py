@@ -74,7 +74,9 @@ class HealOptions:
 
     heal: Literal[HEALS] = option("endpoints", "repair recipe after the cut")  # type: ignore[valid-type]
     heal_steps: int = option(200, "optimizer steps of the repair")
-    heal_lr: float = option(1e-4, "learning rate of the repair (AdamW)")
+    heal_lr: float | None = option(
+        None, "learning rate of the repair (AdamW); default by recipe: endpoints 1e-3, last-k 1e-4, lora 2e-4"
+    )
     heal_batch: int = option(8, "windows per repair step")
     heal_windows: int = option(256, "training windows drawn from the calibration text for the repair")
     heal_loss: Literal["kl", "lm"] = option("kl", "kl: match the dense model's next-token distribution; lm: plain LM loss")

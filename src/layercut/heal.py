@@ -17,6 +17,10 @@ from layercut.load import model_device
 
 logger = logging.getLogger(__name__)
 
+# Learning rates measured best at equal steps on SmolLM2-135M (bench/results/repair-h200): two endpoint layers
+# take a larger step than a full-depth update.
+DEFAULT_LEARNING_RATES = {"endpoints": 1e-3, "last-k": 1e-4, "lora": 2e-4}
+
 
 @dataclass
 class TeacherTargets:
@@ -132,7 +136,8 @@ def heal(model, windows: torch.Tensor, segments: Sequence[Segment], total: int, 
     trainable = [p for p in model.parameters() if p.requires_grad]
     count = sum(p.numel() for p in trainable)
     logger.info("healing (%s): training %d parameters in layers %s", options.heal, count, indices)
-    optimizer = torch.optim.AdamW(trainable, lr=options.heal_lr, weight_decay=0.0)
+    learning_rate = options.heal_lr or DEFAULT_LEARNING_RATES[options.heal]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     device = model_device(model)
     losses = []
@@ -156,6 +161,7 @@ def heal(model, windows: torch.Tensor, segments: Sequence[Segment], total: int, 
     model.requires_grad_(False)
     model.eval()
     report = {"recipe": options.heal, "layers": indices, "lora_rank": rank, "trainable_parameters": count,
-              "steps": options.heal_steps, "loss": options.heal_loss, "first_loss": losses[0],
+              "learning_rate": learning_rate, "steps": options.heal_steps, "loss": options.heal_loss,
+              "first_loss": losses[0],
               "last_loss": sum(losses[-10:]) / len(losses[-10:]), "seconds": time.perf_counter() - started}
     return model, report
