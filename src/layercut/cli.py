@@ -39,6 +39,7 @@ def _number(value) -> str:
 
 
 def run_prune(arguments: argparse.Namespace) -> int:
+    from layercut.export import metric_rows
     from layercut.pipeline import prune
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
@@ -50,9 +51,9 @@ def run_prune(arguments: argparse.Namespace) -> int:
         ("parameters", f"{record['parameters_before']:,} -> {record['parameters_after']:,}"),
         ("search", f"{record['method']} (KL {_number(record['search']['kl'])}, {record['search']['seconds']:.1f}s)"),
         ("heal", f"{record['heal']} ({record['healing'].get('trainable_parameters', 0):,} trainable parameters)"),
-        (f"perplexity dense ({ppl['text']})", _number(ppl["before"])),
-        ("perplexity cut", _number(ppl["after_cut"])),
-        ("perplexity healed", _number(ppl["after"])),
+        ("perplexity after the cut, before repair", _number(ppl["after_cut"])),
+        *((f"{name}: dense -> pruned", f"{_number(before)} -> {_number(after)}")
+          for name, before, after in metric_rows(record)),
         ("output", str(arguments.output)),
     ]
     print(_table(rows))
@@ -104,7 +105,8 @@ def run_eval(arguments: argparse.Namespace) -> int:
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
     given = vars(arguments)
-    want_ppl = "data.ppl" in given or not arguments.tasks
+    tasks = [task.strip() for task in recipe.evaluation.tasks.split(",") if task.strip()]
+    want_ppl = "data.ppl" in given or not (tasks or recipe.evaluation.speed)
     show = _stage_printer()
     show("load")
     model, tokenizer = load_model(arguments.model, recipe.model)
@@ -113,13 +115,17 @@ def run_eval(arguments: argparse.Namespace) -> int:
         windows = perplexity_windows(tokenizer, recipe)
         show(f"perplexity ({recipe.data.ppl}, {windows.shape[0]} windows of {windows.shape[1]} tokens)")
         result["perplexity"] = perplexity(model, windows, recipe.data.batch_size)
-    if arguments.tasks:
+    if tasks:
         from layercut.zeroshot import evaluate_zero_shot
 
         show("zero-shot tasks")
-        tasks = [task.strip() for task in arguments.tasks.split(",") if task.strip()]
-        result.update(evaluate_zero_shot(model, tokenizer, tasks, arguments.limit, recipe.data.batch_size,
+        result.update(evaluate_zero_shot(model, tokenizer, tasks, recipe.evaluation.limit, recipe.data.batch_size,
                                          recipe.data.seed))
+    if recipe.evaluation.speed:
+        from layercut.evaluate import throughput
+
+        show("speed")
+        result["speed"] = throughput(model)
     if arguments.json:
         print(json.dumps(result))
         return 0
@@ -128,6 +134,9 @@ def run_eval(arguments: argparse.Namespace) -> int:
         rows.append((f"perplexity ({recipe.data.ppl})", _number(result["perplexity"])))
     for task, values in result.get("tasks", {}).items():
         rows.append((f"{task} acc / acc_norm", f"{_number(values.get('acc'))} / {_number(values.get('acc_norm'))}"))
+    for kind in ("prefill", "decode"):
+        if "speed" in result:
+            rows.append((f"{kind} tokens/s", _number(result["speed"][f"{kind}_tokens_per_s"])))
     if "average" in result:
         rows.append(("average acc / acc_norm",
                      f"{_number(result['average']['acc'])} / {_number(result['average']['acc_norm'])}"))
@@ -140,12 +149,25 @@ def run_compare(arguments: argparse.Namespace) -> int:
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
     methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
-    tasks = [t.strip() for t in arguments.tasks.split(",") if t.strip()] if arguments.tasks else None
-    result = compare(arguments.model, recipe, methods, arguments.output, tasks, arguments.limit,
+    tasks = [t.strip() for t in recipe.evaluation.tasks.split(",") if t.strip()] or None
+    result = compare(arguments.model, recipe, methods, arguments.output, tasks, recipe.evaluation.limit,
                      progress=_stage_printer())
     from layercut.compare import markdown_table
 
     print(markdown_table(result))
+    return 0
+
+
+def run_report(arguments: argparse.Namespace) -> int:
+    from layercut import report
+
+    records = report.read_records(arguments.folders)
+    chart = Path(arguments.chart)
+    if chart.exists() and not arguments.overwrite:
+        raise LayercutError(f"{chart} already exists; choose another --chart path or pass --overwrite")
+    print(report.markdown(records))
+    report.chart(records, chart)
+    print(f"chart: {chart}", file=sys.stderr)
     return 0
 
 
@@ -172,11 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
     evaluate.add_argument("model", help="model folder, hub id, or smollm2-135m")
-    evaluate.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. piqa,hellaswag,arc_easy")
-    evaluate.add_argument("--limit", type=int, help="items per task (default: all)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--recipe", help="YAML recipe; flags override it")
-    config.add_arguments(evaluate, ("model", "data"))
+    config.add_arguments(evaluate, ("model", "data", "evaluation"), exclude=("eval",))
     evaluate.set_defaults(run=run_eval)
 
     comparison = commands.add_parser("compare", help="run several selection methods under one protocol")
@@ -184,11 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--methods", default=",".join(config.METHODS),
                             help=f"comma-separated methods (default: all of {', '.join(config.METHODS)})")
     comparison.add_argument("--output", required=True, help="folder for compare.json/.md/.png; reruns resume")
-    comparison.add_argument("--tasks", help="comma-separated lm-eval tasks to evaluate too")
-    comparison.add_argument("--limit", type=int, help="items per task (default: all)")
     comparison.add_argument("--recipe", help="YAML recipe; flags override it")
-    config.add_arguments(comparison)
+    config.add_arguments(comparison, exclude=("eval", "speed"))
     comparison.set_defaults(run=run_compare)
+
+    reporting = commands.add_parser("report", help="compare exported checkpoints: markdown table and PNG chart")
+    reporting.add_argument("folders", nargs="+", help="folders written by layercut prune")
+    reporting.add_argument("--chart", default="layercut-report.png", help="PNG chart to write")
+    reporting.add_argument("--overwrite", action="store_true", help="replace --chart if it exists")
+    reporting.set_defaults(run=run_report)
     return parser
 
 

@@ -86,6 +86,16 @@ class HealOptions:
 
 
 @dataclass(frozen=True)
+class EvalOptions:
+    """What to measure besides perplexity."""
+
+    eval: bool = option(False, "prune: evaluate zero-shot tasks and speed before and after the cut")
+    tasks: str = option("", "comma-separated lm-eval tasks (prune --eval without tasks: the seven standard ones)")
+    limit: int | None = option(None, "items per zero-shot task (default: all)")
+    speed: bool = option(False, "measure prefill and decode tokens per second")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything a prune run needs, except the model name and the output folder."""
 
@@ -93,6 +103,7 @@ class Recipe:
     data: DataOptions = field(default_factory=DataOptions)
     search: SearchOptions = field(default_factory=SearchOptions)
     heal: HealOptions = field(default_factory=HealOptions)
+    evaluation: EvalOptions = field(default_factory=EvalOptions)
 
 
 SECTIONS = tuple(f.name for f in fields(Recipe))
@@ -185,14 +196,18 @@ def _coerce(key: str, value: Any, hint) -> Any:
         raise LayercutError(f"option {key!r} must be a {getattr(base, '__name__', base)}, not {value!r}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = SECTIONS) -> None:
-    """Add one flag per option of the given recipe sections; defaults are left out so given flags are known."""
+def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = SECTIONS,
+                  exclude: tuple[str, ...] = ()) -> None:
+    """Add one flag per option of the given recipe sections (less ``exclude``); defaults are left out of the
+    namespace so that the flags actually given are known."""
     classes = _section_classes()
     for name in sections:
         cls = classes[name]
         group = parser.add_argument_group(f"{name} options", cls.__doc__)
         hints = typing.get_type_hints(cls)
         for item in fields(cls):
+            if item.name in exclude:
+                continue
             flag = "--" + item.name.replace("_", "-")
             help_text = f"{item.metadata['help']} (default: {item.default})"
             base, _ = _base_type(hints[item.name])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -42,3 +43,44 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress=None)
         if progress is not None:
             progress(batch.shape[0])
     return math.exp(total / count)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def throughput(model, batch_size: int = 1, prompt_tokens: int = 256, new_tokens: int = 64, repeats: int = 3,
+               seed: int = 0) -> dict[str, float]:
+    """Prefill and decode speed in tokens per second on the model's device, after one warm-up round.
+
+    Prefill: a forward pass over ``[batch_size, prompt_tokens]`` random tokens. Decode: greedy ``generate`` of
+    ``new_tokens`` more tokens with the KV cache; its time minus the prefill time, per generated token. The best
+    of ``repeats`` rounds is kept (least disturbed by other work).
+    """
+    device = model_device(model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=generator).to(device)
+    ones = torch.ones_like(prompt)
+    kwargs = dict(attention_mask=ones, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  use_cache=True, pad_token_id=0)
+    prefill_times, generate_times = [], []
+    for round_ in range(repeats + 1):
+        _synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=prompt, attention_mask=ones, use_cache=True)
+        _synchronize(device)
+        middle = time.perf_counter()
+        model.generate(prompt, **kwargs)
+        _synchronize(device)
+        end = time.perf_counter()
+        if round_:  # round 0 warms up kernels and caches
+            prefill_times.append(middle - start)
+            generate_times.append(end - middle)
+    prefill = min(prefill_times)
+    decode = max(min(generate_times) - prefill, 1e-9)
+    return {"prefill_tokens_per_s": batch_size * prompt_tokens / prefill,
+            "decode_tokens_per_s": batch_size * new_tokens / decode,
+            "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}

@@ -41,12 +41,7 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
 def model_card(record: dict, recipe_yaml: str) -> str:
     """A README.md for the pruned checkpoint that states what was removed and embeds the exact recipe."""
     segments = ", ".join(f"[{s}:{e})" for s, e in record["segments"])
-    metrics = record.get("metrics", {})
-    rows = "\n".join(
-        f"| {name} | {_fmt(values.get('before'))} | {_fmt(values.get('after'))} |"
-        for name, values in metrics.items()
-        if isinstance(values, dict) and ("before" in values or "after" in values)
-    )
+    rows = "\n".join(f"| {name} | {_fmt(before)} | {_fmt(after)} |" for name, before, after in metric_rows(record))
     table = f"| metric | dense | pruned |\n|---|---|---|\n{rows}\n" if rows else "No metrics were recorded.\n"
     return f"""---
 library_name: transformers
@@ -73,6 +68,26 @@ It is a standard checkpoint: `AutoModelForCausalLM.from_pretrained(path)` loads 
 
 Full record: `layercut.json`. Library versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}.
 """
+
+
+def metric_rows(record: dict) -> list[tuple[str, float | None, float | None]]:
+    """``(name, dense, pruned)`` rows of the record's metrics: perplexity, zero-shot accuracy, speed."""
+    metrics = record.get("metrics", {})
+    rows = []
+    if "perplexity" in metrics:
+        ppl = metrics["perplexity"]
+        rows.append((f"perplexity ({ppl.get('text', '?')}, {ppl.get('windows', '?')} x {ppl.get('seq_len', '?')} "
+                     "tokens)", ppl.get("before"), ppl.get("after")))
+    if "zero_shot" in metrics:
+        before, after = metrics["zero_shot"]["before"], metrics["zero_shot"]["after"]
+        for task, values in before["tasks"].items():
+            rows.append((f"{task} acc", values.get("acc"), after["tasks"][task].get("acc")))
+        rows.append(("zero-shot average acc", before["average"]["acc"], after["average"]["acc"]))
+    if "speed" in metrics:
+        for kind in ("prefill", "decode"):
+            rows.append((f"{kind} tokens/s", metrics["speed"]["before"][f"{kind}_tokens_per_s"],
+                         metrics["speed"]["after"][f"{kind}_tokens_per_s"]))
+    return rows
 
 
 def _fmt(value) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from layercut import data, plots
 from layercut.config import Recipe, SearchOptions, dump_recipe, to_dict
 from layercut.errors import LayercutError
-from layercut.evaluate import perplexity
+from layercut.evaluate import perplexity, throughput
 from layercut.export import check_output, export_checkpoint, library_versions
 from layercut.gate import SearchResult, search_segments
 from layercut.heal import heal, teacher_targets
@@ -77,6 +77,46 @@ def select_segments(model, windows, recipe: Recipe) -> SearchResult:
     return select_by_criterion(model, windows, plan, options.method, recipe.data.batch_size, recipe.model.layers_path)
 
 
+def task_list(recipe: Recipe) -> list[str]:
+    """The zero-shot tasks the recipe asks for (``--eval`` alone: the seven standard ones)."""
+    tasks = [task.strip() for task in recipe.evaluation.tasks.split(",") if task.strip()]
+    if not tasks and recipe.evaluation.eval:
+        from layercut.zeroshot import TASKS
+
+        tasks = list(TASKS)
+    return tasks
+
+
+def measure(model, tokenizer, recipe: Recipe) -> dict:
+    """Zero-shot accuracy and speed as the recipe's evaluation options ask (empty when they ask for nothing)."""
+    found = {}
+    tasks = task_list(recipe)
+    if tasks:
+        from layercut.zeroshot import evaluate_zero_shot
+
+        found["zero_shot"] = evaluate_zero_shot(model, tokenizer, tasks, recipe.evaluation.limit,
+                                                recipe.data.batch_size, recipe.data.seed)
+    if recipe.evaluation.speed or recipe.evaluation.eval:
+        found["speed"] = throughput(model)
+    return found
+
+
+def compare_measures(before: dict, after: dict, layers_before: int, layers_after: int) -> dict:
+    """Dense vs pruned zero-shot retention and speed-up, next to the speed-up limit L / (L − n)."""
+    metrics = {}
+    if "zero_shot" in before:
+        from layercut.zeroshot import retention
+
+        metrics["zero_shot"] = {"before": before["zero_shot"], "after": after["zero_shot"],
+                                "retention": retention(after["zero_shot"], before["zero_shot"])}
+    if "speed" in before:
+        metrics["speed"] = {"before": before["speed"], "after": after["speed"],
+                            "limit": layers_before / layers_after,
+                            **{f"{kind}_ratio": after["speed"][f"{kind}_tokens_per_s"]
+                               / before["speed"][f"{kind}_tokens_per_s"] for kind in ("prefill", "decode")}}
+    return metrics
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -103,6 +143,9 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
     test_windows = perplexity_windows(tokenizer, recipe)
     stage("dense perplexity")
     dense_ppl = perplexity(model, test_windows, recipe.data.batch_size)
+    if task_list(recipe) or recipe.evaluation.speed:
+        stage("dense evaluation")
+    dense_measures = measure(model, tokenizer, recipe)
     stage(f"search ({recipe.search.method})")
     found = select_segments(model, windows, recipe)
     teacher, heal_windows = None, None
@@ -120,20 +163,24 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
     model, heal_report = heal(model, heal_windows, segments, total, recipe.heal, teacher, recipe.data.seed,
                               recipe.model.layers_path)
     healed_ppl = perplexity(model, test_windows, recipe.data.batch_size) if heal_report["steps"] else cut_ppl
+    if dense_measures:
+        stage("pruned evaluation")
+    layers_after = total - sum(end - start for start, end in segments)
+    measures = compare_measures(dense_measures, measure(model, tokenizer, recipe), total, layers_after)
     record = {
         "source": model_name,
         "segments": [list(segment) for segment in segments],
         "method": found.method,
         "heal": recipe.heal.heal,
         "num_layers_before": total,
-        "num_layers_after": total - sum(end - start for start, end in segments),
+        "num_layers_after": layers_after,
         "parameters_before": parameters_before,
         "parameters_after": count_parameters(model),
         "search": {"kl": found.kl, "seconds": found.seconds, "evaluations": found.evaluations},
         "healing": heal_report,
         "metrics": {"perplexity": {"before": dense_ppl, "after_cut": cut_ppl, "after": healed_ppl,
                                    "text": recipe.data.ppl, "windows": int(test_windows.shape[0]),
-                                   "seq_len": recipe.data.seq_len}},
+                                   "seq_len": recipe.data.seq_len}, **measures},
         "seed": recipe.data.seed,
         "recipe": to_dict(recipe),
         "versions": library_versions(),
