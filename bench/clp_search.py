@@ -98,8 +98,8 @@ def repair_rows(model, tokenizer, arguments, search: list[dict]) -> list[dict]:
 
 def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# CLP search and repair: {result['model']}", "", f"Command: `{result['command']}`", "",
-             f"Device: {result['device']}; calibration: {result['settings']['calib_windows']} windows x "
-             f"{result['settings']['seq_len']} tokens of `{result['settings']['calib']}`", "",
+             (f"Device: {result['device']}; calibration: {result['settings']['calib_windows']} windows x "
+             f"{result['settings']['seq_len']} tokens of `{result['settings']['calib']}`"), "",
              "## Search: gate vs exhaustive oracle (hard-cut KL, nats/token)", "",
              "| n | seed | gate segment | gate KL | oracle segment | oracle KL | match | gate s | oracle s | gate cuts scored |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -111,8 +111,8 @@ def write_markdown(result: dict, path: Path) -> None:
     lines += ["", f"Gate reaches the oracle in {matches} of {len(result['search'])} cases.", ""]
     if result["repair"]:
         s = result["settings"]
-        lines += [f"## Repair at equal steps ({s['heal_steps']} steps, lr {s['heal_lr']}, batch {s['heal_batch']} x "
-                  f"{s['seq_len']} tokens, KL to dense top-{s['top_k']}); held-out perplexity on `{s['ppl']}`", "",
+        lines += [(f"## Repair at equal steps ({s['heal_steps']} steps, lr {s['heal_lr']}, batch {s['heal_batch']} x "
+                  f"{s['seq_len']} tokens, KL to dense top-{s['top_k']}); held-out perplexity on `{s['ppl']}`"), "",
                   "| n | segment | dense | no repair | endpoints | all layers | endpoint params | all-layer params |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in result["repair"]:

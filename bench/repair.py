@@ -60,15 +60,15 @@ def main() -> None:
             rows.append({"remove": remove, "segments": segments, "recipe": recipe, "lr": lr,
                          "perplexity": perplexity(pruned, test, 16), "trainable": report["trainable_parameters"],
                          "seconds": report["seconds"], "last_loss": report["last_loss"]})
-            logging.info("%s", rows[-1])
+            logging.getLogger("bench").info("%s", rows[-1])
             del pruned
     out = Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": "python " + " ".join(sys.argv), "dense": dense, "rows": rows, "settings": vars(arguments),
               "versions": library_versions()}
     (out / "repair.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# Repair at equal steps ({arguments.steps} steps, batch {arguments.batch} x {arguments.seq_len} "
-             f"tokens, KL to dense top-64) on SmolLM2-135M", "", f"Command: `{result['command']}`", "",
+    lines = [(f"# Repair at equal steps ({arguments.steps} steps, batch {arguments.batch} x {arguments.seq_len} "
+             f"tokens, KL to dense top-64) on SmolLM2-135M"), "", f"Command: `{result['command']}`", "",
              f"Dense perplexity (wiki test, {arguments.ppl_windows} windows): {dense:.2f}", "",
              "| n | segment | recipe | lr | trainable | perplexity | seconds |", "|---|---|---|---|---|---|---|"]
     for r in rows:

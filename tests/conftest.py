@@ -10,9 +10,9 @@ VOCAB = 128
 HIDDEN = 32
 LAYERS = 6
 
-COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+COMMON = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": 64, "num_hidden_layers": LAYERS,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", COMMON),

@@ -9,12 +9,11 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import LAYERS, build_tiny
 
+from conftest import LAYERS, build_tiny
 from layercut.cli import main
 
-WORDS = ("the model cuts layers and repairs the cut so quality stays while cost falls "
-         "engineers compress checkpoints for cheaper deployment on small machines").split()
+WORDS = ["the", "model", "cuts", "layers", "and", "repairs", "the", "cut", "so", "quality", "stays", "while", "cost", "falls", "engineers", "compress", "checkpoints", "for", "cheaper", "deployment", "on", "small", "machines"]
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +92,8 @@ def test_eval_json_perplexity(workspace, capsys):
 
 
 def test_recipe_file_sets_options_and_flags_override_it(workspace):
-    from layercut.config import load_recipe, recipe_from_arguments
     from layercut.cli import build_parser
+    from layercut.config import load_recipe, recipe_from_arguments
 
     recipe_file = workspace / "recipe.yaml"
     recipe_file.write_text("search:\n  remove: 3\n  method: exhaustive\nheal:\n  heal_steps: 7\n")
@@ -148,7 +147,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(workspace, en
 
 def test_console_script_exit_code(workspace):
     result = subprocess.run([sys.executable, "-m", "layercut", "search", str(workspace / "missing"), "--remove", "1"],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "layercut: error:" in result.stderr
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from conftest import build_tiny, random_ids
 
+from conftest import build_tiny, random_ids
 from layercut.evaluate import perplexity
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LAYERS, build_tiny, random_ids
 
+from conftest import LAYERS, build_tiny, random_ids
 from layercut.gate import (
     exhaustive,
     gated,

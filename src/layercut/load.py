@@ -94,10 +94,11 @@ def check_causal(config) -> None:
         )
 
 
-def load_model(name: str, options: ModelOptions = ModelOptions()):
+def load_model(name: str, options: ModelOptions | None = None):
     """Load ``(model, tokenizer)`` in eval mode on the requested device and dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    options = options or ModelOptions()
     source = resolve_model(name)
     trust = options.trust_remote_code
     try:

@@ -28,8 +28,8 @@ def _fmt(value, digits: int = 2) -> str:
 
 def markdown(records: list[tuple[str, dict]]) -> str:
     """One row per checkpoint: segments, layers, perplexity dense → pruned, zero-shot average and speed-up."""
-    lines = ["| checkpoint | source | removed | layers | parameters | ppl dense | ppl pruned | avg acc dense | "
-             "avg acc pruned | retention | decode speed-up (limit) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| checkpoint | source | removed | layers | parameters | ppl dense | ppl pruned | avg acc dense | "
+             "avg acc pruned | retention | decode speed-up (limit) |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, record in records:
         metrics = record.get("metrics", {})
         ppl = metrics.get("perplexity", {})
