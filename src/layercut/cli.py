@@ -17,10 +17,20 @@ logger = logging.getLogger("layercut")
 
 
 def _stage_printer():
-    started = time.perf_counter()
+    """A ``progress(stage, total)`` callback: a timed line per stage, and a progress bar when ``total`` is given."""
+    from tqdm.auto import tqdm
 
-    def show(stage: str) -> None:
+    started = time.perf_counter()
+    bars = []
+
+    def show(stage: str, total: int | None = None):
+        while bars:
+            bars.pop().close()
         print(f"[{time.perf_counter() - started:7.1f}s] {stage}", file=sys.stderr, flush=True)
+        if total:
+            bars.append(tqdm(total=total, desc=stage, file=sys.stderr, leave=False))
+            return bars[-1].update
+        return None
 
     return show
 
@@ -62,7 +72,7 @@ def run_prune(arguments: argparse.Namespace) -> int:
 
 def run_search(arguments: argparse.Namespace) -> int:
     from layercut.load import load_model
-    from layercut.pipeline import calibration, planned_removal, select_segments
+    from layercut.pipeline import calibration, gate_steps, planned_removal, select_segments
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
     show = _stage_printer()
@@ -70,8 +80,7 @@ def run_search(arguments: argparse.Namespace) -> int:
     model, tokenizer = load_model(arguments.model, recipe.model)
     planned_removal(model, recipe)
     windows = calibration(tokenizer, recipe)
-    show(f"search ({recipe.search.method})")
-    found = select_segments(model, windows, recipe)
+    found = select_segments(model, windows, recipe, show(f"search ({recipe.search.method})", gate_steps(recipe)))
     if arguments.plots:
         from layercut import plots
 
@@ -113,8 +122,9 @@ def run_eval(arguments: argparse.Namespace) -> int:
     result: dict = {"model": arguments.model}
     if want_ppl:
         windows = perplexity_windows(tokenizer, recipe)
-        show(f"perplexity ({recipe.data.ppl}, {windows.shape[0]} windows of {windows.shape[1]} tokens)")
-        result["perplexity"] = perplexity(model, windows, recipe.data.batch_size)
+        bar = show(f"perplexity ({recipe.data.ppl}, {windows.shape[0]} windows of {windows.shape[1]} tokens)",
+                   windows.shape[0])
+        result["perplexity"] = perplexity(model, windows, recipe.data.batch_size, bar)
     if tasks:
         from layercut.zeroshot import evaluate_zero_shot
 

@@ -186,7 +186,7 @@ def refine(candidates: Iterable[Candidate], hard_objective: Callable[[list[Candi
 def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
                    hard_objective: Callable[[list[Candidate]], list[float]],
                    num_layers: int, remove: int, notches: int = 1, profiles: int = 0, steps: int = 60,
-                   lr: float = 0.2, tau_start: float = 1.0, tau_end: float = 0.05) -> SearchResult:
+                   lr: float = 0.2, tau_start: float = 1.0, tau_end: float = 0.05, progress=None) -> SearchResult:
     """Train ``profiles`` gate profiles of ``notches`` notches each (together removing ``remove`` layers).
 
     ``objective(gates [R, L]) -> [R]`` is the differentiable loss of each profile (KL on a calibration batch);
@@ -217,6 +217,8 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
         trajectory.append({"step": step, "tau": tau, "loss": losses.detach().tolist(),
                            "starts": starts.detach().tolist(), "widths": widths.detach().tolist()})
         logger.debug("gate step %d tau %.3f loss %s", step, tau, losses.detach().tolist())
+        if progress is not None:
+            progress(1)
     widths = (remove * torch.softmax(width_logits, dim=-1)).detach()
     readouts = []
     for row in range(profiles):
@@ -318,7 +320,7 @@ def hard_kl(model, windows: torch.Tensor, candidates: Sequence[Candidate], batch
 def search_segments(model, windows: torch.Tensor, remove: int, method: str = "clp", notches: int = 1,
                     profiles: int = 0, steps: int = 60, lr: float = 0.2, tau_start: float = 1.0,
                     tau_end: float = 0.05, step_windows: int = 4, batch_size: int = 4, seed: int = 0,
-                    layers_path: str | None = None) -> SearchResult:
+                    layers_path: str | None = None, progress=None) -> SearchResult:
     """Choose ``remove`` layers to cut by the concave gate (``clp``) or by trying every window (``exhaustive``).
 
     ``windows`` ``[N, T]`` are the calibration windows; each gate step uses ``step_windows`` of them, drawn with
@@ -350,7 +352,7 @@ def search_segments(model, windows: torch.Tensor, remove: int, method: str = "cl
                 return token_kl(teacher, student).view(gates.shape[0], batch.shape[0]).mean(dim=1).cpu()
 
             result = search_notches(objective, hard_objective, num_layers, remove, notches, profiles, steps, lr,
-                                    tau_start, tau_end)
+                                    tau_start, tau_end, progress)
     finally:
         for parameter, flag in zip(model.parameters(), requires_grad):
             parameter.requires_grad_(flag)

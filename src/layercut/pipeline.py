@@ -61,8 +61,16 @@ def planned_removal(model, recipe: Recipe) -> list[tuple[int, int]] | int:
     return removal_count(options, total)
 
 
-def select_segments(model, windows, recipe: Recipe) -> SearchResult:
-    """The segments to cut: given ones, or found by the recipe's method on the calibration windows."""
+def gate_steps(recipe: Recipe) -> int | None:
+    """Steps the gate search will take (for a progress bar), or None when no gate runs."""
+    return recipe.search.gate_steps if recipe.search.method == "clp" and not recipe.search.segment else None
+
+
+def select_segments(model, windows, recipe: Recipe, progress=None) -> SearchResult:
+    """The segments to cut: given ones, or found by the recipe's method on the calibration windows.
+
+    ``progress`` (optional) is called with 1 after each gate step.
+    """
     options, plan = recipe.search, planned_removal(model, recipe)
     if isinstance(plan, list):
         return SearchResult("given", plan, float("nan"), 0.0)
@@ -70,7 +78,7 @@ def select_segments(model, windows, recipe: Recipe) -> SearchResult:
         return search_segments(
             model, windows, plan, options.method, options.segments, options.gate_starts, options.gate_steps,
             options.gate_lr, options.tau_start, options.tau_end, options.gate_windows, recipe.data.batch_size,
-            recipe.data.seed, recipe.model.layers_path,
+            recipe.data.seed, recipe.model.layers_path, progress,
         )
     from layercut.criteria import select_by_criterion
 
@@ -124,12 +132,12 @@ def count_parameters(model) -> int:
 def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool = False, progress=None) -> dict:
     """Run the whole pipeline and export the pruned checkpoint to ``output``; return the record it wrote.
 
-    ``progress(stage)`` is called as each stage starts, for the CLI's display.
+    ``progress(stage, total)`` is called as each stage starts, for the CLI's display; for stages of ``total``
+    units it may return a callable that is called with the units done (a progress bar).
     """
-    def stage(name: str) -> None:
+    def stage(name: str, total: int | None = None):
         logger.info("%s", name)
-        if progress is not None:
-            progress(name)
+        return progress(name, total) if progress is not None else None
 
     check_output(output, overwrite)
     started = time.perf_counter()
@@ -141,13 +149,12 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
     stage("calibration data")
     windows = calibration(tokenizer, recipe)
     test_windows = perplexity_windows(tokenizer, recipe)
-    stage("dense perplexity")
-    dense_ppl = perplexity(model, test_windows, recipe.data.batch_size)
+    dense_ppl = perplexity(model, test_windows, recipe.data.batch_size,
+                           stage("dense perplexity", test_windows.shape[0]))
     if task_list(recipe) or recipe.evaluation.speed:
         stage("dense evaluation")
     dense_measures = measure(model, tokenizer, recipe)
-    stage(f"search ({recipe.search.method})")
-    found = select_segments(model, windows, recipe)
+    found = select_segments(model, windows, recipe, stage(f"search ({recipe.search.method})", gate_steps(recipe)))
     teacher, heal_windows = None, None
     if recipe.heal.heal != "none":
         text = data.load_text(recipe.data.calib, "calib")
@@ -158,11 +165,14 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
             teacher = teacher_targets(model, heal_windows, recipe.heal.heal_top_k, recipe.data.batch_size)
     stage("cut")
     segments = drop_layers(model, found.segments, recipe.model.layers_path)
-    cut_ppl = perplexity(model, test_windows, recipe.data.batch_size)
-    stage(f"heal ({recipe.heal.heal})")
+    cut_ppl = perplexity(model, test_windows, recipe.data.batch_size,
+                         stage("perplexity after the cut", test_windows.shape[0]))
     model, heal_report = heal(model, heal_windows, segments, total, recipe.heal, teacher, recipe.data.seed,
-                              recipe.model.layers_path)
-    healed_ppl = perplexity(model, test_windows, recipe.data.batch_size) if heal_report["steps"] else cut_ppl
+                              recipe.model.layers_path, stage(f"heal ({recipe.heal.heal})", recipe.heal.heal_steps))
+    healed_ppl = cut_ppl
+    if heal_report["steps"]:
+        healed_ppl = perplexity(model, test_windows, recipe.data.batch_size,
+                                stage("perplexity after the repair", test_windows.shape[0]))
     if dense_measures:
         stage("pruned evaluation")
     layers_after = total - sum(end - start for start, end in segments)
