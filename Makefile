@@ -35,9 +35,9 @@ test: $(ASSETS)
 
 demo: $(ASSETS)
 	$(BIN)/layercut prune smollm2-135m --ratio 0.2 --output $(DEMO_OUT) --overwrite \
-		--seq-len 128 --calib-windows 16 --ppl-windows 48 \
-		--gate-starts 5 --gate-windows 1 --gate-steps 24 \
-		--heal-steps 80 --heal-batch 4 --heal-windows 128
+		--seq-len 128 --calib-windows 8 --ppl-windows 32 \
+		--gate-starts 4 --gate-windows 1 --gate-steps 20 \
+		--heal-steps 60 --heal-batch 4 --heal-windows 96
 
 clean:
 	rm -rf $(VENV) runs
