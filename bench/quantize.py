@@ -1,0 +1,135 @@
+"""What quantizing a pruned SmolLM2-135M costs: weight size, perplexity and peak memory per scheme, on the CPU.
+
+Cuts ``--segment`` from the dense model, saves it (float32), quantizes that checkpoint with each scheme through
+``layercut.quantize.quantize_checkpoint``, then loads every checkpoint in a fresh process through the same
+path as ``layercut eval`` (``load_model`` + ``perplexity``) and records its peak resident memory.
+Writes ``quantize.json`` and ``quantize.md`` into ``--out``; checkpoints go to ``--work``.
+
+    python bench/quantize.py --out bench/results/quantize-cpu --work runs/quantize-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from layercut import data
+from layercut.config import ModelOptions
+from layercut.evaluate import perplexity
+from layercut.export import library_versions
+from layercut.layers import drop_layers, parse_segment
+from layercut.load import load_model
+from layercut.quantize import SCHEMES, package_version, quantize_checkpoint, weights_size
+
+logger = logging.getLogger("bench.quantize")
+
+
+def evaluate_folder(folder: str, seq_len: int, windows: int, tasks: str, limit: int) -> dict:
+    """Perplexity (and zero-shot accuracy when ``tasks``) of the checkpoint in ``folder``; peak RSS in MiB."""
+    model, tokenizer = load_model(folder, ModelOptions(dtype="float32"))
+    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    test = data.evaluation_windows(tokenizer, data.load_text("wiki", "test"), seq_len, windows)
+    started = time.perf_counter()
+    result = {"perplexity": perplexity(model, test), "eval_seconds": time.perf_counter() - started,
+              "peak_rss_after_load_mib": loaded_rss}
+    if tasks:
+        from layercut.zeroshot import evaluate_zero_shot
+
+        result["zero_shot"] = evaluate_zero_shot(model, tokenizer, tasks.split(","), limit, 8, 0)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def measure_in_child(folder: Path, arguments) -> dict:
+    """Run :func:`evaluate_folder` in a fresh interpreter so that peak memory belongs to that model alone."""
+    command = [sys.executable, __file__, "--evaluate", str(folder), "--seq-len", str(arguments.seq_len),
+               "--ppl-windows", str(arguments.ppl_windows), "--tasks", arguments.tasks, "--limit", str(arguments.limit)]
+    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    if finished.returncode:
+        return {"error": finished.stderr.strip().splitlines()[-1]}
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | weights MiB | perplexity | vs pruned | zero-shot avg acc | peak RSS MiB | quantize s |",
+             "|---|---|---|---|---|---|---|"]
+    pruned = next(row["perplexity"] for row in rows if row["name"] == "pruned")
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['name']} | {row.get('size_mib', 0):.1f} | error: {row['error']} | | | | |")
+            continue
+        average = row.get("zero_shot", {}).get("average", {}).get("acc")
+        lines.append(f"| {row['name']} | {row['size_mib']:.1f} | {row['perplexity']:.2f} | "
+                     f"{100 * (row['perplexity'] / pruned - 1):+.1f} % | {'-' if average is None else f'{average:.3f}'} | "
+                     f"{row['peak_rss_mib']:.0f} | {row.get('quantize_seconds', 0):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/quantize-cpu")
+    parser.add_argument("--work", default="runs/quantize-bench")
+    parser.add_argument("--segment", default="13:19", help="half-open segment to cut (CLP's 20 %% cut)")
+    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--ppl-windows", type=int, default=32)
+    parser.add_argument("--calib-windows", type=int, default=32)
+    parser.add_argument("--tasks", default="", help="comma-separated zero-shot tasks (empty: none)")
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--evaluate", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.evaluate:
+        print(json.dumps(evaluate_folder(arguments.evaluate, arguments.seq_len, arguments.ppl_windows,
+                                         arguments.tasks, arguments.limit)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    work, out = Path(arguments.work), Path(arguments.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model("smollm2-135m", ModelOptions(dtype="float32"))
+    dense_dir, pruned_dir = work / "dense", work / "pruned"
+    model.save_pretrained(dense_dir)
+    tokenizer.save_pretrained(dense_dir)
+    drop_layers(model, [parse_segment(arguments.segment)])
+    model.save_pretrained(pruned_dir)
+    tokenizer.save_pretrained(pruned_dir)
+    calibration = data.calibration_windows(tokenizer, data.load_text("wiki", "calib"), arguments.seq_len,
+                                           arguments.calib_windows, 0)
+    del model
+    rows = []
+    for name, folder in (("dense", dense_dir), ("pruned", pruned_dir)):
+        rows.append({"name": name, "size_mib": weights_size(folder) / 2**20, **measure_in_child(folder, arguments)})
+        logger.info("%s", rows[-1])
+    for scheme in arguments.schemes.split(","):
+        folder = work / scheme
+        started = time.perf_counter()
+        try:
+            quantize_checkpoint(pruned_dir, scheme, folder, calibration if SCHEMES[scheme].calibrated else None,
+                                overwrite=True)
+        except Exception as error:  # a bench records a failing library and goes on to the next scheme
+            rows.append({"name": f"pruned + {scheme}", "error": f"{type(error).__name__}: {error}"[:300]})
+            logger.exception("%s failed", scheme)
+            continue
+        seconds = time.perf_counter() - started
+        rows.append({"name": f"pruned + {scheme}", "scheme": scheme, "library": SCHEMES[scheme].library,
+                     "library_version": package_version(SCHEMES[scheme].library), "quantize_seconds": seconds,
+                     "size_mib": weights_size(folder) / 2**20, **measure_in_child(folder, arguments)})
+        logger.info("%s", rows[-1])
+    result = {"segment": arguments.segment, "seq_len": arguments.seq_len, "ppl_windows": arguments.ppl_windows,
+              "calib_windows": arguments.calib_windows, "tasks": arguments.tasks, "limit": arguments.limit,
+              "rows": rows, "versions": {**library_versions(),
+                                         **{p: package_version(p) for p in ("llmcompressor", "compressed-tensors",
+                                                                             "bitsandbytes")}}}
+    (out / "quantize.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "quantize.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

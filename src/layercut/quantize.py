@@ -1,0 +1,268 @@
+"""Quantize a (pruned) model through a maintained library and save it as a checkpoint transformers reloads.
+
+Two routes, both thin: llm-compressor's ``oneshot`` (round-to-nearest or GPTQ; saved in the compressed-tensors
+format that transformers and vLLM load) and a transformers ``quantization_config`` applied while loading
+(bitsandbytes; runs quantized on the CPU). No quantization arithmetic lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+
+from layercut.errors import LayercutError
+from layercut.export import check_output
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one scheme is produced and what loading it needs."""
+
+    description: str
+    library: str  # the pip package that quantizes (its version goes into layercut.json)
+    loader: str  # the pip package transformers needs to reload the saved checkpoint
+    route: str  # "llmcompressor" (oneshot on the model in memory) or "transformers" (quantization_config)
+    calibrated: bool = False  # needs calibration windows
+    devices: tuple[str, ...] = ("cpu", "cuda")  # device types the library can quantize and run it on
+
+
+SCHEMES = {
+    "int8": Scheme("8-bit weights, one scale per group of inputs (as int4), round-to-nearest; compressed-tensors (W8A16)",
+                   "llmcompressor", "compressed-tensors", "llmcompressor"),
+    "int4": Scheme("4-bit weights, one scale per group of 128 inputs (64 or 32 where 128 does not divide), "
+                   "round-to-nearest; compressed-tensors (W4A16)", "llmcompressor", "compressed-tensors", "llmcompressor"),
+    "gptq-w4a16": Scheme("4-bit weights, groups as int4, GPTQ on the calibration windows; compressed-tensors (W4A16)",
+                         "llmcompressor", "compressed-tensors", "llmcompressor", calibrated=True),
+    "bnb-int8": Scheme("bitsandbytes LLM.int8: 8-bit weights that stay 8-bit in memory, also on the CPU",
+                       "bitsandbytes", "bitsandbytes", "transformers"),
+    "bnb-nf4": Scheme("bitsandbytes NF4: 4-bit normal-float weights, blocks of 64, stay 4-bit in memory",
+                      "bitsandbytes", "bitsandbytes", "transformers"),
+}
+
+# llm-compressor preset names and the modules left in full precision (the output head is small next to the
+# layers and the most sensitive to rounding).
+_LLMCOMPRESSOR_PRESETS = {"int8": "W8A16", "int4": "W4A16", "gptq-w4a16": "W4A16"}
+_KEEP_FULL_PRECISION = ["lm_head"]
+GROUP_SIZES = (128, 64, 32)  # 4-bit group sizes vLLM's kernels take, preferred first
+
+
+def check_scheme(scheme: str, device: str | torch.device = "cpu", calibration: bool = True) -> Scheme:
+    """The :class:`Scheme` named ``scheme``; LayercutError when it is unknown, its package is missing, it
+    cannot run on ``device``, or it needs calibration windows and ``calibration`` is False."""
+    if scheme not in SCHEMES:
+        listing = "; ".join(f"{name}: {spec.description}" for name, spec in SCHEMES.items())
+        raise LayercutError(f"unknown quantization scheme {scheme!r}; choose one of: {listing}")
+    spec = SCHEMES[scheme]
+    device_type = torch.device(device).type
+    if device_type not in spec.devices:
+        others = [name for name, other in SCHEMES.items() if device_type in other.devices]
+        raise LayercutError(f"scheme {scheme!r} needs a {' or '.join(spec.devices)} device, not {device_type}; "
+                            f"on {device_type} use one of {', '.join(others)}")
+    for package in dict.fromkeys((spec.library, spec.loader)):
+        if find_spec(package.replace("-", "_")) is None:
+            raise LayercutError(f"scheme {scheme!r} needs the {package} package: pip install 'layercut[quant]' "
+                                f"(or pip install {package})")
+    if spec.calibrated and not calibration:
+        raise LayercutError(f"scheme {scheme!r} is calibrated: give calibration windows, or use "
+                            f"{', '.join(name for name, other in SCHEMES.items() if not other.calibrated)}")
+    return spec
+
+
+def group_size(model, choices: tuple[int, ...] = GROUP_SIZES) -> int:
+    """The largest of ``choices`` that divides the input width of every quantized ``nn.Linear``.
+
+    4-bit groups must tile each weight row (SmolLM2's hidden 576 = 4.5 x 128 rules out 128, not 64).
+    """
+    widths = {module.in_features for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in _KEEP_FULL_PRECISION}
+    for size in choices:
+        if all(width % size == 0 for width in widths):
+            return size
+    raise LayercutError(f"no 4-bit group size in {choices} divides the layer widths {sorted(widths)}; use int8")
+
+
+def recipe(scheme: str, model):
+    """The llm-compressor modifier that produces ``scheme`` on every ``nn.Linear`` except the output head."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    preset = preset_name_to_scheme(_LLMCOMPRESSOR_PRESETS[scheme], ["Linear"])
+    if preset.weights.group_size:
+        preset.weights.group_size = group_size(model)
+    modifier = GPTQModifier if SCHEMES[scheme].calibrated else QuantizationModifier
+    return modifier(config_groups={"group_0": preset}, ignore=_KEEP_FULL_PRECISION)
+
+
+def transformers_config(scheme: str, dtype: torch.dtype):
+    """The transformers ``quantization_config`` that produces ``scheme`` while a checkpoint loads."""
+    from transformers import BitsAndBytesConfig
+
+    if scheme == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def calibration_dataset(windows: torch.Tensor):
+    """A ``datasets.Dataset`` of the token windows ``[N, T]`` as llm-compressor's ``oneshot`` reads them."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+
+
+def _oneshot(model, tokenizer, scheme: str, calibration_windows: torch.Tensor | None):
+    from llmcompressor import oneshot
+
+    if not SCHEMES[scheme].calibrated:
+        oneshot(model=model, recipe=recipe(scheme, model))
+        return model
+    count, length = calibration_windows.shape
+    oneshot(model=model, processor=tokenizer, recipe=recipe(scheme, model), dataset=calibration_dataset(calibration_windows),
+            max_seq_length=length, num_calibration_samples=count, shuffle_calibration_samples=False)
+    return model
+
+
+def _load_quantized(source: str | Path, scheme: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=str(device),
+                                                quantization_config=transformers_config(scheme, dtype)).eval()
+
+
+def quantize_model(model, tokenizer, scheme: str, calibration_windows: torch.Tensor | None = None):
+    """Return ``model`` quantized with ``scheme``; ``calibration_windows`` ``[N, T]`` token ids for GPTQ.
+
+    llm-compressor schemes change ``model`` in place (and return it); bitsandbytes schemes return a new model
+    loaded from a temporary copy of ``model`` with a transformers ``quantization_config``.
+    """
+    device = next(model.parameters()).device
+    spec = check_scheme(scheme, device, calibration_windows is not None)
+    logger.info("quantizing with %s (%s)", scheme, spec.library)
+    if spec.route == "llmcompressor":
+        return _oneshot(model, tokenizer, scheme, calibration_windows)
+    with tempfile.TemporaryDirectory() as scratch:
+        model.save_pretrained(scratch)
+        return _load_quantized(scratch, scheme, next(model.parameters()).dtype, device)
+
+
+def weights_size(folder: str | Path) -> int:
+    """Bytes of weight files (safetensors, bin, pt) directly in ``folder``."""
+    return sum(path.stat().st_size for path in Path(folder).iterdir() if path.suffix in WEIGHT_SUFFIXES)
+
+
+def package_version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def quantization_record(scheme: str, size_before: int, size_after: int,
+                        calibration_windows: torch.Tensor | None) -> dict:
+    """The ``quantization`` entry of ``layercut.json``."""
+    spec = SCHEMES[scheme]
+    record = {"scheme": scheme, "description": spec.description, "library": spec.library,
+              "library_version": package_version(spec.library), "loader": spec.loader,
+              "loader_version": package_version(spec.loader), "size_before_bytes": size_before,
+              "size_after_bytes": size_after, "size_ratio": size_after / size_before if size_before else None}
+    if spec.calibrated:
+        record["calibration_windows"] = list(calibration_windows.shape)
+    return record
+
+
+def card_section(entry: dict) -> str:
+    """The model-card section that says how the weights were quantized and which package loads them."""
+    return (f"\n## Quantization\n\nQuantized with `{entry['scheme']}`: {entry['description']}, by "
+            f"{entry['library']} {entry['library_version']}. Weights: {entry['size_before_bytes'] / 2**20:.1f} MiB "
+            f"-> {entry['size_after_bytes'] / 2**20:.1f} MiB.\n\n"
+            f"Loading needs `pip install {entry['loader']}` next to transformers; then "
+            "`AutoModelForCausalLM.from_pretrained(path)` loads it as usual.\n")
+
+
+def reloaded_perplexity(folder: Path, test_windows: torch.Tensor, device: str) -> dict:
+    """Perplexity of the checkpoint in ``folder`` loaded as ``layercut eval`` loads it."""
+    from layercut.config import ModelOptions
+    from layercut.evaluate import perplexity
+    from layercut.load import load_model
+
+    model, _ = load_model(str(folder), ModelOptions(device=str(device), dtype="float32"))
+    return {"after": perplexity(model, test_windows), "windows": int(test_windows.shape[0]),
+            "seq_len": int(test_windows.shape[1])}
+
+
+def _copy_missing(source: Path, target: Path) -> None:
+    """Copy the files of ``source`` that ``target`` lacks (tokenizer, recipe, plots), never its weights."""
+    for path in source.iterdir():
+        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES and path.name not in WEIGHT_INDEXES \
+                and not (target / path.name).exists():
+            shutil.copyfile(path, target / path.name)
+
+
+def quantize_checkpoint(source_dir: str | Path, scheme: str, output_dir: str | Path,
+                        calibration_windows: torch.Tensor | None = None, overwrite: bool = False,
+                        device: str = "cpu", test_windows: torch.Tensor | None = None) -> Path:
+    """Quantize the checkpoint in ``source_dir`` with ``scheme`` and write it to ``output_dir`` atomically.
+
+    The output keeps the source's tokenizer and side files; ``layercut.json`` gains a ``quantization`` entry
+    (scheme, library and version, weight bytes before and after) and ``README.md`` a section naming the
+    package the loader needs. With ``test_windows`` ``[N, T]`` the written checkpoint is reloaded the way
+    ``layercut eval`` loads it and its perplexity is recorded too. Written into a temporary folder beside
+    ``output_dir`` and renamed into place.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, output = Path(source_dir), check_output(output_dir, overwrite)
+    spec = check_scheme(scheme, device, calibration_windows is not None)
+    if not (source / "config.json").is_file():
+        raise LayercutError(f"{source} has no config.json; give a folder written by layercut prune or save_pretrained")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if spec.route == "llmcompressor":
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
+        model = quantize_model(model, tokenizer, scheme, calibration_windows)
+    else:
+        model = _load_quantized(source, scheme, torch.float32, torch.device(device))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        entry = quantization_record(scheme, weights_size(source), weights_size(staging), calibration_windows)
+        if test_windows is not None:
+            entry["perplexity"] = reloaded_perplexity(staging, test_windows, device)
+        record = json.loads((source / "layercut.json").read_text()) if (source / "layercut.json").is_file() \
+            else {"source": str(source)}
+        record["quantization"] = entry
+        (staging / "layercut.json").write_text(json.dumps(record, indent=2) + "\n")
+        readme = (source / "README.md").read_text() if (source / "README.md").is_file() else ""
+        (staging / "README.md").write_text(readme + card_section(entry))
+        _copy_missing(source, staging)
+        _replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("wrote %s (%s, %.1f -> %.1f MiB of weights)", output, scheme, entry["size_before_bytes"] / 2**20,
+                entry["size_after_bytes"] / 2**20)
+    return output
+
+
+def _replace(staging: Path, output: Path) -> None:
+    if output.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
+        os.replace(output, retired / output.name)
+        os.replace(staging, output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, output)

@@ -1,0 +1,102 @@
+"""Quantization through llm-compressor and bitsandbytes: round trip, reload with plain transformers, errors."""
+
+from __future__ import annotations
+
+import json
+from importlib.util import find_spec
+
+import pytest
+import torch
+import transformers
+
+from conftest import TOKENS, VOCAB
+from layercut.errors import LayercutError
+from layercut.evaluate import perplexity
+from layercut.quantize import SCHEMES, check_scheme, quantize_checkpoint, weights_size
+
+
+def tiny_llama(seed: int = 0):
+    """A tiny Llama wide enough for 4-bit groups of 128 (hidden 128, MLP 256), trained-looking enough to matter."""
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      **TOKENS)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def windows(count: int, length: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+def installed(scheme: str) -> bool:
+    return all(find_spec(name.replace("-", "_")) for name in (SCHEMES[scheme].library, SCHEMES[scheme].loader))
+
+
+@pytest.fixture
+def pruned_folder(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "pruned"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    (folder / "layercut.json").write_text(json.dumps({"source": "tiny", "segments": [[2, 4]]}))
+    (folder / "README.md").write_text("# tiny pruned model\n")
+    (folder / "recipe.yaml").write_text("search: {}\n")
+    return folder
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_round_trip_reloads_with_transformers(scheme, pruned_folder, tmp_path):
+    if not installed(scheme):
+        pytest.skip(f"{scheme} needs {SCHEMES[scheme].library}")
+    calibration = windows(4, seed=1) if SCHEMES[scheme].calibrated else None
+    output = quantize_checkpoint(pruned_folder, scheme, tmp_path / "quantized", calibration)
+    test = windows(4)
+    dense = perplexity(transformers.AutoModelForCausalLM.from_pretrained(pruned_folder), test)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(output).eval()
+    quantized = perplexity(reloaded, test)
+    assert torch.isfinite(torch.tensor(quantized))
+    # A random model sits near ln(VOCAB) nats/token; rounding its weights moves perplexity by a few percent.
+    assert abs(quantized / dense - 1) < 0.05
+    assert weights_size(output) < 0.6 * weights_size(pruned_folder)
+    record = json.loads((output / "layercut.json").read_text())
+    assert record["segments"] == [[2, 4]]
+    assert record["quantization"]["scheme"] == scheme
+    assert record["quantization"]["size_after_bytes"] == weights_size(output)
+    card = (output / "README.md").read_text()
+    assert card.startswith("# tiny pruned model") and f"pip install {SCHEMES[scheme].loader}" in card
+    assert (output / "recipe.yaml").is_file() and (output / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob(".quantized.*"))  # the staging folder was renamed into place
+
+
+def test_unknown_scheme_lists_the_choices():
+    with pytest.raises(LayercutError, match="choose one of: int8"):
+        check_scheme("int3")
+
+
+def test_calibrated_scheme_without_windows_names_the_others():
+    if not installed("gptq-w4a16"):
+        pytest.skip("needs llmcompressor")
+    with pytest.raises(LayercutError, match="give calibration windows, or use int8"):
+        check_scheme("gptq-w4a16", "cpu", calibration=False)
+
+
+def test_missing_package_names_what_to_install(monkeypatch):
+    import layercut.quantize
+
+    monkeypatch.setattr(layercut.quantize, "find_spec", lambda name: None)
+    with pytest.raises(LayercutError, match=r"pip install 'layercut\[quant\]' \(or pip install llmcompressor\)"):
+        check_scheme("int8")
+
+
+def test_device_the_scheme_cannot_use_names_a_scheme_that_can(monkeypatch):
+    import layercut.quantize
+
+    gpu_only = layercut.quantize.Scheme("GPU kernels only", "torch", "torch", "transformers", devices=("cuda",))
+    monkeypatch.setitem(layercut.quantize.SCHEMES, "gpu-only", gpu_only)
+    with pytest.raises(LayercutError, match="needs a cuda device, not cpu; on cpu use one of int8"):
+        check_scheme("gpu-only", "cpu")
+
+
+def test_existing_output_is_refused_before_work(pruned_folder, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(LayercutError, match="already exists"):
+        quantize_checkpoint(pruned_folder, "int8", tmp_path / "taken")
