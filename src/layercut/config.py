@@ -219,9 +219,11 @@ def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = S
                 group.add_argument(flag, dest=dest, choices=typing.get_args(base), default=argparse.SUPPRESS,
                                    help=help_text)
             elif typing.get_origin(base) is tuple:
-                group.add_argument(flag, dest=dest, action="append", default=argparse.SUPPRESS, help=help_text)
+                group.add_argument(flag, dest=dest, action="append", default=argparse.SUPPRESS, help=help_text,
+                                   metavar=item.name.upper())
             else:
-                group.add_argument(flag, dest=dest, type=base, default=argparse.SUPPRESS, help=help_text)
+                group.add_argument(flag, dest=dest, type=base, default=argparse.SUPPRESS, help=help_text,
+                                   metavar=item.name.upper())
 
 
 def recipe_from_arguments(arguments: argparse.Namespace, recipe_path: str | None = None) -> Recipe:
