@@ -1,0 +1,61 @@
+"""A model dispatched by accelerate (a device map with layers offloaded to disk) goes through search, cut and
+perplexity with the same numbers as the plain model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import LAYERS, build_tiny, random_ids
+from layercut.config import ModelOptions
+from layercut.evaluate import perplexity
+from layercut.gate import hard_kl, search_segments
+from layercut.layers import drop_layers, find_decoder_layers
+from layercut.load import load_model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("dispatch") / "tiny"
+    build_tiny("llama").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def offloaded(path, folder):
+    """Odd layers on disk (accelerate offload), the rest on the CPU."""
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(LAYERS)})
+    return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=str(folder)).eval()
+
+
+def test_dispatched_model_gives_the_same_search_and_cut(saved, tmp_path):
+    plain = AutoModelForCausalLM.from_pretrained(saved).eval()
+    dispatched = offloaded(saved, tmp_path / "offload")
+    assert any(hasattr(layer, "_hf_hook") for layer in find_decoder_layers(dispatched)[1])
+    windows = random_ids(batch=4, length=12, seed=2)
+    candidates = [((1, 3),), ((2, 5),)]
+    torch.testing.assert_close(torch.tensor(hard_kl(dispatched, windows, candidates)),
+                               torch.tensor(hard_kl(plain, windows, candidates)), rtol=1e-5, atol=1e-6)
+    found = search_segments(dispatched, windows, remove=2, steps=6)
+    assert found.segments == search_segments(plain, windows, remove=2, steps=6).segments
+    drop_layers(dispatched, [(1, 3)])
+    drop_layers(plain, [(1, 3)])
+    assert perplexity(dispatched, windows) == pytest.approx(perplexity(plain, windows), rel=1e-5)
+
+
+def test_load_model_hands_the_device_map_to_transformers(saved, monkeypatch):
+    import transformers
+
+    seen = {}
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
+    model, _ = load_model(str(saved), ModelOptions(device_map="auto"))
+    assert seen["device_map"] == "auto"
+    assert find_decoder_layers(model)[1][0].self_attn.q_proj.weight.device.type == "cpu"
