@@ -41,7 +41,7 @@ def test_prune_given_segment_exports_a_checkpoint_that_loads_without_layercut(wo
                  *common(workspace)])
     assert code == 0
     record = json.loads((out / "layercut.json").read_text())
-    assert record["segments"] == [[1, 3]]
+    assert record["segments"] == [[1, 3]] and record["search"]["kl"] is None  # a given segment: no search
     assert record["num_layers_before"] == LAYERS and record["num_layers_after"] == LAYERS - 2
     assert record["parameters_after"] < record["parameters_before"]
     ppl = record["metrics"]["perplexity"]

@@ -51,7 +51,7 @@ tags:
 ---
 # {record.get('name', 'pruned model')}
 
-Pruned with [layercut](https://pypi.org/project/layercut/) from `{record['source']}`: decoder layers {segments}
+Pruned with layercut from `{record['source']}`: decoder layers {segments}
 (0-based, end exclusive) were removed, leaving {record['num_layers_after']} of {record['num_layers_before']} layers
 ({record['parameters_after']:,} of {record['parameters_before']:,} parameters). Selection: `{record.get('method')}`;
 repair: `{record.get('heal')}`.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -186,7 +187,8 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
         "num_layers_after": layers_after,
         "parameters_before": parameters_before,
         "parameters_after": count_parameters(model),
-        "search": {"kl": found.kl, "seconds": found.seconds, "evaluations": found.evaluations},
+        "search": {"kl": None if math.isnan(found.kl) else found.kl, "seconds": found.seconds,
+                   "evaluations": found.evaluations},
         "healing": heal_report,
         "metrics": {"perplexity": {"before": dense_ppl, "after_cut": cut_ppl, "after": healed_ppl,
                                    "text": recipe.data.ppl, "windows": int(test_windows.shape[0]),
