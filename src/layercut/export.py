@@ -94,6 +94,17 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def replace_folder(staging: Path, output: Path) -> None:
+    """Move the finished ``staging`` folder to ``output`` by renames, retiring an existing ``output`` first."""
+    if output.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
+        os.replace(output, retired / output.name)
+        os.replace(staging, output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, output)
+
+
 def export_checkpoint(model, tokenizer, output: str | Path, record: dict, recipe_yaml: str, overwrite: bool = False,
                       extra_files: dict[str, Path] | None = None) -> Path:
     """Save weights (safetensors), tokenizer, ``recipe.yaml``, ``layercut.json`` and ``README.md`` into ``output``.
@@ -112,13 +123,7 @@ def export_checkpoint(model, tokenizer, output: str | Path, record: dict, recipe
         (staging / "README.md").write_text(model_card(record, recipe_yaml))
         for name, path in (extra_files or {}).items():
             shutil.copyfile(path, staging / name)
-        if output.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-            os.replace(output, retired / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, output)
+        replace_folder(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from layercut.errors import LayercutError
-from layercut.export import check_output
+from layercut.export import check_output, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -249,20 +248,10 @@ def quantize_checkpoint(source_dir: str | Path, scheme: str, output_dir: str | P
         readme = (source / "README.md").read_text() if (source / "README.md").is_file() else ""
         (staging / "README.md").write_text(readme + card_section(entry))
         _copy_missing(source, staging)
-        _replace(staging, output)
+        replace_folder(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("wrote %s (%s, %.1f -> %.1f MiB of weights)", output, scheme, entry["size_before_bytes"] / 2**20,
                 entry["size_after_bytes"] / 2**20)
     return output
-
-
-def _replace(staging: Path, output: Path) -> None:
-    if output.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-        os.replace(output, retired / output.name)
-        os.replace(staging, output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, output)
