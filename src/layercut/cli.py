@@ -110,11 +110,11 @@ def _search_json(found, with_details: bool = False) -> dict:
 def run_eval(arguments: argparse.Namespace) -> int:
     from layercut.evaluate import perplexity
     from layercut.load import load_model
-    from layercut.pipeline import perplexity_windows
+    from layercut.pipeline import perplexity_windows, task_list
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
     given = vars(arguments)
-    tasks = [task.strip() for task in recipe.evaluation.tasks.split(",") if task.strip()]
+    tasks = task_list(recipe)
     want_ppl = "data.ppl" in given or not (tasks or recipe.evaluation.speed)
     show = _stage_printer()
     show("load")
@@ -156,10 +156,11 @@ def run_eval(arguments: argparse.Namespace) -> int:
 
 def run_compare(arguments: argparse.Namespace) -> int:
     from layercut.compare import compare
+    from layercut.pipeline import task_list
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
     methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
-    tasks = [t.strip() for t in recipe.evaluation.tasks.split(",") if t.strip()] or None
+    tasks = task_list(recipe) or None
     result = compare(arguments.model, recipe, methods, arguments.output, tasks, recipe.evaluation.limit,
                      progress=_stage_printer())
     from layercut.compare import markdown_table

@@ -14,15 +14,14 @@ import os
 import time
 from pathlib import Path
 
-from layercut import data
 from layercut.config import METHODS, Recipe, to_dict
 from layercut.errors import LayercutError
 from layercut.evaluate import perplexity
 from layercut.export import library_versions
-from layercut.heal import heal, teacher_targets
+from layercut.heal import heal
 from layercut.layers import drop_layers, find_decoder_layers
 from layercut.load import load_model
-from layercut.pipeline import calibration, perplexity_windows, select_segments
+from layercut.pipeline import calibration, perplexity_windows, repair_data, select_segments
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +49,7 @@ def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | P
     total = len(find_decoder_layers(model, recipe.model.layers_path)[1])
     windows = calibration(tokenizer, recipe)
     test_windows = perplexity_windows(tokenizer, recipe)
-    heal_text = data.load_text(recipe.data.calib, "calib")
-    heal_windows = data.calibration_windows(tokenizer, heal_text, recipe.data.seq_len, recipe.heal.heal_windows,
-                                            recipe.data.seed + 1)
-    teacher = None
-    if recipe.heal.heal != "none" and recipe.heal.heal_loss == "kl":
-        teacher = teacher_targets(model, heal_windows, recipe.heal.heal_top_k, recipe.data.batch_size)
+    heal_windows, teacher = repair_data(model, tokenizer, recipe)
     dense_file = cells / "dense.json"
     if dense_file.is_file():
         dense = json.loads(dense_file.read_text())

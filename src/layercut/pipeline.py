@@ -62,6 +62,21 @@ def planned_removal(model, recipe: Recipe) -> list[tuple[int, int]] | int:
     return removal_count(options, total)
 
 
+def repair_data(model, tokenizer, recipe: Recipe):
+    """``(windows, teacher)`` for the repair: training windows from the calibration text (seed + 1, so they differ
+    from the search windows) and, for the kl loss, the dense model's top-k targets. ``(None, None)`` without repair.
+    """
+    if recipe.heal.heal == "none":
+        return None, None
+    text = data.load_text(recipe.data.calib, "calib")
+    windows = data.calibration_windows(tokenizer, text, recipe.data.seq_len, recipe.heal.heal_windows,
+                                       recipe.data.seed + 1)
+    teacher = None
+    if recipe.heal.heal_loss == "kl":
+        teacher = teacher_targets(model, windows, recipe.heal.heal_top_k, recipe.data.batch_size)
+    return windows, teacher
+
+
 def gate_steps(recipe: Recipe) -> int | None:
     """Steps the gate search will take (for a progress bar), or None when no gate runs."""
     return recipe.search.gate_steps if recipe.search.method == "clp" and not recipe.search.segment else None
@@ -156,14 +171,9 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
         stage("dense evaluation")
     dense_measures = measure(model, tokenizer, recipe)
     found = select_segments(model, windows, recipe, stage(f"search ({recipe.search.method})", gate_steps(recipe)))
-    teacher, heal_windows = None, None
     if recipe.heal.heal != "none":
-        text = data.load_text(recipe.data.calib, "calib")
-        heal_windows = data.calibration_windows(tokenizer, text, recipe.data.seq_len, recipe.heal.heal_windows,
-                                                recipe.data.seed + 1)
-        if recipe.heal.heal_loss == "kl":
-            stage("teacher targets")
-            teacher = teacher_targets(model, heal_windows, recipe.heal.heal_top_k, recipe.data.batch_size)
+        stage("repair data")
+    heal_windows, teacher = repair_data(model, tokenizer, recipe)
     stage("cut")
     segments = drop_layers(model, found.segments, recipe.model.layers_path)
     cut_ppl = perplexity(model, test_windows, recipe.data.batch_size,
