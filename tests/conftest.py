@@ -76,3 +76,22 @@ def tiny_tokenizer():
                                                 unk_token="[UNK]")
     assert len(fast) <= VOCAB
     return fast
+
+
+def byte_level_tokenizer(texts: list[str], special: str = "<|endoftext|>", add_bos: bool = False, **kwargs):
+    """A byte-level BPE tokenizer (vocabulary 400, every byte in its alphabet) trained offline on ``texts``.
+
+    ``special`` is its one special token (id 0); ``add_bos`` prefixes it to every encoding; ``kwargs`` go to
+    ``PreTrainedTokenizerFast`` (bos/eos/pad tokens, model_max_length).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[special],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(single=f"{special} $A", special_tokens=[(special, 0)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)

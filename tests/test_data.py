@@ -6,9 +6,8 @@ import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
+from conftest import byte_level_tokenizer
 from layercut import data
 from layercut.assets import GENSIM_WHEEL, fetch_wheel
 from layercut.data import calibration_windows, clean_wikitext, evaluation_windows, load_text, tokenize
@@ -30,15 +29,8 @@ def random_prose(words: int, seed: int) -> str:
 @pytest.fixture(scope="module")
 def tokenizer():
     """A byte-level BPE tokenizer trained offline on a few KB; it adds BOS by default; max length 64."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator([random_prose(2000, seed=0)], trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", model_max_length=64)
+    return byte_level_tokenizer([random_prose(2000, seed=0)], "<s>", add_bos=True, bos_token="<s>",
+                                model_max_length=64)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("lm_eval")
 pytest.importorskip("datasets")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import byte_level_tokenizer
 from layercut import zeroshot
 from layercut.errors import LayercutError
 
@@ -31,15 +31,8 @@ LIMIT = 6
 @pytest.fixture(scope="module")
 def tokenizer():
     """A byte-level BPE tokenizer trained offline; every byte is in its alphabet, no special tokens added."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator([TEXT] * 20, trainer=trainer)
     eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eos, eos_token=eos, pad_token=eos)
+    return byte_level_tokenizer([TEXT] * 20, eos, bos_token=eos, eos_token=eos, pad_token=eos)
 
 
 @pytest.fixture(scope="module")
