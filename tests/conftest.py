@@ -95,3 +95,17 @@ def byte_level_tokenizer(texts: list[str], special: str = "<|endoftext|>", add_b
     if add_bos:
         backend.post_processor = processors.TemplateProcessing(single=f"{special} $A", special_tokens=[(special, 0)])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+
+
+WORDS = ["the", "model", "cuts", "layers", "and", "repairs", "the", "cut", "so", "quality", "stays", "while", "cost",
+         "falls", "engineers", "compress", "checkpoints", "for", "cheaper", "deployment", "on", "small", "machines"]
+
+
+def write_text(folder, paragraphs: int = 40, words: int = 60) -> str:
+    """A local calibration/perplexity text of random paragraphs over :data:`WORDS` (all in the tiny tokenizer)."""
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=generator).tolist())
+             for _ in range(paragraphs)]
+    path = folder / "text.txt"
+    path.write_text("\n\n".join(lines))
+    return str(path)

@@ -7,13 +7,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import transformers
 
-from conftest import LAYERS, build_tiny
+from conftest import LAYERS, build_tiny, write_text
 from layercut.cli import main
-
-WORDS = ["the", "model", "cuts", "layers", "and", "repairs", "the", "cut", "so", "quality", "stays", "while", "cost", "falls", "engineers", "compress", "checkpoints", "for", "cheaper", "deployment", "on", "small", "machines"]
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +20,7 @@ def workspace(tmp_path_factory, tiny_tokenizer):
     model = build_tiny("llama")
     model.save_pretrained(root / "tiny")
     tiny_tokenizer.save_pretrained(root / "tiny")
-    generator = torch.Generator().manual_seed(0)
-    paragraphs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (60,), generator=generator).tolist())
-                  for _ in range(40)]
-    (root / "text.txt").write_text("\n\n".join(paragraphs))
+    write_text(root)
     return root
 
 

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
-from conftest import LAYERS, build_tiny, random_ids
+from conftest import LAYERS, VOCAB, build_tiny, random_ids
 from layercut.gate import (
+    checkpointed_layers,
     exhaustive,
+    final_hidden,
     gated,
     hard_gates,
     hard_kl,
+    head_kl,
+    head_logits,
+    head_reproduces_logits,
+    kl_rows,
     neighbours,
     notch_mask,
+    outputs_of,
     round_widths,
     search_notches,
     search_segments,
     token_kl,
 )
-from layercut.layers import drop_layers
+from layercut.layers import drop_layers, find_decoder_layers
 
 
 def test_gate_of_one_changes_nothing(tiny_model):
@@ -155,3 +164,82 @@ def test_hard_kl_is_zero_for_no_cut_and_positive_for_a_cut():
     windows = random_ids(batch=3, length=10)
     losses = hard_kl(model, windows, [(), ((1, 3),)], batch_size=2)
     assert abs(losses[0]) < 1e-6 and losses[1] > 0
+
+
+# ------------------------------------------------------------------ memory-lean search: chunked head, checkpointing
+
+
+def test_output_head_of_final_hidden_states_reproduces_the_logits(family):
+    model = build_tiny(family)
+    if hasattr(model.config, "final_logit_softcapping"):
+        model.config.final_logit_softcapping = 0.05  # small enough that forgetting the cap would show
+    ids = random_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(head_logits(model, final_hidden(model, ids)), model(ids).logits)
+    assert head_reproduces_logits(model, ids)
+
+
+def test_a_model_that_rescales_its_logits_is_scored_on_full_logits():
+    model = build_tiny("llama")
+
+    def rescale(module, args, output):
+        output.logits = output.logits * 2
+        return output
+
+    model.register_forward_hook(rescale)
+    assert not head_reproduces_logits(model, random_ids())
+
+
+def test_chunked_head_kl_equals_full_logit_kl_in_value_and_gradient():
+    model = build_tiny("gemma2").requires_grad_(False)
+    model.config.final_logit_softcapping = 0.5
+    ids = random_ids(batch=2)
+    gates_of = [lambda s: 1 - notch_mask(s, torch.tensor([[2.0], [1.5]]), LAYERS, tau=0.5)]
+    results = []
+    for chunked in (False, True):
+        starts = torch.tensor([[1.3], [3.1]], requires_grad=True)
+        with gated(model) as set_gates:
+            with torch.no_grad():
+                teacher = outputs_of(model, ids, chunked)
+            set_gates(gates_of[0](starts))
+            student = outputs_of(model, ids.repeat(2, 1), chunked)
+            # a budget of 3 vocabularies per chunk splits the 16 positions into 6 chunks (4 rows)
+            kl = head_kl(model, teacher, student, budget=3 * 4 * VOCAB) if chunked else kl_rows(model, teacher, student, False)
+            kl.sum().backward()
+        results.append((kl.detach(), starts.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_checkpointed_layers_give_the_same_gate_gradient_and_recompute_each_layer(family):
+    model = build_tiny(family).requires_grad_(False)
+    _, layers = find_decoder_layers(model)
+    ids = random_ids()
+    calls = []
+    for layer in layers:
+        layer.register_forward_hook(lambda *args: calls.append(1))
+    gradients, counts = [], []
+    for checkpointing in (False, True):
+        calls.clear()
+        starts = torch.tensor([[1.3]], requires_grad=True)
+        with gated(model) as set_gates, (checkpointed_layers(model, layers) if checkpointing else nullcontext()):
+            set_gates(1 - notch_mask(starts, torch.tensor([[2.0]]), LAYERS, tau=0.5))
+            model(ids).logits.square().mean().backward()
+        gradients.append(starts.grad)
+        counts.append(len(calls))
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-5, atol=1e-8)
+    assert counts == [LAYERS, 2 * LAYERS]  # forward, then each layer again during backward
+    assert not any(module.training for module in model.modules())  # flags restored, dropout never on
+    assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+def test_search_with_checkpointing_finds_the_same_segment():
+    model = build_tiny("qwen2")
+    windows = random_ids(batch=6, length=12, seed=3)
+    plain = search_segments(model, windows, remove=2, steps=8, seed=0)
+    lean = search_segments(model, windows, remove=2, steps=8, seed=0, checkpointing=True)
+    assert lean.segments == plain.segments
+    assert lean.kl == pytest.approx(plain.kl, rel=1e-5)
+    for mine, theirs in zip(lean.trajectory, plain.trajectory):
+        torch.testing.assert_close(torch.tensor(mine["starts"]), torch.tensor(theirs["starts"]), rtol=1e-4, atol=1e-5)

@@ -9,7 +9,9 @@ import pytest
 import torch
 import transformers
 
-from conftest import TOKENS, VOCAB
+from conftest import TOKENS, VOCAB, write_text
+from layercut.cli import main
+from layercut.config import QUANT_SCHEMES
 from layercut.errors import LayercutError
 from layercut.evaluate import perplexity
 from layercut.quantize import SCHEMES, check_scheme, quantize_checkpoint, weights_size
@@ -48,8 +50,9 @@ def test_round_trip_reloads_with_transformers(scheme, pruned_folder, tmp_path):
     if not installed(scheme):
         pytest.skip(f"{scheme} needs {SCHEMES[scheme].library}")
     calibration = windows(4, seed=1) if SCHEMES[scheme].calibrated else None
-    output = quantize_checkpoint(pruned_folder, scheme, tmp_path / "quantized", calibration)
     test = windows(4)
+    output = quantize_checkpoint(pruned_folder, scheme, tmp_path / "quantized", calibration,
+                                 evaluate=lambda model, tokenizer: {"perplexity": perplexity(model, test)})
     dense = perplexity(transformers.AutoModelForCausalLM.from_pretrained(pruned_folder), test)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(output).eval()
     quantized = perplexity(reloaded, test)
@@ -59,8 +62,12 @@ def test_round_trip_reloads_with_transformers(scheme, pruned_folder, tmp_path):
     assert weights_size(output) < 0.6 * weights_size(pruned_folder)
     record = json.loads((output / "layercut.json").read_text())
     assert record["segments"] == [[2, 4]]
-    assert record["quantization"]["scheme"] == scheme
-    assert record["quantization"]["size_after_bytes"] == weights_size(output)
+    entry = record["quantization"]
+    assert entry["scheme"] == scheme and entry["size_after_bytes"] == weights_size(output)
+    # the recorded evaluation is of the written checkpoint, reloaded; the source's is its own
+    assert entry["after"]["perplexity"] == pytest.approx(quantized, rel=1e-4)
+    assert entry["before"]["perplexity"] == pytest.approx(dense, rel=1e-4)
+    assert entry["after"]["memory_footprint_bytes"] < entry["before"]["memory_footprint_bytes"]
     card = (output / "README.md").read_text()
     assert card.startswith("# tiny pruned model") and f"pip install {SCHEMES[scheme].loader}" in card
     assert (output / "recipe.yaml").is_file() and (output / "tokenizer.json").is_file()
@@ -100,3 +107,70 @@ def test_existing_output_is_refused_before_work(pruned_folder, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(LayercutError, match="already exists"):
         quantize_checkpoint(pruned_folder, "int8", tmp_path / "taken")
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+def data_flags(folder) -> list[str]:
+    text = write_text(folder, paragraphs=30)
+    return ["--calib", text, "--ppl", text, "--seq-len", "16", "--calib-windows", "4", "--ppl-windows", "4"]
+
+
+@pytest.mark.skipif(not installed("int8"), reason="needs llmcompressor")
+def test_quantize_command_writes_and_measures_the_checkpoint(pruned_folder, tmp_path, capsys):
+    output = tmp_path / "int8"
+    assert main(["quantize", str(pruned_folder), "--scheme", "int8", "--output", str(output),
+                 *data_flags(tmp_path)]) == 0
+    entry = json.loads((output / "layercut.json").read_text())["quantization"]
+    assert entry["before"]["perplexity"] > 1 and entry["after"]["perplexity"] > 1
+    assert abs(entry["after"]["perplexity"] / entry["before"]["perplexity"] - 1) < 0.05
+    printed = capsys.readouterr().out
+    assert "weights on disk (MiB): before -> after" in printed and "perplexity: before -> after" in printed
+    assert transformers.AutoModelForCausalLM.from_pretrained(output).config.num_hidden_layers == 2
+
+
+@pytest.mark.skipif(not installed("gptq-w4a16"), reason="needs llmcompressor")
+def test_prune_quantize_writes_one_pruned_and_quantized_checkpoint(tmp_path, tiny_tokenizer, capsys):
+    source = tmp_path / "dense"
+    tiny_llama().save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    output = tmp_path / "pruned-gptq"
+    assert main(["prune", str(source), "--segment", "1:2", "--heal", "none", "--quantize", "gptq-w4a16",
+                 "--output", str(output), *data_flags(tmp_path)]) == 0
+    record = json.loads((output / "layercut.json").read_text())
+    entry = record["quantization"]
+    assert record["segments"] == [[1, 2]] and entry["scheme"] == "gptq-w4a16"
+    assert entry["calibration_windows"] == [4, 16]
+    # "before" is the pruned model's own measurement, not a second evaluation
+    assert entry["before"]["perplexity"] == record["metrics"]["perplexity"]["after"]
+    assert abs(entry["after"]["perplexity"] / entry["before"]["perplexity"] - 1) < 0.05
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(output)
+    assert reloaded.config.num_hidden_layers == 1 and reloaded.config.quantization_config is not None
+    assert "## Quantization" in (output / "README.md").read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert "pruned -> quantized" in capsys.readouterr().out
+
+
+def test_quantize_command_bad_input_exits_2_and_writes_nothing(pruned_folder, tmp_path, capsys, monkeypatch):
+    import layercut.quantize
+
+    output = tmp_path / "out"
+    assert main(["quantize", str(pruned_folder), "--output", str(output)]) == 2
+    assert "say which scheme: --scheme" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "nowhere"), "--scheme", "int8", "--output", str(output)]) == 2
+    assert "not a checkpoint folder" in capsys.readouterr().err
+    output.mkdir()
+    assert main(["quantize", str(pruned_folder), "--scheme", "int8", "--output", str(output)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    monkeypatch.setattr(layercut.quantize, "find_spec", lambda name: None)
+    assert main(["prune", str(pruned_folder), "--segment", "0:1", "--quantize", "int4",
+                 "--output", str(tmp_path / "pruned-out")]) == 2
+    assert "pip install 'layercut[quant]'" in capsys.readouterr().err
+    assert not (tmp_path / "pruned-out").exists()
+    with pytest.raises(SystemExit) as raised:
+        main(["quantize", str(pruned_folder), "--scheme", "int3", "--output", str(tmp_path / "x")])
+    assert raised.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_config_schemes_are_the_ones_quantize_implements():
+    assert tuple(SCHEMES) == QUANT_SCHEMES

@@ -64,9 +64,57 @@ def run_prune(arguments: argparse.Namespace) -> int:
         ("perplexity after the cut, before repair", _number(ppl["after_cut"])),
         *((f"{name}: dense -> pruned", f"{_number(before)} -> {_number(after)}")
           for name, before, after in metric_rows(record)),
-        ("output", str(arguments.output)),
     ]
+    if "quantization" in record:
+        rows += _quantization_rows(record["quantization"], "pruned -> quantized")
+    rows.append(("output", str(arguments.output)))
     print(_table(rows))
+    return 0
+
+
+def _quantization_rows(entry: dict, label: str) -> list[tuple[str, str]]:
+    from layercut.quantize import quantization_rows
+
+    return [("quantization", f"{entry['scheme']} ({entry['library']} {entry['library_version']})"),
+            *((f"{name}: {label}", f"{_number(before)} -> {_number(after)}")
+              for name, before, after in quantization_rows(entry))]
+
+
+def run_quantize(arguments: argparse.Namespace) -> int:
+    import json as json_module
+
+    from transformers import AutoTokenizer
+
+    from layercut.evaluate import perplexity
+    from layercut.load import resolve_device, resolve_dtype
+    from layercut.pipeline import calibration, measure, perplexity_windows
+    from layercut.quantize import SCHEMES, check_scheme, quantize_checkpoint
+
+    recipe = config.recipe_from_arguments(arguments, arguments.recipe)
+    scheme = recipe.quantization.quantize
+    if not scheme:
+        raise LayercutError("say which scheme: --scheme with one of " + ", ".join(config.QUANT_SCHEMES))
+    source = Path(arguments.model)
+    if not (source / "config.json").is_file():
+        raise LayercutError(f"{source} is not a checkpoint folder (no config.json); give a folder written by "
+                            "layercut prune or save_pretrained")
+    device = resolve_device(recipe.model.device)
+    check_scheme(scheme, device)
+    show = _stage_printer()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    windows = calibration(tokenizer, recipe) if SCHEMES[scheme].calibrated else None
+    test_windows = perplexity_windows(tokenizer, recipe) if arguments.evaluate else None
+
+    def evaluate(model, tokenizer) -> dict:
+        show("evaluate")
+        return {"perplexity": perplexity(model, test_windows, recipe.data.batch_size),
+                **measure(model, tokenizer, recipe)}
+
+    show(f"quantize ({scheme})")
+    output = quantize_checkpoint(source, scheme, arguments.output, windows, arguments.overwrite, device,
+                                 resolve_dtype(recipe.model.dtype, device), evaluate if arguments.evaluate else None)
+    entry = json_module.loads((output / "layercut.json").read_text())["quantization"]
+    print(_table([*_quantization_rows(entry, "before -> after"), ("output", str(output))]))
     return 0
 
 
@@ -210,13 +258,24 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(evaluate, ("model", "data", "evaluation"), exclude=("eval",))
     evaluate.set_defaults(run=run_eval)
 
+    quantizing = commands.add_parser("quantize", help="quantize a checkpoint (e.g. a pruned one) and measure the cost")
+    quantizing.add_argument("model", help="checkpoint folder (written by layercut prune or save_pretrained)")
+    quantizing.add_argument("--output", required=True, help="folder to write the quantized checkpoint into")
+    quantizing.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    quantizing.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                            help="measure perplexity (and --tasks, --speed) before and after (default: on)")
+    quantizing.add_argument("--recipe", help="YAML recipe; flags override it")
+    config.add_arguments(quantizing, ("quantization", "model", "data", "evaluation"),
+                         exclude=("eval", "device_map", "trust_remote_code", "layers_path"))
+    quantizing.set_defaults(run=run_quantize)
+
     comparison = commands.add_parser("compare", help="run several selection methods under one protocol")
     comparison.add_argument("model", help="model folder, hub id, or smollm2-135m")
     comparison.add_argument("--methods", default=",".join(config.METHODS),
                             help=f"comma-separated methods (default: all of {', '.join(config.METHODS)})")
     comparison.add_argument("--output", required=True, help="folder for compare.json/.md/.png; reruns resume")
     comparison.add_argument("--recipe", help="YAML recipe; flags override it")
-    config.add_arguments(comparison, exclude=("eval", "speed"))
+    config.add_arguments(comparison, exclude=("eval", "speed", "quantize"))
     comparison.set_defaults(run=run_compare)
 
     reporting = commands.add_parser("report", help="compare exported checkpoints: markdown table and PNG chart")

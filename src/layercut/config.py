@@ -16,6 +16,7 @@ from layercut.errors import LayercutError
 
 METHODS = ("clp", "exhaustive", "tail", "block-influence", "angular", "cosine-block", "sleb", "ppl", "taylor")
 HEALS = ("none", "endpoints", "last-k", "lora")
+QUANT_SCHEMES = ("int8", "int4", "gptq-w4a16", "bnb-int8", "bnb-nf4")  # described in layercut.quantize.SCHEMES
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -64,6 +65,10 @@ class SearchOptions:
     gate_lr: float = option(0.2, "learning rate of the gate position (clp)")
     gate_starts: int = option(0, "number of notches started over depth (clp); 0 = one per notch width")
     gate_windows: int = option(4, "calibration windows per gate step (clp)")
+    gate_checkpointing: bool = option(
+        False, "recompute each decoder layer during the gate's backward pass instead of storing its activations "
+        "(less memory, about a third more compute) (clp)"
+    )
     tau_start: float = option(1.0, "initial gate temperature in layers (clp)")
     tau_end: float = option(0.05, "final gate temperature in layers (clp)")
 
@@ -96,6 +101,17 @@ class EvalOptions:
 
 
 @dataclass(frozen=True)
+class QuantizeOptions:
+    """Whether to quantize the pruned model."""
+
+    quantize: Literal[QUANT_SCHEMES] | None = option(  # type: ignore[valid-type]
+        None, "quantize with this scheme: int8 / int4 (round-to-nearest) or gptq-w4a16 (GPTQ on the calibration "
+        "windows), saved as compressed-tensors; bnb-int8 / bnb-nf4 (bitsandbytes); none = full precision",
+        aliases=("--scheme",),
+    )
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything a prune run needs, except the model name and the output folder."""
 
@@ -104,6 +120,7 @@ class Recipe:
     search: SearchOptions = field(default_factory=SearchOptions)
     heal: HealOptions = field(default_factory=HealOptions)
     evaluation: EvalOptions = field(default_factory=EvalOptions)
+    quantization: QuantizeOptions = field(default_factory=QuantizeOptions)
 
 
 SECTIONS = tuple(f.name for f in fields(Recipe))
@@ -208,21 +225,21 @@ def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = S
         for item in fields(cls):
             if item.name in exclude:
                 continue
-            flag = "--" + item.name.replace("_", "-")
+            flags = ["--" + item.name.replace("_", "-"), *item.metadata.get("aliases", ())]
             help_text = f"{item.metadata['help']} (default: {item.default})"
             base, _ = _base_type(hints[item.name])
             dest = f"{name}.{item.name}"
             if base is bool:
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                    help=help_text)
             elif typing.get_origin(base) is Literal:
-                group.add_argument(flag, dest=dest, choices=typing.get_args(base), default=argparse.SUPPRESS,
+                group.add_argument(*flags, dest=dest, choices=typing.get_args(base), default=argparse.SUPPRESS,
                                    help=help_text)
             elif typing.get_origin(base) is tuple:
-                group.add_argument(flag, dest=dest, action="append", default=argparse.SUPPRESS, help=help_text,
+                group.add_argument(*flags, dest=dest, action="append", default=argparse.SUPPRESS, help=help_text,
                                    metavar=item.name.upper())
             else:
-                group.add_argument(flag, dest=dest, type=base, default=argparse.SUPPRESS, help=help_text,
+                group.add_argument(*flags, dest=dest, type=base, default=argparse.SUPPRESS, help=help_text,
                                    metavar=item.name.upper())
 
 

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from layercut.errors import LayercutError
 from layercut.evaluate import batches
-from layercut.layers import Segment, find_decoder_layers, merge_adjacent
+from layercut.layers import Segment, find_decoder_layers, merge_adjacent, text_config
 from layercut.load import model_device
 
 logger = logging.getLogger(__name__)
@@ -288,30 +290,124 @@ def gated(model, layers_path: str | None = None):
             handle.remove()
 
 
+@contextlib.contextmanager
+def checkpointed_layers(model, layers):
+    """Recompute each decoder layer during backward instead of storing its activations (transformers'
+    gradient checkpointing, non-reentrant).
+
+    transformers checkpoints a layer only while ``layer.training`` is true, so exactly those flags are set; every
+    submodule stays in eval mode, so dropout stays off. Gate hooks run inside the checkpointed call and read the
+    gates again on recompute: the gates must stay installed until backward has run.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise LayercutError(f"{type(model).__name__} does not support gradient checkpointing; "
+                            "run the gate search without --gate-checkpointing")
+    flags = [layer.training for layer in layers]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, flags):
+            layer.training = flag
+        model.gradient_checkpointing_disable()
+
+
 def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits ``[b, T, V]`` for ``input_ids`` ``[b, T]`` placed on the model's input device."""
     return model(input_ids=input_ids.to(model_device(model)), use_cache=False).logits
 
 
+def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The hidden states ``[b, T, H]`` the output head reads (after the final norm), without the logits."""
+    return model.base_model(input_ids=input_ids.to(model_device(model)), use_cache=False).last_hidden_state
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits ``[b, t, V]`` of final hidden states ``[b, t, H]``: the output head, then the config's final logit
+    soft-capping when it has one."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def head_reproduces_logits(model, input_ids: torch.Tensor) -> bool:
+    """Whether :func:`head_logits` of :func:`final_hidden` equals the model's own logits on ``input_ids``.
+
+    A model that does more after its output head than soft-capping (a logit scale, say) fails this check and
+    is scored on its full logits instead.
+    """
+    with torch.no_grad():
+        full = logits_of(model, input_ids).float()
+        try:
+            split = head_logits(model, final_hidden(model, input_ids)).float()
+        except (AttributeError, TypeError):
+            return False
+    return split.shape == full.shape and torch.allclose(split.to(full.device), full, rtol=1e-3,
+                                                         atol=1e-3 * float(full.abs().max()))
+
+
+def _chunk_kl(model, teacher_hidden: torch.Tensor, student_hidden: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        teacher = head_logits(model, teacher_hidden)
+    return token_kl(teacher, head_logits(model, student_hidden), chunk=teacher_hidden.shape[1])
+
+
+def head_kl(model, teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, budget: int = 2**25) -> torch.Tensor:
+    """:func:`token_kl` of the logits of final hidden states, computed over chunks of positions.
+
+    ``teacher_hidden`` ``[b, T, H]``, ``student_hidden`` ``[R·b, T, H]``; returns ``[R·b]``. Each chunk holds at
+    most ``budget`` logits per copy, so the ``[R·b, T, V]`` logits never exist whole; with gradients on, each
+    chunk is recomputed in backward (checkpointed) rather than kept.
+    """
+    rows, length = student_hidden.shape[:2]
+    vocab = int(getattr(model.get_output_embeddings(), "out_features", 0) or text_config(model).vocab_size)
+    chunk = max(1, budget // (rows * vocab))
+    total = 0.0
+    for start in range(0, length, chunk):
+        teacher, student = teacher_hidden[:, start : start + chunk], student_hidden[:, start : start + chunk]
+        if torch.is_grad_enabled() and student.requires_grad:
+            piece = checkpoint(_chunk_kl, model, teacher, student, use_reentrant=False)
+        else:
+            piece = _chunk_kl(model, teacher, student)
+        total = total + piece * teacher.shape[1]
+    return total / length
+
+
+def outputs_of(model, input_ids: torch.Tensor, chunked_head: bool) -> torch.Tensor:
+    """Final hidden states (``chunked_head``) or logits: what :func:`kl_rows` compares."""
+    return final_hidden(model, input_ids) if chunked_head else logits_of(model, input_ids)
+
+
+def kl_rows(model, teacher: torch.Tensor, student: torch.Tensor, chunked_head: bool) -> torch.Tensor:
+    """Per-row token KL(teacher ‖ student) ``[R·b]`` of :func:`outputs_of` values."""
+    return head_kl(model, teacher, student) if chunked_head else token_kl(teacher, student)
+
+
 def hard_kl(model, windows: torch.Tensor, candidates: Sequence[Candidate], batch_size: int = 4,
-            layers_path: str | None = None, rows_per_pass: int = 16) -> list[float]:
+            layers_path: str | None = None, rows_per_pass: int = 16, chunked_head: bool | None = None) -> list[float]:
     """Mean token KL(dense ‖ cut) over ``windows`` ``[N, T]`` for each candidate cut (gates exactly 0/1).
 
-    The dense teacher is the same model with gates off, computed once per batch of windows.
+    The dense teacher is the same model with gates off, computed once per batch of windows. ``chunked_head``
+    (None = check with :func:`head_reproduces_logits`) keeps only final hidden states and applies the output
+    head chunk by chunk.
     """
     num_layers = len(find_decoder_layers(model, layers_path)[1])
+    if chunked_head is None:
+        chunked_head = head_reproduces_logits(model, windows[:1, :16])
     gates = hard_gates(candidates, num_layers)
     totals = torch.zeros(len(candidates))
     with torch.no_grad(), gated(model, layers_path) as set_gates:
         for batch in batches(windows, batch_size):
             set_gates(None)
-            teacher = logits_of(model, batch)
+            teacher = outputs_of(model, batch, chunked_head)
             group = max(1, rows_per_pass // batch.shape[0])
             for first in range(0, len(candidates), group):
                 chunk = gates[first : first + group]
                 set_gates(chunk)
-                student = logits_of(model, batch.repeat(chunk.shape[0], 1))
-                kl = token_kl(teacher, student).view(chunk.shape[0], batch.shape[0]).sum(dim=1)
+                student = outputs_of(model, batch.repeat(chunk.shape[0], 1), chunked_head)
+                kl = kl_rows(model, teacher, student, chunked_head).view(chunk.shape[0], batch.shape[0]).sum(dim=1)
                 totals[first : first + group] += kl.cpu()
             set_gates(None)
     return (totals / windows.shape[0]).tolist()
@@ -320,16 +416,21 @@ def hard_kl(model, windows: torch.Tensor, candidates: Sequence[Candidate], batch
 def search_segments(model, windows: torch.Tensor, remove: int, method: str = "clp", notches: int = 1,
                     profiles: int = 0, steps: int = 60, lr: float = 0.2, tau_start: float = 1.0,
                     tau_end: float = 0.05, step_windows: int = 4, batch_size: int = 4, seed: int = 0,
-                    layers_path: str | None = None, progress=None) -> SearchResult:
+                    layers_path: str | None = None, progress=None, checkpointing: bool = False) -> SearchResult:
     """Choose ``remove`` layers to cut by the concave gate (``clp``) or by trying every window (``exhaustive``).
 
     ``windows`` ``[N, T]`` are the calibration windows; each gate step uses ``step_windows`` of them, drawn with
-    a generator seeded by ``seed``. Model weights are frozen; only the gate parameters train.
+    a generator seeded by ``seed``. Model weights are frozen; only the gate parameters train. The KL is taken
+    over chunks of positions from final hidden states when the output head alone makes the logits (checked
+    once), and ``checkpointing`` recomputes each layer in backward instead of storing its activations.
     """
-    num_layers = len(find_decoder_layers(model, layers_path)[1])
+    _, layers = find_decoder_layers(model, layers_path)
+    num_layers = len(layers)
+    chunked_head = head_reproduces_logits(model, windows[:1, :16])
+    logger.info("KL over %s", "chunks of the output head" if chunked_head else "full logits")
 
     def hard_objective(candidates: list[Candidate]) -> list[float]:
-        return hard_kl(model, windows, candidates, batch_size, layers_path)
+        return hard_kl(model, windows, candidates, batch_size, layers_path, chunked_head=chunked_head)
 
     if method == "exhaustive":
         return exhaustive(hard_objective, num_layers, remove)
@@ -338,20 +439,26 @@ def search_segments(model, windows: torch.Tensor, remove: int, method: str = "cl
     model.requires_grad_(False)
 
     try:
-        with gated(model, layers_path) as set_gates:
+        with gated(model, layers_path) as set_gates, \
+                (checkpointed_layers(model, layers) if checkpointing else contextlib.nullcontext()):
 
             def objective(gates: torch.Tensor) -> torch.Tensor:
                 picks = torch.randint(0, windows.shape[0], (min(step_windows, windows.shape[0]),), generator=generator)
                 batch = windows[picks]
                 with torch.no_grad():
                     set_gates(None)
-                    teacher = logits_of(model, batch)
+                    teacher = outputs_of(model, batch, chunked_head)
+                # The gates stay installed until the next call: checkpointed layers rerun them during backward.
                 set_gates(gates)
-                student = logits_of(model, batch.repeat(gates.shape[0], 1))
-                set_gates(None)
-                return token_kl(teacher, student).view(gates.shape[0], batch.shape[0]).mean(dim=1).cpu()
+                student = outputs_of(model, batch.repeat(gates.shape[0], 1), chunked_head)
+                kl = kl_rows(model, teacher, student, chunked_head)
+                return kl.view(gates.shape[0], batch.shape[0]).mean(dim=1).cpu()
 
-            result = search_notches(objective, hard_objective, num_layers, remove, notches, profiles, steps, lr,
+            def exact(candidates: list[Candidate]) -> list[float]:
+                set_gates(None)  # the last soft gates must not act under the read-out's own hooks
+                return hard_objective(candidates)
+
+            result = search_notches(objective, exact, num_layers, remove, notches, profiles, steps, lr,
                                     tau_start, tau_end, progress)
     finally:
         for parameter, flag in zip(model.parameters(), requires_grad):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -16,7 +17,7 @@ from layercut.export import check_output, export_checkpoint, library_versions
 from layercut.gate import SearchResult, search_segments
 from layercut.heal import heal, teacher_targets
 from layercut.layers import drop_layers, find_decoder_layers, parse_segment, validate_segments
-from layercut.load import load_model
+from layercut.load import load_model, model_device, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def select_segments(model, windows, recipe: Recipe, progress=None) -> SearchResu
         return search_segments(
             model, windows, plan, options.method, options.segments, options.gate_starts, options.gate_steps,
             options.gate_lr, options.tau_start, options.tau_end, options.gate_windows, recipe.data.batch_size,
-            recipe.data.seed, recipe.model.layers_path, progress,
+            recipe.data.seed, recipe.model.layers_path, progress, options.gate_checkpointing,
         )
     from layercut.criteria import select_by_criterion
 
@@ -156,6 +157,11 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
         return progress(name, total) if progress is not None else None
 
     check_output(output, overwrite)
+    scheme = recipe.quantization.quantize
+    if scheme:
+        from layercut.quantize import check_scheme
+
+        check_scheme(scheme, resolve_device(recipe.model.device))  # an impossible scheme fails before any work
     started = time.perf_counter()
     stage("load")
     model, tokenizer = load_model(model_name, recipe.model)
@@ -212,5 +218,29 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
     with tempfile.TemporaryDirectory() as scratch:
         extra = plots.search_plots(found, Path(scratch))
         record["seconds"] = time.perf_counter() - started
-        export_checkpoint(model, tokenizer, output, record, dump_recipe(recipe), overwrite, extra)
-    return record
+        if not scheme:
+            export_checkpoint(model, tokenizer, output, record, dump_recipe(recipe), overwrite, extra)
+            return record
+        pruned = export_checkpoint(model, tokenizer, Path(scratch) / "pruned", record, dump_recipe(recipe), False, extra)
+        device, dtype = model_device(model), next(model.parameters()).dtype
+        del model
+        stage(f"quantize ({scheme})")
+        known = {"perplexity": healed_ppl, **({key: measures[key]["after"] for key in measures})}
+        written = quantize_pruned(pruned, output, recipe, windows, test_windows, device, dtype, known, overwrite)
+    return json.loads((written / "layercut.json").read_text())
+
+
+def quantize_pruned(pruned: Path, output: str | Path, recipe: Recipe, windows, test_windows, device, dtype,
+                    pruned_metrics: dict, overwrite: bool = False) -> Path:
+    """Quantize the exported checkpoint ``pruned`` with the recipe's scheme into ``output``; the quantized model
+    is evaluated as the pruned one was (``pruned_metrics``: perplexity on ``test_windows``, the recipe's
+    zero-shot tasks and speed)."""
+    from layercut.quantize import SCHEMES, quantize_checkpoint
+
+    def evaluate(model, tokenizer) -> dict:
+        return {"perplexity": perplexity(model, test_windows, recipe.data.batch_size),
+                **measure(model, tokenizer, recipe)}
+
+    scheme = recipe.quantization.quantize
+    return quantize_checkpoint(pruned, scheme, output, windows if SCHEMES[scheme].calibrated else None, overwrite,
+                               device, dtype, evaluate, pruned_metrics)

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
@@ -56,7 +57,8 @@ SCHEMES = {
 # layers and the most sensitive to rounding).
 _LLMCOMPRESSOR_PRESETS = {"int8": "W8A16", "int4": "W4A16", "gptq-w4a16": "W4A16"}
 _KEEP_FULL_PRECISION = ["lm_head"]
-GROUP_SIZES = (128, 64, 32)  # 4-bit group sizes vLLM's kernels take, preferred first
+GROUP_SIZES = (128, 64, 32)
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}  # 4-bit group sizes vLLM's kernels take, preferred first
 
 
 def check_scheme(scheme: str, device: str | torch.device = "cpu", calibration: bool = True) -> Scheme:
@@ -182,24 +184,47 @@ def quantization_record(scheme: str, size_before: int, size_after: int,
     return record
 
 
+def quantization_rows(entry: dict) -> list[tuple[str, float | None, float | None]]:
+    """``(name, before, after)`` rows of a ``quantization`` entry: sizes in MiB, then what was evaluated."""
+    before, after = entry.get("before", {}), entry.get("after", {})
+    rows = [("weights on disk (MiB)", entry["size_before_bytes"] / 2**20, entry["size_after_bytes"] / 2**20)]
+    for key, name in (("memory_footprint_bytes", "parameters in memory (MiB)"), ("peak_gpu_bytes", "peak GPU memory (MiB)")):
+        if key in after:
+            rows.append((name, before[key] / 2**20 if key in before else None, after[key] / 2**20))
+    if "perplexity" in after:
+        rows.append(("perplexity", before.get("perplexity"), after["perplexity"]))
+    if "zero_shot" in after:
+        average = before.get("zero_shot", {}).get("average", {}).get("acc")
+        rows.append(("zero-shot average acc", average, after["zero_shot"]["average"]["acc"]))
+    return rows
+
+
 def card_section(entry: dict) -> str:
-    """The model-card section that says how the weights were quantized and which package loads them."""
+    """The model-card section that says how the weights were quantized, what it cost, and which package loads them."""
+    table = "".join(f"| {name} | {'-' if a is None else f'{a:.4g}'} | {'-' if b is None else f'{b:.4g}'} |\n"
+                    for name, a, b in quantization_rows(entry))
     return (f"\n## Quantization\n\nQuantized with `{entry['scheme']}`: {entry['description']}, by "
-            f"{entry['library']} {entry['library_version']}. Weights: {entry['size_before_bytes'] / 2**20:.1f} MiB "
-            f"-> {entry['size_after_bytes'] / 2**20:.1f} MiB.\n\n"
+            f"{entry['library']} {entry['library_version']}.\n\n"
             f"Loading needs `pip install {entry['loader']}` next to transformers; then "
-            "`AutoModelForCausalLM.from_pretrained(path)` loads it as usual.\n")
+            "`AutoModelForCausalLM.from_pretrained(path)` loads it as usual.\n\n"
+            f"| measure | before | after |\n|---|---|---|\n{table}")
 
 
-def reloaded_perplexity(folder: Path, test_windows: torch.Tensor, device: str) -> dict:
-    """Perplexity of the checkpoint in ``folder`` loaded as ``layercut eval`` loads it."""
-    from layercut.config import ModelOptions
-    from layercut.evaluate import perplexity
-    from layercut.load import load_model
+def footprint(model) -> dict:
+    """Bytes the loaded model's parameters and buffers take (packed weights count as packed)."""
+    return {"memory_footprint_bytes": int(model.get_memory_footprint())}
 
-    model, _ = load_model(str(folder), ModelOptions(device=str(device), dtype="float32"))
-    return {"after": perplexity(model, test_windows), "windows": int(test_windows.shape[0]),
-            "seq_len": int(test_windows.shape[1])}
+
+def _measured(model, tokenizer, evaluate, device: torch.device) -> dict:
+    """:func:`footprint`, plus ``evaluate(model, tokenizer)``, plus peak GPU bytes of both on a GPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = footprint(model)
+    if evaluate is not None:
+        result.update(evaluate(model, tokenizer))
+    if device.type == "cuda":
+        result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return result
 
 
 def _copy_missing(source: Path, target: Path) -> None:
@@ -212,35 +237,45 @@ def _copy_missing(source: Path, target: Path) -> None:
 
 def quantize_checkpoint(source_dir: str | Path, scheme: str, output_dir: str | Path,
                         calibration_windows: torch.Tensor | None = None, overwrite: bool = False,
-                        device: str = "cpu", test_windows: torch.Tensor | None = None) -> Path:
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        evaluate: Callable | None = None, source_metrics: dict | None = None) -> Path:
     """Quantize the checkpoint in ``source_dir`` with ``scheme`` and write it to ``output_dir`` atomically.
 
     The output keeps the source's tokenizer and side files; ``layercut.json`` gains a ``quantization`` entry
-    (scheme, library and version, weight bytes before and after) and ``README.md`` a section naming the
-    package the loader needs. With ``test_windows`` ``[N, T]`` the written checkpoint is reloaded the way
-    ``layercut eval`` loads it and its perplexity is recorded too. Written into a temporary folder beside
-    ``output_dir`` and renamed into place.
+    (scheme, library and version, weight bytes on disk and parameter bytes in memory before and after) and
+    ``README.md`` a section naming the package the loader needs. ``evaluate(model, tokenizer) -> dict`` (e.g.
+    perplexity and zero-shot accuracy) is applied to the written checkpoint reloaded the way ``layercut eval``
+    loads it, and to the source before quantizing unless ``source_metrics`` already holds its results.
+    Written into a temporary folder beside ``output_dir`` and renamed into place.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, output = Path(source_dir), check_output(output_dir, overwrite)
+    from layercut.config import ModelOptions
+    from layercut.load import load_model
+
+    source, output, device = Path(source_dir), check_output(output_dir, overwrite), torch.device(device)
     spec = check_scheme(scheme, device, calibration_windows is not None)
     if not (source / "config.json").is_file():
         raise LayercutError(f"{source} has no config.json; give a folder written by layercut prune or save_pretrained")
     tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
+    before = _measured(model, tokenizer, None if source_metrics is not None else evaluate, device)
+    before.update(source_metrics or {})
     if spec.route == "llmcompressor":
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
         model = quantize_model(model, tokenizer, scheme, calibration_windows)
     else:
-        model = _load_quantized(source, scheme, torch.float32, torch.device(device))
+        del model
+        model = _load_quantized(source, scheme, dtype, device)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        del model
         entry = quantization_record(scheme, weights_size(source), weights_size(staging), calibration_windows)
-        if test_windows is not None:
-            entry["perplexity"] = reloaded_perplexity(staging, test_windows, device)
+        reloaded, _ = load_model(str(staging), ModelOptions(device=str(device), dtype=_DTYPE_NAMES[dtype]))
+        entry.update(before=before, after=_measured(reloaded, tokenizer, evaluate, device))
+        del reloaded
         record = json.loads((source / "layercut.json").read_text()) if (source / "layercut.json").is_file() \
             else {"source": str(source)}
         record["quantization"] = entry
