@@ -1,36 +1,109 @@
-"""Cost of layercut on a real model shape: a random-init Llama-3-8B-shaped model in bf16 on one GPU.
+"""Cost of layercut on real model shapes: random-init Llama-3-8B / -70B-shaped models in bf16, on one or more GPUs.
 
-Measures gate-search time per step and in total and its peak GPU memory against the bf16 weight bytes, the
-exhaustive oracle's time, cut and save time, and prefill/decode throughput dense vs pruned next to L/(L−n).
-Random weights make the chosen segment meaningless; only cost is measured. Results are rewritten after every
-stage into ``--out``/big_model.json and big_model.md.
+Builds the model with empty weights, places it with accelerate (one GPU, or ``infer_auto_device_map`` +
+``dispatch_model`` over several) and fills the weights with random values on their devices. Then measures:
+gate-search time per step and in total and peak GPU memory against the bf16 weight bytes (with and without
+per-layer activation checkpointing), the exhaustive oracle's time, cut time, endpoint repair time and memory,
+prefill/decode throughput dense vs pruned next to L/(L−n), and ``save_pretrained`` time. Random weights make
+the chosen segment meaningless; only cost is measured. Results are rewritten after every stage into
+``--out``/big_model.json and big_model.md.
 
-    python bench/big_model.py --out bench/results/big-8b-h200
+    python bench/big_model.py --shape llama3-8b --out bench/results/big-8b-h200
+    python bench/big_model.py --shape llama3-70b --gpus 2 --out bench/results/big-70b-2xh200
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from layercut.config import HealOptions
 from layercut.evaluate import throughput
 from layercut.export import library_versions
 from layercut.gate import search_segments
+from layercut.heal import heal, teacher_targets
 from layercut.layers import drop_layers
 
-LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                 "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0}
+SHAPES = {
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+                  "rope_theta": 500000.0},
+    "llama3-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+                   "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+                   "rope_theta": 500000.0},
+    # a smoke-test shape that runs on the CPU in seconds
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 512},
+}
 
 
-def gib(count: int) -> float:
+def gib(count: float) -> float:
     return count / 2**30
+
+
+def place(index) -> torch.device:
+    """A device-map value as a device (the CPU when no GPU is present: the smoke test)."""
+    return torch.device("cuda", index) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build(shape: str, gpus: int, max_memory_gib: float):
+    """A random-init bf16 model of ``shape``: on GPU 0, or spread over ``gpus`` GPUs by accelerate."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with init_empty_weights():
+        model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
+    torch.set_default_dtype(default)
+    if gpus == 1:
+        device_map = {"": 0}
+    else:
+        device_map = infer_auto_device_map(model, max_memory={g: f"{max_memory_gib}GiB" for g in range(gpus)},
+                                           no_split_module_classes=model._no_split_modules, dtype=torch.bfloat16)
+    generator = {}
+    for name, parameter in model.named_parameters():
+        owner = max((key for key in device_map if key == "" or name == key or name.startswith(key + ".")), key=len)
+        device = place(device_map[owner])
+        generator.setdefault(device, torch.Generator(device).manual_seed(len(generator)))
+        value = torch.empty(parameter.shape, dtype=torch.bfloat16, device=device)
+        value.normal_(0, 0.02, generator=generator[device]) if value.ndim > 1 else value.fill_(1.0)
+        set_module_tensor_to_device(model, name, device, value=value)
+    model = model.to(place(0)) if gpus == 1 else dispatch_model(model, device_map)
+    return model.eval(), device_map
+
+
+def peaks(gpus: int) -> list[int]:
+    if not torch.cuda.is_available():
+        return [0] * gpus
+    for g in range(gpus):
+        torch.cuda.synchronize(g)
+    return [torch.cuda.max_memory_allocated(g) for g in range(gpus)]
+
+
+def reset_peaks(gpus: int) -> None:
+    for g in range(gpus if torch.cuda.is_available() else 0):
+        torch.cuda.synchronize(g)
+        torch.cuda.reset_peak_memory_stats(g)
+
+
+def speeds(models: dict, rounds: int, batch_size: int, new_tokens: int) -> dict[str, dict[str, float]]:
+    """Median prefill/decode tokens per second of each model over ``rounds`` rounds, the models interleaved."""
+    seen: dict[str, list[dict]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            seen[name].append(throughput(model, batch_size, 256, new_tokens, repeats=1))
+    return {name: {kind: statistics.median(r[f"{kind}_tokens_per_s"] for r in runs) for kind in ("prefill", "decode")}
+            for name, runs in seen.items()}
 
 
 def write(result: dict, out: Path) -> None:
@@ -45,66 +118,137 @@ def write(result: dict, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--remove", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--profiles", type=int, default=2)
-    parser.add_argument("--step-windows", type=int, default=1)
-    parser.add_argument("--calib-windows", type=int, default=8)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--max-memory-gib", type=float, default=100.0, help="weights per GPU for the device map")
+    parser.add_argument("--ratio", type=float, default=0.25, help="fraction of layers to remove")
+    parser.add_argument("--steps", type=int, default=60, help="gate steps (layercut's default: 60)")
+    parser.add_argument("--profiles", type=int, default=0, help="gate profiles (0: layercut's default)")
+    parser.add_argument("--step-windows", type=int, default=4, help="windows per gate step (default 4)")
+    parser.add_argument("--plain-steps", type=int, default=4, help="gate steps without checkpointing (0: skip)")
+    parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--heal-steps", type=int, default=10)
+    parser.add_argument("--speed-rounds", type=int, default=3)
+    parser.add_argument("--speed-batches", default="1,16")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep a dense copy so dense and pruned speed rounds alternate (needs room for both)")
+    parser.add_argument("--save", action=argparse.BooleanOptionalAction, default=True)
     arguments = parser.parse_args()
     out = Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda")
-    torch.set_default_dtype(torch.bfloat16)
+    gpus = arguments.gpus
     started = time.perf_counter()
-    with device:
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B)).eval()
-    torch.set_default_dtype(torch.float32)
+    model, device_map = build(arguments.shape, gpus, arguments.max_memory_gib)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_gpu = [sum(p.numel() * p.element_size() for p in model.parameters() if p.device == place(g))
+               for g in range(gpus)]
     layers = model.config.num_hidden_layers
-    result = {"shape": "Llama-3-8B", "device": torch.cuda.get_device_name(), "command": "python " + " ".join(sys.argv),
-              "settings": vars(arguments), "versions": library_versions(),
-              "measures": {"build seconds": time.perf_counter() - started, "weights GiB (bf16)": gib(weights)}}
+    remove = round(arguments.ratio * layers)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    result = {"shape": arguments.shape, "device": f"{gpus} x {name}",
+              "command": "python " + " ".join(sys.argv), "settings": vars(arguments), "versions": library_versions(),
+              "device_map_gpus": sorted(set(device_map.values())),
+              "measures": {"build seconds": time.perf_counter() - started, "layers": layers, "removed": remove,
+                           "weights GiB (bf16)": gib(weights),
+                           "weights GiB per GPU": " / ".join(f"{gib(b):.1f}" for b in per_gpu)}}
     measures = result["measures"]
     write(result, out)
     generator = torch.Generator().manual_seed(0)
-    windows = torch.randint(0, LLAMA3_8B["vocab_size"], (arguments.calib_windows, arguments.seq_len),
-                            generator=generator)
+    vocab = SHAPES[arguments.shape]["vocab_size"]
+    windows = torch.randint(0, vocab, (arguments.calib_windows, arguments.seq_len), generator=generator)
 
-    measures.update({f"dense {k}": v for k, v in throughput(model, prompt_tokens=256, new_tokens=64).items()
-                     if k.endswith("per_s")})
-    write(result, out)
+    dense_speed = {}
+    if not arguments.interleave:
+        for batch in map(int, arguments.speed_batches.split(",")):
+            dense_speed[batch] = speeds({"dense": model}, arguments.speed_rounds, batch, arguments.new_tokens)["dense"]
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    found = search_segments(model, windows, arguments.remove, "clp", profiles=arguments.profiles,
-                            steps=arguments.steps, step_windows=arguments.step_windows, batch_size=4)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    if arguments.plain_steps:
+        reset_peaks(gpus)
+        plain = search_segments(model, windows, remove, "clp", profiles=arguments.profiles, steps=arguments.plain_steps,
+                                step_windows=arguments.step_windows, batch_size=4)
+        peak = peaks(gpus)
+        measures.update({"no checkpointing: gate steps": arguments.plain_steps,
+                         "no checkpointing: gate seconds (with read-out)": plain.seconds,
+                         "no checkpointing: peak GiB per GPU": " / ".join(f"{gib(b):.1f}" for b in peak),
+                         "no checkpointing: peak / weights (worst GPU)": max(p / w for p, w in zip(peak, per_gpu))})
+        write(result, out)
+
+    reset_peaks(gpus)
+    step_times = []
+    last = [time.perf_counter()]
+
+    def tick(_units):
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+
+    found = search_segments(model, windows, remove, "clp", profiles=arguments.profiles, steps=arguments.steps,
+                            step_windows=arguments.step_windows, batch_size=4, progress=tick, checkpointing=True)
+    peak = peaks(gpus)
+    profiles = len(found.trajectory[0]["starts"])
     measures.update({
-        "gate rows per step (profiles x windows)": arguments.profiles * arguments.step_windows,
-        "gate total seconds": found.seconds, "gate cuts scored exactly": found.evaluations,
-        "gate peak GiB": gib(peak), "gate peak / weights": peak / weights,
+        "gate: profiles x windows per step": f"{profiles} x {arguments.step_windows}",
+        "gate: steps": arguments.steps,
+        "gate: seconds per step (median)": statistics.median(step_times[1:] or step_times),
+        "gate: training seconds": sum(step_times),
+        "gate: total seconds (with exact read-out)": found.seconds,
+        "gate: cuts scored exactly": found.evaluations,
+        "gate: peak GiB per GPU": " / ".join(f"{gib(b):.1f}" for b in peak),
+        "gate: peak / weights (worst GPU)": max(p / w for p, w in zip(peak, per_gpu)),
+        "gate: segments": str(found.segments),
     })
     write(result, out)
-    oracle = search_segments(model, windows, arguments.remove, "exhaustive", batch_size=4)
-    measures.update({"exhaustive seconds": oracle.seconds, "exhaustive cuts scored": oracle.evaluations})
+    if arguments.oracle:
+        oracle = search_segments(model, windows, remove, "exhaustive", batch_size=4)
+        measures.update({"exhaustive: seconds": oracle.seconds, "exhaustive: cuts scored": oracle.evaluations})
+        write(result, out)
+
+    heal_windows = windows[: max(8, arguments.calib_windows // 2)]
+    teacher = teacher_targets(model, heal_windows, 64, 4) if arguments.heal_steps else None
+    dense = copy.deepcopy(model) if arguments.interleave else None
+    start = time.perf_counter()
+    segments = drop_layers(model, found.segments)
+    measures["cut seconds"] = time.perf_counter() - start
     write(result, out)
 
-    start = time.perf_counter()
-    drop_layers(model, found.segments)
-    measures["cut seconds"] = time.perf_counter() - start
-    measures.update({f"pruned {k}": v for k, v in throughput(model, prompt_tokens=256, new_tokens=64).items()
-                     if k.endswith("per_s")})
-    for kind in ("prefill", "decode"):
-        measures[f"{kind} ratio"] = measures[f"pruned {kind}_tokens_per_s"] / measures[f"dense {kind}_tokens_per_s"]
-    measures["limit L/(L-n)"] = layers / (layers - arguments.remove)
-    write(result, out)
-    with tempfile.TemporaryDirectory() as folder:
-        start = time.perf_counter()
-        model.save_pretrained(folder)
-        measures["save_pretrained seconds (pruned)"] = time.perf_counter() - start
-    write(result, out)
+    if arguments.heal_steps:
+        reset_peaks(gpus)
+        model, report = heal(model, heal_windows, segments, layers,
+                             HealOptions(heal="endpoints", heal_steps=arguments.heal_steps, heal_batch=4), teacher)
+        peak = peaks(gpus)
+        measures.update({"repair: trained parameters": report["trainable_parameters"],
+                         "repair: seconds per step": report["seconds"] / arguments.heal_steps,
+                         "repair: peak GiB per GPU": " / ".join(f"{gib(b):.1f}" for b in peak)})
+        write(result, out)
+
+    measures["limit L/(L-n)"] = layers / (layers - remove)
+    for batch in map(int, arguments.speed_batches.split(",")):
+        if dense is not None:
+            both = speeds({"dense": dense, "pruned": model}, arguments.speed_rounds, batch, arguments.new_tokens)
+        else:
+            both = {"dense": dense_speed[batch],
+                    **speeds({"pruned": model}, arguments.speed_rounds, batch, arguments.new_tokens)}
+        for kind in ("prefill", "decode"):
+            ratio = both["pruned"][kind] / both["dense"][kind]
+            measures[f"batch {batch} {kind} tokens/s dense -> pruned"] = \
+                f"{both['dense'][kind]:.1f} -> {both['pruned'][kind]:.1f}"
+            measures[f"batch {batch} {kind} ratio (of the limit)"] = f"{ratio:.3f} ({ratio / measures['limit L/(L-n)']:.3f})"
+        write(result, out)
+    del dense
+
+    if arguments.save:
+        folder = Path(tempfile.mkdtemp(prefix="layercut-save-"))
+        if shutil.disk_usage(folder).free > 1.3 * weights * (layers - remove) / layers:
+            start = time.perf_counter()
+            model.save_pretrained(folder)
+            measures["save_pretrained seconds (pruned)"] = time.perf_counter() - start
+        else:
+            measures["save_pretrained seconds (pruned)"] = "skipped: not enough free disk"
+        shutil.rmtree(folder, ignore_errors=True)
+        write(result, out)
     print((out / "big_model.md").read_text())
 
 

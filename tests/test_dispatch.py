@@ -8,9 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import LAYERS, build_tiny, random_ids
-from layercut.config import ModelOptions
+from layercut.config import HealOptions, ModelOptions
 from layercut.evaluate import perplexity
 from layercut.gate import hard_kl, search_segments
+from layercut.heal import heal, teacher_targets
 from layercut.layers import drop_layers, find_decoder_layers
 from layercut.load import load_model
 
@@ -59,3 +60,28 @@ def test_load_model_hands_the_device_map_to_transformers(saved, monkeypatch):
     model, _ = load_model(str(saved), ModelOptions(device_map="auto"))
     assert seen["device_map"] == "auto"
     assert find_decoder_layers(model)[1][0].self_attn.q_proj.weight.device.type == "cpu"
+
+
+def test_checkpointed_search_and_endpoint_repair_on_a_dispatched_model(saved, tmp_path):
+    plain = AutoModelForCausalLM.from_pretrained(saved).eval()
+    # layers 0-2 in memory, 3-5 on disk: the repair below trains layers 0 and 2, which sit in memory
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "cpu" if i < 3 else "disk" for i in range(LAYERS)})
+    dispatched = AutoModelForCausalLM.from_pretrained(saved, device_map=device_map,
+                                                      offload_folder=str(tmp_path / "offload")).eval()
+    windows = random_ids(batch=6, length=12, seed=4)
+    lean = search_segments(dispatched, windows, remove=2, steps=6, checkpointing=True)
+    reference = search_segments(plain, windows, remove=2, steps=6)
+    assert lean.segments == reference.segments
+    torch.testing.assert_close(torch.tensor(lean.trajectory[-1]["starts"]),
+                               torch.tensor(reference.trajectory[-1]["starts"]), rtol=1e-4, atol=1e-5)
+    options = HealOptions(heal="endpoints", heal_steps=3, heal_batch=2)
+    results = []
+    for model in (dispatched, plain):
+        teacher = teacher_targets(model, windows, top_k=8)
+        drop_layers(model, [(1, 2)])
+        model, report = heal(model, windows, [(1, 2)], LAYERS, options, teacher)
+        results.append((report, perplexity(model, windows)))
+    assert results[0][0]["layers"] == [0, 1] and results[0][0]["first_loss"] > 0
+    assert results[0][0]["last_loss"] == pytest.approx(results[1][0]["last_loss"], rel=1e-4)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-4)
