@@ -15,7 +15,6 @@ the chosen segment meaningless; only cost is measured. Results are rewritten aft
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import statistics
@@ -134,7 +133,11 @@ def main() -> None:
     parser.add_argument("--speed-batches", default="1,16")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep a dense copy so dense and pruned speed rounds alternate (needs room for both)")
+                        help="rebuild the (identical) dense model beside the pruned one so that dense and pruned "
+                             "speed rounds alternate (needs room for both)")
+    parser.add_argument("--static-cache", action="store_true",
+                        help="also measure speed with a static KV cache, which transformers decodes with a compiled "
+                             "forward (CUDA graphs)")
     parser.add_argument("--save", action=argparse.BooleanOptionalAction, default=True)
     arguments = parser.parse_args()
     out = Path(arguments.out)
@@ -208,7 +211,6 @@ def main() -> None:
 
     heal_windows = windows[: max(8, arguments.calib_windows // 2)]
     teacher = teacher_targets(model, heal_windows, 64, 4) if arguments.heal_steps else None
-    dense = copy.deepcopy(model) if arguments.interleave else None
     start = time.perf_counter()
     segments = drop_layers(model, found.segments)
     measures["cut seconds"] = time.perf_counter() - start
@@ -225,18 +227,27 @@ def main() -> None:
         write(result, out)
 
     measures["limit L/(L-n)"] = layers / (layers - remove)
-    for batch in map(int, arguments.speed_batches.split(",")):
-        if dense is not None:
-            both = speeds({"dense": dense, "pruned": model}, arguments.speed_rounds, batch, arguments.new_tokens)
-        else:
-            both = {"dense": dense_speed[batch],
-                    **speeds({"pruned": model}, arguments.speed_rounds, batch, arguments.new_tokens)}
-        for kind in ("prefill", "decode"):
-            ratio = both["pruned"][kind] / both["dense"][kind]
-            measures[f"batch {batch} {kind} tokens/s dense -> pruned"] = \
-                f"{both['dense'][kind]:.1f} -> {both['pruned'][kind]:.1f}"
-            measures[f"batch {batch} {kind} ratio (of the limit)"] = f"{ratio:.3f} ({ratio / measures['limit L/(L-n)']:.3f})"
-        write(result, out)
+    dense = build(arguments.shape, gpus, arguments.max_memory_gib)[0] if arguments.interleave else None
+    for mode in ("dynamic", "static") if arguments.static_cache else ("dynamic",):
+        label = "" if mode == "dynamic" else "static cache, "
+        for each in (dense, model):
+            if each is not None:
+                each.generation_config.cache_implementation = None if mode == "dynamic" else "static"
+        for batch in map(int, arguments.speed_batches.split(",")):
+            if dense is not None:
+                both = speeds({"dense": dense, "pruned": model}, arguments.speed_rounds, batch, arguments.new_tokens)
+            elif mode == "dynamic":
+                both = {"dense": dense_speed[batch],
+                        **speeds({"pruned": model}, arguments.speed_rounds, batch, arguments.new_tokens)}
+            else:
+                continue
+            for kind in ("prefill", "decode"):
+                ratio = both["pruned"][kind] / both["dense"][kind]
+                measures[f"{label}batch {batch} {kind} tokens/s dense -> pruned"] = \
+                    f"{both['dense'][kind]:.1f} -> {both['pruned'][kind]:.1f}"
+                measures[f"{label}batch {batch} {kind} ratio (of the limit)"] = \
+                    f"{ratio:.3f} ({ratio / measures['limit L/(L-n)']:.3f})"
+            write(result, out)
     del dense
 
     if arguments.save:

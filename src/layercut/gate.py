@@ -269,8 +269,9 @@ def gated(model, layers_path: str | None = None):
             gates = state["gates"]
             if gates is None:
                 return output
-            hidden = args[0] if args else kwargs["hidden_states"]
             out = output[0] if isinstance(output, tuple) else output
+            # on a model split over devices the layer's input may still sit on the previous layer's device
+            hidden = (args[0] if args else kwargs["hidden_states"]).to(out.device)
             per_row = gates[:, index].to(device=out.device, dtype=out.dtype)
             per_row = per_row.repeat_interleave(out.shape[0] // per_row.shape[0]).view(-1, 1, 1)
             mixed = hidden + per_row * (out - hidden)
