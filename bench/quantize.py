@@ -1,11 +1,16 @@
-"""What quantizing a pruned SmolLM2-135M costs: weight size, perplexity and peak memory per scheme, on the CPU.
+"""What quantizing a pruned SmolLM2-135M costs: weight size, memory, perplexity and zero-shot accuracy per scheme,
+on the CPU.
 
-Cuts ``--segment`` from the dense model, saves it (float32), quantizes that checkpoint with each scheme through
-``layercut.quantize.quantize_checkpoint``, then loads every checkpoint in a fresh process through the same
-path as ``layercut eval`` (``load_model`` + ``perplexity``) and records its peak resident memory.
+Takes a checkpoint written by ``layercut prune`` (``--pruned``), or cuts ``--segment`` from the dense model
+without repair, quantizes it with each scheme through ``layercut.quantize.quantize_checkpoint``, then loads every
+checkpoint in a fresh process through the same path as ``layercut eval`` (``load_model``, ``perplexity``,
+``evaluate_zero_shot``) and records its parameter bytes in memory and the process's peak resident memory.
 Writes ``quantize.json`` and ``quantize.md`` into ``--out``; checkpoints go to ``--work``.
 
-    python bench/quantize.py --out bench/results/quantize-cpu --work runs/quantize-bench
+    layercut prune smollm2-135m --segment 13:19 --output runs/q/pruned --seq-len 256 --calib-windows 32 \
+        --ppl-windows 32 --heal-steps 100 --heal-batch 4 --heal-windows 128
+    python bench/quantize.py --pruned runs/q/pruned --tasks piqa,hellaswag,winogrande,arc_easy --limit 200 \
+        --out bench/results/quantize-cpu --work runs/quantize-bench
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def evaluate_folder(folder: str, seq_len: int, windows: int, tasks: str, limit: 
     test = data.evaluation_windows(tokenizer, data.load_text("wiki", "test"), seq_len, windows)
     started = time.perf_counter()
     result = {"perplexity": perplexity(model, test), "eval_seconds": time.perf_counter() - started,
-              "peak_rss_after_load_mib": loaded_rss}
+              "memory_footprint_mib": model.get_memory_footprint() / 2**20, "peak_rss_after_load_mib": loaded_rss}
     if tasks:
         from layercut.zeroshot import evaluate_zero_shot
 
@@ -57,15 +62,15 @@ def measure_in_child(folder: Path, arguments) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | weights MiB | perplexity | vs pruned | zero-shot avg acc | peak RSS MiB | quantize s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [("| model | weights on disk MiB | parameters in memory MiB | perplexity | vs pruned | zero-shot avg acc "
+             "| peak RSS MiB | quantize s |"), "|---|---|---|---|---|---|---|---|"]
     pruned = next(row["perplexity"] for row in rows if row["name"] == "pruned")
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['name']} | {row.get('size_mib', 0):.1f} | error: {row['error']} | | | | |")
+            lines.append(f"| {row['name']} | {row.get('size_mib', 0):.1f} | | error: {row['error']} | | | | |")
             continue
         average = row.get("zero_shot", {}).get("average", {}).get("acc")
-        lines.append(f"| {row['name']} | {row['size_mib']:.1f} | {row['perplexity']:.2f} | "
+        lines.append(f"| {row['name']} | {row['size_mib']:.1f} | {row['memory_footprint_mib']:.1f} | {row['perplexity']:.2f} | "
                      f"{100 * (row['perplexity'] / pruned - 1):+.1f} % | {'-' if average is None else f'{average:.3f}'} | "
                      f"{row['peak_rss_mib']:.0f} | {row.get('quantize_seconds', 0):.0f} |")
     return "\n".join(lines) + "\n"
@@ -75,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/quantize-cpu")
     parser.add_argument("--work", default="runs/quantize-bench")
+    parser.add_argument("--pruned", help="a checkpoint written by layercut prune (default: cut --segment, no repair)")
     parser.add_argument("--segment", default="13:19", help="half-open segment to cut (CLP's 20 %% cut)")
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--seq-len", type=int, default=256)
@@ -93,12 +99,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model("smollm2-135m", ModelOptions(dtype="float32"))
-    dense_dir, pruned_dir = work / "dense", work / "pruned"
+    dense_dir, pruned_dir = work / "dense", Path(arguments.pruned or work / "pruned")
     model.save_pretrained(dense_dir)
     tokenizer.save_pretrained(dense_dir)
-    drop_layers(model, [parse_segment(arguments.segment)])
-    model.save_pretrained(pruned_dir)
-    tokenizer.save_pretrained(pruned_dir)
+    if not arguments.pruned:
+        drop_layers(model, [parse_segment(arguments.segment)])
+        model.save_pretrained(pruned_dir)
+        tokenizer.save_pretrained(pruned_dir)
     calibration = data.calibration_windows(tokenizer, data.load_text("wiki", "calib"), arguments.seq_len,
                                            arguments.calib_windows, 0)
     del model
@@ -121,7 +128,10 @@ def main() -> None:
                      "library_version": package_version(SCHEMES[scheme].library), "quantize_seconds": seconds,
                      "size_mib": weights_size(folder) / 2**20, **measure_in_child(folder, arguments)})
         logger.info("%s", rows[-1])
-    result = {"segment": arguments.segment, "seq_len": arguments.seq_len, "ppl_windows": arguments.ppl_windows,
+    pruned_record = pruned_dir / "layercut.json"
+    result = {"command": "python " + " ".join(sys.argv),
+              "pruned": json.loads(pruned_record.read_text()) if pruned_record.is_file() else None,
+              "segment": arguments.segment, "seq_len": arguments.seq_len, "ppl_windows": arguments.ppl_windows,
               "calib_windows": arguments.calib_windows, "tasks": arguments.tasks, "limit": arguments.limit,
               "rows": rows, "versions": {**library_versions(),
                                          **{p: package_version(p) for p in ("llmcompressor", "compressed-tensors",

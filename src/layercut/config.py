@@ -171,7 +171,7 @@ def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
         raise LayercutError(f"recipe file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise LayercutError(f"recipe file {path} must hold a mapping of sections (model, data, search, heal)")
+        raise LayercutError(f"recipe file {path} must hold a mapping of sections ({', '.join(SECTIONS)})")
     return from_dict(data, base)
 
 

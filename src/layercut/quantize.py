@@ -41,11 +41,13 @@ class Scheme:
 
 
 SCHEMES = {
-    "int8": Scheme("8-bit weights, one scale per group of inputs (as int4), round-to-nearest; compressed-tensors (W8A16)",
+    "int8": Scheme("8-bit weights, one scale per output channel, round-to-nearest; compressed-tensors (W8A16)",
                    "llmcompressor", "compressed-tensors", "llmcompressor"),
-    "int4": Scheme("4-bit weights, one scale per group of 128 inputs (64 or 32 where 128 does not divide), "
-                   "round-to-nearest; compressed-tensors (W4A16)", "llmcompressor", "compressed-tensors", "llmcompressor"),
-    "gptq-w4a16": Scheme("4-bit weights, groups as int4, GPTQ on the calibration windows; compressed-tensors (W4A16)",
+    "int4": Scheme("4-bit weights with a scale and zero point per group of 128 inputs (64 or 32 where 128 does not "
+                   "divide), round-to-nearest; compressed-tensors (W4A16, asymmetric)",
+                   "llmcompressor", "compressed-tensors", "llmcompressor"),
+    "gptq-w4a16": Scheme("4-bit weights, groups and zero points as int4, GPTQ on the calibration windows; "
+                         "compressed-tensors (W4A16, asymmetric)",
                          "llmcompressor", "compressed-tensors", "llmcompressor", calibrated=True),
     "bnb-int8": Scheme("bitsandbytes LLM.int8: 8-bit weights that stay 8-bit in memory, also on the CPU",
                        "bitsandbytes", "bitsandbytes", "transformers"),
@@ -54,8 +56,9 @@ SCHEMES = {
 }
 
 # llm-compressor preset names and the modules left in full precision (the output head is small next to the
-# layers and the most sensitive to rounding).
-_LLMCOMPRESSOR_PRESETS = {"int8": "W8A16", "int4": "W4A16", "gptq-w4a16": "W4A16"}
+# layers and the most sensitive to rounding). 4-bit uses a zero point per group: on SmolLM2 cut by 20 % it
+# cost +10.8 % perplexity with GPTQ against +21.8 % for the symmetric preset (vLLM's WNA16 kernels take both).
+_LLMCOMPRESSOR_PRESETS = {"int8": "W8A16", "int4": "W4A16_ASYM", "gptq-w4a16": "W4A16_ASYM"}
 _KEEP_FULL_PRECISION = ["lm_head"]
 GROUP_SIZES = (128, 64, 32)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}  # 4-bit group sizes vLLM's kernels take, preferred first
