@@ -3,17 +3,20 @@ perplexity with the same numbers as the plain model."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import LAYERS, build_tiny, random_ids
 from layercut.config import HealOptions, ModelOptions
+from layercut.errors import LayercutError
 from layercut.evaluate import perplexity
 from layercut.gate import hard_kl, search_segments
 from layercut.heal import heal, teacher_targets
 from layercut.layers import drop_layers, find_decoder_layers
-from layercut.load import load_model
+from layercut.load import load_model, parse_max_memory
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +49,21 @@ def test_dispatched_model_gives_the_same_search_and_cut(saved, tmp_path):
     assert perplexity(dispatched, windows) == pytest.approx(perplexity(plain, windows), rel=1e-5)
 
 
-def test_load_model_hands_the_device_map_to_transformers(saved, monkeypatch):
+def test_load_model_hands_the_device_map_to_transformers(saved, monkeypatch, tmp_path):
     import transformers
 
     seen = {}
     original = transformers.AutoModelForCausalLM.from_pretrained
 
     def recording(*args, **kwargs):
-        seen.update(kwargs)
+        seen.update(copy.deepcopy(kwargs))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
-    model, _ = load_model(str(saved), ModelOptions(device_map="auto"))
-    assert seen["device_map"] == "auto"
+    options = ModelOptions(device_map="auto", max_memory="cpu=2GiB", offload_folder=str(tmp_path))
+    model, _ = load_model(str(saved), options)
+    assert seen["device_map"] == "auto" and seen["max_memory"] == {"cpu": "2GiB"}
+    assert seen["offload_folder"] == str(tmp_path)
     assert find_decoder_layers(model)[1][0].self_attn.q_proj.weight.device.type == "cpu"
 
 
@@ -85,3 +90,12 @@ def test_checkpointed_search_and_endpoint_repair_on_a_dispatched_model(saved, tm
     assert results[0][0]["layers"] == [0, 1] and results[0][0]["first_loss"] > 0
     assert results[0][0]["last_loss"] == pytest.approx(results[1][0]["last_loss"], rel=1e-4)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-4)
+
+
+def test_max_memory_is_parsed_for_accelerate_and_bad_entries_are_named():
+    assert parse_max_memory("0=70GiB, 1=70GiB,cpu=200GiB") == {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}
+    for bad in ("70GiB", "gpu0=70GiB", "0=", ","):
+        with pytest.raises(LayercutError, match="--max-memory"):
+            parse_max_memory(bad)
+    with pytest.raises(LayercutError, match="add --device-map auto"):
+        load_model("smollm2-135m", ModelOptions(max_memory="0=1GiB"))

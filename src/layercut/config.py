@@ -35,6 +35,10 @@ class ModelOptions:
     )
     device: str = option("auto", "device for the model (cpu, cuda, cuda:1); auto = cuda when available")
     device_map: str | None = option(None, "accelerate device map (e.g. auto) to spread a large model over devices")
+    max_memory: str | None = option(
+        None, "memory each device may take under --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB"
+    )
+    offload_folder: str | None = option(None, "folder for the weights --device-map offloads to disk")
     trust_remote_code: bool = option(False, "allow model code from the hub repository to run (off by default)")
     layers_path: str | None = option(None, "dotted name of the decoder layer list when it cannot be found")
 

@@ -27,6 +27,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}`` (accelerate's max_memory)."""
+    limits: dict[int | str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        device, _, amount = item.partition("=")
+        device, amount = device.strip(), amount.strip()
+        if not amount or not (device.isdigit() or device in ("cpu", "disk", "mps")):
+            raise LayercutError(f"--max-memory entry {item!r} is not DEVICE=AMOUNT; write e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+        limits[int(device) if device.isdigit() else device] = amount
+    if not limits:
+        raise LayercutError("--max-memory is empty; write e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    return limits
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bfloat16 on a GPU, float32 on the CPU."""
     if dtype == "auto":
@@ -112,8 +126,14 @@ def load_model(name: str, options: ModelOptions | None = None):
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     kwargs = {"dtype": dtype, "trust_remote_code": trust}
+    if (options.max_memory or options.offload_folder) and not options.device_map:
+        raise LayercutError("--max-memory and --offload-folder place a model through accelerate: add --device-map auto")
     if options.device_map:
         kwargs["device_map"] = options.device_map
+    if options.max_memory:
+        kwargs["max_memory"] = parse_max_memory(options.max_memory)
+    if options.offload_folder:
+        kwargs["offload_folder"] = options.offload_folder
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if not options.device_map:
         model.to(device)
