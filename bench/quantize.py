@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ppl-windows", type=int, default=32)
     parser.add_argument("--calib-windows", type=int, default=32)
+    parser.add_argument("--group-size", type=int, default=0, help="4-bit group size (0: layercut's default)")
     parser.add_argument("--tasks", default="", help="comma-separated zero-shot tasks (empty: none)")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--evaluate", help=argparse.SUPPRESS)
@@ -118,7 +119,7 @@ def main() -> None:
         started = time.perf_counter()
         try:
             quantize_checkpoint(pruned_dir, scheme, folder, calibration if SCHEMES[scheme].calibrated else None,
-                                overwrite=True)
+                                overwrite=True, group=arguments.group_size)
         except Exception as error:  # a bench records a failing library and goes on to the next scheme
             rows.append({"name": f"pruned + {scheme}", "error": f"{type(error).__name__}: {error}"[:300]})
             logger.exception("%s failed", scheme)
@@ -132,7 +133,7 @@ def main() -> None:
     result = {"command": "python " + " ".join(sys.argv),
               "pruned": json.loads(pruned_record.read_text()) if pruned_record.is_file() else None,
               "segment": arguments.segment, "seq_len": arguments.seq_len, "ppl_windows": arguments.ppl_windows,
-              "calib_windows": arguments.calib_windows, "tasks": arguments.tasks, "limit": arguments.limit,
+              "calib_windows": arguments.calib_windows, "group_size": arguments.group_size, "tasks": arguments.tasks, "limit": arguments.limit,
               "rows": rows, "versions": {**library_versions(),
                                          **{p: package_version(p) for p in ("llmcompressor", "compressed-tensors",
                                                                              "bitsandbytes")}}}

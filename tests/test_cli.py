@@ -69,15 +69,16 @@ def test_prune_with_gate_search_and_endpoint_healing(workspace):
 
 def test_search_json_for_gate_and_exhaustive(workspace, capsys):
     results = {}
-    for method in ("clp", "exhaustive"):
-        assert main(["search", str(workspace / "tiny"), "--remove", "2", "--method", method, "--gate-steps", "6",
-                     "--json", *common(workspace)[:6]]) == 0
+    for method, extra in (("clp", []), ("exhaustive", []), ("lean", ["--gate-checkpointing"])):
+        assert main(["search", str(workspace / "tiny"), "--remove", "2", "--method", method.replace("lean", "clp"),
+                     "--gate-steps", "6", "--json", *extra, *common(workspace)[:6]]) == 0
         results[method] = json.loads(capsys.readouterr().out)
     for result in results.values():
         assert {"method", "segments", "kl", "seconds"} <= set(result)
         (start, end), = result["segments"]
         assert end - start == 2
     assert results["clp"]["kl"] == pytest.approx(results["exhaustive"]["kl"], rel=1e-5)
+    assert results["lean"]["segments"] == results["clp"]["segments"]
 
 
 def test_eval_json_perplexity(workspace, capsys):

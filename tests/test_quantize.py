@@ -174,3 +174,17 @@ def test_quantize_command_bad_input_exits_2_and_writes_nothing(pruned_folder, tm
 
 def test_config_schemes_are_the_ones_quantize_implements():
     assert tuple(SCHEMES) == QUANT_SCHEMES
+
+
+@pytest.mark.skipif(not installed("int4"), reason="needs llmcompressor")
+def test_group_size_is_chosen_or_given_and_recorded(pruned_folder, tmp_path):
+    output = quantize_checkpoint(pruned_folder, "int4", tmp_path / "g32", group=32)
+    entry = json.loads((output / "layercut.json").read_text())["quantization"]
+    saved = json.loads((output / "config.json").read_text())["quantization_config"]
+    assert entry["group_size"] == 32 and saved["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    assert saved["config_groups"]["group_0"]["weights"]["symmetric"] is False  # a zero point per group
+    default = quantize_checkpoint(pruned_folder, "int4", tmp_path / "default")
+    assert json.loads((default / "layercut.json").read_text())["quantization"]["group_size"] == 128
+    with pytest.raises(LayercutError, match="give a --group-size that does"):
+        quantize_checkpoint(pruned_folder, "int4", tmp_path / "g48", group=48)
+    assert not (tmp_path / "g48").exists()

@@ -112,7 +112,8 @@ def run_quantize(arguments: argparse.Namespace) -> int:
 
     show(f"quantize ({scheme})")
     output = quantize_checkpoint(source, scheme, arguments.output, windows, arguments.overwrite, device,
-                                 resolve_dtype(recipe.model.dtype, device), evaluate if arguments.evaluate else None)
+                                 resolve_dtype(recipe.model.dtype, device), evaluate if arguments.evaluate else None,
+                                 group=recipe.quantization.group_size)
     entry = json_module.loads((output / "layercut.json").read_text())["quantization"]
     print(_table([*_quantization_rows(entry, "before -> after"), ("output", str(output))]))
     return 0

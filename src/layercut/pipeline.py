@@ -243,4 +243,4 @@ def quantize_pruned(pruned: Path, output: str | Path, recipe: Recipe, windows, t
 
     scheme = recipe.quantization.quantize
     return quantize_checkpoint(pruned, scheme, output, windows if SCHEMES[scheme].calibrated else None, overwrite,
-                               device, dtype, evaluate, pruned_metrics)
+                               device, dtype, evaluate, pruned_metrics, recipe.quantization.group_size)

@@ -37,6 +37,7 @@ class Scheme:
     loader: str  # the pip package transformers needs to reload the saved checkpoint
     route: str  # "llmcompressor" (oneshot on the model in memory) or "transformers" (quantization_config)
     calibrated: bool = False  # needs calibration windows
+    grouped: bool = False  # one scale (and zero point) per group of inputs: takes a group size
     devices: tuple[str, ...] = ("cpu", "cuda")  # device types the library can quantize and run it on
 
 
@@ -45,10 +46,10 @@ SCHEMES = {
                    "llmcompressor", "compressed-tensors", "llmcompressor"),
     "int4": Scheme("4-bit weights with a scale and zero point per group of 128 inputs (64 or 32 where 128 does not "
                    "divide), round-to-nearest; compressed-tensors (W4A16, asymmetric)",
-                   "llmcompressor", "compressed-tensors", "llmcompressor"),
+                   "llmcompressor", "compressed-tensors", "llmcompressor", grouped=True),
     "gptq-w4a16": Scheme("4-bit weights, groups and zero points as int4, GPTQ on the calibration windows; "
                          "compressed-tensors (W4A16, asymmetric)",
-                         "llmcompressor", "compressed-tensors", "llmcompressor", calibrated=True),
+                         "llmcompressor", "compressed-tensors", "llmcompressor", calibrated=True, grouped=True),
     "bnb-int8": Scheme("bitsandbytes LLM.int8: 8-bit weights that stay 8-bit in memory, also on the CPU",
                        "bitsandbytes", "bitsandbytes", "transformers"),
     "bnb-nf4": Scheme("bitsandbytes NF4: 4-bit normal-float weights, blocks of 64, stay 4-bit in memory",
@@ -96,17 +97,19 @@ def group_size(model, choices: tuple[int, ...] = GROUP_SIZES) -> int:
     for size in choices:
         if all(width % size == 0 for width in widths):
             return size
-    raise LayercutError(f"no 4-bit group size in {choices} divides the layer widths {sorted(widths)}; use int8")
+    raise LayercutError(f"no 4-bit group size in {choices} divides the layer widths {sorted(widths)}; give a "
+                        "--group-size that does, or use int8")
 
 
-def recipe(scheme: str, model):
-    """The llm-compressor modifier that produces ``scheme`` on every ``nn.Linear`` except the output head."""
+def recipe(scheme: str, model, group: int = 0):
+    """The llm-compressor modifier that produces ``scheme`` on every ``nn.Linear`` except the output head;
+    4-bit groups of ``group`` inputs (0: the largest of :data:`GROUP_SIZES` that fits)."""
     from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     preset = preset_name_to_scheme(_LLMCOMPRESSOR_PRESETS[scheme], ["Linear"])
     if preset.weights.group_size:
-        preset.weights.group_size = group_size(model)
+        preset.weights.group_size = group_size(model, (group,) if group else GROUP_SIZES)
     modifier = GPTQModifier if SCHEMES[scheme].calibrated else QuantizationModifier
     return modifier(config_groups={"group_0": preset}, ignore=_KEEP_FULL_PRECISION)
 
@@ -127,14 +130,14 @@ def calibration_dataset(windows: torch.Tensor):
     return Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
 
 
-def _oneshot(model, tokenizer, scheme: str, calibration_windows: torch.Tensor | None):
+def _oneshot(model, tokenizer, scheme: str, calibration_windows: torch.Tensor | None, group: int = 0):
     from llmcompressor import oneshot
 
     if not SCHEMES[scheme].calibrated:
-        oneshot(model=model, recipe=recipe(scheme, model))
+        oneshot(model=model, recipe=recipe(scheme, model, group))
         return model
     count, length = calibration_windows.shape
-    oneshot(model=model, processor=tokenizer, recipe=recipe(scheme, model), dataset=calibration_dataset(calibration_windows),
+    oneshot(model=model, processor=tokenizer, recipe=recipe(scheme, model, group), dataset=calibration_dataset(calibration_windows),
             max_seq_length=length, num_calibration_samples=count, shuffle_calibration_samples=False)
     return model
 
@@ -146,8 +149,9 @@ def _load_quantized(source: str | Path, scheme: str, dtype: torch.dtype, device:
                                                 quantization_config=transformers_config(scheme, dtype)).eval()
 
 
-def quantize_model(model, tokenizer, scheme: str, calibration_windows: torch.Tensor | None = None):
-    """Return ``model`` quantized with ``scheme``; ``calibration_windows`` ``[N, T]`` token ids for GPTQ.
+def quantize_model(model, tokenizer, scheme: str, calibration_windows: torch.Tensor | None = None, group: int = 0):
+    """Return ``model`` quantized with ``scheme``; ``calibration_windows`` ``[N, T]`` token ids for GPTQ; ``group``
+    the 4-bit group size (0: the largest of :data:`GROUP_SIZES` that fits).
 
     llm-compressor schemes change ``model`` in place (and return it); bitsandbytes schemes return a new model
     loaded from a temporary copy of ``model`` with a transformers ``quantization_config``.
@@ -156,7 +160,7 @@ def quantize_model(model, tokenizer, scheme: str, calibration_windows: torch.Ten
     spec = check_scheme(scheme, device, calibration_windows is not None)
     logger.info("quantizing with %s (%s)", scheme, spec.library)
     if spec.route == "llmcompressor":
-        return _oneshot(model, tokenizer, scheme, calibration_windows)
+        return _oneshot(model, tokenizer, scheme, calibration_windows, group)
     with tempfile.TemporaryDirectory() as scratch:
         model.save_pretrained(scratch)
         return _load_quantized(scratch, scheme, next(model.parameters()).dtype, device)
@@ -241,7 +245,7 @@ def _copy_missing(source: Path, target: Path) -> None:
 def quantize_checkpoint(source_dir: str | Path, scheme: str, output_dir: str | Path,
                         calibration_windows: torch.Tensor | None = None, overwrite: bool = False,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        evaluate: Callable | None = None, source_metrics: dict | None = None) -> Path:
+                        evaluate: Callable | None = None, source_metrics: dict | None = None, group: int = 0) -> Path:
     """Quantize the checkpoint in ``source_dir`` with ``scheme`` and write it to ``output_dir`` atomically.
 
     The output keeps the source's tokenizer and side files; ``layercut.json`` gains a ``quantization`` entry
@@ -265,7 +269,9 @@ def quantize_checkpoint(source_dir: str | Path, scheme: str, output_dir: str | P
     before = _measured(model, tokenizer, None if source_metrics is not None else evaluate, device)
     before.update(source_metrics or {})
     if spec.route == "llmcompressor":
-        model = quantize_model(model, tokenizer, scheme, calibration_windows)
+        if spec.grouped:
+            group = group_size(model, (group,) if group else GROUP_SIZES)
+        model = quantize_model(model, tokenizer, scheme, calibration_windows, group)
     else:
         del model
         model = _load_quantized(source, scheme, dtype, device)
@@ -276,6 +282,8 @@ def quantize_checkpoint(source_dir: str | Path, scheme: str, output_dir: str | P
         tokenizer.save_pretrained(staging)
         del model
         entry = quantization_record(scheme, weights_size(source), weights_size(staging), calibration_windows)
+        if spec.grouped:
+            entry["group_size"] = group
         reloaded, _ = load_model(str(staging), ModelOptions(device=str(device), dtype=_DTYPE_NAMES[dtype]))
         entry.update(before=before, after=_measured(reloaded, tokenizer, evaluate, device))
         del reloaded
