@@ -138,7 +138,7 @@ def main() -> None:
                                          **{p: package_version(p) for p in ("llmcompressor", "compressed-tensors",
                                                                              "bitsandbytes")}}}
     (out / "quantize.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "quantize.md").write_text(markdown(rows))
+    (out / "quantize.md").write_text(f"Command: `{result['command']}`\n\n" + markdown(rows))
     print(markdown(rows))
 
 

@@ -113,7 +113,8 @@ class QuantizeOptions:
         "windows), saved as compressed-tensors; bnb-int8 / bnb-nf4 (bitsandbytes); none = full precision",
         aliases=("--scheme",),
     )
-    group_size: int = option(0, "inputs per 4-bit scale (int4, gptq-w4a16); 0 = the largest of 128, 64, 32 that fits")
+    group_size: int = option(0, "inputs per weight scale (int8, int4, gptq-w4a16); 0 = the largest of 128, 64, 32 "
+                             "that divides every layer's input width")
 
 
 @dataclass(frozen=True)
