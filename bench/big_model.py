@@ -95,6 +95,11 @@ def reset_peaks(gpus: int) -> None:
         torch.cuda.reset_peak_memory_stats(g)
 
 
+def speed_batches(arguments) -> list[int]:
+    """The batch sizes of ``--speed-batches`` (empty: no speed measurement)."""
+    return [int(batch) for batch in arguments.speed_batches.split(",") if batch.strip()]
+
+
 def speeds(models: dict, rounds: int, batch_size: int, new_tokens: int) -> dict[str, dict[str, float]]:
     """Median prefill/decode tokens per second of each model over ``rounds`` rounds, the models interleaved."""
     seen: dict[str, list[dict]] = {name: [] for name in models}
@@ -165,7 +170,7 @@ def main() -> None:
 
     dense_speed = {}
     if not arguments.interleave:
-        for batch in map(int, arguments.speed_batches.split(",")):
+        for batch in speed_batches(arguments):
             dense_speed[batch] = speeds({"dense": model}, arguments.speed_rounds, batch, arguments.new_tokens)["dense"]
 
     if arguments.plain_steps:
@@ -227,13 +232,14 @@ def main() -> None:
         write(result, out)
 
     measures["limit L/(L-n)"] = layers / (layers - remove)
-    dense = build(arguments.shape, gpus, arguments.max_memory_gib)[0] if arguments.interleave else None
+    dense = build(arguments.shape, gpus, arguments.max_memory_gib)[0] if arguments.interleave and speed_batches(arguments) \
+        else None
     for mode in ("dynamic", "static") if arguments.static_cache else ("dynamic",):
         label = "" if mode == "dynamic" else "static cache, "
         for each in (dense, model):
             if each is not None:
                 each.generation_config.cache_implementation = None if mode == "dynamic" else "static"
-        for batch in map(int, arguments.speed_batches.split(",")):
+        for batch in speed_batches(arguments):
             if dense is not None:
                 both = speeds({"dense": dense, "pruned": model}, arguments.speed_rounds, batch, arguments.new_tokens)
             elif mode == "dynamic":
