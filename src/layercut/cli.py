@@ -81,8 +81,6 @@ def _quantization_rows(entry: dict, label: str) -> list[tuple[str, str]]:
 
 
 def run_quantize(arguments: argparse.Namespace) -> int:
-    import json as json_module
-
     from transformers import AutoTokenizer
 
     from layercut.evaluate import perplexity
@@ -114,7 +112,7 @@ def run_quantize(arguments: argparse.Namespace) -> int:
     output = quantize_checkpoint(source, scheme, arguments.output, windows, arguments.overwrite, device,
                                  resolve_dtype(recipe.model.dtype, device), evaluate if arguments.evaluate else None,
                                  group=recipe.quantization.group_size)
-    entry = json_module.loads((output / "layercut.json").read_text())["quantization"]
+    entry = json.loads((output / "layercut.json").read_text())["quantization"]
     print(_table([*_quantization_rows(entry, "before -> after"), ("output", str(output))]))
     return 0
 
