@@ -67,7 +67,10 @@ def test_round_trip_reloads_with_transformers(scheme, pruned_folder, tmp_path):
     # the recorded evaluation is of the written checkpoint, reloaded; the source's is its own
     assert entry["after"]["perplexity"] == pytest.approx(quantized, rel=1e-4)
     assert entry["before"]["perplexity"] == pytest.approx(dense, rel=1e-4)
-    assert entry["after"]["memory_footprint_bytes"] < entry["before"]["memory_footprint_bytes"]
+    if SCHEMES[scheme].route == "transformers":  # bitsandbytes keeps weights packed in memory, also after use
+        assert entry["after"]["memory_footprint_bytes"] < 0.6 * entry["before"]["memory_footprint_bytes"]
+    else:  # compressed-tensors unpacks on the CPU at first use: the record must say so, not show the packed size
+        assert entry["after"]["memory_footprint_bytes"] >= 0.9 * entry["before"]["memory_footprint_bytes"]
     card = (output / "README.md").read_text()
     assert card.startswith("# tiny pruned model") and f"pip install {SCHEMES[scheme].loader}" in card
     assert (output / "recipe.yaml").is_file() and (output / "tokenizer.json").is_file()

@@ -217,18 +217,20 @@ def card_section(entry: dict) -> str:
             f"| measure | before | after |\n|---|---|---|\n{table}")
 
 
+@torch.no_grad()
 def footprint(model) -> dict:
-    """Bytes the loaded model's parameters and buffers take (packed weights count as packed)."""
+    """Bytes the model's parameters and buffers take once it has run: one forward pass of one token first, since
+    some loaders unpack weights on first use (compressed-tensors on the CPU keeps them unpacked afterwards)."""
+    model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.get_input_embeddings().weight.device))
     return {"memory_footprint_bytes": int(model.get_memory_footprint())}
 
 
 def _measured(model, tokenizer, evaluate, device: torch.device) -> dict:
-    """:func:`footprint`, plus ``evaluate(model, tokenizer)``, plus peak GPU bytes of both on a GPU."""
+    """``evaluate(model, tokenizer)``, then :func:`footprint`, plus the peak GPU bytes of both on a GPU."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = footprint(model)
-    if evaluate is not None:
-        result.update(evaluate(model, tokenizer))
+    result = evaluate(model, tokenizer) if evaluate is not None else {}
+    result.update(footprint(model))
     if device.type == "cuda":
         result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return result
