@@ -83,9 +83,8 @@ def _quantization_rows(entry: dict, label: str) -> list[tuple[str, str]]:
 def run_quantize(arguments: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from layercut.evaluate import perplexity
     from layercut.load import resolve_device, resolve_dtype
-    from layercut.pipeline import calibration, measure, perplexity_windows
+    from layercut.pipeline import calibration, evaluation, perplexity_windows
     from layercut.quantize import SCHEMES, check_scheme, quantize_checkpoint
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
@@ -103,10 +102,11 @@ def run_quantize(arguments: argparse.Namespace) -> int:
     windows = calibration(tokenizer, recipe) if SCHEMES[scheme].calibrated else None
     test_windows = perplexity_windows(tokenizer, recipe) if arguments.evaluate else None
 
+    measured = evaluation(recipe, test_windows)
+
     def evaluate(model, tokenizer) -> dict:
         show("evaluate")
-        return {"perplexity": perplexity(model, test_windows, recipe.data.batch_size),
-                **measure(model, tokenizer, recipe)}
+        return measured(model, tokenizer)
 
     show(f"quantize ({scheme})")
     output = quantize_checkpoint(source, scheme, arguments.output, windows, arguments.overwrite, device,

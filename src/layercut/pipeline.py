@@ -225,7 +225,7 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
         device, dtype = model_device(model), next(model.parameters()).dtype
         del model
         stage(f"quantize ({scheme})")
-        known = {"perplexity": healed_ppl, **({key: measures[key]["after"] for key in measures})}
+        known = {"perplexity": healed_ppl, **{key: value["after"] for key, value in measures.items()}}
         written = quantize_pruned(pruned, output, recipe, windows, test_windows, device, dtype, known, overwrite)
     return json.loads((written / "layercut.json").read_text())
 
@@ -237,10 +237,17 @@ def quantize_pruned(pruned: Path, output: str | Path, recipe: Recipe, windows, t
     zero-shot tasks and speed)."""
     from layercut.quantize import SCHEMES, quantize_checkpoint
 
+    scheme = recipe.quantization.quantize
+    return quantize_checkpoint(pruned, scheme, output, windows if SCHEMES[scheme].calibrated else None, overwrite,
+                               device, dtype, evaluation(recipe, test_windows), pruned_metrics,
+                               recipe.quantization.group_size)
+
+
+def evaluation(recipe: Recipe, test_windows):
+    """``evaluate(model, tokenizer) -> dict``: perplexity on ``test_windows`` plus what :func:`measure` records."""
+
     def evaluate(model, tokenizer) -> dict:
         return {"perplexity": perplexity(model, test_windows, recipe.data.batch_size),
                 **measure(model, tokenizer, recipe)}
 
-    scheme = recipe.quantization.quantize
-    return quantize_checkpoint(pruned, scheme, output, windows if SCHEMES[scheme].calibrated else None, overwrite,
-                               device, dtype, evaluate, pruned_metrics, recipe.quantization.group_size)
+    return evaluate

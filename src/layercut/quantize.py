@@ -61,8 +61,7 @@ SCHEMES = {
 # cost +10.8 % perplexity with GPTQ against +21.8 % for the symmetric preset (vLLM's WNA16 kernels take both).
 _LLMCOMPRESSOR_PRESETS = {"int8": "W8A16", "int4": "W4A16_ASYM", "gptq-w4a16": "W4A16_ASYM"}
 _KEEP_FULL_PRECISION = ["lm_head"]
-GROUP_SIZES = (128, 64, 32)
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}  # 4-bit group sizes vLLM's kernels take, preferred first
+GROUP_SIZES = (128, 64, 32)  # group sizes vLLM's kernels take, preferred first
 
 
 def check_scheme(scheme: str, device: str | torch.device = "cpu", calibration: bool = True) -> Scheme:
@@ -87,11 +86,13 @@ def check_scheme(scheme: str, device: str | torch.device = "cpu", calibration: b
     return spec
 
 
-def group_size(model, choices: tuple[int, ...] = GROUP_SIZES) -> int:
-    """The largest of ``choices`` that divides the input width of every quantized ``nn.Linear``.
+def group_size(model, requested: int = 0) -> int:
+    """``requested``, or when 0 the largest of :data:`GROUP_SIZES`, checked to divide the input width of every
+    quantized ``nn.Linear``.
 
     4-bit groups must tile each weight row (SmolLM2's hidden 576 = 4.5 x 128 rules out 128, not 64).
     """
+    choices = (requested,) if requested else GROUP_SIZES
     widths = {module.in_features for name, module in model.named_modules()
               if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in _KEEP_FULL_PRECISION}
     for size in choices:
@@ -109,7 +110,7 @@ def recipe(scheme: str, model, group: int = 0):
 
     preset = preset_name_to_scheme(_LLMCOMPRESSOR_PRESETS[scheme], ["Linear"])
     if preset.weights.group_size:
-        preset.weights.group_size = group_size(model, (group,) if group else GROUP_SIZES)
+        preset.weights.group_size = group_size(model, group)
     modifier = GPTQModifier if SCHEMES[scheme].calibrated else QuantizationModifier
     return modifier(config_groups={"group_0": preset}, ignore=_KEEP_FULL_PRECISION)
 
@@ -260,7 +261,7 @@ def quantize_checkpoint(source_dir: str | Path, scheme: str, output_dir: str | P
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from layercut.config import ModelOptions
-    from layercut.load import load_model
+    from layercut.load import DTYPES, load_model
 
     source, output, device = Path(source_dir), check_output(output_dir, overwrite), torch.device(device)
     spec = check_scheme(scheme, device, calibration_windows is not None)
@@ -272,7 +273,7 @@ def quantize_checkpoint(source_dir: str | Path, scheme: str, output_dir: str | P
     before.update(source_metrics or {})
     if spec.route == "llmcompressor":
         if spec.grouped:
-            group = group_size(model, (group,) if group else GROUP_SIZES)
+            group = group_size(model, group)
         model = quantize_model(model, tokenizer, scheme, calibration_windows, group)
     else:
         del model
@@ -286,7 +287,7 @@ def quantize_checkpoint(source_dir: str | Path, scheme: str, output_dir: str | P
         entry = quantization_record(scheme, weights_size(source), weights_size(staging), calibration_windows)
         if spec.grouped:
             entry["group_size"] = group
-        reloaded, _ = load_model(str(staging), ModelOptions(device=str(device), dtype=_DTYPE_NAMES[dtype]))
+        reloaded, _ = load_model(str(staging), ModelOptions(device=str(device), dtype={v: k for k, v in DTYPES.items()}[dtype]))
         entry.update(before=before, after=_measured(reloaded, tokenizer, evaluate, device))
         del reloaded
         record = json.loads((source / "layercut.json").read_text()) if (source / "layercut.json").is_file() \
