@@ -15,6 +15,7 @@ the chosen segment meaningless; only cost is measured. Results are rewritten aft
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -28,12 +29,12 @@ from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from layercut.config import HealOptions
+from layercut import heal, selection
+from layercut.config import HealOptions, SearchOptions
 from layercut.evaluate import throughput
-from layercut.export import library_versions
-from layercut.gate import search_segments
-from layercut.heal import heal, teacher_targets
-from layercut.layers import drop_layers
+from layercut.heal import HealData, teacher_targets
+from layercut.layers import Handle, cut
+from layercut.record import library_versions
 
 SHAPES = {
     "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -173,10 +174,13 @@ def main() -> None:
         for batch in speed_batches(arguments):
             dense_speed[batch] = speeds({"dense": model}, arguments.speed_rounds, batch, arguments.new_tokens)["dense"]
 
+    handle = Handle.of(model)
+    gate = SearchOptions(method="clp", remove=remove, gate_profiles=arguments.profiles, gate_steps=arguments.steps,
+                         gate_windows=arguments.step_windows, gate_checkpointing=True)
     if arguments.plain_steps:
         reset_peaks(gpus)
-        plain = search_segments(model, windows, remove, "clp", profiles=arguments.profiles, steps=arguments.plain_steps,
-                                step_windows=arguments.step_windows, batch_size=4)
+        plain_options = dataclasses.replace(gate, gate_steps=arguments.plain_steps, gate_checkpointing=False)
+        plain = selection.search(handle, windows, plain_options, batch_size=4)
         peak = peaks(gpus)
         measures.update({"no checkpointing: gate steps": arguments.plain_steps,
                          "no checkpointing: gate seconds (with read-out)": plain.seconds,
@@ -193,8 +197,7 @@ def main() -> None:
         step_times.append(now - last[0])
         last[0] = now
 
-    found = search_segments(model, windows, remove, "clp", profiles=arguments.profiles, steps=arguments.steps,
-                            step_windows=arguments.step_windows, batch_size=4, progress=tick, checkpointing=True)
+    found = selection.search(handle, windows, gate, batch_size=4, progress=tick)
     peak = peaks(gpus)
     profiles = len(found.trajectory[0]["starts"])
     measures.update({
@@ -210,24 +213,24 @@ def main() -> None:
     })
     write(result, out)
     if arguments.oracle:
-        oracle = search_segments(model, windows, remove, "exhaustive", batch_size=4)
+        oracle = selection.search(handle, windows, dataclasses.replace(gate, method="exhaustive"), batch_size=4)
         measures.update({"exhaustive: seconds": oracle.seconds, "exhaustive: cuts scored": oracle.evaluations})
         write(result, out)
 
     heal_windows = windows[: max(8, arguments.calib_windows // 2)]
-    teacher = teacher_targets(model, heal_windows, 64, 4) if arguments.heal_steps else None
+    prepared = HealData(heal_windows, teacher_targets(model, heal_windows, 64, 4)) if arguments.heal_steps else None
     start = time.perf_counter()
-    segments = drop_layers(model, found.segments)
+    removed = cut(handle, found.segments)
     measures["cut seconds"] = time.perf_counter() - start
     write(result, out)
 
     if arguments.heal_steps:
         reset_peaks(gpus)
-        model, report = heal(model, heal_windows, segments, layers,
-                             HealOptions(heal="endpoints", heal_steps=arguments.heal_steps, heal_batch=4), teacher)
+        report = heal.heal(handle, removed, prepared,
+                           HealOptions(heal="endpoints", heal_steps=arguments.heal_steps, heal_batch=4))
         peak = peaks(gpus)
-        measures.update({"repair: trained parameters": report["trainable_parameters"],
-                         "repair: seconds per step": report["seconds"] / arguments.heal_steps,
+        measures.update({"repair: trained parameters": report.trainable_parameters,
+                         "repair: seconds per step": report.seconds / arguments.heal_steps,
                          "repair: peak GiB per GPU": " / ".join(f"{gib(b):.1f}" for b in peak)})
         write(result, out)
 

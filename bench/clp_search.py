@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 
-from layercut import data
-from layercut.config import HealOptions, ModelOptions
+from layercut import heal, selection
+from layercut.config import DataOptions, HealOptions, ModelOptions, SearchOptions
+from layercut.data import calibrate
 from layercut.evaluate import perplexity
-from layercut.export import library_versions
-from layercut.gate import search_segments
-from layercut.heal import heal, teacher_targets
-from layercut.layers import drop_layers, num_layers
+from layercut.layers import cut
 from layercut.load import load_model
+from layercut.record import library_versions
 
 logger = logging.getLogger("bench")
 
@@ -37,19 +36,25 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def search_rows(model, tokenizer, arguments) -> list[dict]:
-    text = data.load_text(arguments.calib, "calib")
+def data_options(arguments, seed: int = 0) -> DataOptions:
+    return DataOptions(calib=arguments.calib, ppl=arguments.ppl, seq_len=arguments.seq_len,
+                       calib_windows=arguments.calib_windows, ppl_windows=arguments.ppl_windows, seed=seed,
+                       batch_size=arguments.batch_size)
+
+
+def search_rows(handle, arguments) -> list[dict]:
     rows = []
     for seed in arguments.seeds:
-        windows = data.calibration_windows(tokenizer, text, arguments.seq_len, arguments.calib_windows, seed)
+        windows = calibrate(handle.tokenizer, data_options(arguments, seed), test=False).calibration
         for remove in arguments.removes:
+            exact = SearchOptions(method="exhaustive", remove=remove)
+            clp = SearchOptions(method="clp", remove=remove, gate_steps=arguments.gate_steps,
+                                gate_profiles=arguments.gate_profiles, gate_windows=arguments.gate_windows,
+                                gate_lr=arguments.gate_lr, tau_start=arguments.tau_start, tau_end=arguments.tau_end)
             synchronize()
-            oracle = search_segments(model, windows, remove, "exhaustive", batch_size=arguments.batch_size)
+            oracle = selection.search(handle, windows, exact, arguments.batch_size, seed)
             synchronize()
-            gate = search_segments(model, windows, remove, "clp", steps=arguments.gate_steps,
-                                   profiles=arguments.gate_starts, step_windows=arguments.gate_windows,
-                                   batch_size=arguments.batch_size, seed=seed, tau_start=arguments.tau_start,
-                                   tau_end=arguments.tau_end, lr=arguments.gate_lr)
+            gate = selection.search(handle, windows, clp, arguments.batch_size, seed)
             synchronize()
             rows.append({
                 "remove": remove, "seed": seed,
@@ -65,31 +70,30 @@ def search_rows(model, tokenizer, arguments) -> list[dict]:
     return rows
 
 
-def repair_rows(model, tokenizer, arguments, search: list[dict]) -> list[dict]:
-    calib = data.load_text(arguments.calib, "calib")
-    test = data.evaluation_windows(tokenizer, data.load_text(arguments.ppl, "test"), arguments.seq_len,
-                                   arguments.ppl_windows)
-    train = data.calibration_windows(tokenizer, calib, arguments.seq_len, arguments.heal_windows, 1234)
-    teacher = teacher_targets(model, train, arguments.top_k, arguments.batch_size)
-    dense = perplexity(model, test, arguments.batch_size)
-    total = num_layers(model)
+def repair_rows(handle, arguments, search: list[dict]) -> list[dict]:
+    # heal windows are drawn with the data seed + 1: 1234, as before
+    options = data_options(arguments, seed=1233)
+    test = calibrate(handle.tokenizer, options).test
+    base = HealOptions(heal="endpoints", heal_steps=arguments.heal_steps, heal_lr=arguments.heal_lr,
+                       heal_batch=arguments.heal_batch, heal_windows=arguments.heal_windows, heal_top_k=arguments.top_k)
+    prepared = heal.prepare(handle, base, options)
+    dense = perplexity(handle.model, test, arguments.batch_size)
+    total = handle.num_layers
     rows = []
     for remove in arguments.removes:
         segments = next(r["oracle_segments"] for r in search if r["remove"] == remove)
         row = {"remove": remove, "segments": segments, "dense": dense}
-        for recipe in ("none", "endpoints", "all"):
-            pruned = copy.deepcopy(model)
-            drop_layers(pruned, segments)
-            options = HealOptions(heal="lora" if recipe == "all" else recipe, heal_steps=arguments.heal_steps,
-                                  heal_lr=arguments.heal_lr, heal_batch=arguments.heal_batch)
-            if recipe == "all":  # every remaining layer, full weights: the endpoint recipe's upper reference
-                options = dataclasses.replace(options, heal="last-k", last_k=total)
+        # "all": every remaining layer, full weights: the endpoint heal's upper reference
+        for name, heal_options in (("none", dataclasses.replace(base, heal="none")), ("endpoints", base),
+                                   ("all", dataclasses.replace(base, heal="last-k", last_k=total))):
+            pruned = copy.deepcopy(handle)
+            removed = cut(pruned, segments)
             synchronize()
-            pruned, report = heal(pruned, train, segments, total, options, teacher)
+            report = heal.heal(pruned, removed, prepared, heal_options)
             synchronize()
-            row[recipe] = perplexity(pruned, test, arguments.batch_size)
-            row[f"{recipe}_trainable"] = report["trainable_parameters"]
-            row[f"{recipe}_seconds"] = report["seconds"]
+            row[name] = perplexity(pruned.model, test, arguments.batch_size)
+            row[f"{name}_trainable"] = report.trainable_parameters
+            row[f"{name}_seconds"] = report.seconds
             del pruned
         rows.append(row)
         logger.info("repair n=%d: %s", remove, {k: v for k, v in row.items() if isinstance(v, float)})
@@ -168,7 +172,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--calib", default="wiki")
     parser.add_argument("--ppl", default="wiki")
-    parser.add_argument("--gate-starts", type=int, default=0)
+    parser.add_argument("--gate-profiles", "--gate-starts", type=int, default=0)
     parser.add_argument("--gate-steps", type=int, default=60)
     parser.add_argument("--gate-windows", type=int, default=4)
     parser.add_argument("--gate-lr", type=float, default=0.2)
@@ -191,11 +195,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(arguments.model, ModelOptions(dtype="float32"))
+    handle = load_model(arguments.model, ModelOptions(dtype="float32"))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     started = time.perf_counter()
-    search = search_rows(model, tokenizer, arguments)
-    repair = [] if arguments.no_repair else repair_rows(model, tokenizer, arguments, search)
+    search = search_rows(handle, arguments)
+    repair = [] if arguments.no_repair else repair_rows(handle, arguments, search)
     settings = {k: v for k, v in vars(arguments).items() if k not in ("out",)}
     result = {"model": arguments.model, "device": device, "command": "python " + " ".join(__import__("sys").argv),
               "settings": settings, "search": search, "repair": repair, "versions": library_versions(),

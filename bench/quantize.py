@@ -24,29 +24,29 @@ import sys
 import time
 from pathlib import Path
 
-from layercut import data
-from layercut.config import ModelOptions
-from layercut.evaluate import perplexity
-from layercut.export import library_versions
-from layercut.layers import drop_layers, parse_segment
+from layercut.config import DataOptions, EvalOptions, ModelOptions, QuantizeOptions
+from layercut.data import calibrate
+from layercut.evaluate import evaluate
+from layercut.layers import cut, parse_segment
 from layercut.load import load_model
 from layercut.quantize import SCHEMES, package_version, quantize_checkpoint, weights_size
+from layercut.record import library_versions
 
 logger = logging.getLogger("bench.quantize")
 
 
 def evaluate_folder(folder: str, seq_len: int, windows: int, tasks: str, limit: int) -> dict:
     """Perplexity (and zero-shot accuracy when ``tasks``) of the checkpoint in ``folder``; peak RSS in MiB."""
-    model, tokenizer = load_model(folder, ModelOptions(dtype="float32"))
+    handle = load_model(folder, ModelOptions(dtype="float32"))
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    test = data.evaluation_windows(tokenizer, data.load_text("wiki", "test"), seq_len, windows)
+    test = calibrate(handle.tokenizer, DataOptions(seq_len=seq_len, ppl_windows=windows)).test
     started = time.perf_counter()
-    result = {"perplexity": perplexity(model, test), "eval_seconds": time.perf_counter() - started,
-              "memory_footprint_mib": model.get_memory_footprint() / 2**20, "peak_rss_after_load_mib": loaded_rss}
+    measured = evaluate(handle.model, handle.tokenizer, test, EvalOptions())
+    result = {"perplexity": measured.perplexity, "eval_seconds": time.perf_counter() - started,
+              "memory_footprint_mib": handle.model.get_memory_footprint() / 2**20, "peak_rss_after_load_mib": loaded_rss}
     if tasks:
-        from layercut.zeroshot import evaluate_zero_shot
-
-        result["zero_shot"] = evaluate_zero_shot(model, tokenizer, tasks.split(","), limit, 8, 0)
+        zero_shot = evaluate(handle.model, handle.tokenizer, None, EvalOptions(tasks=tasks, limit=limit), 8).zero_shot
+        result["zero_shot"] = zero_shot.model_dump()
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -99,17 +99,17 @@ def main() -> None:
     work, out = Path(arguments.work), Path(arguments.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model("smollm2-135m", ModelOptions(dtype="float32"))
+    handle = load_model("smollm2-135m", ModelOptions(dtype="float32"))
     dense_dir, pruned_dir = work / "dense", Path(arguments.pruned or work / "pruned")
-    model.save_pretrained(dense_dir)
-    tokenizer.save_pretrained(dense_dir)
+    handle.model.save_pretrained(dense_dir)
+    handle.tokenizer.save_pretrained(dense_dir)
     if not arguments.pruned:
-        drop_layers(model, [parse_segment(arguments.segment)])
-        model.save_pretrained(pruned_dir)
-        tokenizer.save_pretrained(pruned_dir)
-    calibration = data.calibration_windows(tokenizer, data.load_text("wiki", "calib"), arguments.seq_len,
-                                           arguments.calib_windows, 0)
-    del model
+        cut(handle, [parse_segment(arguments.segment)])
+        handle.model.save_pretrained(pruned_dir)
+        handle.tokenizer.save_pretrained(pruned_dir)
+    options = DataOptions(seq_len=arguments.seq_len, calib_windows=arguments.calib_windows)
+    calibration = calibrate(handle.tokenizer, options, test=False).calibration
+    del handle
     rows = []
     for name, folder in (("dense", dense_dir), ("pruned", pruned_dir)):
         rows.append({"name": name, "size_mib": weights_size(folder) / 2**20, **measure_in_child(folder, arguments)})
@@ -118,8 +118,8 @@ def main() -> None:
         folder = work / scheme
         started = time.perf_counter()
         try:
-            quantize_checkpoint(pruned_dir, scheme, folder, calibration if SCHEMES[scheme].calibrated else None,
-                                overwrite=True, group=arguments.group_size)
+            quantize_checkpoint(pruned_dir, folder, QuantizeOptions(quantize=scheme, group_size=arguments.group_size),
+                                calibration if SCHEMES[scheme].calibrated else None, overwrite=True)
         except Exception as error:  # a bench records a failing library and goes on to the next scheme
             rows.append({"name": f"pruned + {scheme}", "error": f"{type(error).__name__}: {error}"[:300]})
             logger.exception("%s failed", scheme)

@@ -16,13 +16,13 @@ import logging
 import sys
 from pathlib import Path
 
-from layercut import data
-from layercut.config import HealOptions, ModelOptions
+from layercut import heal
+from layercut.config import DataOptions, HealOptions, ModelOptions
+from layercut.data import calibrate
 from layercut.evaluate import perplexity
-from layercut.export import library_versions
-from layercut.heal import heal, teacher_targets
-from layercut.layers import drop_layers, num_layers
+from layercut.layers import cut
 from layercut.load import load_model
+from layercut.record import library_versions
 
 
 def main() -> None:
@@ -39,27 +39,27 @@ def main() -> None:
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     search = json.loads(Path(arguments.search_json).read_text())["search"]
-    model, tokenizer = load_model("smollm2-135m", ModelOptions(dtype="float32"))
-    total = num_layers(model)
-    train = data.calibration_windows(tokenizer, data.load_text("wiki", "calib"), arguments.seq_len, 1024, 1234)
-    test = data.evaluation_windows(tokenizer, data.load_text("wiki", "test"), arguments.seq_len,
-                                   arguments.ppl_windows)
-    teacher = teacher_targets(model, train, 64, 16)
-    dense = perplexity(model, test, 16)
+    handle = load_model("smollm2-135m", ModelOptions(dtype="float32"))
+    total = handle.num_layers
+    # heal windows are drawn with the data seed + 1: 1024 windows at seed 1234, top-64 teacher targets
+    options = DataOptions(seq_len=arguments.seq_len, ppl_windows=arguments.ppl_windows, seed=1233, batch_size=16)
+    test = calibrate(handle.tokenizer, options).test
+    prepared = heal.prepare(handle, HealOptions(heal_windows=1024, heal_top_k=64), options)
+    dense = perplexity(handle.model, test, 16)
     runs = [("endpoints", float(lr)) for lr in arguments.endpoint_lrs.split(",")]
     runs += [("all", float(lr)) for lr in arguments.all_lrs.split(",")]
     rows = []
     for remove in (int(n) for n in arguments.removes.split(",")):
         segments = next(r["oracle_segments"] for r in search if r["remove"] == remove)
-        for recipe, lr in runs:
-            pruned = copy.deepcopy(model)
-            drop_layers(pruned, segments)
-            options = HealOptions(heal="endpoints" if recipe == "endpoints" else "last-k", last_k=total,
-                                  heal_steps=arguments.steps, heal_lr=lr, heal_batch=arguments.batch)
-            pruned, report = heal(pruned, train, segments, total, options, teacher)
-            rows.append({"remove": remove, "segments": segments, "recipe": recipe, "lr": lr,
-                         "perplexity": perplexity(pruned, test, 16), "trainable": report["trainable_parameters"],
-                         "seconds": report["seconds"], "last_loss": report["last_loss"]})
+        for name, lr in runs:
+            pruned = copy.deepcopy(handle)
+            removed = cut(pruned, segments)
+            heal_options = HealOptions(heal="endpoints" if name == "endpoints" else "last-k", last_k=total,
+                                       heal_steps=arguments.steps, heal_lr=lr, heal_batch=arguments.batch)
+            report = heal.heal(pruned, removed, prepared, heal_options)
+            rows.append({"remove": remove, "segments": segments, "recipe": name, "lr": lr,
+                         "perplexity": perplexity(pruned.model, test, 16), "trainable": report.trainable_parameters,
+                         "seconds": report.seconds, "last_loss": report.last_loss})
             logging.getLogger("bench").info("%s", rows[-1])
             del pruned
     out = Path(arguments.out)

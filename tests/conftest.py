@@ -109,3 +109,20 @@ def write_text(folder, paragraphs: int = 40, words: int = 60) -> str:
     path = folder / "text.txt"
     path.write_text("\n\n".join(lines))
     return str(path)
+
+
+def reference_perplexity(folder, text_file: str, seq_len: int, windows: int) -> float:
+    """Perplexity of the checkpoint in ``folder`` on the first ``windows`` windows of ``seq_len`` tokens of the test
+    part (last 10 % of paragraphs) of ``text_file``, computed independently of layercut: the model's own loss."""
+    import math
+    from pathlib import Path
+
+    paragraphs = [p.strip() for p in Path(text_file).read_text().split("\n\n") if p.strip()]
+    test = "\n\n".join(paragraphs[round(len(paragraphs) * 0.9):])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor(tokenizer(test, add_special_tokens=False)["input_ids"])
+    chunks = ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)[:windows]
+    with torch.no_grad():
+        losses = [model(input_ids=chunk[None], labels=chunk[None]).loss.item() for chunk in chunks]
+    return math.exp(sum(losses) / len(losses))

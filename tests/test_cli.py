@@ -9,7 +9,7 @@ import sys
 import pytest
 import transformers
 
-from conftest import LAYERS, build_tiny, write_text
+from conftest import LAYERS, build_tiny, reference_perplexity, write_text
 from layercut.cli import main
 
 
@@ -29,8 +29,8 @@ def common(root) -> list[str]:
             "--calib-windows", "4", "--ppl-windows", "4"]
 
 
-def test_prune_given_segment_exports_a_checkpoint_that_loads_without_layercut(workspace, capsys):
-    out = workspace / "pruned"
+def test_prune_given_segment_exports_a_checkpoint_that_loads_without_layercut(workspace, tmp_path, capsys):
+    out = tmp_path / "pruned"
     code = main(["prune", str(workspace / "tiny"), "--segment", "1:3", "--output", str(out), "--heal", "none",
                  *common(workspace)])
     assert code == 0
@@ -39,7 +39,10 @@ def test_prune_given_segment_exports_a_checkpoint_that_loads_without_layercut(wo
     assert record["num_layers_before"] == LAYERS and record["num_layers_after"] == LAYERS - 2
     assert record["parameters_after"] < record["parameters_before"]
     ppl = record["metrics"]["perplexity"]
-    assert ppl["before"] > 1 and ppl["after"] > 1
+    text = str(workspace / "text.txt")
+    assert ppl["before"] == pytest.approx(reference_perplexity(workspace / "tiny", text, 16, 4), rel=1e-5)
+    assert ppl["after"] == pytest.approx(reference_perplexity(out, text, 16, 4), rel=1e-5)
+    assert ppl["after_cut"] == ppl["after"]  # no heal
     assert {"config.json", "model.safetensors", "recipe.yaml", "README.md", "tokenizer.json"} <= {
         p.name for p in out.iterdir()}
     assert "[1:3)" in (out / "README.md").read_text()
@@ -54,8 +57,8 @@ def test_prune_given_segment_exports_a_checkpoint_that_loads_without_layercut(wo
     assert "perplexity (" in capsys.readouterr().out
 
 
-def test_prune_with_gate_search_and_endpoint_healing(workspace):
-    out = workspace / "healed"
+def test_prune_with_gate_search_and_endpoint_healing(workspace, tmp_path):
+    out = tmp_path / "healed"
     code = main(["prune", str(workspace / "tiny"), "--remove", "2", "--output", str(out), "--gate-steps", "4",
                  "--heal-steps", "2", "--heal-batch", "2", "--heal-windows", "4", "--heal-top-k", "8",
                  *common(workspace)])
@@ -83,7 +86,8 @@ def test_search_json_for_gate_and_exhaustive(workspace, capsys):
 
 def test_eval_json_perplexity(workspace, capsys):
     assert main(["eval", str(workspace / "tiny"), "--json", *common(workspace)[2:]]) == 0
-    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    expected = reference_perplexity(workspace / "tiny", str(workspace / "text.txt"), 16, 4)
+    assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_recipe_file_sets_options_and_flags_override_it(workspace):
@@ -146,8 +150,8 @@ def test_console_script_exit_code(workspace):
     assert result.returncode == 2 and "layercut: error:" in result.stderr
 
 
-def test_compare_runs_every_method_and_resumes(workspace, capsys):
-    out = workspace / "compare"
+def test_compare_runs_every_method_and_resumes(workspace, tmp_path, capsys):
+    out = tmp_path / "compare"
     argv = ["compare", str(workspace / "tiny"), "--remove", "2", "--methods", "clp,exhaustive,angular,sleb,tail",
             "--output", str(out), "--gate-steps", "3", "--heal-steps", "1", "--heal-batch", "2", "--heal-windows", "4",
             "--heal-top-k", "8", *common(workspace)]
@@ -174,28 +178,46 @@ def test_search_json_for_every_baseline(workspace, capsys):
         assert result["method"] == method and sum(e - s for s, e in result["segments"]) == 2
 
 
-def test_prune_with_eval_records_zero_shot_and_speed_and_report_compares(workspace, capsys):
-    out = workspace / "evaluated"
+def test_prune_with_eval_records_zero_shot_and_speed_and_report_compares(workspace, tmp_path, capsys):
+    from layercut.zeroshot import evaluate_zero_shot
+
+    out = tmp_path / "evaluated"
     code = main(["prune", str(workspace / "tiny"), "--segment", "2:4", "--heal", "none", "--output", str(out),
                  "--tasks", "piqa", "--limit", "3", "--speed", *common(workspace)])
     assert code == 0
     metrics = json.loads((out / "layercut.json").read_text())["metrics"]
-    assert metrics["zero_shot"]["before"]["tasks"]["piqa"]["items"] == 3
-    assert 0 <= metrics["zero_shot"]["after"]["tasks"]["piqa"]["acc"] <= 1
-    assert "retention" in metrics["zero_shot"]["retention"]["average"]
-    assert metrics["speed"]["limit"] == pytest.approx(LAYERS / (LAYERS - 2))
-    assert metrics["speed"]["after"]["decode_tokens_per_s"] > 0
+    zero_shot = metrics["zero_shot"]
+    assert zero_shot["before"]["tasks"]["piqa"]["items"] == 3
+    for side, folder in (("before", workspace / "tiny"), ("after", out)):  # each side, evaluated on its own
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        expected = evaluate_zero_shot(model, tokenizer, ["piqa"], limit=3, batch_size=4).tasks["piqa"].acc
+        assert zero_shot[side]["tasks"]["piqa"]["acc"] == pytest.approx(expected)
+    average = zero_shot["retention"]["average"]
+    if zero_shot["before"]["average"]["acc"] > 0:
+        assert average["retention"] == pytest.approx(zero_shot["after"]["average"]["acc"]
+                                                     / zero_shot["before"]["average"]["acc"])
+    speed = metrics["speed"]
+    assert speed["limit"] == pytest.approx(LAYERS / (LAYERS - 2))
+    assert speed["decode_ratio"] == pytest.approx(speed["after"]["decode_tokens_per_s"]
+                                                  / speed["before"]["decode_tokens_per_s"])
+    assert (speed["after"]["prompt_tokens"], speed["after"]["new_tokens"]) == (256, 64)
     assert "piqa acc" in (out / "README.md").read_text()
+    other = tmp_path / "plain-cut"
+    assert main(["prune", str(workspace / "tiny"), "--segment", "1:3", "--output", str(other), "--heal", "none",
+                 *common(workspace)]) == 0
     capsys.readouterr()
-    chart = workspace / "report.png"
-    assert main(["report", str(out), str(workspace / "pruned"), "--chart", str(chart)]) == 0
+    chart = tmp_path / "report.png"
+    assert main(["report", str(out), str(other), "--chart", str(chart)]) == 0
     table = capsys.readouterr().out
-    assert "| evaluated |" in table and "| pruned |" in table and chart.is_file()
+    assert "| evaluated |" in table and "| plain-cut |" in table and chart.is_file()
     assert main(["report", str(out), "--chart", str(chart)]) == 2  # never overwrites without --overwrite
-    assert main(["report", str(workspace), "--chart", str(workspace / "other.png")]) == 2  # not an export
+    assert main(["report", str(workspace), "--chart", str(tmp_path / "other.png")]) == 2  # not an export
 
 
 def test_eval_speed_json(workspace, capsys):
     assert main(["eval", str(workspace / "tiny"), "--speed", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["speed"]["prefill_tokens_per_s"] > 0 and "perplexity" not in result
+    assert "perplexity" not in result  # only speed was asked for
+    assert {key: result["speed"][key] for key in ("batch_size", "prompt_tokens", "new_tokens")} == {
+        "batch_size": 1, "prompt_tokens": 256, "new_tokens": 64}

@@ -10,13 +10,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import LAYERS, build_tiny, random_ids
-from layercut.config import HealOptions, ModelOptions
+from layercut.config import HealOptions, ModelOptions, SearchOptions
 from layercut.errors import LayercutError
 from layercut.evaluate import perplexity
-from layercut.gate import hard_kl, search_segments
-from layercut.heal import heal, teacher_targets
-from layercut.layers import drop_layers, find_decoder_layers
+from layercut.forward import hard_kl
+from layercut.gate import search_gate
+from layercut.heal import HealData, heal, teacher_targets
+from layercut.layers import Handle, cut, drop_layers, find_decoder_layers
 from layercut.load import load_model, parse_max_memory
+
+
+def gate_search(model, windows, **options):
+    return search_gate(Handle.of(model), windows, 2, SearchOptions(gate_steps=6, **options))
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +45,10 @@ def test_dispatched_model_gives_the_same_search_and_cut(saved, tmp_path):
     assert any(hasattr(layer, "_hf_hook") for layer in find_decoder_layers(dispatched)[1])
     windows = random_ids(batch=4, length=12, seed=2)
     candidates = [((1, 3),), ((2, 5),)]
-    torch.testing.assert_close(torch.tensor(hard_kl(dispatched, windows, candidates)),
-                               torch.tensor(hard_kl(plain, windows, candidates)), rtol=1e-5, atol=1e-6)
-    found = search_segments(dispatched, windows, remove=2, steps=6)
-    assert found.segments == search_segments(plain, windows, remove=2, steps=6).segments
+    torch.testing.assert_close(torch.tensor(hard_kl(Handle.of(dispatched), windows, candidates)),
+                               torch.tensor(hard_kl(Handle.of(plain), windows, candidates)), rtol=1e-5, atol=1e-6)
+    found = gate_search(dispatched, windows)
+    assert found.segments == gate_search(plain, windows).segments
     drop_layers(dispatched, [(1, 3)])
     drop_layers(plain, [(1, 3)])
     assert perplexity(dispatched, windows) == pytest.approx(perplexity(plain, windows), rel=1e-5)
@@ -61,7 +66,7 @@ def test_load_model_hands_the_device_map_to_transformers(saved, monkeypatch, tmp
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
     options = ModelOptions(device_map="auto", max_memory="cpu=2GiB", offload_folder=str(tmp_path))
-    model, _ = load_model(str(saved), options)
+    model = load_model(str(saved), options).model
     assert seen["device_map"] == "auto" and seen["max_memory"] == {"cpu": "2GiB"}
     assert seen["offload_folder"] == str(tmp_path)
     assert find_decoder_layers(model)[1][0].self_attn.q_proj.weight.device.type == "cpu"
@@ -75,20 +80,20 @@ def test_checkpointed_search_and_endpoint_repair_on_a_dispatched_model(saved, tm
     dispatched = AutoModelForCausalLM.from_pretrained(saved, device_map=device_map,
                                                       offload_folder=str(tmp_path / "offload")).eval()
     windows = random_ids(batch=6, length=12, seed=4)
-    lean = search_segments(dispatched, windows, remove=2, steps=6, checkpointing=True)
-    reference = search_segments(plain, windows, remove=2, steps=6)
+    lean = gate_search(dispatched, windows, gate_checkpointing=True)
+    reference = gate_search(plain, windows)
     assert lean.segments == reference.segments
     torch.testing.assert_close(torch.tensor(lean.trajectory[-1]["starts"]),
                                torch.tensor(reference.trajectory[-1]["starts"]), rtol=1e-4, atol=1e-5)
     options = HealOptions(heal="endpoints", heal_steps=3, heal_batch=2)
     results = []
     for model in (dispatched, plain):
-        teacher = teacher_targets(model, windows, top_k=8)
-        drop_layers(model, [(1, 2)])
-        model, report = heal(model, windows, [(1, 2)], LAYERS, options, teacher)
-        results.append((report, perplexity(model, windows)))
-    assert results[0][0]["layers"] == [0, 1] and results[0][0]["first_loss"] > 0
-    assert results[0][0]["last_loss"] == pytest.approx(results[1][0]["last_loss"], rel=1e-4)
+        handle = Handle.of(model)
+        prepared = HealData(windows, teacher_targets(model, windows, top_k=8))
+        report = heal(handle, cut(handle, [(1, 2)]), prepared, options)
+        results.append((report, perplexity(handle.model, windows)))
+    assert results[0][0].layers == [0, 1] and results[0][0].first_loss > 0
+    assert results[0][0].last_loss == pytest.approx(results[1][0].last_loss, rel=1e-4)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-4)
 
 

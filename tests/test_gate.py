@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import LAYERS, VOCAB, build_tiny, random_ids
-from layercut.gate import (
+from layercut.config import SearchOptions
+from layercut.forward import (
     checkpointed_layers,
-    exhaustive,
     final_hidden,
     gated,
     hard_gates,
@@ -19,22 +19,38 @@ from layercut.gate import (
     head_logits,
     head_reproduces_logits,
     kl_rows,
-    neighbours,
-    notch_mask,
     outputs_of,
-    round_widths,
-    search_notches,
-    search_segments,
     token_kl,
 )
-from layercut.layers import drop_layers, find_decoder_layers
+from layercut.gate import (
+    exhaustive,
+    neighbours,
+    notch_mask,
+    round_widths,
+    search_exhaustive,
+    search_gate,
+    search_notches,
+)
+from layercut.layers import Handle, drop_layers, find_decoder_layers
+
+
+def layers_of(model):
+    return find_decoder_layers(model)[1]
+
+
+def gate_search(model, windows, remove, steps=60, seed=0, **options):
+    return search_gate(Handle.of(model), windows, remove, SearchOptions(gate_steps=steps, **options), seed=seed)
+
+
+def oracle(model, windows, remove):
+    return search_exhaustive(Handle.of(model), windows, remove, SearchOptions())
 
 
 def test_gate_of_one_changes_nothing(tiny_model):
     ids = random_ids()
     with torch.no_grad():
         expected = tiny_model(ids).logits
-        with gated(tiny_model) as set_gates:
+        with gated(layers_of(tiny_model)) as set_gates:
             set_gates(torch.ones(1, LAYERS))
             actual = tiny_model(ids).logits
     torch.testing.assert_close(actual, expected)
@@ -43,7 +59,7 @@ def test_gate_of_one_changes_nothing(tiny_model):
 def test_gate_of_zero_equals_dropping_the_segment(family):
     ids = random_ids()
     model = build_tiny(family)
-    with torch.no_grad(), gated(model) as set_gates:
+    with torch.no_grad(), gated(layers_of(model)) as set_gates:
         set_gates(hard_gates([((2, 4),)], LAYERS))
         gated_logits = model(ids).logits
     drop_layers(model, [(2, 4)])
@@ -55,7 +71,7 @@ def test_stacked_profiles_apply_per_row():
     model = build_tiny("llama")
     ids = random_ids(batch=2)
     candidates = [((0, 2),), ((3, 5),)]
-    with torch.no_grad(), gated(model) as set_gates:
+    with torch.no_grad(), gated(layers_of(model)) as set_gates:
         set_gates(hard_gates(candidates, LAYERS))
         stacked = model(ids.repeat(2, 1)).logits
         for row, candidate in enumerate(candidates):
@@ -67,7 +83,7 @@ def test_gradients_reach_the_gate_and_nothing_else():
     model = build_tiny("qwen3").requires_grad_(False)
     ids = random_ids()
     starts = torch.tensor([[1.3]], requires_grad=True)
-    with gated(model) as set_gates:
+    with gated(layers_of(model)) as set_gates:
         with torch.no_grad():
             teacher = model(ids).logits
         set_gates(1 - notch_mask(starts, torch.tensor([[2.0]]), LAYERS, tau=0.5))
@@ -133,17 +149,17 @@ def window_costs(costs: list[float], interaction: float = 0.0):
 @pytest.mark.parametrize("remove", [2, 3, 4])
 def test_search_reaches_the_exhaustive_optimum_on_synthetic_landscapes(costs, remove):
     objective, hard = window_costs(costs, interaction=0.3)
-    oracle = exhaustive(hard, len(costs), remove)
-    found = search_notches(objective, hard, len(costs), remove, steps=40)
-    assert found.kl == pytest.approx(oracle.kl)  # ties allowed: several windows can share the optimum
-    assert found.landscape[" ".join(f"{s}:{e}" for s, e in found.segments)] == pytest.approx(oracle.kl)
-    assert found.evaluations < oracle.evaluations + 8
+    best = exhaustive(hard, len(costs), remove)
+    found = search_notches(objective, hard, len(costs), remove, SearchOptions(gate_steps=40))
+    assert found.kl == pytest.approx(best.kl)  # ties allowed: several windows can share the optimum
+    assert found.landscape[" ".join(f"{s}:{e}" for s, e in found.segments)] == pytest.approx(best.kl)
+    assert found.evaluations < best.evaluations + 8
 
 
 def test_two_notches_find_two_separate_wells():
     costs = [3, 3, 0.1, 0.1, 3, 3, 3, 3, 3, 0.1, 0.1, 3, 3, 3]
     objective, hard = window_costs(costs)
-    found = search_notches(objective, hard, len(costs), remove=4, notches=2, steps=60)
+    found = search_notches(objective, hard, len(costs), 4, SearchOptions(segments=2, gate_steps=60))
     assert found.segments == [(2, 4), (9, 11)]
 
 
@@ -151,18 +167,18 @@ def test_two_notches_find_two_separate_wells():
 def test_gate_search_matches_exhaustive_on_a_tiny_model(family):
     model = build_tiny(family, layers=8)
     windows = random_ids(batch=4, length=12, seed=1)
-    oracle = search_segments(model, windows, remove=2, method="exhaustive")
-    found = search_segments(model, windows, remove=2, steps=20, seed=0)
-    assert found.kl == pytest.approx(oracle.kl, rel=1e-5)
-    assert found.segments == oracle.segments
-    again = search_segments(model, windows, remove=2, steps=20, seed=0)
+    exact = oracle(model, windows, 2)
+    found = gate_search(model, windows, 2, steps=20)
+    assert found.kl == pytest.approx(exact.kl, rel=1e-5)
+    assert found.segments == exact.segments
+    again = gate_search(model, windows, 2, steps=20)
     assert again.segments == found.segments and again.trajectory == found.trajectory
 
 
 def test_hard_kl_is_zero_for_no_cut_and_positive_for_a_cut():
     model = build_tiny("llama")
     windows = random_ids(batch=3, length=10)
-    losses = hard_kl(model, windows, [(), ((1, 3),)], batch_size=2)
+    losses = hard_kl(Handle.of(model), windows, [(), ((1, 3),)], batch_size=2)
     assert abs(losses[0]) < 1e-6 and losses[1] > 0
 
 
@@ -198,7 +214,7 @@ def test_chunked_head_kl_equals_full_logit_kl_in_value_and_gradient():
     results = []
     for chunked in (False, True):
         starts = torch.tensor([[1.3], [3.1]], requires_grad=True)
-        with gated(model) as set_gates:
+        with gated(layers_of(model)) as set_gates:
             with torch.no_grad():
                 teacher = outputs_of(model, ids, chunked)
             set_gates(gates_of[0](starts))
@@ -223,7 +239,7 @@ def test_checkpointed_layers_give_the_same_gate_gradient_and_recompute_each_laye
     for checkpointing in (False, True):
         calls.clear()
         starts = torch.tensor([[1.3]], requires_grad=True)
-        with gated(model) as set_gates, (checkpointed_layers(model, layers) if checkpointing else nullcontext()):
+        with gated(layers) as set_gates, (checkpointed_layers(model, layers) if checkpointing else nullcontext()):
             set_gates(1 - notch_mask(starts, torch.tensor([[2.0]]), LAYERS, tau=0.5))
             model(ids).logits.square().mean().backward()
         gradients.append(starts.grad)
@@ -237,8 +253,8 @@ def test_checkpointed_layers_give_the_same_gate_gradient_and_recompute_each_laye
 def test_search_with_checkpointing_finds_the_same_segment():
     model = build_tiny("qwen2")
     windows = random_ids(batch=6, length=12, seed=3)
-    plain = search_segments(model, windows, remove=2, steps=8, seed=0)
-    lean = search_segments(model, windows, remove=2, steps=8, seed=0, checkpointing=True)
+    plain = gate_search(model, windows, 2, steps=8)
+    lean = gate_search(model, windows, 2, steps=8, gate_checkpointing=True)
     assert lean.segments == plain.segments
     assert lean.kl == pytest.approx(plain.kl, rel=1e-5)
     for mine, theirs in zip(lean.trajectory, plain.trajectory):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import LAYERS, build_tiny, random_ids
+from conftest import build_tiny, random_ids
 from layercut.config import HealOptions
-from layercut.heal import endpoint_layers, heal, layers_to_train, teacher_targets, top_k_kl
-from layercut.layers import drop_layers, find_decoder_layers
+from layercut.heal import HEALS, HealData, endpoint_layers, heal, teacher_targets, top_k_kl
+from layercut.layers import Handle, cut, find_decoder_layers
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -24,7 +24,8 @@ def test_endpoint_layers():
     assert endpoint_layers([(0, 2)], 8) == [0]  # at the edge: only the layer after
     assert endpoint_layers([(6, 8)], 8) == [5]  # at the end: only the layer before
     assert endpoint_layers([(1, 2), (3, 5)], 8) == [0, 1, 2]  # original 0, 2 | 2, 5 -> new 0, 1, 2
-    assert layers_to_train("last-k", [(1, 3)], 8, 2) == [4, 5]
+    assert HEALS["last-k"].layers([(1, 3)], 8, HealOptions(last_k=2)) == [4, 5]
+    assert HEALS["lora"].layers([(1, 3)], 8, HealOptions()) == [0, 1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
@@ -32,36 +33,40 @@ def test_endpoint_tuning_changes_exactly_the_endpoint_layers(family):
     model = build_tiny(family)
     windows = random_ids(batch=6, length=12)
     teacher = teacher_targets(model, windows, top_k=8)
-    segments = drop_layers(model, [(2, 4)])
+    handle = Handle.of(model)
+    removed = cut(handle, [(2, 4)])
     before = snapshot(model)
     options = HealOptions(heal="endpoints", heal_steps=3, heal_lr=1e-2, heal_batch=2)
-    model, report = heal(model, windows, segments, LAYERS, options, teacher)
+    report = heal(handle, removed, HealData(windows, teacher), options)
     name, _ = find_decoder_layers(model)
     touched = {n.split(".")[len(name.split("."))] for n in changed(before, model)}
     assert touched == {"1", "2"}
     assert all(n.startswith(name + ".") for n in changed(before, model))
-    assert report["trainable_parameters"] == sum(
+    assert report.trainable_parameters == sum(
         p.numel() for i in (1, 2) for p in find_decoder_layers(model)[1][i].parameters())
 
 
 def test_lora_on_endpoints_merges_into_a_plain_model():
     model = build_tiny("llama")
     windows = random_ids(batch=4, length=12)
-    segments = drop_layers(model, [(2, 4)])
+    handle = Handle.of(model)
+    removed = cut(handle, [(2, 4)])
     before = snapshot(model)
     options = HealOptions(heal="endpoints", heal_steps=3, heal_lr=1e-2, heal_batch=2, heal_loss="lm", lora_rank=4)
-    model, report = heal(model, windows, segments, LAYERS, options)
+    report = heal(handle, removed, HealData(windows), options)
+    model = handle.model
     assert type(model).__name__ == "LlamaForCausalLM"
     touched = changed(before, model)
     assert touched and all(n.startswith(("model.layers.1.", "model.layers.2.")) for n in touched)
-    assert report["lora_rank"] == 4
+    assert report.lora_rank == 4
 
 
 def test_healing_lowers_the_kl_to_the_dense_model():
     model = build_tiny("qwen2")
     windows = random_ids(batch=8, length=16)
     teacher = teacher_targets(model, windows, top_k=128)  # the whole vocabulary: exact KL
-    segments = drop_layers(model, [(2, 4)])
+    handle = Handle.of(model)
+    removed = cut(handle, [(2, 4)])
 
     def kl() -> float:
         with torch.no_grad():
@@ -69,17 +74,18 @@ def test_healing_lowers_the_kl_to_the_dense_model():
 
     start = kl()
     options = HealOptions(heal="endpoints", heal_steps=40, heal_lr=1e-2, heal_batch=8)
-    model, _ = heal(model, windows, segments, LAYERS, options, teacher)
+    heal(handle, removed, HealData(windows, teacher), options)
     assert kl() < 0.5 * start
 
 
 def test_last_k_trains_tail_and_keeps_tied_embeddings_frozen():
     model = build_tiny("gemma2")  # tied embeddings
     windows = random_ids(batch=4, length=12)
-    segments = drop_layers(model, [(0, 2)])
+    handle = Handle.of(model)
+    removed = cut(handle, [(0, 2)])
     before = snapshot(model)
     options = HealOptions(heal="last-k", last_k=1, heal_steps=2, heal_lr=1e-2, heal_batch=2, heal_loss="lm")
-    model, _ = heal(model, windows, segments, LAYERS, options)
+    heal(handle, removed, HealData(windows), options)
     touched = changed(before, model)
     assert any(n.startswith("model.layers.3.") for n in touched)
     assert "model.norm.weight" in touched

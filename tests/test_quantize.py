@@ -9,12 +9,19 @@ import pytest
 import torch
 import transformers
 
-from conftest import TOKENS, VOCAB, write_text
+from conftest import TOKENS, VOCAB, reference_perplexity, write_text
 from layercut.cli import main
-from layercut.config import QUANT_SCHEMES
+from layercut.config import QUANT_SCHEMES, QuantizeOptions
 from layercut.errors import LayercutError
 from layercut.evaluate import perplexity
-from layercut.quantize import SCHEMES, check_scheme, quantize_checkpoint, weights_size
+from layercut.quantize import SCHEMES, check_scheme, weights_size
+from layercut.quantize import quantize_checkpoint as quantize
+from layercut.record import Measures
+
+
+def quantize_checkpoint(source, scheme, output, calibration=None, evaluate=None, group=0):
+    return quantize(source, output, QuantizeOptions(quantize=scheme, group_size=group), calibration,
+                    evaluate=evaluate)
 
 
 def tiny_llama(seed: int = 0):
@@ -52,7 +59,7 @@ def test_round_trip_reloads_with_transformers(scheme, pruned_folder, tmp_path):
     calibration = windows(4, seed=1) if SCHEMES[scheme].calibrated else None
     test = windows(4)
     output = quantize_checkpoint(pruned_folder, scheme, tmp_path / "quantized", calibration,
-                                 evaluate=lambda model, tokenizer: {"perplexity": perplexity(model, test)})
+                                 evaluate=lambda model, tokenizer: Measures(perplexity=perplexity(model, test)))
     dense = perplexity(transformers.AutoModelForCausalLM.from_pretrained(pruned_folder), test)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(output).eval()
     quantized = perplexity(reloaded, test)
@@ -125,7 +132,9 @@ def test_quantize_command_writes_and_measures_the_checkpoint(pruned_folder, tmp_
     assert main(["quantize", str(pruned_folder), "--scheme", "int8", "--output", str(output),
                  *data_flags(tmp_path)]) == 0
     entry = json.loads((output / "layercut.json").read_text())["quantization"]
-    assert entry["before"]["perplexity"] > 1 and entry["after"]["perplexity"] > 1
+    text = data_flags(tmp_path)[1]
+    assert entry["before"]["perplexity"] == pytest.approx(reference_perplexity(pruned_folder, text, 16, 4), rel=1e-5)
+    assert entry["after"]["perplexity"] == pytest.approx(reference_perplexity(output, text, 16, 4), rel=1e-4)
     assert abs(entry["after"]["perplexity"] / entry["before"]["perplexity"] - 1) < 0.05
     printed = capsys.readouterr().out
     assert "weights on disk (MiB): before -> after" in printed and "perplexity: before -> after" in printed

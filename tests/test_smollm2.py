@@ -12,9 +12,10 @@ from transformers import AutoModelForCausalLM
 from layercut import data
 from layercut.config import ModelOptions
 from layercut.evaluate import perplexity
-from layercut.export import export_checkpoint
+from layercut.export import export
 from layercut.layers import drop_layers
 from layercut.load import load_model
+from layercut.record import RunRecord
 
 pytestmark = [
     pytest.mark.smollm2,
@@ -24,7 +25,8 @@ pytestmark = [
 
 
 def test_smollm2_cut_measure_export_reload(tmp_path):
-    model, tokenizer = load_model("smollm2-135m", ModelOptions(device="cpu"))
+    handle = load_model("smollm2-135m", ModelOptions(device="cpu"))
+    model, tokenizer = handle.model, handle.tokenizer
     assert model.config.num_hidden_layers == 30
     windows = data.evaluation_windows(tokenizer, data.load_text("wiki", "test"), 128, 4)
     dense = perplexity(model, windows)
@@ -32,9 +34,9 @@ def test_smollm2_cut_measure_export_reload(tmp_path):
     drop_layers(model, [(12, 18)])
     cut = perplexity(model, windows)
     assert math.isfinite(cut) and cut > dense
-    record = {"source": "smollm2-135m", "segments": [[12, 18]], "num_layers_before": 30, "num_layers_after": 24,
-              "parameters_before": 0, "parameters_after": 0, "metrics": {}, "versions": {}}
-    out = export_checkpoint(model, tokenizer, tmp_path / "cut", record, "search: {}\n")
+    record = RunRecord(source="smollm2-135m", segments=[(12, 18)], num_layers_before=30, num_layers_after=24,
+                       parameters_before=0, parameters_after=0)
+    out = export(handle, record, "search: {}\n", tmp_path / "cut")
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert reloaded.config.num_hidden_layers == 24
     with torch.no_grad():

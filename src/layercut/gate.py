@@ -14,19 +14,17 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from layercut.errors import LayercutError
-from layercut.evaluate import batches
-from layercut.layers import Segment, find_decoder_layers, merge_adjacent, text_config
-from layercut.load import model_device
+from layercut.forward import checkpointed_layers, gated, hard_kl, head_reproduces_logits, kl_rows, outputs_of
+from layercut.layers import Candidate, Handle, Segment, merge_adjacent
+
+if TYPE_CHECKING:
+    from layercut.config import SearchOptions
 
 logger = logging.getLogger(__name__)
-
-Candidate = tuple[Segment, ...]
 
 
 # ----------------------------------------------------------------------------------------------- pure math
@@ -46,32 +44,6 @@ def notch_mask(starts: torch.Tensor, widths: torch.Tensor, num_layers: int, tau:
     return 1 - torch.prod(1 - inside, dim=1)
 
 
-def hard_gates(candidates: Sequence[Candidate], num_layers: int) -> torch.Tensor:
-    """Gate values ``[R, L]``: 0 inside each candidate's segments, 1 elsewhere."""
-    gates = torch.ones(len(candidates), num_layers)
-    for row, segments in enumerate(candidates):
-        for start, end in segments:
-            gates[row, start:end] = 0
-    return gates
-
-
-def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """Per-row mean over tokens of KL(teacher ‖ student) of next-token distributions, in nats.
-
-    ``teacher_logits`` ``[b, T, V]``, ``student_logits`` ``[R·b, T, V]`` (R profiles stacked row-wise, each over
-    the same b windows). Returns ``[R·b]``. Works in float32 over chunks of ``chunk`` positions so no full-size
-    float32 copy of the logits exists.
-    """
-    repeats = student_logits.shape[0] // teacher_logits.shape[0]
-    total = student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
-    length = student_logits.shape[1]
-    for start in range(0, length, chunk):
-        log_p = F.log_softmax(teacher_logits[:, start : start + chunk].float(), dim=-1).repeat(repeats, 1, 1)
-        log_q = F.log_softmax(student_logits[:, start : start + chunk].float(), dim=-1)
-        total = total + (log_p.exp() * (log_p - log_q)).sum(dim=(-1, -2))
-    return total / length
-
-
 def temperature(step: int, steps: int, tau_start: float, tau_end: float) -> float:
     """Geometric annealing from ``tau_start`` at step 0 to ``tau_end`` at the last step."""
     if steps <= 1:
@@ -79,12 +51,12 @@ def temperature(step: int, steps: int, tau_start: float, tau_end: float) -> floa
     return tau_start * (tau_end / tau_start) ** (step / (steps - 1))
 
 
-def initial_starts(num_layers: int, width: int, profiles: int, notches: int) -> torch.Tensor:
+def initial_starts(num_layers: int, width: int, profiles: int, segments: int) -> torch.Tensor:
     """``[R, K]`` starting positions: notch k of profile r sits in the k-th of K equal depth bands, at a
     profile-specific offset, so the R profiles together sweep the whole depth."""
-    band = num_layers / notches
+    band = num_layers / segments
     offsets = (torch.arange(profiles, dtype=torch.float32) + 0.5) / profiles  # [R]
-    starts = torch.arange(notches, dtype=torch.float32) * band + offsets.unsqueeze(1) * max(band - width, 0.0)
+    starts = torch.arange(segments, dtype=torch.float32) * band + offsets.unsqueeze(1) * max(band - width, 0.0)
     return starts.clamp(0, max(num_layers - width, 0))
 
 
@@ -162,6 +134,16 @@ class SearchResult:
     trajectory: list[dict] = field(default_factory=list)
     landscape: dict[str, float] = field(default_factory=dict)
 
+    def summary(self, with_details: bool = False) -> dict:
+        """The result as plain JSON data (KL None for given segments); ``with_details`` adds the gate's
+        trajectory and the landscape of scored cuts."""
+        result = {"method": self.method, "segments": [list(s) for s in self.segments],
+                  "kl": None if math.isnan(self.kl) else self.kl, "seconds": self.seconds,
+                  "evaluations": self.evaluations}
+        if with_details:
+            result.update(trajectory=self.trajectory, landscape=self.landscape)
+        return result
+
 
 def refine(candidates: Iterable[Candidate], hard_objective: Callable[[list[Candidate]], list[float]],
            num_layers: int, known: dict[Candidate, float] | None = None, max_rounds: int = 64) -> tuple[Candidate, float]:
@@ -185,11 +167,17 @@ def refine(candidates: Iterable[Candidate], hard_objective: Callable[[list[Candi
     return best, known[best]
 
 
+def default_profiles(num_layers: int, remove: int) -> int:
+    """Profiles trained side by side when ``--gate-profiles`` is 0: enough starts that their spacing over the
+    depth is about half the removed width (at least 3 layers)."""
+    return max(1, math.ceil((num_layers - remove + 1) / max(3, remove // 2)))
+
+
 def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
                    hard_objective: Callable[[list[Candidate]], list[float]],
-                   num_layers: int, remove: int, notches: int = 1, profiles: int = 0, steps: int = 60,
-                   lr: float = 0.2, tau_start: float = 1.0, tau_end: float = 0.05, progress=None) -> SearchResult:
-    """Train ``profiles`` gate profiles of ``notches`` notches each (together removing ``remove`` layers).
+                   num_layers: int, remove: int, options: SearchOptions, progress=None) -> SearchResult:
+    """Train ``options.gate_profiles`` gate profiles of ``options.segments`` notches each (together removing
+    ``remove`` layers) for ``options.gate_steps`` steps.
 
     ``objective(gates [R, L]) -> [R]`` is the differentiable loss of each profile (KL on a calibration batch);
     ``hard_objective(candidates) -> [float]`` the exact loss of hard cuts on the whole calibration set. Each
@@ -198,15 +186,15 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
     of the hard loss.
     """
     started = time.perf_counter()
-    if profiles <= 0:
-        profiles = max(1, math.ceil((num_layers - remove + 1) / max(3, remove // 2)))
-    starts = initial_starts(num_layers, remove // notches, profiles, notches).requires_grad_(True)
-    width_logits = torch.zeros(profiles, notches, requires_grad=True)
-    parameters = [starts, width_logits] if notches > 1 else [starts]
-    optimizer = torch.optim.Adam(parameters, lr=lr)
+    segments, steps = options.segments, options.gate_steps
+    profiles = options.gate_profiles if options.gate_profiles > 0 else default_profiles(num_layers, remove)
+    starts = initial_starts(num_layers, remove // segments, profiles, segments).requires_grad_(True)
+    width_logits = torch.zeros(profiles, segments, requires_grad=True)
+    parameters = [starts, width_logits] if segments > 1 else [starts]
+    optimizer = torch.optim.Adam(parameters, lr=options.gate_lr)
     trajectory = []
     for step in range(steps):
-        tau = temperature(step, steps, tau_start, tau_end)
+        tau = temperature(step, steps, options.tau_start, options.tau_end)
         widths = remove * torch.softmax(width_logits, dim=-1)
         gates = 1 - notch_mask(starts, widths, num_layers, tau)
         losses = objective(gates)
@@ -229,13 +217,13 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
         if candidate is not None:
             readouts.append(candidate)
     if not readouts:
-        readouts.append(tuple((k * (num_layers // notches), k * (num_layers // notches) + remove // notches)
-                              for k in range(notches)))
+        readouts.append(tuple((k * (num_layers // segments), k * (num_layers // segments) + remove // segments)
+                              for k in range(segments)))
     known: dict[Candidate, float] = {}
     around = [n for c in readouts for n in neighbours(c, num_layers)]
     best, best_kl = refine(readouts + around, hard_objective, num_layers, known)
     return SearchResult("clp", list(best), best_kl, time.perf_counter() - started, len(known), trajectory,
-                        {_key(c): v for c, v in known.items()})
+                        {candidate_key(c): v for c, v in known.items()})
 
 
 def exhaustive(hard_objective: Callable[[list[Candidate]], list[float]], num_layers: int, remove: int) -> SearchResult:
@@ -245,207 +233,60 @@ def exhaustive(hard_objective: Callable[[list[Candidate]], list[float]], num_lay
     losses = hard_objective(candidates)
     best = min(range(len(candidates)), key=losses.__getitem__)
     return SearchResult("exhaustive", list(candidates[best]), losses[best], time.perf_counter() - started,
-                        len(candidates), [], {_key(c): v for c, v in zip(candidates, losses)})
+                        len(candidates), [], {candidate_key(c): v for c, v in zip(candidates, losses)})
 
 
-def _key(candidate: Candidate) -> str:
+def candidate_key(candidate: Candidate) -> str:
+    """``((2, 4), (7, 9)) -> "2:4 7:9"``: the key of a cut in a search landscape."""
     return " ".join(f"{s}:{e}" for s, e in candidate)
 
 
-# ----------------------------------------------------------------------------------------------- model plumbing
+# ----------------------------------------------------------------------------------------------- on a model
 
 
-@contextlib.contextmanager
-def gated(model, layers_path: str | None = None):
-    """Install gate hooks on every decoder layer; yields a setter taking gates ``[R, L]`` (or None = dense).
-
-    With R profiles the batch must hold R stacked copies of the windows; row r·b + j uses profile r.
-    """
-    _, layers = find_decoder_layers(model, layers_path)
-    state: dict[str, torch.Tensor | None] = {"gates": None}
-
-    def make_hook(index: int):
-        def hook(module, args, kwargs, output):
-            gates = state["gates"]
-            if gates is None:
-                return output
-            out = output[0] if isinstance(output, tuple) else output
-            # on a model split over devices the layer's input may still sit on the previous layer's device
-            hidden = (args[0] if args else kwargs["hidden_states"]).to(out.device)
-            per_row = gates[:, index].to(device=out.device, dtype=out.dtype)
-            per_row = per_row.repeat_interleave(out.shape[0] // per_row.shape[0]).view(-1, 1, 1)
-            mixed = hidden + per_row * (out - hidden)
-            return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
-
-        return hook
-
-    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-
-    def set_gates(gates: torch.Tensor | None) -> None:
-        state["gates"] = gates
-
-    try:
-        yield set_gates
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def checkpointed_layers(model, layers):
-    """Recompute each decoder layer during backward instead of storing its activations (transformers'
-    gradient checkpointing, non-reentrant).
-
-    transformers checkpoints a layer only while ``layer.training`` is true, so exactly those flags are set; every
-    submodule stays in eval mode, so dropout stays off. Gate hooks run inside the checkpointed call and read the
-    gates again on recompute: the gates must stay installed until backward has run.
-    """
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise LayercutError(f"{type(model).__name__} does not support gradient checkpointing; "
-                            "run the gate search without --gate-checkpointing")
-    flags = [layer.training for layer in layers]
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for layer in layers:
-        layer.training = True
-    try:
-        yield
-    finally:
-        for layer, flag in zip(layers, flags):
-            layer.training = flag
-        model.gradient_checkpointing_disable()
-
-
-def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits ``[b, T, V]`` for ``input_ids`` ``[b, T]`` placed on the model's input device."""
-    return model(input_ids=input_ids.to(model_device(model)), use_cache=False).logits
-
-
-def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The hidden states ``[b, T, H]`` the output head reads (after the final norm), without the logits."""
-    return model.base_model(input_ids=input_ids.to(model_device(model)), use_cache=False).last_hidden_state
-
-
-def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits ``[b, t, V]`` of final hidden states ``[b, t, H]``: the output head, then the config's final logit
-    soft-capping when it has one."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(text_config(model), "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def head_reproduces_logits(model, input_ids: torch.Tensor) -> bool:
-    """Whether :func:`head_logits` of :func:`final_hidden` equals the model's own logits on ``input_ids``.
-
-    A model that does more after its output head than soft-capping (a logit scale, say) fails this check and
-    is scored on its full logits instead.
-    """
-    with torch.no_grad():
-        full = logits_of(model, input_ids).float()
-        try:
-            split = head_logits(model, final_hidden(model, input_ids)).float()
-        except (AttributeError, TypeError):
-            return False
-    return split.shape == full.shape and torch.allclose(split.to(full.device), full, rtol=1e-3,
-                                                         atol=1e-3 * float(full.abs().max()))
-
-
-def _chunk_kl(model, teacher_hidden: torch.Tensor, student_hidden: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        teacher = head_logits(model, teacher_hidden)
-    return token_kl(teacher, head_logits(model, student_hidden), chunk=teacher_hidden.shape[1])
-
-
-def head_kl(model, teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, budget: int = 2**25) -> torch.Tensor:
-    """:func:`token_kl` of the logits of final hidden states, computed over chunks of positions.
-
-    ``teacher_hidden`` ``[b, T, H]``, ``student_hidden`` ``[R·b, T, H]``; returns ``[R·b]``. Each chunk holds at
-    most ``budget`` logits per copy, so the ``[R·b, T, V]`` logits never exist whole; with gradients on, each
-    chunk is recomputed in backward (checkpointed) rather than kept.
-    """
-    rows, length = student_hidden.shape[:2]
-    vocab = int(getattr(model.get_output_embeddings(), "out_features", 0) or text_config(model).vocab_size)
-    chunk = max(1, budget // (rows * vocab))
-    total = 0.0
-    for start in range(0, length, chunk):
-        teacher, student = teacher_hidden[:, start : start + chunk], student_hidden[:, start : start + chunk]
-        if torch.is_grad_enabled() and student.requires_grad:
-            piece = checkpoint(_chunk_kl, model, teacher, student, use_reentrant=False)
-        else:
-            piece = _chunk_kl(model, teacher, student)
-        total = total + piece * teacher.shape[1]
-    return total / length
-
-
-def outputs_of(model, input_ids: torch.Tensor, chunked_head: bool) -> torch.Tensor:
-    """Final hidden states (``chunked_head``) or logits: what :func:`kl_rows` compares."""
-    return final_hidden(model, input_ids) if chunked_head else logits_of(model, input_ids)
-
-
-def kl_rows(model, teacher: torch.Tensor, student: torch.Tensor, chunked_head: bool) -> torch.Tensor:
-    """Per-row token KL(teacher ‖ student) ``[R·b]`` of :func:`outputs_of` values."""
-    return head_kl(model, teacher, student) if chunked_head else token_kl(teacher, student)
-
-
-def hard_kl(model, windows: torch.Tensor, candidates: Sequence[Candidate], batch_size: int = 4,
-            layers_path: str | None = None, rows_per_pass: int = 16, chunked_head: bool | None = None) -> list[float]:
-    """Mean token KL(dense ‖ cut) over ``windows`` ``[N, T]`` for each candidate cut (gates exactly 0/1).
-
-    The dense teacher is the same model with gates off, computed once per batch of windows. ``chunked_head``
-    (None = check with :func:`head_reproduces_logits`) keeps only final hidden states and applies the output
-    head chunk by chunk.
-    """
-    num_layers = len(find_decoder_layers(model, layers_path)[1])
+def exact_objective(handle: Handle, windows: torch.Tensor, batch_size: int,
+                    chunked_head: bool | None = None) -> Callable[[list[Candidate]], list[float]]:
+    """``candidates -> [hard-cut KL]`` on ``windows`` ``[N, T]``; the output head is checked once, not per call."""
     if chunked_head is None:
-        chunked_head = head_reproduces_logits(model, windows[:1, :16])
-    gates = hard_gates(candidates, num_layers)
-    totals = torch.zeros(len(candidates))
-    with torch.no_grad(), gated(model, layers_path) as set_gates:
-        for batch in batches(windows, batch_size):
-            set_gates(None)
-            teacher = outputs_of(model, batch, chunked_head)
-            group = max(1, rows_per_pass // batch.shape[0])
-            for first in range(0, len(candidates), group):
-                chunk = gates[first : first + group]
-                set_gates(chunk)
-                student = outputs_of(model, batch.repeat(chunk.shape[0], 1), chunked_head)
-                kl = kl_rows(model, teacher, student, chunked_head).view(chunk.shape[0], batch.shape[0]).sum(dim=1)
-                totals[first : first + group] += kl.cpu()
-            set_gates(None)
-    return (totals / windows.shape[0]).tolist()
-
-
-def search_segments(model, windows: torch.Tensor, remove: int, method: str = "clp", notches: int = 1,
-                    profiles: int = 0, steps: int = 60, lr: float = 0.2, tau_start: float = 1.0,
-                    tau_end: float = 0.05, step_windows: int = 4, batch_size: int = 4, seed: int = 0,
-                    layers_path: str | None = None, progress=None, checkpointing: bool = False) -> SearchResult:
-    """Choose ``remove`` layers to cut by the concave gate (``clp``) or by trying every window (``exhaustive``).
-
-    ``windows`` ``[N, T]`` are the calibration windows; each gate step uses ``step_windows`` of them, drawn with
-    a generator seeded by ``seed``. Model weights are frozen; only the gate parameters train. The KL is taken
-    over chunks of positions from final hidden states when the output head alone makes the logits (checked
-    once), and ``checkpointing`` recomputes each layer in backward instead of storing its activations.
-    """
-    _, layers = find_decoder_layers(model, layers_path)
-    num_layers = len(layers)
-    chunked_head = head_reproduces_logits(model, windows[:1, :16])
-    logger.info("KL over %s", "chunks of the output head" if chunked_head else "full logits")
+        chunked_head = head_reproduces_logits(handle.model, windows[:1, :16])
+        logger.info("KL over %s", "chunks of the output head" if chunked_head else "full logits")
 
     def hard_objective(candidates: list[Candidate]) -> list[float]:
-        return hard_kl(model, windows, candidates, batch_size, layers_path, chunked_head=chunked_head)
+        return hard_kl(handle, windows, candidates, batch_size, chunked_head=chunked_head)
 
-    if method == "exhaustive":
-        return exhaustive(hard_objective, num_layers, remove)
+    return hard_objective
+
+
+def search_exhaustive(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions,
+                      batch_size: int = 4, seed: int = 0, progress=None) -> SearchResult:
+    """The exact oracle: the hard-cut KL of every contiguous window of ``remove`` layers on ``windows``."""
+    return exhaustive(exact_objective(handle, windows, batch_size), handle.num_layers, remove)
+
+
+def search_gate(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int = 4,
+                seed: int = 0, progress=None) -> SearchResult:
+    """Choose ``remove`` layers to cut with the concave gate (CLP) on the calibration ``windows`` ``[N, T]``.
+
+    Each gate step uses ``options.gate_windows`` windows, drawn with a generator seeded by ``seed``. Model
+    weights are frozen; only the gate parameters train. The KL is taken over chunks of positions from final
+    hidden states when the output head alone makes the logits (checked once), and ``gate_checkpointing``
+    recomputes each layer in backward instead of storing its activations. ``progress`` is called with 1 after
+    each gate step.
+    """
+    model, layers = handle.model, handle.layers
+    chunked_head = head_reproduces_logits(model, windows[:1, :16])
+    logger.info("KL over %s", "chunks of the output head" if chunked_head else "full logits")
+    hard_objective = exact_objective(handle, windows, batch_size, chunked_head)
     generator = torch.Generator().manual_seed(seed)
+    step_windows = min(options.gate_windows, windows.shape[0])
     requires_grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
-
     try:
-        with gated(model, layers_path) as set_gates, \
-                (checkpointed_layers(model, layers) if checkpointing else contextlib.nullcontext()):
+        with gated(layers) as set_gates, \
+                (checkpointed_layers(model, layers) if options.gate_checkpointing else contextlib.nullcontext()):
 
             def objective(gates: torch.Tensor) -> torch.Tensor:
-                picks = torch.randint(0, windows.shape[0], (min(step_windows, windows.shape[0]),), generator=generator)
-                batch = windows[picks]
+                batch = windows[torch.randint(0, windows.shape[0], (step_windows,), generator=generator)]
                 with torch.no_grad():
                     set_gates(None)
                     teacher = outputs_of(model, batch, chunked_head)
@@ -459,9 +300,7 @@ def search_segments(model, windows: torch.Tensor, remove: int, method: str = "cl
                 set_gates(None)  # the last soft gates must not act under the read-out's own hooks
                 return hard_objective(candidates)
 
-            result = search_notches(objective, exact, num_layers, remove, notches, profiles, steps, lr,
-                                    tau_start, tau_end, progress)
+            return search_notches(objective, exact, handle.num_layers, remove, options, progress)
     finally:
         for parameter, flag in zip(model.parameters(), requires_grad):
             parameter.requires_grad_(flag)
-    return result

@@ -1,25 +1,29 @@
-"""Repair a cut model: cutoff endpoint tuning (the layers beside each cut) and the other healing recipes."""
+"""The heal stage: after the cut, train a few parameters to bring the model back to the dense one.
+
+:data:`HEALS` is the one registry of heals (cutoff endpoint tuning, the tail, LoRA on every layer); the CLI's
+choices, the docs and the dispatch read it. A new heal is one entry naming the layers it trains.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from layercut.config import HealOptions
-from layercut.evaluate import batches
-from layercut.layers import Segment, find_decoder_layers, kept_layers
-from layercut.load import model_device
+from layercut import data
+from layercut.forward import batches, model_device
+from layercut.layers import Cut, Handle, Segment, kept_layers
+from layercut.record import HealReport
+
+if TYPE_CHECKING:
+    from layercut.config import DataOptions, HealOptions
 
 logger = logging.getLogger(__name__)
-
-# Learning rates measured best at equal steps on SmolLM2-135M (bench/results/repair-h200): two endpoint layers
-# take a larger step than a full-depth update.
-DEFAULT_LEARNING_RATES = {"endpoints": 1e-3, "last-k": 1e-4, "lora": 2e-4}
 
 
 @dataclass
@@ -68,16 +72,59 @@ def endpoint_layers(segments: Sequence[Segment], total: int) -> list[int]:
     return sorted(chosen)
 
 
-def layers_to_train(method: str, segments: Sequence[Segment], total: int, last_k: int) -> list[int]:
-    """Post-cut indices of the decoder layers a recipe trains (``lora`` and ``none``: see :func:`heal`)."""
+def last_layers(segments: Sequence[Segment], total: int, count: int) -> list[int]:
+    """New indices of the last ``count`` layers left after cutting ``segments`` out of ``total`` layers."""
     remaining = total - sum(end - start for start, end in segments)
-    if method == "endpoints":
-        return endpoint_layers(segments, total)
-    if method == "last-k":
-        return list(range(max(0, remaining - last_k), remaining))
-    if method == "lora":
-        return list(range(remaining))
-    return []
+    return list(range(max(0, remaining - count), remaining))
+
+
+@dataclass(frozen=True)
+class Heal:
+    """A heal: the post-cut layers it trains (from the cut segments, the layer count before the cut and the
+    options), its help, its default learning rate, its LoRA rank (0: full weights) and whether it also trains
+    the final norm and an untied output head."""
+
+    layers: Callable[[Sequence[Segment], int, HealOptions], list[int]]
+    help: str
+    learning_rate: float | None = None
+    lora_rank: int = 0
+    tail: bool = False
+
+
+# Learning rates measured best at equal steps on SmolLM2-135M (bench/results/repair-h200): two endpoint layers
+# take a larger step than a full-depth update.
+HEALS: dict[str, Heal] = {
+    "none": Heal(lambda segments, total, options: [], "no training after the cut"),
+    "endpoints": Heal(lambda segments, total, options: endpoint_layers(segments, total),
+                      "cutoff endpoint tuning: the layers just before and after each cut (full weights, or LoRA "
+                      "with --lora-rank)", 1e-3),
+    "last-k": Heal(lambda segments, total, options: last_layers(segments, total, options.last_k),
+                   "the last --last-k layers, the final norm and an untied output head", 1e-4, tail=True),
+    "lora": Heal(lambda segments, total, options: last_layers(segments, total, total),
+                 "LoRA adapters on every remaining layer, merged back into the weights", 2e-4, lora_rank=8),
+}
+
+
+@dataclass
+class HealData:
+    """The heal's training windows ``[N, T]`` and, for the kl loss, the dense model's targets."""
+
+    windows: torch.Tensor
+    teacher: TeacherTargets | None = None
+
+
+def prepare(handle: Handle, options: HealOptions, data_options: DataOptions) -> HealData | None:
+    """Training windows from the calibration text (seed + 1, so they differ from the search windows) and, for the
+    kl loss, the dense model's top-k targets; call before the cut. None when the heal trains nothing."""
+    if options.heal == "none":
+        return None
+    text = data.load_text(data_options.calib, "calib")
+    windows = data.calibration_windows(handle.tokenizer, text, data_options.seq_len, options.heal_windows,
+                                       data_options.seed + 1)
+    teacher = None
+    if options.heal_loss == "kl":
+        teacher = teacher_targets(handle.model, windows, options.heal_top_k, data_options.batch_size)
+    return HealData(windows, teacher)
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
@@ -101,23 +148,23 @@ def _tail_modules(model) -> list[torch.nn.Module]:
     return modules
 
 
-def heal(model, windows: torch.Tensor, segments: Sequence[Segment], total: int, options: HealOptions,
-         teacher: TeacherTargets | None = None, seed: int = 0, layers_path: str | None = None,
-         progress=None) -> tuple[torch.nn.Module, dict]:
-    """Train the layers a recipe names on ``windows`` ``[N, T]`` after the cut; return ``(model, report)``.
+def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptions, seed: int = 0,
+         progress=None) -> HealReport:
+    """Train the layers ``options.heal`` names on the prepared windows after ``cut``; return the report.
 
-    ``total`` is the layer count before the cut and ``segments`` the removed ones (original indices). The loss is
-    the top-k KL to ``teacher`` (``heal_loss=kl``) or the LM loss. With ``lora_rank > 0`` (always for the
-    ``lora`` recipe) peft LoRA adapters are trained and merged back, so the result is a plain model.
+    The loss is the top-k KL to the dense teacher (``heal_loss=kl``) or the LM loss. With a LoRA rank (``lora``
+    always, ``--lora-rank`` otherwise) peft LoRA adapters are trained and merged back, so the handle's model
+    stays a plain model. ``progress`` (optional) is called with 1 after each step.
     """
     if options.heal == "none" or options.heal_steps <= 0:
-        return model, {"recipe": "none", "trainable_parameters": 0, "seconds": 0.0, "steps": 0}
-    if options.heal_loss == "kl" and teacher is None:
+        return HealReport(name="none")
+    if options.heal_loss == "kl" and prepared.teacher is None:
         raise ValueError("heal_loss=kl needs the dense model's teacher targets")
     started = time.perf_counter()
-    indices = layers_to_train(options.heal, segments, total, options.last_k)
-    name, layers = find_decoder_layers(model, layers_path)
-    rank = options.lora_rank or (8 if options.heal == "lora" else 0)
+    spec = HEALS[options.heal]
+    indices = spec.layers(cut.segments, cut.layers_before, options)
+    model, layers, windows, teacher = handle.model, handle.layers, prepared.windows, prepared.teacher
+    rank = options.lora_rank or spec.lora_rank
     model.requires_grad_(False)
     if rank:
         from peft import LoraConfig, get_peft_model
@@ -125,18 +172,18 @@ def heal(model, windows: torch.Tensor, segments: Sequence[Segment], total: int, 
         targets = sorted({child.rsplit(".", 1)[-1] for index in indices
                           for child, module in layers[index].named_modules() if _is_linear(module)})
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0,
-                            layers_to_transform=indices, layers_pattern=name.rsplit(".", 1)[-1])
+                            layers_to_transform=indices, layers_pattern=handle.layers_name.rsplit(".", 1)[-1])
         model = get_peft_model(model, config)
     else:
         for index in indices:
             layers[index].requires_grad_(True)
-        if options.heal == "last-k":
+        if spec.tail:
             for module in _tail_modules(model):
                 module.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     count = sum(p.numel() for p in trainable)
     logger.info("healing (%s): training %d parameters in layers %s", options.heal, count, indices)
-    learning_rate = options.heal_lr or DEFAULT_LEARNING_RATES[options.heal]
+    learning_rate = options.heal_lr or spec.learning_rate
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     device = model_device(model)
@@ -160,8 +207,8 @@ def heal(model, windows: torch.Tensor, segments: Sequence[Segment], total: int, 
         model = model.merge_and_unload()
     model.requires_grad_(False)
     model.eval()
-    report = {"recipe": options.heal, "layers": indices, "lora_rank": rank, "trainable_parameters": count,
-              "learning_rate": learning_rate, "steps": options.heal_steps, "loss": options.heal_loss,
-              "first_loss": losses[0],
-              "last_loss": sum(losses[-10:]) / len(losses[-10:]), "seconds": time.perf_counter() - started}
-    return model, report
+    handle.model = model
+    return HealReport(name=options.heal, layers=indices, lora_rank=rank, trainable_parameters=count,
+                      learning_rate=learning_rate, steps=options.heal_steps, loss=options.heal_loss,
+                      first_loss=losses[0], last_loss=sum(losses[-10:]) / len(losses[-10:]),
+                      seconds=time.perf_counter() - started)

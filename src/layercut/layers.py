@@ -5,14 +5,18 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from layercut.errors import LayercutError
+from layercut.report import segments_text
 
 logger = logging.getLogger(__name__)
 
 Segment = tuple[int, int]
+Candidate = tuple[Segment, ...]  # a cut: sorted, non-overlapping segments
 
 # Config entries that hold one value per decoder layer and are sliced with the layers.
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
@@ -63,6 +67,50 @@ def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> tup
         f"cannot tell which module list holds the {expected} decoder layers of {type(model).__name__} "
         f"(candidates: {names}); pass layers_path='dotted.name' (CLI: --layers-path) to name it"
     )
+
+
+@dataclass
+class Handle:
+    """A loaded causal LM with its decoder layers, found once, and its tokenizer: what every stage takes.
+
+    Cutting deletes from ``layers`` in place, so the handle stays valid after a cut.
+    """
+
+    model: nn.Module
+    layers: nn.ModuleList
+    layers_name: str
+    tokenizer: Any = None
+
+    @classmethod
+    def of(cls, model: nn.Module, tokenizer: Any = None, layers_path: str | None = None) -> Handle:
+        """Wrap ``model``, finding its decoder layers (see :func:`find_decoder_layers`)."""
+        name, layers = find_decoder_layers(model, layers_path)
+        return cls(model, layers, name, tokenizer)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+@dataclass(frozen=True)
+class Cut:
+    """What the cut stage did: the removed segments (original indices) and the sizes before and after."""
+
+    segments: list[Segment]
+    layers_before: int
+    layers_after: int
+    parameters_before: int
+    parameters_after: int
+
+
+def cut(handle: Handle, segments: Sequence[Sequence[int]]) -> Cut:
+    """Remove ``segments`` (0-based, half-open, original indices) from the handle's model in place."""
+    layers_before, parameters_before = handle.num_layers, handle.parameter_count()
+    removed = drop_layers(handle.model, segments, layers=handle.layers)
+    return Cut(removed, layers_before, handle.num_layers, parameters_before, handle.parameter_count())
 
 
 def validate_segments(segments: Sequence[Sequence[int]], total: int) -> list[Segment]:
@@ -132,14 +180,17 @@ def per_layer_config_keys(config, total: int) -> list[str]:
     return keys
 
 
-def drop_layers(model: nn.Module, segments: Sequence[Sequence[int]], layers_path: str | None = None) -> list[Segment]:
+def drop_layers(model: nn.Module, segments: Sequence[Sequence[int]], layers_path: str | None = None,
+                layers: nn.ModuleList | None = None) -> list[Segment]:
     """Remove the decoder layers in ``segments`` (0-based, half-open, original indices) from ``model`` in place.
 
     Afterwards every submodule's ``layer_idx`` equals its new position, per-layer config lists are sliced and
-    ``num_hidden_layers`` is the new count, so ``save_pretrained`` writes a standard checkpoint. Returns the
+    ``num_hidden_layers`` is the new count, so ``save_pretrained`` writes a standard checkpoint. ``layers`` is
+    the decoder layer list when already known (else found by ``layers_path`` or structure). Returns the
     validated, sorted segments.
     """
-    _, layers = find_decoder_layers(model, layers_path)
+    if layers is None:
+        _, layers = find_decoder_layers(model, layers_path)
     config = text_config(model)
     total = len(layers)
     checked = validate_segments(segments, total)
@@ -157,13 +208,8 @@ def drop_layers(model: nn.Module, segments: Sequence[Sequence[int]], layers_path
     config.num_hidden_layers = len(keep)
     if config is not model.config and hasattr(model.config, "num_hidden_layers"):
         model.config.num_hidden_layers = len(keep)
-    logger.info("removed layers %s: %d -> %d decoder layers", format_segments(checked), total, len(keep))
+    logger.info("removed layers %s: %d -> %d decoder layers", segments_text(checked), total, len(keep))
     return checked
-
-
-def format_segments(segments: Sequence[Segment]) -> str:
-    """``[(12, 18)] -> "[12:18)"``, the way layercut prints segments."""
-    return ", ".join(f"[{start}:{end})" for start, end in segments)
 
 
 def parse_segment(text: str) -> Segment:

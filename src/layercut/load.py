@@ -1,18 +1,21 @@
-"""Load a causal language model and its tokenizer from a folder, the hub, or the built-in alias ``smollm2-135m``."""
+"""The load stage: a causal language model and its tokenizer from a folder, the hub, or a built-in alias, as a
+:class:`~layercut.layers.Handle`."""
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from layercut import assets
-from layercut.config import ModelOptions
 from layercut.errors import LayercutError
+from layercut.files import staged_folder
+from layercut.layers import Handle
+
+if TYPE_CHECKING:
+    from layercut.config import ModelOptions
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +67,9 @@ def smollm2_checkpoint() -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    with staged_folder(target, overwrite=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
     return target
 
 
@@ -108,11 +104,11 @@ def check_causal(config) -> None:
         )
 
 
-def load_model(name: str, options: ModelOptions | None = None):
-    """Load ``(model, tokenizer)`` in eval mode on the requested device and dtype."""
+def load_model(name: str, options: ModelOptions) -> Handle:
+    """Load the model and tokenizer in eval mode on the requested device and dtype, with its decoder layers found
+    (``options.layers_path`` names them where structure cannot)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    options = options or ModelOptions()
     source = resolve_model(name)
     trust = options.trust_remote_code
     try:
@@ -139,9 +135,4 @@ def load_model(name: str, options: ModelOptions | None = None):
         model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
-    return model, tokenizer
-
-
-def model_device(model) -> torch.device:
-    """Device of the model's input embedding (where input ids must go, also for a dispatched model)."""
-    return model.get_input_embeddings().weight.device
+    return Handle.of(model, tokenizer, options.layers_path)

@@ -1,13 +1,14 @@
-"""Quantize a (pruned) model through a maintained library and save it as a checkpoint transformers reloads.
+"""The quantize stage: quantize a (pruned) checkpoint through a maintained library and save it as a checkpoint
+transformers reloads, measured before and after.
 
 Two routes, both thin: llm-compressor's ``oneshot`` (round-to-nearest or GPTQ; saved in the compressed-tensors
 format that transformers and vLLM load) and a transformers ``quantization_config`` applied while loading
-(bitsandbytes; runs quantized on the CPU). No quantization arithmetic lives here.
+(bitsandbytes; runs quantized on the CPU). No quantization arithmetic lives here. :data:`SCHEMES` is the one
+registry of schemes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -16,11 +17,17 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from layercut.errors import LayercutError
-from layercut.export import check_output, replace_folder
+from layercut.files import check_output, staged_folder
+from layercut.record import RECORD_FILE, Measures, Quantization, RunRecord, read_record
+from layercut.report import quantization_card
+
+if TYPE_CHECKING:
+    from layercut.config import QuantizeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +109,7 @@ def group_size(model, requested: int = 0) -> int:
                         "--group-size that does, or use int8")
 
 
-def recipe(scheme: str, model, group: int = 0):
+def modifier(scheme: str, model, group: int = 0):
     """The llm-compressor modifier that produces ``scheme`` on every ``nn.Linear`` except the output head;
     4-bit groups of ``group`` inputs (0: the largest of :data:`GROUP_SIZES` that fits)."""
     from compressed_tensors.quantization import preset_name_to_scheme
@@ -135,11 +142,12 @@ def _oneshot(model, tokenizer, scheme: str, calibration_windows: torch.Tensor | 
     from llmcompressor import oneshot
 
     if not SCHEMES[scheme].calibrated:
-        oneshot(model=model, recipe=recipe(scheme, model, group))
+        oneshot(model=model, recipe=modifier(scheme, model, group))
         return model
     count, length = calibration_windows.shape
-    oneshot(model=model, processor=tokenizer, recipe=recipe(scheme, model, group), dataset=calibration_dataset(calibration_windows),
-            max_seq_length=length, num_calibration_samples=count, shuffle_calibration_samples=False)
+    oneshot(model=model, processor=tokenizer, recipe=modifier(scheme, model, group),
+            dataset=calibration_dataset(calibration_windows), max_seq_length=length, num_calibration_samples=count,
+            shuffle_calibration_samples=False)
     return model
 
 
@@ -179,61 +187,40 @@ def package_version(package: str) -> str | None:
         return None
 
 
-def quantization_record(scheme: str, size_before: int, size_after: int,
-                        calibration_windows: torch.Tensor | None) -> dict:
+def quantization_entry(scheme: str, size_before: int, size_after: int, calibration_windows: torch.Tensor | None,
+                       group: int | None, before: Measures, after: Measures) -> Quantization:
     """The ``quantization`` entry of ``layercut.json``."""
     spec = SCHEMES[scheme]
-    record = {"scheme": scheme, "description": spec.description, "library": spec.library,
-              "library_version": package_version(spec.library), "loader": spec.loader,
-              "loader_version": package_version(spec.loader), "size_before_bytes": size_before,
-              "size_after_bytes": size_after, "size_ratio": size_after / size_before if size_before else None}
-    if spec.calibrated:
-        record["calibration_windows"] = list(calibration_windows.shape)
-    return record
-
-
-def quantization_rows(entry: dict) -> list[tuple[str, float | None, float | None]]:
-    """``(name, before, after)`` rows of a ``quantization`` entry: sizes in MiB, then what was evaluated."""
-    before, after = entry.get("before", {}), entry.get("after", {})
-    rows = [("weights on disk (MiB)", entry["size_before_bytes"] / 2**20, entry["size_after_bytes"] / 2**20)]
-    for key, name in (("memory_footprint_bytes", "parameters in memory (MiB)"), ("peak_gpu_bytes", "peak GPU memory (MiB)")):
-        if key in after:
-            rows.append((name, before[key] / 2**20 if key in before else None, after[key] / 2**20))
-    if "perplexity" in after:
-        rows.append(("perplexity", before.get("perplexity"), after["perplexity"]))
-    if "zero_shot" in after:
-        average = before.get("zero_shot", {}).get("average", {}).get("acc")
-        rows.append(("zero-shot average acc", average, after["zero_shot"]["average"]["acc"]))
-    return rows
-
-
-def card_section(entry: dict) -> str:
-    """The model-card section that says how the weights were quantized, what it cost, and which package loads them."""
-    table = "".join(f"| {name} | {'-' if a is None else f'{a:.4g}'} | {'-' if b is None else f'{b:.4g}'} |\n"
-                    for name, a, b in quantization_rows(entry))
-    return (f"\n## Quantization\n\nQuantized with `{entry['scheme']}`: {entry['description']}, by "
-            f"{entry['library']} {entry['library_version']}.\n\n"
-            f"Loading needs `pip install {entry['loader']}` next to transformers; then "
-            "`AutoModelForCausalLM.from_pretrained(path)` loads it as usual.\n\n"
-            f"| measure | before | after |\n|---|---|---|\n{table}")
+    return Quantization(
+        scheme=scheme, description=spec.description, library=spec.library,
+        library_version=package_version(spec.library), loader=spec.loader, loader_version=package_version(spec.loader),
+        size_before_bytes=size_before, size_after_bytes=size_after,
+        size_ratio=size_after / size_before if size_before else None,
+        calibration_windows=list(calibration_windows.shape) if spec.calibrated else None,
+        group_size=group if spec.grouped else None, before=before, after=after)
 
 
 @torch.no_grad()
-def footprint(model) -> dict:
+def footprint(model) -> int:
     """Bytes the model's parameters and buffers take once it has run: one forward pass of one token first, since
     some loaders unpack weights on first use (compressed-tensors on the CPU keeps them unpacked afterwards)."""
     model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.get_input_embeddings().weight.device))
-    return {"memory_footprint_bytes": int(model.get_memory_footprint())}
+    return int(model.get_memory_footprint())
 
 
-def _measured(model, tokenizer, evaluate, device: torch.device) -> dict:
-    """``evaluate(model, tokenizer)``, then :func:`footprint`, plus the peak GPU bytes of both on a GPU."""
+Evaluate = Callable[..., Measures]  # (model, tokenizer) -> Measures
+
+
+def _measured(model, tokenizer, evaluate: Evaluate | None, device: torch.device, known: Measures | None = None
+              ) -> Measures:
+    """``evaluate(model, tokenizer)`` (or the ``known`` measures), then :func:`footprint`, plus the peak GPU bytes
+    of both on a GPU."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = evaluate(model, tokenizer) if evaluate is not None else {}
-    result.update(footprint(model))
+    result = known.model_copy() if known is not None else evaluate(model, tokenizer) if evaluate else Measures()
+    result.memory_footprint_bytes = footprint(model)
     if device.type == "cuda":
-        result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        result.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(device))
     return result
 
 
@@ -245,62 +232,55 @@ def _copy_missing(source: Path, target: Path) -> None:
             shutil.copyfile(path, target / path.name)
 
 
-def quantize_checkpoint(source_dir: str | Path, scheme: str, output_dir: str | Path,
+def quantize_checkpoint(source_dir: str | Path, output_dir: str | Path, options: QuantizeOptions,
                         calibration_windows: torch.Tensor | None = None, overwrite: bool = False,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        evaluate: Callable | None = None, source_metrics: dict | None = None, group: int = 0) -> Path:
-    """Quantize the checkpoint in ``source_dir`` with ``scheme`` and write it to ``output_dir`` atomically.
+                        evaluate: Evaluate | None = None, source_measures: Measures | None = None) -> Path:
+    """Quantize the checkpoint in ``source_dir`` with ``options.quantize`` and write it to ``output_dir`` atomically.
 
     The output keeps the source's tokenizer and side files; ``layercut.json`` gains a ``quantization`` entry
     (scheme, library and version, weight bytes on disk and parameter bytes in memory before and after) and
-    ``README.md`` a section naming the package the loader needs. ``evaluate(model, tokenizer) -> dict`` (e.g.
+    ``README.md`` a section naming the package the loader needs. ``evaluate(model, tokenizer) -> Measures`` (e.g.
     perplexity and zero-shot accuracy) is applied to the written checkpoint reloaded the way ``layercut eval``
-    loads it, and to the source before quantizing unless ``source_metrics`` already holds its results.
-    Written into a temporary folder beside ``output_dir`` and renamed into place.
+    loads it, and to the source before quantizing unless ``source_measures`` already holds its results.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from layercut.config import ModelOptions
     from layercut.load import DTYPES, load_model
 
+    scheme = options.quantize
     source, output, device = Path(source_dir), check_output(output_dir, overwrite), torch.device(device)
     spec = check_scheme(scheme, device, calibration_windows is not None)
     if not (source / "config.json").is_file():
         raise LayercutError(f"{source} has no config.json; give a folder written by layercut prune or save_pretrained")
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
-    before = _measured(model, tokenizer, None if source_metrics is not None else evaluate, device)
-    before.update(source_metrics or {})
+    before = _measured(model, tokenizer, evaluate, device, source_measures)
+    group = None
     if spec.route == "llmcompressor":
         if spec.grouped:
-            group = group_size(model, group)
-        model = quantize_model(model, tokenizer, scheme, calibration_windows, group)
+            group = group_size(model, options.group_size)
+        model = quantize_model(model, tokenizer, scheme, calibration_windows, group or 0)
     else:
         del model
         model = _load_quantized(source, scheme, dtype, device)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output, overwrite) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         del model
-        entry = quantization_record(scheme, weights_size(source), weights_size(staging), calibration_windows)
-        if spec.grouped:
-            entry["group_size"] = group
-        reloaded, _ = load_model(str(staging), ModelOptions(device=str(device), dtype={v: k for k, v in DTYPES.items()}[dtype]))
-        entry.update(before=before, after=_measured(reloaded, tokenizer, evaluate, device))
+        dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+        reloaded = load_model(str(staging), ModelOptions(device=str(device), dtype=dtype_name)).model
+        after = _measured(reloaded, tokenizer, evaluate, device)
         del reloaded
-        record = json.loads((source / "layercut.json").read_text()) if (source / "layercut.json").is_file() \
-            else {"source": str(source)}
-        record["quantization"] = entry
-        (staging / "layercut.json").write_text(json.dumps(record, indent=2) + "\n")
+        entry = quantization_entry(scheme, weights_size(source), weights_size(staging), calibration_windows, group,
+                                   before, after)
+        record = read_record(source) if (source / RECORD_FILE).is_file() else RunRecord(source=str(source))
+        record.quantization = entry
+        (staging / RECORD_FILE).write_text(record.to_json())
         readme = (source / "README.md").read_text() if (source / "README.md").is_file() else ""
-        (staging / "README.md").write_text(readme + card_section(entry))
+        (staging / "README.md").write_text(readme + quantization_card(entry))
         _copy_missing(source, staging)
-        replace_folder(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.info("wrote %s (%s, %.1f -> %.1f MiB of weights)", output, scheme, entry["size_before_bytes"] / 2**20,
-                entry["size_after_bytes"] / 2**20)
+    logger.info("wrote %s (%s, %.1f -> %.1f MiB of weights)", output, scheme, entry.size_before_bytes / 2**20,
+                entry.size_after_bytes / 2**20)
     return output

@@ -1,69 +1,313 @@
-"""Compare exported pruned checkpoints: a markdown table from their ``layercut.json`` files and a PNG chart."""
+"""How layercut shows its results: numbers and segments as text, tables, the model card, and the PNG charts.
+
+Everything here reads the typed records of :mod:`layercut.record`; nothing computes a metric.
+"""
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from layercut.errors import LayercutError
+from layercut.record import CompareResult, Quantization, RunRecord
 
+if TYPE_CHECKING:
+    from layercut.gate import SearchResult
 
-def read_records(folders: list[str | Path]) -> list[tuple[str, dict]]:
-    """``(folder name, layercut.json)`` for each folder; LayercutError for a folder layercut did not write."""
-    records = []
-    for folder in map(Path, folders):
-        path = folder / "layercut.json"
-        if not path.is_file():
-            raise LayercutError(f"{folder} has no layercut.json; give folders written by `layercut prune`")
-        records.append((folder.name, json.loads(path.read_text())))
-    return records
+Row = tuple[str, "float | int | None", "float | int | None"]
 
 
-def _fmt(value, digits: int = 2) -> str:
+# ----------------------------------------------------------------------------------------------- text
+
+
+def number(value, spec: str = ".4g") -> str:
+    """A number as text with format ``spec``; ``-`` for None or NaN; integers and strings as they are."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:.{digits}f}"
+    return format(value, spec) if isinstance(value, float) else str(value)
 
 
-def markdown(records: list[tuple[str, dict]]) -> str:
+def segments_text(segments: Sequence[Sequence[int]], separator: str = ", ") -> str:
+    """``[(12, 18)] -> "[12:18)"``: 0-based, end exclusive, the way layercut prints segments."""
+    return separator.join(f"[{start}:{end})" for start, end in segments)
+
+
+def key_value_table(rows: Sequence[tuple[str, str]]) -> str:
+    """A two-column markdown table of (name, value) rows."""
+    width = max(len(name) for name, _ in rows)
+    lines = [f"| {'':{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {name:{width}} | {value} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def metric_rows(record: RunRecord) -> list[Row]:
+    """``(name, dense, pruned)`` rows of a record's metrics: perplexity, zero-shot accuracy, speed."""
+    metrics, rows = record.metrics, []
+    if metrics.perplexity is not None:
+        ppl = metrics.perplexity
+        rows.append((f"perplexity ({ppl.text or '?'}, {ppl.windows or '?'} x {ppl.seq_len or '?'} tokens)",
+                     ppl.before, ppl.after))
+    if metrics.zero_shot is not None:
+        before, after = metrics.zero_shot.before, metrics.zero_shot.after
+        rows += [(f"{task} acc", score.acc, after.tasks[task].acc) for task, score in before.tasks.items()]
+        rows.append(("zero-shot average acc", before.average.acc, after.average.acc))
+    if metrics.speed is not None:
+        speed = metrics.speed
+        rows.append(("prefill tokens/s", speed.before.prefill_tokens_per_s, speed.after.prefill_tokens_per_s))
+        rows.append(("decode tokens/s", speed.before.decode_tokens_per_s, speed.after.decode_tokens_per_s))
+    return rows
+
+
+def quantization_rows(entry: Quantization) -> list[Row]:
+    """``(name, before, after)`` rows of a quantization entry: sizes in MiB, then what was evaluated."""
+    before, after = entry.before, entry.after
+    rows: list[Row] = [("weights on disk (MiB)", entry.size_before_bytes / 2**20, entry.size_after_bytes / 2**20)]
+    for key, name in (("memory_footprint_bytes", "parameters in memory (MiB)"),
+                      ("peak_gpu_bytes", "peak GPU memory (MiB)")):
+        if getattr(after, key) is not None:
+            earlier = getattr(before, key)
+            rows.append((name, None if earlier is None else earlier / 2**20, getattr(after, key) / 2**20))
+    if after.perplexity is not None:
+        rows.append(("perplexity", before.perplexity, after.perplexity))
+    if after.zero_shot is not None:
+        rows.append(("zero-shot average acc", before.zero_shot.average.acc if before.zero_shot else None,
+                     after.zero_shot.average.acc))
+    return rows
+
+
+def summary(record: RunRecord, output: str | Path) -> str:
+    """The table ``layercut prune`` prints: what was cut, how, and the metrics dense -> pruned."""
+    rows = [
+        ("removed segments", segments_text(record.segments or [])),
+        ("layers", f"{record.num_layers_before} -> {record.num_layers_after}"),
+        ("parameters", f"{record.parameters_before:,} -> {record.parameters_after:,}"),
+        ("search", f"{record.method} (KL {number(record.search.kl)}, {record.search.seconds:.1f}s)"),
+        ("heal", f"{record.heal} ({record.healing.trainable_parameters:,} trainable parameters)"),
+        ("perplexity after the cut, before repair", number(record.metrics.perplexity.after_cut)),
+        *((f"{name}: dense -> pruned", f"{number(before)} -> {number(after)}")
+          for name, before, after in metric_rows(record)),
+    ]
+    if record.quantization is not None:
+        rows += quantization_summary_rows(record.quantization, "pruned -> quantized")
+    rows.append(("output", str(output)))
+    return key_value_table(rows)
+
+
+def quantization_summary_rows(entry: Quantization, label: str) -> list[tuple[str, str]]:
+    """Rows for :func:`key_value_table`: the scheme and library, then each measure ``label``-ed before -> after."""
+    return [("quantization", f"{entry.scheme} ({entry.library} {entry.library_version})"),
+            *((f"{name}: {label}", f"{number(before)} -> {number(after)}")
+              for name, before, after in quantization_rows(entry))]
+
+
+def search_table(found: SearchResult) -> str:
+    """The table ``layercut search`` prints."""
+    return key_value_table([("method", found.method), ("segments", segments_text(found.segments)),
+                            ("KL (nats/token)", number(found.kl)), ("seconds", f"{found.seconds:.1f}"),
+                            ("cuts scored exactly", str(found.evaluations))])
+
+
+def eval_table(result: dict) -> str:
+    """The table ``layercut eval`` prints from its JSON result."""
+    rows = []
+    if "perplexity" in result:
+        rows.append((f"perplexity ({result['text']})", number(result["perplexity"])))
+    for task, values in result.get("tasks", {}).items():
+        rows.append((f"{task} acc / acc_norm", f"{number(values.get('acc'))} / {number(values.get('acc_norm'))}"))
+    if "speed" in result:
+        for kind in ("prefill", "decode"):
+            rows.append((f"{kind} tokens/s", number(result["speed"][f"{kind}_tokens_per_s"])))
+    if "average" in result:
+        rows.append(("average acc / acc_norm",
+                     f"{number(result['average']['acc'])} / {number(result['average']['acc_norm'])}"))
+    return key_value_table(rows)
+
+
+# ----------------------------------------------------------------------------------------------- model card
+
+
+def model_card(record: RunRecord, recipe_yaml: str, name: str = "pruned model") -> str:
+    """A README.md for the pruned checkpoint that states what was removed and embeds the exact recipe."""
+    rows = "\n".join(f"| {metric} | {number(before)} | {number(after)} |" for metric, before, after in
+                     metric_rows(record))
+    table = f"| metric | dense | pruned |\n|---|---|---|\n{rows}\n" if rows else "No metrics were recorded.\n"
+    return f"""---
+library_name: transformers
+tags:
+- layercut
+- pruned
+---
+# {name}
+
+Pruned with layercut from `{record.source}`: decoder layers {segments_text(record.segments or [])}
+(0-based, end exclusive) were removed, leaving {record.num_layers_after} of {record.num_layers_before} layers
+({record.parameters_after:,} of {record.parameters_before:,} parameters). Selection: `{record.method}`;
+heal: `{record.heal}`.
+
+It is a standard checkpoint: `AutoModelForCausalLM.from_pretrained(path)` loads it without layercut.
+
+## Metrics
+
+{table}
+## Recipe
+
+```yaml
+{recipe_yaml}```
+
+Full record: `layercut.json`. Library versions: {', '.join(f'{k} {v}' for k, v in record.versions.items())}.
+"""
+
+
+def quantization_card(entry: Quantization) -> str:
+    """The model-card section that says how the weights were quantized, what it cost, and which package loads them."""
+    table = "".join(f"| {name} | {number(before)} | {number(after)} |\n"
+                    for name, before, after in quantization_rows(entry))
+    return (f"\n## Quantization\n\nQuantized with `{entry.scheme}`: {entry.description}, by "
+            f"{entry.library} {entry.library_version}.\n\n"
+            f"Loading needs `pip install {entry.loader}` next to transformers; then "
+            "`AutoModelForCausalLM.from_pretrained(path)` loads it as usual.\n\n"
+            f"| measure | before | after |\n|---|---|---|\n{table}")
+
+
+# ----------------------------------------------------------------------------------------------- several runs
+
+
+def records_table(records: Sequence[tuple[str, RunRecord]]) -> str:
     """One row per checkpoint: segments, layers, perplexity dense → pruned, zero-shot average and speed-up."""
     lines = [("| checkpoint | source | removed | layers | parameters | ppl dense | ppl pruned | avg acc dense | "
-             "avg acc pruned | retention | decode speed-up (limit) |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "avg acc pruned | retention | decode speed-up (limit) |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, record in records:
-        metrics = record.get("metrics", {})
-        ppl = metrics.get("perplexity", {})
-        zero_shot = metrics.get("zero_shot")
-        speed = metrics.get("speed")
-        removed = " ".join(f"[{s}:{e})" for s, e in record["segments"])
-        speed_up = f"{speed['decode_ratio']:.2f} ({speed['limit']:.2f})" if speed else "-"
-        accuracy = [_fmt(zero_shot["before"]["average"]["acc"], 3), _fmt(zero_shot["after"]["average"]["acc"], 3),
-                    _fmt(zero_shot["retention"]["average"].get("retention"), 3)] if zero_shot else ["-"] * 3
+        ppl, zero_shot, speed = record.metrics.perplexity, record.metrics.zero_shot, record.metrics.speed
+        speed_up = f"{speed.decode_ratio:.2f} ({speed.limit:.2f})" if speed else "-"
+        accuracy = [number(zero_shot.before.average.acc, ".3f"), number(zero_shot.after.average.acc, ".3f"),
+                    number(zero_shot.retention.average.retention, ".3f")] if zero_shot else ["-"] * 3
         lines.append(
-            f"| {name} | {record['source']} | {removed} | {record['num_layers_before']} → {record['num_layers_after']} | "
-            f"{record['parameters_after'] / 1e6:.1f}M | {_fmt(ppl.get('before'))} | {_fmt(ppl.get('after'))} | "
+            f"| {name} | {record.source} | {segments_text(record.segments or [], ' ')} | "
+            f"{record.num_layers_before} → {record.num_layers_after} | {(record.parameters_after or 0) / 1e6:.1f}M | "
+            f"{number(ppl.before if ppl else None, '.2f')} | {number(ppl.after if ppl else None, '.2f')} | "
             f"{' | '.join(accuracy)} | {speed_up} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def chart(records: list[tuple[str, dict]], path: Path) -> None:
-    """Bar chart of dense and pruned perplexity per checkpoint."""
+def compare_table(result: CompareResult) -> str:
+    """The comparison as a markdown table, dense model first."""
+    zero_shot = result.dense.zero_shot is not None
+    head = "| method | segments | KL | ppl cut | ppl healed | trainable | search s | heal s |"
+    rule = "|---|---|---|---|---|---|---|---|"
+    if zero_shot:
+        head += " avg acc | retention |"
+        rule += "---|---|"
+    lines = [f"# {result.model}: {result.remove} layers removed, heal `{result.rows[0].heal}`", "", head, rule]
+    dense_row = f"| dense | - | - | - | {number(result.dense.perplexity, '.2f')} | - | - | - |"
+    if zero_shot:
+        dense_row += f" {number(result.dense.zero_shot.average.acc, '.3f')} | 1.000 |"
+    lines.append(dense_row)
+    for row in result.rows:
+        line = (f"| {row.method} | {segments_text(row.segments, ' ')} | {number(row.kl, '.3f')} | "
+                f"{number(row.perplexity_cut, '.2f')} | {number(row.perplexity, '.2f')} | "
+                f"{row.trainable_parameters:,} | {number(row.search_seconds, '.1f')} | {number(row.heal_seconds, '.1f')} |")
+        if zero_shot:
+            retention = row.retention.retention if row.retention else None
+            line += f" {number(row.zero_shot.average.acc, '.3f')} | {number(retention, '.3f')} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- charts
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [name for name, _ in records]
-    before = [r.get("metrics", {}).get("perplexity", {}).get("before", float("nan")) for _, r in records]
-    after = [r.get("metrics", {}).get("perplexity", {}).get("after", float("nan")) for _, r in records]
-    figure, axis = plt.subplots(figsize=(1.4 * len(records) + 3, 3.5))
-    positions = range(len(records))
-    axis.bar([p - 0.2 for p in positions], before, 0.4, label="dense", color="tab:gray")
-    axis.bar([p + 0.2 for p in positions], after, 0.4, label="pruned", color="tab:blue")
-    axis.set_xticks(list(positions), names, rotation=20)
-    axis.set_ylabel("perplexity")
+    return plt
+
+
+def _bars(path: Path, names: list[str], series: list[tuple[str, list[float], str]], ylabel: str,
+          title: str | None = None, line: tuple[str, float] | None = None, log: bool = False) -> None:
+    """Grouped bars, one group per name and one bar per ``(label, values, colour)`` series."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(1.3 * len(names) + 3, 3.5))
+    width = 0.8 / len(series)
+    for index, (label, values, colour) in enumerate(series):
+        offset = (index - (len(series) - 1) / 2) * width
+        axis.bar([p + offset for p in range(len(names))], values, width, label=label, color=colour)
+    if line is not None:
+        axis.axhline(line[1], color="k", ls="--", lw=1, label=line[0])
+    axis.set_xticks(list(range(len(names))), names, rotation=20)
+    if log:
+        axis.set_yscale("log")
+    axis.set_ylabel(ylabel)
+    if title:
+        axis.set_title(title)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def records_chart(records: Sequence[tuple[str, RunRecord]], path: Path) -> None:
+    """Bar chart of dense and pruned perplexity per checkpoint."""
+    def perplexity(record: RunRecord, key: str) -> float:
+        ppl = record.metrics.perplexity
+        return float("nan") if ppl is None else getattr(ppl, key)
+
+    _bars(path, [name for name, _ in records],
+          [("dense", [perplexity(r, "before") for _, r in records], "tab:gray"),
+           ("pruned", [perplexity(r, "after") for _, r in records], "tab:blue")], "perplexity")
+
+
+def compare_chart(result: CompareResult, path: Path) -> None:
+    """Bar chart of healed (and cut) perplexity per method, with the dense model as a line."""
+    _bars(path, [row.method for row in result.rows],
+          [("cut", [row.perplexity_cut for row in result.rows], "tab:gray"),
+           ("healed", [row.perplexity for row in result.rows], "tab:blue")], "perplexity",
+          f"{result.model}: {result.remove} layers removed", ("dense", result.dense.perplexity), log=True)
+
+
+def search_charts(found: SearchResult, folder: Path) -> dict[str, Path]:
+    """Write ``gate_trajectory.png`` (when the gate ran) and ``kl_landscape.png`` (when cuts were scored)."""
+    plt = _pyplot()
+    written = {}
+    if found.trajectory and "starts" in found.trajectory[0]:
+        steps = [row["step"] for row in found.trajectory]
+        figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        profiles = len(found.trajectory[0]["starts"])
+        for profile in range(profiles):
+            for segment in range(len(found.trajectory[0]["starts"][profile])):
+                top.plot(steps, [row["starts"][profile][segment] for row in found.trajectory], lw=1)
+            bottom.plot(steps, [row["loss"][profile] for row in found.trajectory], lw=1)
+        top.set_ylabel("notch start (layer)")
+        top.set_title(f"gate search: chosen {segments_text(found.segments)}")
+        tau = top.twinx()
+        tau.plot(steps, [row["tau"] for row in found.trajectory], "k--", lw=1)
+        tau.set_ylabel("temperature τ (dashed)")
+        bottom.set_ylabel("KL per profile (nats/token)")
+        bottom.set_xlabel("step")
+        bottom.set_yscale("log")
+        figure.tight_layout()
+        written["gate_trajectory.png"] = folder / "gate_trajectory.png"
+        figure.savefig(written["gate_trajectory.png"], dpi=110)
+        plt.close(figure)
+    single = {int(key.split(":")[0]): value for key, value in found.landscape.items() if " " not in key and key}
+    if single:
+        figure, axis = plt.subplots(figsize=(7, 3.5))
+        starts = sorted(single)
+        axis.bar(starts, [single[s] for s in starts], color="tab:blue")
+        chosen = found.segments[0][0] if len(found.segments) == 1 else None
+        if chosen in single:
+            axis.bar([chosen], [single[chosen]], color="tab:red", label="chosen")
+            axis.legend()
+        axis.set_xlabel("segment start (layer)")
+        kl = found.method in ("clp", "exhaustive")
+        axis.set_ylabel("hard-cut KL (nats/token)" if kl else f"{found.method} score")
+        axis.set_title(f"{found.method}: {'KL of each scored cut' if kl else 'score by start layer'}")
+        figure.tight_layout()
+        written["kl_landscape.png"] = folder / "kl_landscape.png"
+        figure.savefig(written["kl_landscape.png"], dpi=110)
+        plt.close(figure)
+    return written

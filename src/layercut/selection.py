@@ -1,0 +1,89 @@
+"""The search stage: which segments to cut, given by the user or chosen by a selection method.
+
+:data:`METHODS` is the one registry of selection methods; the CLI's choices, the docs and the dispatch read it.
+A new method is one function with the signature of :func:`layercut.gate.search_gate` plus one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from layercut.criteria import CRITERIA, select_by_criterion
+from layercut.errors import LayercutError
+from layercut.gate import SearchResult, search_exhaustive, search_gate
+from layercut.layers import Handle, Segment, parse_segment, validate_segments
+
+if TYPE_CHECKING:
+    from layercut.config import SearchOptions
+
+
+@dataclass(frozen=True)
+class Method:
+    """A selection method: ``search(handle, windows, remove, options, batch_size, seed, progress)`` and its help."""
+
+    search: Callable[..., SearchResult]
+    help: str
+
+
+def _criterion(name: str) -> Callable[..., SearchResult]:
+    def search(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int = 4,
+               seed: int = 0, progress=None) -> SearchResult:
+        return select_by_criterion(handle, windows, remove, name, batch_size)
+
+    return search
+
+
+METHODS: dict[str, Method] = {
+    "clp": Method(search_gate, "the concave gate: a soft notch whose position is learned by minimising the KL "
+                               "between the dense and the gated model"),
+    "exhaustive": Method(search_exhaustive, "the exact oracle: the hard-cut KL of every window of n layers"),
+    **{name: Method(_criterion(name), criterion.help) for name, criterion in CRITERIA.items()},
+}
+GATE_METHODS = ("clp",)  # the methods that train the gate (and take the gate options)
+
+
+def removal_count(options: SearchOptions, total: int) -> int:
+    """Layers to remove from ``--remove`` or ``--ratio`` (rounded to whole layers)."""
+    if options.remove is not None and options.ratio is not None:
+        raise LayercutError("give either --remove N or --ratio R, not both")
+    if options.remove is not None:
+        count = options.remove
+    elif options.ratio is not None:
+        if not 0 < options.ratio < 1:
+            raise LayercutError(f"--ratio {options.ratio} must be between 0 and 1 (a fraction of the layers)")
+        count = round(options.ratio * total)
+    else:
+        raise LayercutError("say how much to remove: --remove N, --ratio R or --segment START:END")
+    if not 0 < count < total:
+        raise LayercutError(f"cannot remove {count} of {total} layers; choose between 1 and {total - 1}")
+    if count < options.segments:
+        raise LayercutError(f"cannot split {count} removed layers into {options.segments} segments")
+    return count
+
+
+def plan(options: SearchOptions, total: int) -> list[Segment] | int:
+    """The validated segments the options name, or else the number of layers to remove; checked before work."""
+    if options.segment:
+        return validate_segments([parse_segment(text) for text in options.segment], total)
+    if options.method == "exhaustive" and options.segments > 1:
+        raise LayercutError("--method exhaustive searches one segment; use --method clp for --segments > 1")
+    return removal_count(options, total)
+
+
+def gate_steps(options: SearchOptions) -> int | None:
+    """Steps the gate search will take (for a progress bar), or None when no gate runs."""
+    return options.gate_steps if options.method in GATE_METHODS and not options.segment else None
+
+
+def search(handle: Handle, windows: torch.Tensor, options: SearchOptions, batch_size: int = 4, seed: int = 0,
+           progress=None) -> SearchResult:
+    """The segments to cut: the given ones, or those the options' method finds on calibration ``windows``
+    ``[N, T]``. ``progress`` (optional) is called with 1 after each gate step."""
+    planned = plan(options, handle.num_layers)
+    if isinstance(planned, list):
+        return SearchResult("given", planned, float("nan"), 0.0)
+    return METHODS[options.method].search(handle, windows, planned, options, batch_size, seed, progress)
