@@ -1,4 +1,5 @@
-# layercut: `make demo` prunes the real SmolLM2-135M offline; `make test` runs the test suite.
+# layercut: `make demo` prunes the real SmolLM2-135M offline; `make test` runs the test suite (`make test-fast`: its
+# fast tier).
 # Both create .venv/ in the repo root, install what they need, and are safe to run again.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ ASSETS := $(VENV)/.assets
 TORCH := torch==2.13.0
 DEMO_OUT ?= runs/demo-smollm2
 
-.PHONY: install assets test demo bench-cpu clean
+.PHONY: install assets test test-fast demo bench-cpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +34,14 @@ assets: $(ASSETS)
 test: $(ASSETS)
 	$(BIN)/python -m pytest -q
 
+# The fast tier: tiny models built from config; no lm-eval, llm-compressor or real model (tests marked slow).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 demo: $(ASSETS)
 	$(BIN)/layercut prune smollm2-135m --ratio 0.2 --output $(DEMO_OUT) --overwrite \
 		--seq-len 128 --calib-windows 8 --ppl-windows 32 \
-		--gate-starts 4 --gate-windows 1 --gate-steps 20 \
+		--gate-profiles 4 --gate-windows 1 --gate-steps 20 \
 		--heal-steps 60 --heal-batch 4 --heal-windows 96
 
 clean:

@@ -144,12 +144,14 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(workspace, en
     assert sorted(p.name for p in workspace.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_console_script_exit_code(workspace):
     result = subprocess.run([sys.executable, "-m", "layercut", "search", str(workspace / "missing"), "--remove", "1"],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "layercut: error:" in result.stderr
 
 
+@pytest.mark.slow
 def test_compare_runs_every_method_and_resumes(workspace, tmp_path, capsys):
     out = tmp_path / "compare"
     argv = ["compare", str(workspace / "tiny"), "--remove", "2", "--methods", "clp,exhaustive,angular,sleb,tail",
@@ -178,6 +180,7 @@ def test_search_json_for_every_baseline(workspace, capsys):
         assert result["method"] == method and sum(e - s for s, e in result["segments"]) == 2
 
 
+@pytest.mark.slow
 def test_prune_with_eval_records_zero_shot_and_speed_and_report_compares(workspace, tmp_path, capsys):
     from layercut.zeroshot import evaluate_zero_shot
 

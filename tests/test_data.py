@@ -55,6 +55,7 @@ def long_paragraphs(text: str) -> set[str]:
     return {p for p in text.split("\n\n") if len(p) > 200}
 
 
+@pytest.mark.slow  # parses the Wikipedia sample on a first run
 def test_wiki_parts_are_clean_disjoint_prose(wiki, corpus_cache):
     calib, test = wiki["calib"], wiki["test"]
     assert 300_000 < len(calib.split()) and 40_000 < len(test.split()) < len(calib.split()) / 2

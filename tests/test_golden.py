@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from conftest import build_tiny, write_text
 from layercut.cli import main
 
+pytestmark = pytest.mark.slow  # ten CLI runs
+
 METHODS = ("clp", "exhaustive", "tail", "block-influence", "angular", "cosine-block", "sleb", "ppl", "taylor")
 
 GOLDEN = Path(__file__).parent / "golden" / "prune_demo.json"

@@ -18,6 +18,8 @@ from layercut.quantize import SCHEMES, check_scheme, weights_size
 from layercut.quantize import quantize_checkpoint as quantize
 from layercut.record import Measures
 
+pytestmark = pytest.mark.slow  # llm-compressor, bitsandbytes
+
 
 def quantize_checkpoint(source, scheme, output, calibration=None, evaluate=None, group=0):
     return quantize(source, output, QuantizeOptions(quantize=scheme, group_size=group), calibration,

