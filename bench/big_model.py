@@ -15,7 +15,6 @@ the chosen segment meaningless; only cost is measured. Results are rewritten aft
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import statistics
@@ -179,7 +178,7 @@ def main() -> None:
                          gate_windows=arguments.step_windows, gate_checkpointing=True)
     if arguments.plain_steps:
         reset_peaks(gpus)
-        plain_options = dataclasses.replace(gate, gate_steps=arguments.plain_steps, gate_checkpointing=False)
+        plain_options = gate.replace(gate_steps=arguments.plain_steps, gate_checkpointing=False)
         plain = selection.search(handle, windows, plain_options, batch_size=4)
         peak = peaks(gpus)
         measures.update({"no checkpointing: gate steps": arguments.plain_steps,
@@ -213,7 +212,7 @@ def main() -> None:
     })
     write(result, out)
     if arguments.oracle:
-        oracle = selection.search(handle, windows, dataclasses.replace(gate, method="exhaustive"), batch_size=4)
+        oracle = selection.search(handle, windows, gate.replace(method="exhaustive"), batch_size=4)
         measures.update({"exhaustive: seconds": oracle.seconds, "exhaustive: cuts scored": oracle.evaluations})
         write(result, out)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import logging
 import time
@@ -84,8 +83,8 @@ def repair_rows(handle, arguments, search: list[dict]) -> list[dict]:
         segments = next(r["oracle_segments"] for r in search if r["remove"] == remove)
         row = {"remove": remove, "segments": segments, "dense": dense}
         # "all": every remaining layer, full weights: the endpoint heal's upper reference
-        for name, heal_options in (("none", dataclasses.replace(base, heal="none")), ("endpoints", base),
-                                   ("all", dataclasses.replace(base, heal="last-k", last_k=total))):
+        for name, heal_options in (("none", base.replace(heal="none")), ("endpoints", base),
+                                   ("all", base.replace(heal="last-k", last_k=total))):
             pruned = copy.deepcopy(handle)
             removed = cut(pruned, segments)
             synchronize()

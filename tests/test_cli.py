@@ -112,15 +112,15 @@ def encoder_only(workspace):
 
 
 BAD = [
-    (["prune", "{root}/missing", "--segment", "1:2"], "neither an existing folder"),
+    (["prune", "{root}/missing", "--segment", "1:2"], "does not exist"),
     (["prune", "{bert}", "--segment", "1:2"], "not a decoder-only"),
     (["prune", "{tiny}", "--segment", "4:9"], "out of range"),
-    (["prune", "{tiny}", "--segment", "3:3"], "empty"),
+    (["prune", "{tiny}", "--segment", "3:3"], "END is exclusive"),
     (["prune", "{tiny}", "--segment", "1:3", "--segment", "2:4"], "overlap"),
     (["prune", "{tiny}", "--segment", "0:6"], "leaves none"),
     (["prune", "{tiny}", "--remove", "6"], "cannot remove 6"),
     (["prune", "{tiny}", "--segment", "1:2", "--seq-len", "5000"], "smaller --seq-len"),
-    (["prune", "{tiny}", "--segment", "1:2", "--recipe", "{root}/bad_recipe.yaml"], "unknown key"),
+    (["prune", "{tiny}", "--segment", "1:2", "--recipe", "{root}/bad_recipe.yaml"], "unknown option 'remov'"),
     (["prune", "{tiny}", "--segment", "1:2", "--output", "{root}/tiny"], "already exists"),
     (["search", "{tiny}", "--remove", "2", "--calib", "nowhere-corpus"], "nowhere-corpus"),
 ]

@@ -10,14 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import LAYERS, build_tiny, random_ids
-from layercut.config import HealOptions, ModelOptions, SearchOptions
+from layercut.config import HealOptions, ModelOptions, SearchOptions, parse_max_memory
 from layercut.errors import LayercutError
 from layercut.evaluate import perplexity
 from layercut.forward import hard_kl
 from layercut.gate import search_gate
 from layercut.heal import HealData, heal, teacher_targets
 from layercut.layers import Handle, cut, drop_layers, find_decoder_layers
-from layercut.load import load_model, parse_max_memory
+from layercut.load import load_model
 
 
 def gate_search(model, windows, **options):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -49,8 +51,8 @@ def run_quantize(arguments: argparse.Namespace) -> int:
 
     from layercut.data import calibrate
     from layercut.load import resolve_device, resolve_dtype
-    from layercut.pipeline import quantize_folder
-    from layercut.quantize import SCHEMES, check_scheme
+    from layercut.pipeline import check_before_work, quantize_folder
+    from layercut.quantize import SCHEMES
     from layercut.record import read_record
     from layercut.report import key_value_table, quantization_summary_rows
 
@@ -62,8 +64,8 @@ def run_quantize(arguments: argparse.Namespace) -> int:
     if not (source / "config.json").is_file():
         raise LayercutError(f"{source} is not a checkpoint folder (no config.json); give a folder written by "
                             "layercut prune or save_pretrained")
+    check_before_work(str(source), recipe, arguments.output, arguments.overwrite, cuts=False)
     device = resolve_device(recipe.model.device)
-    check_scheme(scheme, device)
     show = _stage_printer()
     tokenizer = AutoTokenizer.from_pretrained(source)
     windows = calibrate(tokenizer, recipe.data, test=arguments.evaluate) if SCHEMES[scheme].calibrated or \
@@ -80,22 +82,25 @@ def run_quantize(arguments: argparse.Namespace) -> int:
 def run_search(arguments: argparse.Namespace) -> int:
     from layercut import selection
     from layercut.data import calibrate
+    from layercut.files import check_output, staged_folder
     from layercut.load import load_model
+    from layercut.pipeline import check_before_work
     from layercut.report import search_charts, search_table
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
+    if arguments.plots:
+        check_output(arguments.plots, arguments.overwrite, marker="search.json")
+    check_before_work(arguments.model, recipe)
     show = _stage_printer()
     show("load")
     handle = load_model(arguments.model, recipe.model)
-    selection.plan(recipe.search, handle.num_layers)
     windows = calibrate(handle.tokenizer, recipe.data, test=False)
     found = selection.search(handle, windows.calibration, recipe.search, recipe.data.batch_size, recipe.data.seed,
                              show(f"search ({recipe.search.method})", selection.gate_steps(recipe.search)))
     if arguments.plots:
-        folder = Path(arguments.plots)
-        folder.mkdir(parents=True, exist_ok=True)
-        search_charts(found, folder)
-        (folder / "search.json").write_text(json.dumps(found.summary(with_details=True), indent=2) + "\n")
+        with staged_folder(arguments.plots, arguments.overwrite, marker="search.json") as folder:
+            search_charts(found, folder)
+            (folder / "search.json").write_text(json.dumps(found.summary(with_details=True), indent=2) + "\n")
     if arguments.json:
         print(json.dumps(found.summary()))
     else:
@@ -106,10 +111,12 @@ def run_search(arguments: argparse.Namespace) -> int:
 def run_eval(arguments: argparse.Namespace) -> int:
     from layercut.evaluate import evaluate, task_list
     from layercut.load import load_model
+    from layercut.pipeline import check_before_work
     from layercut.report import eval_table
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
     want_ppl = "data.ppl" in vars(arguments) or not (task_list(recipe.evaluation) or recipe.evaluation.speed)
+    check_before_work(arguments.model, recipe, cuts=False)
     show = _stage_printer()
     show("load")
     handle = load_model(arguments.model, recipe.model)
@@ -140,30 +147,37 @@ def run_compare(arguments: argparse.Namespace) -> int:
 
     recipe = config.recipe_from_arguments(arguments, arguments.recipe)
     methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
-    print(compare_table(compare(arguments.model, recipe, methods, arguments.output, progress=_stage_printer())))
+    result = compare(arguments.model, recipe, methods, arguments.output, arguments.overwrite, _stage_printer())
+    print(compare_table(result))
     return 0
 
 
 def run_report(arguments: argparse.Namespace) -> int:
+    from layercut.files import check_writable, staged_file
     from layercut.record import read_record
     from layercut.report import records_chart, records_table
 
     records = [(Path(folder).name, read_record(folder)) for folder in arguments.folders]
     chart = Path(arguments.chart)
-    if chart.exists() and not arguments.overwrite:
-        raise LayercutError(f"{chart} already exists; choose another --chart path or pass --overwrite")
+    if chart.exists() and (chart.is_dir() or not arguments.overwrite):
+        raise LayercutError(f"{chart} already exists; choose another --chart path"
+                            + ("" if chart.is_dir() else " or pass --overwrite"))
+    check_writable(chart.parent)
     print(records_table(records))
-    records_chart(records, chart)
+    with staged_file(chart) as staging:
+        records_chart(records, staging)
     print(f"chart: {chart}", file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layercut", description=__doc__.splitlines()[0])
+    # No abbreviated flags: --segment must never be read as --segments.
+    parser = argparse.ArgumentParser(prog="layercut", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     commands = parser.add_subparsers(dest="command", required=True)
+    command = functools.partial(commands.add_parser, allow_abbrev=False)
 
-    prune = commands.add_parser("prune", help="search, cut, heal and export a pruned checkpoint")
+    prune = command("prune", help="search, cut, heal and export a pruned checkpoint")
     prune.add_argument("model", help="model folder, hub id, or smollm2-135m")
     prune.add_argument("--output", required=True, help="folder to write the pruned checkpoint into")
     prune.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
@@ -171,22 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(prune)
     prune.set_defaults(run=run_prune)
 
-    search = commands.add_parser("search", help="find the segment(s) to cut; writes nothing unless asked")
+    search = command("search", help="find the segment(s) to cut; writes nothing unless asked")
     search.add_argument("model", help="model folder, hub id, or smollm2-135m")
     search.add_argument("--json", action="store_true", help="print one JSON object")
-    search.add_argument("--plots", help="folder to write the trajectory and landscape plots into")
+    search.add_argument("--plots", help="folder to write search.json and the trajectory and landscape plots into")
+    search.add_argument("--overwrite", action="store_true", help="replace --plots if it holds an earlier search")
     search.add_argument("--recipe", help="YAML recipe; flags override it")
     config.add_arguments(search, ("model", "data", "search"))
     search.set_defaults(run=run_search)
 
-    evaluate = commands.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
+    evaluate = command("eval", help="perplexity and zero-shot accuracy of a model")
     evaluate.add_argument("model", help="model folder, hub id, or smollm2-135m")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--recipe", help="YAML recipe; flags override it")
     config.add_arguments(evaluate, ("model", "data", "evaluation"), exclude=("eval",))
     evaluate.set_defaults(run=run_eval)
 
-    quantizing = commands.add_parser("quantize", help="quantize a checkpoint (e.g. a pruned one) and measure the cost")
+    quantizing = command("quantize", help="quantize a checkpoint (e.g. a pruned one) and measure the cost")
     quantizing.add_argument("model", help="checkpoint folder (written by layercut prune or save_pretrained)")
     quantizing.add_argument("--output", required=True, help="folder to write the quantized checkpoint into")
     quantizing.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
@@ -197,16 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
                          exclude=("eval", "device_map", "trust_remote_code", "layers_path"))
     quantizing.set_defaults(run=run_quantize)
 
-    comparison = commands.add_parser("compare", help="run several selection methods under one protocol")
+    comparison = command("compare", help="run several selection methods under one protocol")
     comparison.add_argument("model", help="model folder, hub id, or smollm2-135m")
     comparison.add_argument("--methods", default=",".join(config.METHODS),
                             help=f"comma-separated methods (default: all of {', '.join(config.METHODS)})")
     comparison.add_argument("--output", required=True, help="folder for compare.json/.md/.png; reruns resume")
+    comparison.add_argument("--overwrite", action="store_true",
+                            help="replace the cells of --output when they were made with another model, data or "
+                                 "recipe")
     comparison.add_argument("--recipe", help="YAML recipe; flags override it")
-    config.add_arguments(comparison, exclude=("eval", "speed", "quantize"))
+    config.add_arguments(comparison, exclude=("eval", "speed", "quantize", "group_size", "segment"))
     comparison.set_defaults(run=run_compare)
 
-    reporting = commands.add_parser("report", help="compare exported checkpoints: markdown table and PNG chart")
+    reporting = command("report", help="compare exported checkpoints: markdown table and PNG chart")
     reporting.add_argument("folders", nargs="+", help="folders written by layercut prune")
     reporting.add_argument("--chart", default="layercut-report.png", help="PNG chart to write")
     reporting.add_argument("--overwrite", action="store_true", help="replace --chart if it exists")
@@ -214,15 +232,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that what it was writing is cleaned up on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 2 bad input (one line naming the fix), 130 SIGINT, 143 SIGTERM; a
+    staging folder is removed on the way out, and nothing half-written is left at the output."""
     parser = build_parser()
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if arguments.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "lm_eval", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return arguments.run(arguments)
     except LayercutError as error:
         print(f"layercut: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("layercut: interrupted (SIGINT); nothing half-written was left", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("layercut: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)

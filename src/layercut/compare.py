@@ -1,13 +1,17 @@
 """Run several selection methods with identical calibration data, heal and evaluation; one table, one chart.
 
-Each finished method is saved as ``cells/METHOD.json`` in the output folder, so a rerun skips it.
+Each finished method is saved as ``cells/METHOD.json`` in the output folder, so a rerun skips it. The folder's
+``fingerprint.json`` names the model, data and recipe its cells were made with; a rerun with another fingerprint
+is refused (or, with ``overwrite``, starts again), so cells of different runs never mix.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
+import hashlib
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -16,30 +20,82 @@ from layercut.config import METHODS, EvalOptions, Recipe, to_dict
 from layercut.data import calibrate
 from layercut.errors import LayercutError
 from layercut.evaluate import evaluate, perplexity, task_list
-from layercut.files import write_atomically
+from layercut.files import absolute, check_writable, staged_file, write_atomically
 from layercut.layers import cut
-from layercut.load import load_model
+from layercut.load import load_model, resolve_model
+from layercut.pipeline import check_before_work
 from layercut.record import CompareResult, CompareRow, DenseRow, library_versions
 from layercut.report import compare_chart, compare_table
 
 logger = logging.getLogger(__name__)
 
 
-def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | Path, progress=None) -> CompareResult:
+FINGERPRINT = "fingerprint.json"
+PLACEMENT = ("device", "device_map", "max_memory", "offload_folder")  # where the model runs, not what it computes
+
+
+def check_methods(methods: list[str]) -> list[str]:
+    """The methods, checked: at least one, each known, none twice."""
+    if not methods:
+        raise LayercutError(f"--methods names no method; give a comma-separated list of {', '.join(METHODS)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise LayercutError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise LayercutError(f"--methods names a method twice: {','.join(methods)}")
+    return methods
+
+
+def fingerprint(source: str, windows, recipe: Recipe) -> dict:
+    """What a comparison's cells depend on: the model (its source and config), the token windows, and the recipe
+    except the method and the model's placement. Each part as a short sha256."""
+    def digest(value) -> str:
+        return hashlib.sha256(value if isinstance(value, bytes) else json.dumps(value, sort_keys=True).encode()
+                              ).hexdigest()[:16]
+
+    config = Path(source) / "config.json"
+    settings = to_dict(recipe)
+    settings["search"].pop("method")
+    for key in PLACEMENT:
+        settings["model"].pop(key)
+    return {"model": digest([source, config.read_text() if config.is_file() else None]),
+            "data": digest(windows.calibration.numpy().tobytes() + windows.test.numpy().tobytes()),
+            "recipe": digest(settings)}
+
+
+def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | Path, overwrite: bool = False,
+            progress=None) -> CompareResult:
     """Prune the same model with every method in ``methods`` and measure each the same way.
 
     Every method sees the same calibration windows, heal windows, teacher targets, steps and test windows, and
     the zero-shot tasks of ``recipe.evaluation`` (no speed). Writes ``compare.json``, ``compare.md`` and
-    ``compare.png``.
+    ``compare.png``. Everything is checked before anything is written; a folder holding cells of another
+    fingerprint is refused unless ``overwrite``.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise LayercutError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHODS)}")
-    output = Path(output)
-    cells = output / "cells"
-    cells.mkdir(parents=True, exist_ok=True)
+    check_methods(methods)
+    if recipe.search.segment:
+        raise LayercutError("compare chooses the segments with each method; --segment gives them: use layercut prune "
+                            "to cut given segments")
+    check_before_work(model_name, recipe)
+    output = absolute(output)
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / FINGERPRINT).is_file())):
+        raise LayercutError(f"{output} exists and is not a layercut compare folder (no {FINGERPRINT}); choose another "
+                            "--output")
+    check_writable(output)
     handle = load_model(model_name, recipe.model)
     windows = calibrate(handle.tokenizer, recipe.data)
+    found = fingerprint(resolve_model(model_name), windows, recipe)
+    if (output / FINGERPRINT).is_file():
+        earlier = json.loads((output / FINGERPRINT).read_text())
+        changed = [part for part in found if earlier.get(part) != found[part]]
+        if changed and not overwrite:
+            raise LayercutError(f"{output} holds a comparison made with another {' and '.join(changed)}; choose "
+                                "another --output, or pass --overwrite to replace its cells")
+        if changed:
+            shutil.rmtree(output / "cells", ignore_errors=True)
+    cells = output / "cells"
+    cells.mkdir(parents=True, exist_ok=True)
+    write_atomically(output / FINGERPRINT, json.dumps(found, indent=2) + "\n")
     prepared = heal.prepare(handle, recipe.heal, recipe.data)
     zero_shot = EvalOptions(tasks=",".join(task_list(recipe.evaluation)), limit=recipe.evaluation.limit)
     batch_size, seed = recipe.data.batch_size, recipe.data.seed
@@ -60,7 +116,7 @@ def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | P
         if progress is not None:
             progress(method)
         started = time.perf_counter()
-        options = dataclasses.replace(recipe.search, method=method)
+        options = recipe.search.replace(method=method)
         found = selection.search(handle, windows.calibration, options, batch_size, seed)
         pruned = copy.deepcopy(handle)
         removed = cut(pruned, found.segments)
@@ -84,5 +140,6 @@ def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | P
                            recipe=to_dict(recipe), versions=library_versions())
     write_atomically(output / "compare.json", result.model_dump_json(indent=2) + "\n")
     write_atomically(output / "compare.md", compare_table(result))
-    compare_chart(result, output / "compare.png")
+    with staged_file(output / "compare.png") as chart:
+        compare_chart(result, chart)
     return result

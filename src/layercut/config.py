@@ -1,191 +1,366 @@
-"""Typed, frozen options for every stage; the YAML recipe and the CLI flags are generated from these classes."""
+"""Typed, frozen, validated options for every stage.
+
+The YAML recipe and the CLI flags are generated from these classes, and their one validation (types, ranges,
+finiteness, conflicting options, devices) serves the recipe file, the flags and the Python API alike. pydantic does
+the checking; an error names the flag and the recipe key and exits the CLI with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import re
 import types
 import typing
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from layercut import heal, quantize, selection
+from layercut import data, heal, quantize, selection, zeroshot
 from layercut.errors import LayercutError
+from layercut.layers import parse_segment
 
 # The choices come from the registries, where each name has its function and help.
 METHODS = tuple(selection.METHODS)
 HEALS = tuple(heal.HEALS)
 QUANT_SCHEMES = tuple(quantize.SCHEMES)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def option(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field whose ``help`` is the one description used by the CLI, the YAML docs and the card."""
-    if isinstance(default, (list, dict)):
-        raise TypeError("use tuples for defaults")
-    return field(default=default, metadata={"help": help, **extra})
+def option(default: Any, help: str, aliases: tuple[str, ...] = (), **constraints: Any) -> Any:
+    """A field whose ``help`` is the one description used by the CLI, the YAML recipe and the model card;
+    ``aliases`` are older flag names that still work; ``constraints`` are pydantic's (``ge``, ``gt``, ...)."""
+    return Field(default, description=help, json_schema_extra={"aliases": list(aliases)}, **constraints)
 
 
-@dataclass(frozen=True)
-class ModelOptions:
+class Options(BaseModel):
+    """Base of every option section: frozen, strict about types (no 2.9 for an integer, no ``true`` for a
+    number), finite numbers only, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False,
+                              validate_default=True)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise LayercutError(describe(error, type(self))) from None
+
+    def replace(self, **changes: Any):
+        """A validated copy with ``changes``."""
+        return type(self)(**{**self.model_dump(exclude_unset=True), **changes})
+
+
+class ModelOptions(Options):
     """How to load the model."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "weight dtype; auto = bfloat16 on GPU, float32 on CPU"
-    )
-    device: str = option("auto", "device for the model (cpu, cuda, cuda:1); auto = cuda when available")
-    device_map: str | None = option(None, "accelerate device map (e.g. auto) to spread a large model over devices")
+        "auto", "weight dtype; auto = bfloat16 on GPU, float32 on CPU")
+    device: str = option("auto", "device for the model (cpu, cuda, cuda:1, mps); auto = cuda when available")
+    device_map: str | None = option(
+        None, "accelerate device map to spread a large model over devices: auto, balanced, balanced_low_0, "
+        "sequential, or one device")
     max_memory: str | None = option(
-        None, "memory each device may take under --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB"
-    )
+        None, "memory each device may take under --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
     offload_folder: str | None = option(None, "folder for the weights --device-map offloads to disk")
     trust_remote_code: bool = option(False, "allow model code from the hub repository to run (off by default)")
-    layers_path: str | None = option(None, "dotted name of the decoder layer list when it cannot be found")
+    layers_path: str | None = option(None, "dotted name of the decoder layer list when it cannot be found",
+                                     min_length=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, device: str) -> str:
+        return check_device(device)
+
+    @field_validator("device_map")
+    @classmethod
+    def _known_device_map(cls, device_map: str | None) -> str | None:
+        if device_map is not None and device_map not in DEVICE_MAPS:
+            check_device(device_map)
+        return device_map
+
+    @field_validator("max_memory")
+    @classmethod
+    def _parsable_max_memory(cls, max_memory: str | None) -> str | None:
+        if max_memory is not None:
+            parse_max_memory(max_memory)
+        return max_memory
+
+    @model_validator(mode="after")
+    def _placement(self):
+        if (self.max_memory or self.offload_folder) and not self.device_map:
+            raise ValueError("--max-memory and --offload-folder place a model through accelerate: add "
+                             "--device-map auto")
+        if self.device_map and self.device != "auto":
+            raise ValueError(f"--device {self.device} and --device-map {self.device_map} both place the model; "
+                             "give one of them")
+        return self
 
 
-@dataclass(frozen=True)
-class DataOptions:
+class DataOptions(Options):
     """Calibration and perplexity text."""
 
     calib: str = option("wiki", "calibration text: wiki, lee, a .txt/.jsonl path, or wikitext2/c4/alpaca (online)")
-    calib_windows: int = option(32, "number of calibration windows")
-    seq_len: int = option(256, "tokens per calibration and perplexity window")
-    seed: int = option(0, "seed for calibration sampling and training")
+    calib_windows: int = option(32, "number of calibration windows", ge=1)
+    seq_len: int = option(256, "tokens per calibration and perplexity window", ge=2)
+    seed: int = option(0, "seed for calibration sampling and training", ge=0)
     ppl: str = option("wiki", "perplexity text (its test part): same choices as --calib")
-    ppl_windows: int = option(64, "number of perplexity windows (0 = the whole test text)")
-    batch_size: int = option(4, "windows per forward pass during search and evaluation")
+    ppl_windows: int = option(64, "number of perplexity windows (0 = the whole test text)", ge=0)
+    batch_size: int = option(4, "windows per forward pass during search and evaluation", ge=1)
+
+    @field_validator("calib", "ppl")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        try:
+            data.check_source(source)
+        except LayercutError as error:
+            raise ValueError(str(error)) from None
+        return source
 
 
-@dataclass(frozen=True)
-class SearchOptions:
+class SearchOptions(Options):
     """Which layers to remove."""
 
     segment: tuple[str, ...] = option((), "remove this segment START:END (0-based, END exclusive); repeatable")
-    remove: int | None = option(None, "number of layers to remove")
-    ratio: float | None = option(None, "fraction of layers to remove (rounded to whole layers)")
+    remove: int | None = option(None, "number of layers to remove", ge=1)
+    ratio: float | None = option(None, "fraction of layers to remove (rounded to whole layers)", gt=0, lt=1)
     method: Literal[METHODS] = option("clp", "how to choose the layers to remove")  # type: ignore[valid-type]
-    segments: int = option(1, "number of separate contiguous segments to remove (clp)")
-    gate_steps: int = option(60, "optimisation steps of the concave gate (clp)")
-    gate_lr: float = option(0.2, "learning rate of the gate position (clp)")
+    segments: int = option(1, "number of separate contiguous segments to remove (clp)", ge=1)
+    gate_steps: int = option(60, "optimisation steps of the concave gate (clp)", ge=1)
+    gate_lr: float = option(0.2, "learning rate of the gate position (clp)", gt=0)
     gate_profiles: int = option(0, "gate profiles trained side by side, each started at another depth (clp); "
                                 "0 = enough that their starts are about half the removed width apart",
-                                aliases=("--gate-starts",))
-    gate_windows: int = option(4, "calibration windows per gate step (clp)")
+                                aliases=("--gate-starts",), ge=0)
+    gate_windows: int = option(4, "calibration windows per gate step (clp)", ge=1)
     gate_checkpointing: bool = option(
         False, "recompute each decoder layer during the gate's backward pass instead of storing its activations "
-        "(less memory, about a third more compute) (clp)"
-    )
-    tau_start: float = option(1.0, "initial gate temperature in layers (clp)")
-    tau_end: float = option(0.05, "final gate temperature in layers (clp)")
+        "(less memory, about a third more compute) (clp)")
+    tau_start: float = option(1.0, "initial gate temperature in layers (clp)", gt=0)
+    tau_end: float = option(0.05, "final gate temperature in layers (clp)", gt=0)
+
+    @field_validator("segment", mode="before")
+    @classmethod
+    def _segment_texts(cls, value: Any) -> Any:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = (value,)
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(value, tuple) and any(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            raise ValueError("a segment is START:END text; quote it in a YAML recipe ('2:4'): unquoted, YAML reads "
+                             "2:4 as the base-60 number 124")
+        return value
+
+    @field_validator("segment")
+    @classmethod
+    def _parsable_segments(cls, segments: tuple[str, ...]) -> tuple[str, ...]:
+        for text in segments:
+            start, end = parse_segment(text)
+            if not 0 <= start < end:
+                raise ValueError(f"segment {text} must have 0 <= START < END (END is exclusive: {start}:{start + 1} "
+                                 f"removes layer {start})")
+        return segments
+
+    @model_validator(mode="after")
+    def _one_way_to_say_what_to_remove(self):
+        if self.segment and (self.remove is not None or self.ratio is not None):
+            raise ValueError("--segment names the layers to remove; give it without --remove or --ratio")
+        if self.segment and self.segments != 1:
+            raise ValueError("--segments splits a searched removal; with --segment the segments are given")
+        if self.remove is not None and self.ratio is not None:
+            raise ValueError("give either --remove N or --ratio R, not both")
+        if self.remove is not None and self.segments > self.remove:
+            raise ValueError(f"cannot split {self.remove} removed layers into {self.segments} segments")
+        return self
 
 
-@dataclass(frozen=True)
-class HealOptions:
-    """How to repair the cut."""
+class HealOptions(Options):
+    """How to heal the cut."""
 
-    heal: Literal[HEALS] = option("endpoints", "repair recipe after the cut")  # type: ignore[valid-type]
-    heal_steps: int = option(200, "optimizer steps of the repair")
+    heal: Literal[HEALS] = option("endpoints", "what to train after the cut")  # type: ignore[valid-type]
+    heal_steps: int = option(200, "optimizer steps of the heal", ge=1)
     heal_lr: float | None = option(
-        None, "learning rate of the repair (AdamW); default by recipe: endpoints 1e-3, last-k 1e-4, lora 2e-4"
-    )
-    heal_batch: int = option(8, "windows per repair step")
-    heal_windows: int = option(256, "training windows drawn from the calibration text for the repair")
-    heal_loss: Literal["kl", "lm"] = option("kl", "kl: match the dense model's next-token distribution; lm: plain LM loss")
-    heal_top_k: int = option(64, "teacher log-probabilities kept per token for the kl loss")
-    lora_rank: int = option(0, "train LoRA adapters of this rank instead of full weights (0 = full weights)")
-    last_k: int = option(2, "layers trained by the last-k recipe")
+        None, "learning rate of the heal (AdamW); default by heal: endpoints 1e-3, last-k 1e-4, lora 2e-4", gt=0)
+    heal_batch: int = option(8, "windows per heal step", ge=1)
+    heal_windows: int = option(256, "training windows drawn from the calibration text for the heal", ge=1)
+    heal_loss: Literal["kl", "lm"] = option("kl", "kl: match the dense model's next-token distribution; lm: plain "
+                                                  "LM loss")
+    heal_top_k: int = option(64, "teacher log-probabilities kept per token for the kl loss", ge=1)
+    lora_rank: int = option(0, "train LoRA adapters of this rank instead of full weights (0 = full weights)", ge=0)
+    last_k: int = option(2, "layers trained by the last-k heal", ge=1)
 
 
-@dataclass(frozen=True)
-class EvalOptions:
+class EvalOptions(Options):
     """What to measure besides perplexity."""
 
     eval: bool = option(False, "prune: evaluate zero-shot tasks and speed before and after the cut")
     tasks: str = option("", "comma-separated lm-eval tasks (prune --eval without tasks: the seven standard ones)")
-    limit: int | None = option(None, "items per zero-shot task (default: all)")
+    limit: int | None = option(None, "items per zero-shot task (default: all)", ge=1)
     speed: bool = option(False, "measure prefill and decode tokens per second")
 
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: str) -> str:
+        names = [task.strip() for task in tasks.split(",")]
+        if tasks.strip() and (not all(names) or any(name not in zeroshot.CHANCE for name in names)):
+            raise ValueError(f"{tasks!r} is not a comma-separated list of tasks; choose from "
+                             f"{', '.join(zeroshot.CHANCE)}")
+        return tasks
 
-@dataclass(frozen=True)
-class QuantizeOptions:
+
+class QuantizeOptions(Options):
     """Whether to quantize the pruned model."""
 
     quantize: Literal[QUANT_SCHEMES] | None = option(  # type: ignore[valid-type]
         None, "quantize with this scheme: int8 / int4 (round-to-nearest) or gptq-w4a16 (GPTQ on the calibration "
         "windows), saved as compressed-tensors; bnb-int8 / bnb-nf4 (bitsandbytes); none = full precision",
-        aliases=("--scheme",),
-    )
+        aliases=("--scheme",))
     group_size: int = option(0, "inputs per weight scale (int8, int4, gptq-w4a16); 0 = the largest of 128, 64, 32 "
-                             "that divides every layer's input width")
+                             "that divides every layer's input width", ge=0)
+
+    @model_validator(mode="after")
+    def _group_size_applies(self):
+        if self.group_size and self.quantize and not quantize.SCHEMES[self.quantize].grouped:
+            grouped = ", ".join(name for name, scheme in quantize.SCHEMES.items() if scheme.grouped)
+            raise ValueError(f"--group-size applies to {grouped}, not to {self.quantize}")
+        return self
 
 
-@dataclass(frozen=True)
-class Recipe:
+class Recipe(BaseModel):
     """Everything a prune run needs, except the model name and the output folder."""
 
-    model: ModelOptions = field(default_factory=ModelOptions)
-    data: DataOptions = field(default_factory=DataOptions)
-    search: SearchOptions = field(default_factory=SearchOptions)
-    heal: HealOptions = field(default_factory=HealOptions)
-    evaluation: EvalOptions = field(default_factory=EvalOptions)
-    quantization: QuantizeOptions = field(default_factory=QuantizeOptions)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    model: ModelOptions = Field(default_factory=ModelOptions)
+    data: DataOptions = Field(default_factory=DataOptions)
+    search: SearchOptions = Field(default_factory=SearchOptions)
+    heal: HealOptions = Field(default_factory=HealOptions)
+    evaluation: EvalOptions = Field(default_factory=EvalOptions)
+    quantization: QuantizeOptions = Field(default_factory=QuantizeOptions)
+
+    def replace(self, **sections: Options) -> Recipe:
+        """A copy with whole sections replaced."""
+        return Recipe(**{**{name: getattr(self, name) for name in SECTIONS}, **sections})
 
 
-SECTIONS = tuple(f.name for f in fields(Recipe))
+SECTIONS = tuple(Recipe.model_fields)
+SECTION_CLASSES: dict[str, type[Options]] = {name: field.annotation for name, field in Recipe.model_fields.items()}
 
 
-def _section_classes() -> dict[str, type]:
-    return {f.name: typing.get_type_hints(Recipe)[f.name] for f in fields(Recipe)}
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def check_device(device: str) -> str:
+    """``device`` when it names a device this machine has (``auto`` always does); else a LayercutError."""
+    match = re.fullmatch(r"(auto|cpu|mps|cuda)(?::(\d+))?", device)
+    if match is None or (match[2] is not None and match[1] != "cuda"):
+        raise ValueError(f"{device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if match[1] == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(match[2] or 0)
+        if index >= count:
+            raise ValueError(f"{device} is not available: this machine has {count} CUDA device(s); use --device cpu"
+                             + (f" or cuda:0 to cuda:{count - 1}" if count else ""))
+    if match[1] == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("mps is not available on this machine; use --device cpu")
+    return device
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}`` (accelerate's max_memory)."""
+    limits: dict[int | str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        device, _, amount = item.partition("=")
+        device, amount = device.strip(), amount.strip()
+        if not amount or not (device.isdigit() or device in ("cpu", "disk", "mps")):
+            raise LayercutError(f"--max-memory entry {item!r} is not DEVICE=AMOUNT; write e.g. "
+                                "0=70GiB,1=70GiB,cpu=200GiB")
+        limits[int(device) if device.isdigit() else device] = amount
+    if not limits:
+        raise LayercutError("--max-memory is empty; write e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    return limits
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def describe(error: ValidationError, cls: type[BaseModel]) -> str:
+    """One line per problem, naming the flag and the recipe key: what pydantic found, in layercut's words."""
+    section = next((name for name, each in SECTION_CLASSES.items() if each is cls), None)
+    problems = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        message = message.replace("Input should be", "must be")
+        if not item["loc"]:
+            problems.append(message)
+            continue
+        name = str(item["loc"][0])
+        key = f"{section}.{name}" if section else name
+        if item["type"] == "extra_forbidden":
+            valid = ", ".join(cls.model_fields)
+            problems.append(f"unknown option {name!r} (recipe key {key}); valid options of {section or 'these'}: "
+                            f"{valid}")
+            continue
+        got = item.get("input")
+        shown = f"; got {got!r}" if got is not None and not isinstance(got, (dict, BaseModel)) else ""
+        problems.append(f"{flag(name)} (recipe key {key}) {message}{shown}")
+    return "; ".join(problems)
+
+
+# ----------------------------------------------------------------------------------------------- recipes
 
 
 def to_dict(recipe: Recipe) -> dict:
     """The recipe as nested plain data (tuples as lists), ready for YAML or JSON."""
-
-    def plain(value):
-        return list(value) if isinstance(value, tuple) else value
-
-    return {
-        name: {key: plain(value) for key, value in dataclasses.asdict(getattr(recipe, name)).items()}
-        for name in SECTIONS
-    }
+    return recipe.model_dump(mode="json")
 
 
 def from_dict(data: dict, base: Recipe | None = None) -> Recipe:
-    """Build a Recipe from nested data, over ``base``; unknown sections or keys raise LayercutError."""
+    """Build a Recipe from nested data over ``base`` (the values it was given); unknown sections or keys, wrong
+    types, out-of-range values and conflicting options raise LayercutError."""
     base = base or Recipe()
-    classes = _section_classes()
-    unknown = set(data) - set(classes)
+    if not isinstance(data, dict):
+        raise LayercutError(f"a recipe is a mapping of sections ({', '.join(SECTIONS)}), not {type(data).__name__}")
+    unknown = [str(name) for name in data if name not in SECTION_CLASSES]
     if unknown:
-        raise LayercutError(f"unknown recipe section(s) {sorted(unknown)}; valid sections: {sorted(classes)}")
+        raise LayercutError(f"unknown recipe section(s) {sorted(unknown)}; valid sections: {', '.join(SECTIONS)}")
     sections = {}
-    for name, cls in classes.items():
-        values = data.get(name) or {}
+    for name, cls in SECTION_CLASSES.items():
+        values = data.get(name)
+        if values is None:
+            values = {}
         if not isinstance(values, dict):
-            raise LayercutError(f"recipe section {name!r} must be a mapping of option: value")
-        valid = {f.name for f in fields(cls)}
-        renamed = {alias.lstrip("-").replace("-", "_"): f.name for f in fields(cls)
-                   for alias in f.metadata.get("aliases", ())}
-        values = {renamed.get(key, key): value for key, value in values.items()}
-        bad = set(values) - valid
-        if bad:
-            raise LayercutError(f"unknown key(s) {sorted(bad)} in recipe section {name!r}; valid keys: {sorted(valid)}")
-        hints = typing.get_type_hints(cls)
-        coerced = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
-        sections[name] = dataclasses.replace(getattr(base, name), **coerced)
+            raise LayercutError(f"recipe section {name!r} must be a mapping of option: value, not {values!r}")
+        renamed = {alias.lstrip("-").replace("-", "_"): key for key, field in cls.model_fields.items()
+                   for alias in (field.json_schema_extra or {}).get("aliases", ())}
+        values = {renamed.get(str(key), str(key)): value for key, value in values.items()}
+        sections[name] = cls(**{**getattr(base, name).model_dump(exclude_unset=True), **values})
     return Recipe(**sections)
 
 
 def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
-    """Read a YAML recipe file over ``base``."""
+    """Read a YAML recipe file over ``base``; LayercutError for a missing, non-UTF-8 or malformed file."""
     path = Path(path)
     if not path.is_file():
-        raise LayercutError(f"recipe file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise LayercutError(f"recipe file {path} must hold a mapping of sections ({', '.join(SECTIONS)})")
-    return from_dict(data, base)
+        raise LayercutError(f"recipe file {path} does not exist (or is not a file)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise LayercutError(f"recipe file {path} is not UTF-8 text ({error.reason} at byte {error.start}); save it "
+                            "as UTF-8") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise LayercutError(f"recipe file {path} is not valid YAML{line}: {problem}") from None
+    try:
+        return from_dict(loaded or {}, base)
+    except LayercutError as error:
+        raise LayercutError(f"recipe file {path}: {error}") from None
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -193,67 +368,38 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(to_dict(recipe), sort_keys=False)
 
 
+# ----------------------------------------------------------------------------------------------- flags
+
+
 def _base_type(hint):
-    """``int | None -> (int, True)``; ``Literal[...]`` stays as it is."""
+    """``int | None -> int``; ``Literal[...]`` and ``tuple[...]`` stay as they are."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        return args[0], True
-    return hint, False
-
-
-def _coerce(key: str, value: Any, hint) -> Any:
-    base, optional = _base_type(hint)
-    if value is None:
-        if optional:
-            return None
-        raise LayercutError(f"option {key!r} cannot be empty")
-    origin = typing.get_origin(base)
-    try:
-        if origin is Literal:
-            choices = typing.get_args(base)
-            if value not in choices:
-                raise LayercutError(f"option {key!r} is {value!r}; valid values: {', '.join(map(str, choices))}")
-            return value
-        if origin is tuple:
-            items = value if isinstance(value, (list, tuple)) else [value]
-            return tuple(str(item) for item in items)
-        if base is bool:
-            if not isinstance(value, bool):
-                raise LayercutError(f"option {key!r} must be true or false, not {value!r}")
-            return value
-        return base(value)
-    except (TypeError, ValueError):
-        raise LayercutError(f"option {key!r} must be a {getattr(base, '__name__', base)}, not {value!r}") from None
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
 
 
 def add_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = SECTIONS,
                   exclude: tuple[str, ...] = ()) -> None:
     """Add one flag per option of the given recipe sections (less ``exclude``); defaults are left out of the
     namespace so that the flags actually given are known."""
-    classes = _section_classes()
     for name in sections:
-        cls = classes[name]
+        cls = SECTION_CLASSES[name]
         group = parser.add_argument_group(f"{name} options", cls.__doc__)
-        hints = typing.get_type_hints(cls)
-        for item in fields(cls):
-            if item.name in exclude:
+        for key, field in cls.model_fields.items():
+            if key in exclude:
                 continue
-            flags = ["--" + item.name.replace("_", "-"), *item.metadata.get("aliases", ())]
-            help_text = f"{item.metadata['help']} (default: {item.default})"
-            base, _ = _base_type(hints[item.name])
-            dest = f"{name}.{item.name}"
+            flags = [flag(key), *(field.json_schema_extra or {}).get("aliases", ())]
+            help_text = f"{field.description} (default: {field.default})"
+            base = _base_type(field.annotation)
+            common = {"dest": f"{name}.{key}", "default": argparse.SUPPRESS, "help": help_text}
             if base is bool:
-                group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                   help=help_text)
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
             elif typing.get_origin(base) is Literal:
-                group.add_argument(*flags, dest=dest, choices=typing.get_args(base), default=argparse.SUPPRESS,
-                                   help=help_text)
+                group.add_argument(*flags, choices=typing.get_args(base), **common)
             elif typing.get_origin(base) is tuple:
-                group.add_argument(*flags, dest=dest, action="append", default=argparse.SUPPRESS, help=help_text,
-                                   metavar=item.name.upper())
+                group.add_argument(*flags, action="append", metavar=key.upper(), **common)
             else:
-                group.add_argument(*flags, dest=dest, type=base, default=argparse.SUPPRESS, help=help_text,
-                                   metavar=item.name.upper())
+                group.add_argument(*flags, type=base, metavar=key.upper(), **common)
 
 
 def recipe_from_arguments(arguments: argparse.Namespace, recipe_path: str | None = None) -> Recipe:
@@ -263,5 +409,5 @@ def recipe_from_arguments(arguments: argparse.Namespace, recipe_path: str | None
     for dest, value in vars(arguments).items():
         if "." in dest:
             section, key = dest.split(".", 1)
-            given.setdefault(section, {})[key] = value
+            given.setdefault(section, {})[key] = tuple(value) if isinstance(value, list) else value
     return from_dict(given, recipe)

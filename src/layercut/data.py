@@ -57,14 +57,22 @@ def load_text(source: str, split: str) -> str:
     """
     if split not in SPLITS:
         raise LayercutError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    check_source(source)
     if source in BUILTIN_SOURCES:
         return _builtin_text(source, split)
     if source in HUB_SOURCES:
         return _hub_text(source, split)
+    return _local_text(Path(source).expanduser(), split)
+
+
+def check_source(source: str) -> None:
+    """LayercutError unless ``source`` is a built-in corpus, a Hub dataset, or an existing .txt/.jsonl file."""
+    if source in BUILTIN_SOURCES or source in HUB_SOURCES:
+        return
     path = Path(source).expanduser()
     suffixes = " or ".join(LOCAL_SUFFIXES)
     if path.is_file() and path.suffix in LOCAL_SUFFIXES:
-        return _local_text(path, split)
+        return
     if path.is_file():
         raise LayercutError(f"cannot read {path}: a local text file must end in {suffixes}")
     raise LayercutError(
@@ -239,7 +247,11 @@ def _local_text(path: Path, split: str) -> str:
     Units are the ``"text"`` fields of a ``.jsonl`` file; for a ``.txt`` file, its blank-line separated
     paragraphs, or its lines when it has fewer than 10 paragraphs. Units are joined with "\\n\\n".
     """
-    content = path.read_text(encoding="utf-8")
+    try:
+        content = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise LayercutError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); give a text file "
+                            "saved as UTF-8") from None
     if path.suffix == ".jsonl":
         lines = enumerate(content.splitlines(), start=1)
         units = [_jsonl_text(line, path, number) for number, line in lines if line.strip()]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from layercut.errors import LayercutError
 from layercut.forward import batches, model_device
 from layercut.record import Measures, Metrics, PerplexityRecord, Speed, SpeedComparison, ZeroShotComparison
 
@@ -28,10 +29,11 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress=None) -> float:
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress=None, finite: bool = True) -> float:
     """exp(mean next-token cross-entropy) over ``windows`` ``[N, T]`` (N·(T−1) predicted tokens).
 
-    ``progress`` is an optional callable taking the number of windows done, for progress bars.
+    ``progress`` is an optional callable taking the number of windows done, for progress bars. A perplexity that
+    is not finite raises LayercutError unless ``finite`` is False (then it is returned: inf or nan).
     """
     device = model_device(model)
     total, count = 0.0, 0
@@ -42,7 +44,12 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress=None)
         count += batch.shape[0] * (batch.shape[1] - 1)
         if progress is not None:
             progress(batch.shape[0])
-    return math.exp(total / count)
+    mean = total / count
+    value = math.inf if mean > 700 else math.exp(mean)  # exp overflows a float above ~709; nan stays nan
+    if finite and not math.isfinite(value):
+        raise LayercutError(f"perplexity is {value}: the model's outputs are not finite (mean cross-entropy "
+                            f"{mean:.4g}); a heal diverged, or the dtype overflows: try --dtype float32")
+    return value
 
 
 def _synchronize(device: torch.device) -> None:

@@ -16,13 +16,15 @@ logger = logging.getLogger(__name__)
 
 
 def export(handle: Handle, record: RunRecord, recipe_yaml: str, output: str | Path, overwrite: bool = False,
-           extra_files: dict[str, Path] | None = None) -> Path:
+           extra_files: dict[str, Path] | None = None, protected: list[str | Path] = ()) -> Path:
     """Save weights (safetensors), tokenizer, ``recipe.yaml``, ``layercut.json`` and ``README.md`` into ``output``.
 
     Everything is written to a staging folder beside ``output`` and renamed into place at the end, so a failure
-    leaves nothing half-written. ``extra_files`` maps names to files copied in too (plots).
+    leaves nothing half-written; ``overwrite`` replaces only an earlier layercut output that holds none of the
+    ``protected`` paths (the source model). ``extra_files`` maps names to files copied in too (plots).
     """
-    with staged_folder(output, overwrite) as staging:
+    protected = [path for path in protected if Path(path).expanduser().exists()]
+    with staged_folder(output, overwrite, protected) as staging:
         handle.model.save_pretrained(staging, safe_serialization=True)
         handle.tokenizer.save_pretrained(staging)
         (staging / "recipe.yaml").write_text(recipe_yaml)

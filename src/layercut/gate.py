@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from layercut.errors import LayercutError
 from layercut.forward import checkpointed_layers, gated, hard_kl, head_reproduces_logits, kl_rows, outputs_of
 from layercut.layers import Candidate, Handle, Segment, merge_adjacent
 
@@ -198,6 +199,9 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
         widths = remove * torch.softmax(width_logits, dim=-1)
         gates = 1 - notch_mask(starts, widths, num_layers, tau)
         losses = objective(gates)
+        if not torch.isfinite(losses).all():
+            raise LayercutError(f"the gate's KL is not finite at step {step + 1} ({losses.tolist()}); lower --gate-lr "
+                                "or load the model in float32 (--dtype float32)")
         optimizer.zero_grad()
         losses.sum().backward()
         optimizer.step()
@@ -252,7 +256,11 @@ def exact_objective(handle: Handle, windows: torch.Tensor, batch_size: int,
         logger.info("KL over %s", "chunks of the output head" if chunked_head else "full logits")
 
     def hard_objective(candidates: list[Candidate]) -> list[float]:
-        return hard_kl(handle, windows, candidates, batch_size, chunked_head=chunked_head)
+        losses = hard_kl(handle, windows, candidates, batch_size, chunked_head=chunked_head)
+        if not all(math.isfinite(loss) for loss in losses):
+            raise LayercutError("the KL of a cut is not finite: the model's outputs overflow; load it in float32 "
+                                "(--dtype float32)")
+        return losses
 
     return hard_objective
 

