@@ -31,6 +31,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from layercut import heal, selection
 from layercut.config import HealOptions, SearchOptions
 from layercut.evaluate import throughput
+from layercut.forward import hard_kl
+from layercut.gate import count_cuts, exact_scorer, exhaustive, parse_key, search_exhaustive, search_gate
 from layercut.heal import HealData, teacher_targets
 from layercut.layers import Handle, cut
 from layercut.record import library_versions
@@ -110,6 +112,54 @@ def speeds(models: dict, rounds: int, batch_size: int, new_tokens: int) -> dict[
             for name, runs in seen.items()}
 
 
+def search_costs(handle, windows: torch.Tensor, remove: int, arguments, measures: dict, gpus: int) -> None:
+    """The exact single-segment oracle by the plain gated path and by the shared scorer, the default gate, the
+    gate's read-out scored both ways, and the cost of enumerating every cut of at most two segments, estimated
+    from the shared scorer's cost per cut."""
+    def timed(function, *args, **kwargs):
+        for g in range(gpus if torch.cuda.is_available() else 0):
+            torch.cuda.synchronize(g)
+        started = time.perf_counter()
+        value = function(*args, **kwargs)
+        for g in range(gpus if torch.cuda.is_available() else 0):
+            torch.cuda.synchronize(g)
+        return value, time.perf_counter() - started
+
+    batch = arguments.search_batch
+    options = SearchOptions(method="exhaustive", remove=remove, gate_checkpointing=arguments.checkpointing)
+    plain, plain_s = timed(exhaustive, lambda c: hard_kl(handle, windows, c, batch), handle.num_layers, remove)
+    measures.update({"exact one segment, plain gated path: seconds": plain_s,
+                     "exact one segment: cuts": plain.evaluations})
+    reset_peaks(gpus)
+    shared, shared_s = timed(search_exhaustive, handle, windows, remove, options, batch)
+    measures.update({"exact one segment, shared scorer: seconds": shared_s,
+                     "exact one segment, shared scorer: peak GiB per GPU": " / ".join(f"{gib(b):.1f}"
+                                                                                     for b in peaks(gpus)),
+                     "exact one segment: speed-up": plain_s / shared_s,
+                     "exact one segment: same cut": plain.segments == shared.segments})
+    scorer, dense_s = timed(exact_scorer, handle, windows, options, batch)
+    per_cut = (shared_s - dense_s) / shared.evaluations
+    two = count_cuts(handle.num_layers, remove, 2)
+    measures.update({"shared scorer: dense pass seconds": dense_s, "shared scorer: seconds per cut": per_cut,
+                     "exact at most two segments: cuts": two,
+                     "exact at most two segments: seconds (estimated)": dense_s + per_cut * two})
+    reset_peaks(gpus)
+    gate = SearchOptions(remove=remove, gate_checkpointing=arguments.checkpointing,
+                         **json.loads(arguments.gate_options or "{}"))
+    found, gate_s = timed(search_gate, handle, windows, remove, gate, batch)
+    measures["gate options"] = json.dumps(gate.model_dump(exclude_unset=True))
+    measures.update({"default gate: seconds": gate_s, "default gate: steps": len(found.trajectory),
+                     "default gate: cuts scored exactly": found.evaluations,
+                     "default gate: peak GiB per GPU": " / ".join(f"{gib(b):.1f}" for b in peaks(gpus)),
+                     "default gate / exact oracle (shared)": gate_s / shared_s,
+                     "default gate: same cut as the oracle": found.segments == shared.segments})
+    scored = [parse_key(key) for key in found.landscape]
+    _, plain_readout = timed(hard_kl, handle, windows, scored, batch)
+    _, shared_readout = timed(scorer, scored)
+    measures.update({"read-out of the gate's cuts: plain seconds": plain_readout,
+                     "read-out of the gate's cuts: shared seconds (dense pass done)": shared_readout})
+
+
 def write(result: dict, out: Path) -> None:
     (out / "big_model.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# {result['shape']} (random init, bf16) on {result['device']}", "", f"Command: `{result['command']}`",
@@ -144,6 +194,12 @@ def main() -> None:
                         help="also measure speed with a static KV cache, which transformers decodes with a compiled "
                              "forward (CUDA graphs)")
     parser.add_argument("--save", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--search-only", action="store_true",
+                        help="measure only the search: exact oracle (plain and shared), default gate, read-out")
+    parser.add_argument("--search-batch", type=int, default=16, help="windows per pass in --search-only")
+    parser.add_argument("--gate-options", default="", help="--search-only: JSON of gate options over the defaults")
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                        help="--search-only: per-layer checkpointing in the gate")
     arguments = parser.parse_args()
     out = Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,6 +223,12 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     vocab = SHAPES[arguments.shape]["vocab_size"]
     windows = torch.randint(0, vocab, (arguments.calib_windows, arguments.seq_len), generator=generator)
+
+    if arguments.search_only:
+        search_costs(Handle.of(model), windows, remove, arguments, measures, gpus)
+        write(result, out)
+        print((out / "big_model.md").read_text())
+        return
 
     dense_speed = {}
     if not arguments.interleave:

@@ -127,7 +127,7 @@ class SearchOptions(Options):
     remove: int | None = option(None, "number of layers to remove", ge=1)
     ratio: float | None = option(None, "fraction of layers to remove (rounded to whole layers)", gt=0, lt=1)
     method: Literal[METHODS] = option("clp", "how to choose the layers to remove")  # type: ignore[valid-type]
-    segments: int = option(1, "number of separate contiguous segments to remove (clp)", ge=1)
+    segments: int = option(1, "at most this many separate contiguous segments (clp, exhaustive)", ge=1)
     gate_steps: int = option(60, "optimisation steps of the concave gate (clp)", ge=1)
     gate_lr: float = option(0.2, "learning rate of the gate position (clp)", gt=0)
     gate_profiles: int = option(0, "gate profiles trained side by side, each started at another depth (clp); "
@@ -139,6 +139,19 @@ class SearchOptions(Options):
         "(less memory, about a third more compute) (clp)")
     tau_start: float = option(1.0, "initial gate temperature in layers (clp)", gt=0)
     tau_end: float = option(0.05, "final gate temperature in layers (clp)", gt=0)
+    gate_context: int = option(0, "tokens of each window a gate step runs, its first ones (clp); 0 = the whole "
+                               "window", ge=0)
+    gate_positions: int = option(0, "positions per window in each gate step's KL, drawn at random among those run "
+                                 "(clp); 0 = all", ge=0)
+    gate_patience: int = option(0, "stop the gate once every profile's rounding has stayed the same for this many "
+                                "steps (clp); 0 = run all steps", ge=0)
+    gate_screen: int = option(0, "calibration windows on which the read-out's cuts are screened before the best "
+                              "three are scored on all (clp); 0 = score every read-out cut on all", ge=0)
+    exact_cache_gib: float = option(4.0, "memory the exact scoring may keep (GiB): the dense model's hidden states "
+                                    "between layers and its output log-probabilities, computed once for every cut "
+                                    "scored", ge=0)
+    exhaustive_budget: float = option(3600.0, "seconds the exhaustive oracle may take; a larger search (estimated "
+                                      "before it starts) is refused", gt=0)
 
     @field_validator("segment", mode="before")
     @classmethod
@@ -189,6 +202,7 @@ class HealOptions(Options):
     heal_top_k: int = option(64, "teacher log-probabilities kept per token for the kl loss", ge=1)
     lora_rank: int = option(0, "train LoRA adapters of this rank instead of full weights (0 = full weights)", ge=0)
     last_k: int = option(2, "layers trained by the last-k heal", ge=1)
+    endpoint_layers: int = option(1, "layers trained on each side of each cut by the endpoints heal", ge=1)
 
 
 class EvalOptions(Options):

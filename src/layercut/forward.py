@@ -7,6 +7,7 @@ The gate search, the exact oracle and the baseline criteria all run the model th
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -256,3 +257,183 @@ def mean_over_windows(handle: Handle, windows: torch.Tensor, score: Callable[[to
             hook_handle.remove()
         captured.clear()
     return total / windows.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------- shared exact scoring
+
+
+@contextlib.contextmanager
+def replaced_layers(layers: nn.ModuleList, identity: set[int], replay: tuple[int, torch.Tensor] | None = None,
+                    tuple_output: bool = False):
+    """Layers in ``identity`` return their input without computing; with ``replay = (i, state)`` layer i returns
+    ``state`` instead. A hard cut is the identity on its removed layers, and a cut model's layers before its first
+    cut compute exactly what the dense model's do, so a dense state can stand in for them. Each layer's own
+    ``forward`` (accelerate's wrapper, on a dispatched model) is put back afterwards."""
+    saved = {index: layers[index].__dict__.get("forward") for index in (*identity, *(replay[:1] if replay else ()))}
+
+    def returning(value):
+        return (value,) if tuple_output else value
+
+    def identity_forward(*args, **kwargs):
+        return returning(args[0] if args else kwargs["hidden_states"])
+
+    try:
+        for index in identity:
+            layers[index].forward = identity_forward
+        if replay is not None:
+            state = replay[1]
+            layers[replay[0]].forward = lambda *args, **kwargs: returning(state)
+        yield
+    finally:
+        for index, forward in saved.items():
+            if forward is None:
+                layers[index].__dict__.pop("forward", None)
+            else:
+                layers[index].forward = forward
+
+
+def _chunk_log_probs_kl(model, log_p: torch.Tensor, student_hidden: torch.Tensor) -> torch.Tensor:
+    """Per-row summed token KL ``[R·b]`` of dense log-probabilities ``[b, t, V]`` against the logits of student
+    final hidden states ``[R·b, t, H]`` (R stacked copies of the b windows)."""
+    log_q = F.log_softmax(head_logits(model, student_hidden).float(), dim=-1)
+    repeats = student_hidden.shape[0] // log_p.shape[0]
+    log_q = log_q.view(repeats, *log_p.shape)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=(-1, -2)).reshape(-1)
+
+
+def log_probs_kl(model, teacher_log_probs: torch.Tensor, student_hidden: torch.Tensor, budget: int = 2**25
+                 ) -> torch.Tensor:
+    """Per-row mean token KL ``[R·b]`` of dense log-probabilities ``[b, T, V]`` (computed once) against the logits
+    of student final hidden states ``[R·b, T, H]``, over chunks of at most ``budget`` logits; with gradients on,
+    each chunk is recomputed in backward rather than kept."""
+    rows, length = student_hidden.shape[:2]
+    chunk = max(1, budget // (rows * teacher_log_probs.shape[-1]))
+    total = 0.0
+    for start in range(0, length, chunk):
+        log_p = teacher_log_probs[:, start : start + chunk].to(student_hidden.device)
+        student = student_hidden[:, start : start + chunk]
+        if torch.is_grad_enabled() and student.requires_grad:
+            piece = checkpoint(_chunk_log_probs_kl, model, log_p, student, use_reentrant=False)
+        else:
+            piece = _chunk_log_probs_kl(model, log_p, student)
+        total = total + piece
+    return total / length
+
+
+class ExactKL:
+    """The exact hard-cut KL(dense ‖ cut), in nats per token, of candidate cuts on fixed calibration windows, with
+    the work shared between candidates.
+
+    The dense model runs once over the windows and keeps, within ``memory_budget`` bytes, its hidden state at the
+    layer boundaries (all of them, or every k-th when they do not all fit) and its output log-probabilities (when
+    they fit too; else its final hidden states, and the head is applied again per candidate). A candidate then
+    runs only the layers it keeps after the last kept boundary at or before its first cut: the layers before a
+    cut compute exactly what the dense model's do, and removed layers are skipped. Windows go ``pass_windows`` at a
+    time. Models whose logits are more than their head of the final hidden states (see
+    :func:`head_reproduces_logits`) are scored by :func:`hard_kl` instead.
+    """
+
+    def __init__(self, handle: Handle, windows: torch.Tensor, pass_windows: int = 16,
+                 memory_budget: float = 4 * 2**30, chunked_head: bool | None = None):
+        self.handle, self.windows = handle, windows
+        model = handle.model
+        self.chunked_head = head_reproduces_logits(model, windows[:1, :16]) if chunked_head is None else chunked_head
+        self.passes = list(batches(windows, max(1, pass_windows)))
+        self.boundaries: list[int] = []
+        self.states: list[dict[int, torch.Tensor]] = []
+        self.teacher: list[torch.Tensor] = []
+        self.log_probs = False
+        self.evaluated = 0
+        if not self.chunked_head:
+            return
+        started = time.perf_counter()
+        self._run_dense(memory_budget)
+        self.dense_seconds = time.perf_counter() - started
+
+    def _run_dense(self, memory_budget: float) -> None:
+        model, layers = self.handle.model, self.handle.layers
+        count, length = self.windows.shape
+        hidden = int(text_config(model).hidden_size)
+        element = next(model.parameters()).element_size()
+        per_boundary = count * length * hidden * element
+        room = max(0, int(memory_budget // per_boundary))
+        stride = 1 if room >= len(layers) - 1 else max(1, -(-(len(layers) - 1) // max(room, 1)))
+        self.boundaries = list(range(stride, len(layers), stride)) if room else []
+        vocab = int(getattr(model.get_output_embeddings(), "out_features", 0) or text_config(model).vocab_size)
+        left = memory_budget - per_boundary * len(self.boundaries)
+        self.log_probs = left >= count * length * vocab * 4
+        wanted = set(self.boundaries)
+        captured: dict[int, torch.Tensor] = {}
+
+        def capture(index: int):
+            def hook(module, args, kwargs, output):
+                out = output[0] if isinstance(output, tuple) else output
+                self.tuple_output = isinstance(output, tuple)
+                if index + 1 in wanted:
+                    captured[index + 1] = out.detach()
+            return hook
+
+        self.tuple_output = False
+        hooks = [layer.register_forward_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            with torch.no_grad():
+                for batch in self.passes:
+                    captured.clear()
+                    final = final_hidden(model, batch)
+                    self.states.append(dict(captured))
+                    self.teacher.append(self._log_probs(final) if self.log_probs else final)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _log_probs(self, final: torch.Tensor, budget: int = 2**25) -> torch.Tensor:
+        vocab = int(getattr(self.handle.model.get_output_embeddings(), "out_features", 0)
+                    or text_config(self.handle.model).vocab_size)
+        chunk = max(1, budget // (final.shape[0] * vocab))
+        return torch.cat([F.log_softmax(head_logits(self.handle.model, final[:, start : start + chunk]).float(), -1)
+                          for start in range(0, final.shape[1], chunk)], dim=1)
+
+    def teacher_rows(self, indices: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The cached dense outputs (log-probabilities or final hidden states) of the windows ``indices`` ``[b]``,
+        at ``positions`` ``[t]`` of each window when given: ``[b, t, V or H]``."""
+        size = self.passes[0].shape[0]
+        teacher = torch.stack([self.teacher[index // size][index % size] for index in indices.tolist()])
+        return teacher if positions is None else teacher[:, positions.to(teacher.device)]
+
+    def kl(self, teacher: torch.Tensor, student_hidden: torch.Tensor) -> torch.Tensor:
+        """Per-row mean token KL ``[R·b]`` of cached dense outputs ``[b, t, ·]`` against student final hidden states
+        ``[R·b, t, H]`` (R stacked copies of the b windows)."""
+        if self.log_probs:
+            return log_probs_kl(self.handle.model, teacher, student_hidden)
+        return head_kl(self.handle.model, teacher.to(student_hidden.device), student_hidden)
+
+    def _start(self, first_cut: int) -> int:
+        """The last kept boundary at or before ``first_cut`` (0: run from the embeddings)."""
+        return max((b for b in self.boundaries if b <= first_cut), default=0)
+
+    def layers_run(self, candidate: Candidate) -> int:
+        """Decoder layers one pass of ``candidate`` computes."""
+        start, removed = self._start(candidate[0][0]), sum(e - s for s, e in candidate)
+        return self.handle.num_layers - start - removed
+
+    @torch.no_grad()
+    def __call__(self, candidates: Sequence[Candidate], passes: Sequence[int] | None = None) -> list[float]:
+        """Mean token KL of each candidate cut over the windows of ``passes`` (all of them by default)."""
+        if not self.chunked_head:
+            return hard_kl(self.handle, self.windows, candidates, max(len(self.passes[0]), 1), chunked_head=False)
+        chosen = range(len(self.passes)) if passes is None else passes
+        windows = sum(self.passes[index].shape[0] for index in chosen)
+        layers, model = self.handle.layers, self.handle.model
+        found = []
+        for candidate in candidates:
+            removed = {i for s, e in candidate for i in range(s, e)}
+            start = self._start(candidate[0][0]) if candidate else 0
+            total = 0.0
+            for index in chosen:
+                replay = (start - 1, self.states[index][start]) if start else None
+                with replaced_layers(layers, removed | set(range(max(start - 1, 0))), replay, self.tuple_output):
+                    student = final_hidden(model, self.passes[index])
+                total += float(self.kl(self.teacher[index], student).sum())
+            found.append(total / windows)
+            self.evaluated += 1
+        return found

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from layercut.errors import LayercutError
-from layercut.forward import checkpointed_layers, gated, hard_kl, head_reproduces_logits, kl_rows, outputs_of
+from layercut.forward import ExactKL, checkpointed_layers, final_hidden, gated, kl_rows, outputs_of
 from layercut.layers import Candidate, Handle, Segment, merge_adjacent
 
 if TYPE_CHECKING:
@@ -89,7 +89,9 @@ def to_candidate(starts: Sequence[float], widths: Sequence[int], num_layers: int
 
 
 def neighbours(candidate: Candidate, num_layers: int) -> list[Candidate]:
-    """Candidates one step away: one segment shifted by ±1, or one layer of width moved between two segments."""
+    """Cuts one step away: one segment shifted by ±1, or one layer of width moved from one segment's end to
+    another's. A segment that gives its last layer vanishes, and segments that come to touch merge, so the
+    neighbourhood also holds cuts of fewer segments."""
     found = []
     segments = list(candidate)
     for k, (start, end) in enumerate(segments):
@@ -99,7 +101,7 @@ def neighbours(candidate: Candidate, num_layers: int) -> list[Candidate]:
             found.append(moved)
     for giver in range(len(segments)):
         for taker in range(len(segments)):
-            if giver == taker or segments[giver][1] - segments[giver][0] < 2:
+            if giver == taker:
                 continue
             for give_end in (0, 1):
                 for take_end in (0, 1):
@@ -108,16 +110,44 @@ def neighbours(candidate: Candidate, num_layers: int) -> list[Candidate]:
                     moved[giver] = (s + 1, e) if give_end == 0 else (s, e - 1)
                     s, e = moved[taker]
                     moved[taker] = (s - 1, e) if take_end == 0 else (s, e + 1)
-                    found.append(moved)
+                    found.append([(s, e) for s, e in moved if e > s])
     valid = []
     for moved in found:
         moved.sort()
         if moved[0][0] < 0 or moved[-1][1] > num_layers:
             continue
-        if any(b[0] <= a[1] for a, b in itertools.pairwise(moved)) and len(moved) > 1:
+        if any(b[0] < a[1] for a, b in itertools.pairwise(moved)):  # overlapping: not a cut
             continue
-        valid.append(tuple(moved))
+        merged = tuple(merge_adjacent(moved))
+        if merged != candidate:
+            valid.append(merged)
     return list(dict.fromkeys(valid))
+
+
+def count_cuts(num_layers: int, remove: int, segments: int) -> int:
+    """How many cuts remove ``remove`` of ``num_layers`` layers in at most ``segments`` separate segments:
+    k segments are a composition of ``remove`` into k parts placed in k of the ``num_layers − remove + 1`` gaps
+    between the kept layers."""
+    return sum(math.comb(remove - 1, k - 1) * math.comb(num_layers - remove + 1, k)
+               for k in range(1, segments + 1))
+
+
+def cuts(num_layers: int, remove: int, segments: int) -> list[Candidate]:
+    """Every cut of ``remove`` layers in at most ``segments`` separate (non-touching) segments, each as sorted
+    half-open segments; :func:`count_cuts` of them."""
+    found: list[Candidate] = []
+
+    def place(first: int, left: int, parts: int, prefix: Candidate) -> None:
+        for start in range(first, num_layers - left + 1):
+            for width in range(1, left + 1):
+                here = (*prefix, (start, start + width))
+                if width == left:
+                    found.append(here)
+                elif parts > 1:
+                    place(start + width + 1, left - width, parts - 1, here)
+
+    place(0, remove, segments, ())
+    return found
 
 
 # ----------------------------------------------------------------------------------------------- search loop
@@ -146,15 +176,16 @@ class SearchResult:
         return result
 
 
-def refine(candidates: Iterable[Candidate], hard_objective: Callable[[list[Candidate]], list[float]],
+def refine(candidates: Iterable[Candidate], exact: Callable[[list[Candidate]], list[float]],
            num_layers: int, known: dict[Candidate, float] | None = None, max_rounds: int = 64) -> tuple[Candidate, float]:
-    """Evaluate ``candidates`` exactly, then hill-climb over :func:`neighbours` until no neighbour is better."""
+    """Score ``candidates`` exactly, then hill-climb over :func:`neighbours` until no neighbour is better;
+    ``known`` holds (and receives) every exact score."""
     known = {} if known is None else known
 
     def score(batch: list[Candidate]) -> None:
         new = [c for c in dict.fromkeys(batch) if c not in known]
         if new:
-            known.update(zip(new, hard_objective(new)))
+            known.update(zip(new, exact(new)))
 
     score(list(candidates))
     best = min(known, key=known.get)
@@ -168,23 +199,41 @@ def refine(candidates: Iterable[Candidate], hard_objective: Callable[[list[Candi
     return best, known[best]
 
 
+SCREENED = 3  # read-out cuts scored exactly after screening
+
+
 def default_profiles(num_layers: int, remove: int) -> int:
     """Profiles trained side by side when ``--gate-profiles`` is 0: enough starts that their spacing over the
     depth is about half the removed width (at least 3 layers)."""
     return max(1, math.ceil((num_layers - remove + 1) / max(3, remove // 2)))
 
 
+def readout(starts: torch.Tensor, widths: torch.Tensor, num_layers: int, remove: int) -> list[Candidate]:
+    """Each profile rounded to whole layers (distinct, valid cuts, in profile order)."""
+    found = []
+    for row in range(starts.shape[0]):
+        candidate = to_candidate(starts[row].tolist(), round_widths(widths[row].tolist(), remove), num_layers)
+        if candidate is not None:
+            found.append(candidate)
+    return list(dict.fromkeys(found))
+
+
 def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
-                   hard_objective: Callable[[list[Candidate]], list[float]],
-                   num_layers: int, remove: int, options: SearchOptions, progress=None) -> SearchResult:
+                   exact: Callable[[list[Candidate]], list[float]],
+                   num_layers: int, remove: int, options: SearchOptions, progress=None,
+                   known: dict[Candidate, float] | None = None,
+                   screen: Callable[[list[Candidate]], list[float]] | None = None) -> SearchResult:
     """Train ``options.gate_profiles`` gate profiles of ``options.segments`` notches each (together removing
-    ``remove`` layers) for ``options.gate_steps`` steps.
+    ``remove`` layers) for at most ``options.gate_steps`` steps.
 
     ``objective(gates [R, L]) -> [R]`` is the differentiable loss of each profile (KL on a calibration batch);
-    ``hard_objective(candidates) -> [float]`` the exact loss of hard cuts on the whole calibration set. Each
-    profile starts at a different depth, so together they cover the depth's basins; the read-out rounds every
-    profile to whole layers, scores those cuts and their neighbours exactly and hill-climbs to a local optimum
-    of the hard loss.
+    ``exact(candidates) -> [float]`` the exact loss of hard cuts on the whole calibration set. Each profile starts
+    at a different depth, so together they cover the depth's basins. Training stops early once every profile's
+    rounding to whole layers has stayed the same for ``options.gate_patience`` steps. The read-out scores those
+    cuts, their neighbours and any cuts already in ``known`` exactly and hill-climbs to a local optimum of the
+    exact loss; a notch may vanish or merge with another there, so the result has at most ``segments`` segments.
+    With ``screen`` (the loss on a few windows), the read-out's cuts are screened first and only the best
+    :data:`SCREENED` are scored exactly.
     """
     started = time.perf_counter()
     segments, steps = options.segments, options.gate_steps
@@ -193,7 +242,7 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
     width_logits = torch.zeros(profiles, segments, requires_grad=True)
     parameters = [starts, width_logits] if segments > 1 else [starts]
     optimizer = torch.optim.Adam(parameters, lr=options.gate_lr)
-    trajectory = []
+    trajectory, stable, last = [], 0, None
     for step in range(steps):
         tau = temperature(step, steps, options.tau_start, options.tau_end)
         widths = remove * torch.softmax(width_logits, dim=-1)
@@ -213,28 +262,33 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
         logger.debug("gate step %d tau %.3f loss %s", step, tau, losses.detach().tolist())
         if progress is not None:
             progress(1)
-    widths = (remove * torch.softmax(width_logits, dim=-1)).detach()
-    readouts = []
-    for row in range(profiles):
-        whole = round_widths(widths[row].tolist(), remove)
-        candidate = to_candidate(starts[row].tolist(), whole, num_layers)
-        if candidate is not None:
-            readouts.append(candidate)
+        rounded = readout(starts.detach(), widths.detach(), num_layers, remove)
+        stable = stable + 1 if rounded == last else 0
+        last = rounded
+        if options.gate_patience and stable >= options.gate_patience:
+            logger.info("gate read-out stable for %d steps: stopped after step %d of %d", stable, step + 1, steps)
+            break
+    readouts = readout(starts.detach(), (remove * torch.softmax(width_logits, dim=-1)).detach(), num_layers, remove)
     if not readouts:
         readouts.append(tuple((k * (num_layers // segments), k * (num_layers // segments) + remove // segments)
                               for k in range(segments)))
-    known: dict[Candidate, float] = {}
-    around = [n for c in readouts for n in neighbours(c, num_layers)]
-    best, best_kl = refine(readouts + around, hard_objective, num_layers, known)
+    known = {} if known is None else known
+    candidates = list(dict.fromkeys(readouts + [n for c in readouts for n in neighbours(c, num_layers)]))
+    if screen is not None and len(candidates) > SCREENED:
+        screened = dict(zip(candidates, screen(candidates)))
+        candidates = sorted(candidates, key=screened.get)[:SCREENED]
+    best, best_kl = refine(candidates, exact, num_layers, known)
     return SearchResult("clp", list(best), best_kl, time.perf_counter() - started, len(known), trajectory,
                         {candidate_key(c): v for c, v in known.items()})
 
 
-def exhaustive(hard_objective: Callable[[list[Candidate]], list[float]], num_layers: int, remove: int) -> SearchResult:
-    """Exact loss of every contiguous window of ``remove`` layers; the reference the gate is judged against."""
+def exhaustive(exact: Callable[[list[Candidate]], list[float]], num_layers: int, remove: int,
+               segments: int = 1) -> SearchResult:
+    """The exact loss of every cut of ``remove`` layers in at most ``segments`` segments; the reference the gate is
+    judged against."""
     started = time.perf_counter()
-    candidates = [((start, start + remove),) for start in range(num_layers - remove + 1)]
-    losses = hard_objective(candidates)
+    candidates = cuts(num_layers, remove, segments)
+    losses = exact(candidates)
     best = min(range(len(candidates)), key=losses.__getitem__)
     return SearchResult("exhaustive", list(candidates[best]), losses[best], time.perf_counter() - started,
                         len(candidates), [], {candidate_key(c): v for c, v in zip(candidates, losses)})
@@ -248,45 +302,84 @@ def candidate_key(candidate: Candidate) -> str:
 # ----------------------------------------------------------------------------------------------- on a model
 
 
-def exact_objective(handle: Handle, windows: torch.Tensor, batch_size: int,
-                    chunked_head: bool | None = None) -> Callable[[list[Candidate]], list[float]]:
-    """``candidates -> [hard-cut KL]`` on ``windows`` ``[N, T]``; the output head is checked once, not per call."""
-    if chunked_head is None:
-        chunked_head = head_reproduces_logits(handle.model, windows[:1, :16])
-        logger.info("KL over %s", "chunks of the output head" if chunked_head else "full logits")
+def exact_scorer(handle: Handle, windows: torch.Tensor, options: SearchOptions, batch_size: int = 4) -> ExactKL:
+    """The shared exact scorer of the search: the dense model run once over ``windows``, within the options'
+    memory budget."""
+    scorer = ExactKL(handle, windows, max(batch_size, 16), options.exact_cache_gib * 2**30)
+    logger.info("exact KL over %s; dense states kept at %d of %d layer boundaries; teacher %s", "chunks of the "
+                "output head" if scorer.chunked_head else "full logits", len(scorer.boundaries),
+                handle.num_layers - 1, "log-probabilities kept" if scorer.log_probs else "head applied per cut")
+    return scorer
 
-    def hard_objective(candidates: list[Candidate]) -> list[float]:
-        losses = hard_kl(handle, windows, candidates, batch_size, chunked_head=chunked_head)
+
+def checked(scorer: ExactKL) -> Callable[[list[Candidate]], list[float]]:
+    """``scorer``, refusing a KL that is not finite."""
+
+    def exact(candidates: list[Candidate]) -> list[float]:
+        losses = scorer(candidates)
         if not all(math.isfinite(loss) for loss in losses):
             raise LayercutError("the KL of a cut is not finite: the model's outputs overflow; load it in float32 "
                                 "(--dtype float32)")
         return losses
 
-    return hard_objective
+    return exact
 
 
 def search_exhaustive(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions,
-                      batch_size: int = 4, seed: int = 0, progress=None) -> SearchResult:
-    """The exact oracle: the hard-cut KL of every contiguous window of ``remove`` layers on ``windows``."""
-    return exhaustive(exact_objective(handle, windows, batch_size), handle.num_layers, remove)
+                      batch_size: int = 4, seed: int = 0, progress=None, scorer: ExactKL | None = None
+                      ) -> SearchResult:
+    """The exact oracle: the hard-cut KL of every cut of ``remove`` layers in at most ``options.segments``
+    segments on ``windows``. The cost is estimated from the first cut scored; past ``options.exhaustive_budget``
+    seconds the search is refused before it runs."""
+    started = time.perf_counter()
+    scorer = scorer or exact_scorer(handle, windows, options, batch_size)
+    exact = checked(scorer)
+    candidates = cuts(handle.num_layers, remove, options.segments)
+    probe = time.perf_counter()
+    first = exact(candidates[:1])
+    unit = (time.perf_counter() - probe) / (scorer.layers_run(candidates[0]) + 1)
+    estimate = unit * sum(scorer.layers_run(c) + 1 for c in candidates[1:])
+    if estimate > options.exhaustive_budget:
+        raise LayercutError(
+            f"--method exhaustive would score {len(candidates):,} cuts of {remove} layers in at most "
+            f"{options.segments} segment(s), an estimated {estimate:,.0f} s here, over --exhaustive-budget "
+            f"{options.exhaustive_budget:,.0f} s; raise the budget, lower --segments, or use --method clp")
+    logger.info("exhaustive: %d cuts, estimated %.0f s", len(candidates), estimate)
+    losses = first + exact(candidates[1:])
+    best = min(range(len(candidates)), key=losses.__getitem__)
+    return SearchResult("exhaustive", list(candidates[best]), losses[best], time.perf_counter() - started,
+                        len(candidates), [], {candidate_key(c): v for c, v in zip(candidates, losses)})
 
 
 def search_gate(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int = 4,
-                seed: int = 0, progress=None) -> SearchResult:
-    """Choose ``remove`` layers to cut with the concave gate (CLP) on the calibration ``windows`` ``[N, T]``.
+                seed: int = 0, progress=None, scorer: ExactKL | None = None) -> SearchResult:
+    """Choose ``remove`` layers to cut in at most ``options.segments`` segments with the concave gate (CLP) on the
+    calibration windows ``[N, T]``.
 
-    Each gate step uses ``options.gate_windows`` windows, drawn with a generator seeded by ``seed``. Model
-    weights are frozen; only the gate parameters train. The KL is taken over chunks of positions from final
-    hidden states when the output head alone makes the logits (checked once), and ``gate_checkpointing``
-    recomputes each layer in backward instead of storing its activations. ``progress`` is called with 1 after
-    each gate step.
+    Each gate step draws ``options.gate_windows`` windows (their first ``gate_context`` tokens, and
+    ``gate_positions`` positions of those; all for 0) with a generator seeded by ``seed``, and compares the gated
+    model with the dense outputs computed once by the shared exact scorer. Model weights are frozen; only the gate parameters train; ``gate_checkpointing``
+    recomputes each layer in backward instead of storing its activations. With several segments the exact best
+    single segment (and, from three segments, the best cut the gate finds with one segment fewer) is among the
+    read-out's candidates, so the result is never worse than a cut of fewer segments. ``progress`` is called with 1
+    after each gate step.
     """
+    started = time.perf_counter()
     model, layers = handle.model, handle.layers
-    chunked_head = head_reproduces_logits(model, windows[:1, :16])
-    logger.info("KL over %s", "chunks of the output head" if chunked_head else "full logits")
-    hard_objective = exact_objective(handle, windows, batch_size, chunked_head)
+    scorer = scorer or exact_scorer(handle, windows, options, batch_size)
+    exact = checked(scorer)
+    known: dict[Candidate, float] = {}
+    if options.segments > 1:
+        fewer = options.replace(segments=options.segments - 1, gate_steps=options.gate_steps)
+        previous = (search_exhaustive if options.segments == 2 else search_gate)(
+            handle, windows, remove, fewer, batch_size, seed, None, scorer)
+        known.update({parse_key(key): value for key, value in previous.landscape.items()})
     generator = torch.Generator().manual_seed(seed)
     step_windows = min(options.gate_windows, windows.shape[0])
+    # A causal model's outputs at the first C positions do not depend on the tokens after them: a step on the
+    # windows' first C tokens is the KL of the whole window restricted to those positions, at C/T of the cost.
+    length = options.gate_context if 0 < options.gate_context < windows.shape[1] else windows.shape[1]
+    positions = options.gate_positions if 0 < options.gate_positions < length else 0
     requires_grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     try:
@@ -294,21 +387,46 @@ def search_gate(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
                 (checkpointed_layers(model, layers) if options.gate_checkpointing else contextlib.nullcontext()):
 
             def objective(gates: torch.Tensor) -> torch.Tensor:
-                batch = windows[torch.randint(0, windows.shape[0], (step_windows,), generator=generator)]
-                with torch.no_grad():
-                    set_gates(None)
-                    teacher = outputs_of(model, batch, chunked_head)
+                picks = torch.randint(0, windows.shape[0], (step_windows,), generator=generator)
+                batch = windows[picks, :length]
+                at = torch.randperm(length, generator=generator)[:positions].sort().values if positions else None
+                if at is None and length < windows.shape[1]:
+                    at = torch.arange(length)
                 # The gates stay installed until the next call: checkpointed layers rerun them during backward.
                 set_gates(gates)
-                student = outputs_of(model, batch.repeat(gates.shape[0], 1), chunked_head)
-                kl = kl_rows(model, teacher, student, chunked_head)
+                if scorer.chunked_head:
+                    student = final_hidden(model, batch.repeat(gates.shape[0], 1))
+                    student = student if at is None else student[:, at.to(student.device)]
+                    kl = scorer.kl(scorer.teacher_rows(picks, at), student)
+                else:
+                    with torch.no_grad():
+                        set_gates(None)
+                        teacher = outputs_of(model, batch, False)
+                    set_gates(gates)
+                    kl = kl_rows(model, teacher, outputs_of(model, batch.repeat(gates.shape[0], 1), False), False)
                 return kl.view(gates.shape[0], batch.shape[0]).mean(dim=1).cpu()
 
-            def exact(candidates: list[Candidate]) -> list[float]:
-                set_gates(None)  # the last soft gates must not act under the read-out's own hooks
-                return hard_objective(candidates)
+            def read_out(candidates: list[Candidate]) -> list[float]:
+                set_gates(None)  # the last soft gates must not act under the read-out's own passes
+                return exact(candidates)
 
-            return search_notches(objective, exact, handle.num_layers, remove, options, progress)
+            screen = None
+            if 0 < options.gate_screen < windows.shape[0]:
+                screener = checked(ExactKL(handle, windows[: options.gate_screen], options.gate_screen,
+                                           options.exact_cache_gib * 2**30, scorer.chunked_head))
+
+                def screen(candidates: list[Candidate]) -> list[float]:
+                    set_gates(None)
+                    return screener(candidates)
+
+            result = search_notches(objective, read_out, handle.num_layers, remove, options, progress, known, screen)
     finally:
         for parameter, flag in zip(model.parameters(), requires_grad):
             parameter.requires_grad_(flag)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def parse_key(key: str) -> Candidate:
+    """The cut of a :func:`candidate_key`."""
+    return tuple(tuple(int(part) for part in segment.split(":")) for segment in key.split())

@@ -63,14 +63,15 @@ def lm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
-def endpoint_layers(segments: Sequence[Segment], total: int) -> list[int]:
-    """New (post-cut) indices of the layers just before and just after each cut; one at an edge."""
+def endpoint_layers(segments: Sequence[Segment], total: int, per_side: int = 1) -> list[int]:
+    """New (post-cut) indices of the ``per_side`` kept layers just before and just after each cut (fewer at an
+    edge)."""
     keep = kept_layers(segments, total)
     chosen = set()
     for start, end in segments:
-        for original in (start - 1, end):
-            if original in keep:
-                chosen.add(keep.index(original))
+        before = [i for i in keep if i < start][-per_side:]
+        after = [i for i in keep if i >= end][:per_side]
+        chosen.update(keep.index(original) for original in before + after)
     return sorted(chosen)
 
 
@@ -97,9 +98,9 @@ class Heal:
 # take a larger step than a full-depth update.
 HEALS: dict[str, Heal] = {
     "none": Heal(lambda segments, total, options: [], "no training after the cut"),
-    "endpoints": Heal(lambda segments, total, options: endpoint_layers(segments, total),
-                      "cutoff endpoint tuning: the layers just before and after each cut (full weights, or LoRA "
-                      "with --lora-rank)", 1e-3),
+    "endpoints": Heal(lambda segments, total, options: endpoint_layers(segments, total, options.endpoint_layers),
+                      "cutoff endpoint tuning: the layers just before and after each cut (--endpoint-layers on each "
+                      "side; full weights, or LoRA with --lora-rank)", 1e-3),
     "last-k": Heal(lambda segments, total, options: last_layers(segments, total, options.last_k),
                    "the last --last-k layers, the final norm and an untied output head", 1e-4, tail=True),
     "lora": Heal(lambda segments, total, options: last_layers(segments, total, total),

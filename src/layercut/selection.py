@@ -44,6 +44,7 @@ METHODS: dict[str, Method] = {
     **{name: Method(_criterion(name), criterion.help) for name, criterion in CRITERIA.items()},
 }
 GATE_METHODS = ("clp",)  # the methods that train the gate (and take the gate options)
+SEGMENTED_METHODS = ("clp", "exhaustive")  # the methods that take --segments
 
 
 def removal_count(options: SearchOptions, total: int) -> int:
@@ -69,8 +70,9 @@ def plan(options: SearchOptions, total: int) -> list[Segment] | int:
     """The validated segments the options name, or else the number of layers to remove; checked before work."""
     if options.segment:
         return validate_segments([parse_segment(text) for text in options.segment], total)
-    if options.method == "exhaustive" and options.segments > 1:
-        raise LayercutError("--method exhaustive searches one segment; use --method clp for --segments > 1")
+    if options.segments > 1 and options.method not in SEGMENTED_METHODS:
+        raise LayercutError(f"--segments applies to {', '.join(SEGMENTED_METHODS)}; {options.method} chooses its own "
+                            "layers")
     return removal_count(options, total)
 
 

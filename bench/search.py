@@ -1,0 +1,303 @@
+"""Segment search on a real model: the gate against the exact oracle, with one and with several segments.
+
+Three parts, each written to ``--out``/search.json as it finishes (so a run cut short keeps what it measured):
+
+* ``single``: for every n of ``--single-removes`` and seed, the exact single-segment oracle by the plain gated
+  path (as layercut scored cuts before) and by the shared scorer (dense model once, prefix reuse, teacher kept),
+  and the gate under each setting of ``--configs``: its segment, KL and time.
+* ``multi``: for every n of ``--removes`` and seed, the exact optimum over cuts of at most 2 segments (the shared
+  scorer; the plain path timed on a random sample of cuts and extrapolated), the gate with at most 2 and at most 3
+  segments, and a greedy baseline (remove the layer whose removal adds least KL, one at a time).
+* ``heal`` (``--heal-steps`` > 0): the best single segment and the best cut of at most 2 segments, each healed
+  with endpoint tuning (every cut's neighbours) and, for the single segment, with as many trained layers as the
+  two-segment cut trains; held-out perplexity on ``--ppl``.
+
+    python bench/search.py --out bench/results/search-h200                     # GPU, full setting
+    python bench/search.py --out runs/search-cpu --quick                        # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from layercut import heal
+from layercut.config import DataOptions, HealOptions, ModelOptions, SearchOptions
+from layercut.data import calibrate
+from layercut.evaluate import perplexity
+from layercut.forward import hard_kl
+from layercut.gate import count_cuts, cuts, exact_scorer, exhaustive, search_exhaustive, search_gate
+from layercut.layers import cut, merge_adjacent
+from layercut.load import load_model
+from layercut.record import library_versions
+
+logger = logging.getLogger("bench.search")
+
+# Gate settings compared on the single-segment cases; "old" is the setting layercut used before (60 steps of 4
+# windows, every position, every read-out cut scored on all windows).
+CONFIGS = {
+    "old": {"gate_steps": 60, "gate_windows": 4},
+    "s30c128": {"gate_steps": 30, "gate_windows": 2, "gate_context": 128, "gate_positions": 64, "gate_patience": 6,
+                "gate_screen": 8},
+    "s20c64": {"gate_steps": 20, "gate_windows": 1, "gate_context": 64, "gate_patience": 4, "gate_screen": 8},
+    "s20p32": {"gate_steps": 20, "gate_windows": 1, "gate_positions": 32, "gate_patience": 4, "gate_screen": 8},
+    "s12c64": {"gate_steps": 12, "gate_windows": 1, "gate_context": 64, "gate_patience": 3, "gate_screen": 4},
+    "s20c32": {"gate_steps": 20, "gate_windows": 1, "gate_context": 32, "gate_patience": 4, "gate_screen": 4},
+}
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(function, *args, **kwargs):
+    """``(function(*args, **kwargs), seconds)``, the GPU's queue drained before and after."""
+    synchronize()
+    started = time.perf_counter()
+    value = function(*args, **kwargs)
+    synchronize()
+    return value, time.perf_counter() - started
+
+
+def plain_exhaustive(handle, windows, remove: int, batch_size: int):
+    """The exact single-segment oracle the way layercut scored cuts before: gates on every layer, no sharing."""
+    return exhaustive(lambda candidates: hard_kl(handle, windows, candidates, batch_size), handle.num_layers, remove)
+
+
+def same(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-5 * max(1.0, abs(b))
+
+
+def greedy(scorer, num_layers: int, remove: int) -> tuple[list, float]:
+    """Remove one layer at a time, each the one whose removal (with those already removed) gives the lowest KL."""
+    removed: list[int] = []
+    for _ in range(remove):
+        left = [i for i in range(num_layers) if i not in removed]
+        trials = [tuple(merge_adjacent([(i, i + 1) for i in sorted(removed + [layer])])) for layer in left]
+        losses = scorer(trials)
+        removed.append(left[min(range(len(left)), key=losses.__getitem__)])
+    final = tuple(merge_adjacent([(i, i + 1) for i in sorted(removed)]))
+    return [list(s) for s in final], scorer([final])[0]
+
+
+def single_rows(handle, arguments, result, out) -> None:
+    for seed in arguments.seeds:
+        windows = calibrate(handle.tokenizer, data_options(arguments, seed), test=False).calibration
+        for remove in arguments.single_removes:
+            options = SearchOptions(method="exhaustive", remove=remove)
+            plain, plain_s = timed(plain_exhaustive, handle, windows, remove, arguments.batch_size)
+            shared, shared_s = timed(search_exhaustive, handle, windows, remove, options, arguments.batch_size)
+            row = {"remove": remove, "seed": seed, "oracle_segments": shared.segments, "oracle_kl": shared.kl,
+                   "oracle_plain_seconds": plain_s, "oracle_shared_seconds": shared_s,
+                   "oracle_same": plain.segments == shared.segments and same(plain.kl, shared.kl), "gates": {}}
+            for name in arguments.configs:
+                gate_options = SearchOptions(remove=remove, **CONFIGS[name])
+                found, seconds = timed(search_gate, handle, windows, remove, gate_options, arguments.batch_size, seed)
+                row["gates"][name] = {"segments": found.segments, "kl": found.kl, "seconds": seconds,
+                                      "steps": len(found.trajectory), "cuts_scored": found.evaluations,
+                                      "match": same(found.kl, shared.kl)}
+            result["single"].append(row)
+            logger.info("single n=%d seed=%d: %s", remove, seed, json.dumps(row)[:400])
+            write(result, out)
+
+
+def choose(result: dict) -> str:
+    """The cheapest setting that reached the oracle in every single-segment case (the defaults' source)."""
+    rows = result["single"]
+    perfect = [name for name in rows[0]["gates"] if all(row["gates"][name]["match"] for row in rows)]
+    if not perfect:
+        return max(rows[0]["gates"], key=lambda name: sum(row["gates"][name]["match"] for row in rows))
+    return min(perfect, key=lambda name: sum(row["gates"][name]["seconds"] for row in rows))
+
+
+def multi_rows(handle, arguments, result, out) -> None:
+    sampler = random.Random(0)
+    for seed in arguments.seeds:
+        windows = calibrate(handle.tokenizer, data_options(arguments, seed), test=False).calibration
+        for remove in arguments.removes:
+            two = SearchOptions(method="exhaustive", remove=remove, segments=2, exhaustive_budget=1e9)
+            exact, exact_s = timed(search_exhaustive, handle, windows, remove, two, arguments.batch_size)
+            single = min((value, key) for key, value in exact.landscape.items() if " " not in key)
+            sample = sampler.sample(cuts(handle.num_layers, remove, 2), min(arguments.plain_sample,
+                                                                             count_cuts(handle.num_layers, remove, 2)))
+            plain, plain_s = timed(hard_kl, handle, windows, sample, arguments.batch_size)
+            scorer = exact_scorer(handle, windows, two, arguments.batch_size)
+            shared_sample = scorer(sample)
+            gate = CONFIGS[arguments.gate] if arguments.gate else {}
+            gate2, gate2_s = timed(search_gate, handle, windows, remove,
+                                   SearchOptions(remove=remove, segments=2, **gate), arguments.batch_size, seed)
+            gate3, gate3_s = timed(search_gate, handle, windows, remove,
+                                   SearchOptions(remove=remove, segments=3, **gate), arguments.batch_size, seed)
+            (greedy_cut, greedy_kl), greedy_s = timed(greedy, scorer, handle.num_layers, remove)
+            count = exact.evaluations
+            row = {"remove": remove, "seed": seed, "cuts": count,
+                   "exact_segments": exact.segments, "exact_kl": exact.kl, "exact_seconds": exact_s,
+                   "plain_seconds_estimated": plain_s * count / len(sample),
+                   "plain_vs_shared_max_abs": max(abs(a - b) for a, b in zip(plain, shared_sample)),
+                   "single_best": single[1], "single_best_kl": single[0],
+                   "gate2_segments": gate2.segments, "gate2_kl": gate2.kl, "gate2_seconds": gate2_s,
+                   "gate2_match": same(gate2.kl, exact.kl), "gate2_not_worse_than_single": gate2.kl <= single[0] + 1e-9,
+                   "gate3_segments": gate3.segments, "gate3_kl": gate3.kl, "gate3_seconds": gate3_s,
+                   "greedy_segments": greedy_cut, "greedy_kl": greedy_kl, "greedy_seconds": greedy_s}
+            result["multi"].append(row)
+            logger.info("multi n=%d seed=%d: %s", remove, seed, json.dumps(row)[:400])
+            write(result, out)
+
+
+def heal_rows(handle, arguments, result, out) -> None:
+    options = data_options(arguments, 0)
+    test = calibrate(handle.tokenizer, options.replace(ppl=arguments.ppl, ppl_windows=arguments.ppl_windows)).test
+    base = HealOptions(heal_steps=arguments.heal_steps, heal_batch=8, heal_windows=arguments.heal_windows)
+    prepared = heal.prepare(handle, base, options)
+    dense = perplexity(handle.model, test, arguments.batch_size)
+    for row in [r for r in result["multi"] if r["seed"] == 0]:
+        cases = {"single": [tuple(int(x) for x in part.split(":")) for part in row["single_best"].split()],
+                 "two": [tuple(s) for s in row["exact_segments"]]}
+        entry = {"remove": row["remove"], "dense": dense}
+        trained = len(heal.endpoint_layers(cases["two"], handle.num_layers))
+        for name, segments in cases.items():
+            variants = [("endpoints", base)]
+            if name == "single" and trained > 2:  # as many trained layers as the two-segment cut's endpoints
+                variants.append(("equal layers", base.replace(endpoint_layers=trained // 2)))
+            for label, options_used in variants:
+                pruned = copy.deepcopy(handle)
+                removed = cut(pruned, segments)
+                report = heal.heal(pruned, removed, prepared, options_used)
+                entry[f"{name} {label}"] = {"segments": [list(s) for s in removed.segments],
+                                            "perplexity": perplexity(pruned.model, test, arguments.batch_size),
+                                            "trained_layers": report.layers,
+                                            "trainable_parameters": report.trainable_parameters}
+                del pruned
+        result["heal"].append(entry)
+        logger.info("heal n=%d: %s", row["remove"], json.dumps(entry)[:400])
+        write(result, out)
+
+
+def data_options(arguments, seed: int) -> DataOptions:
+    return DataOptions(calib=arguments.calib, seq_len=arguments.seq_len, calib_windows=arguments.calib_windows,
+                       seed=seed, batch_size=arguments.batch_size)
+
+
+def write(result: dict, out: Path) -> None:
+    (out / "search.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "search.md").write_text(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Segment search on {result['model']} ({result['device']})", "", f"Command: `{result['command']}`", "",
+             (f"Calibration: {result['settings']['calib_windows']} windows x {result['settings']['seq_len']} tokens of "
+             f"`{result['settings']['calib']}`; hard-cut KL in nats/token."), ""]
+    if result["single"]:
+        names = list(result["single"][0]["gates"])
+        lines += ["## One segment: the gate against the exact oracle", "",
+                  "| n | seed | oracle | KL | oracle s (plain) | oracle s (shared) | "
+                  + " | ".join(f"{name}: match, s" for name in names) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(names)]
+        for r in result["single"]:
+            gates = " | ".join(f"{'yes' if g['match'] else 'NO ' + str(g['segments'])}, {g['seconds']:.1f}"
+                               for g in r["gates"].values())
+            lines.append(f"| {r['remove']} | {r['seed']} | {r['oracle_segments']} | {r['oracle_kl']:.4f} | "
+                         f"{r['oracle_plain_seconds']:.1f} | {r['oracle_shared_seconds']:.1f} | {gates} |")
+        rows = result["single"]
+        lines += ["", "| setting | matches | gate s total | oracle s total (shared) | gate / oracle |",
+                  "|---|---|---|---|---|"]
+        oracle = sum(r["oracle_shared_seconds"] for r in rows)
+        for name in names:
+            seconds = sum(r["gates"][name]["seconds"] for r in rows)
+            lines.append(f"| {name} | {sum(r['gates'][name]['match'] for r in rows)} of {len(rows)} | {seconds:.1f} | "
+                         f"{oracle:.1f} | {seconds / oracle:.2f} |")
+        plain = sum(r["oracle_plain_seconds"] for r in rows)
+        lines += ["", (f"Exact oracle, plain gated path {plain:.1f} s, shared scorer {oracle:.1f} s "
+                      f"({plain / oracle:.2f}x), same segment and KL in "
+                      f"{sum(r['oracle_same'] for r in rows)} of {len(rows)} cases."), ""]
+    if result["multi"]:
+        lines += [f"## At most two segments (gate setting: {result['settings'].get('gate') or 'defaults'})", "",
+                  ("| n | seed | cuts | exact (K<=2) | KL | exact s | plain s (est.) | best single | KL | gate K<=2 | "
+                  "KL | s | gate K<=3 | KL | s | greedy | KL | s |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["multi"]:
+            lines.append(
+                f"| {r['remove']} | {r['seed']} | {r['cuts']} | {r['exact_segments']} | {r['exact_kl']:.4f} | "
+                f"{r['exact_seconds']:.1f} | {r['plain_seconds_estimated']:.1f} | [{r['single_best']}] | "
+                f"{r['single_best_kl']:.4f} | {r['gate2_segments']}{'' if r['gate2_match'] else ' (NOT exact)'} | "
+                f"{r['gate2_kl']:.4f} | {r['gate2_seconds']:.1f} | {r['gate3_segments']} | {r['gate3_kl']:.4f} | "
+                f"{r['gate3_seconds']:.1f} | {r['greedy_segments']} | {r['greedy_kl']:.4f} | {r['greedy_seconds']:.1f} |")
+        rows = result["multi"]
+        lines += ["", (f"Gate K<=2 equals the exact K<=2 optimum in {sum(r['gate2_match'] for r in rows)} of "
+                      f"{len(rows)} cases and is never worse than the best single segment in "
+                      f"{sum(r['gate2_not_worse_than_single'] for r in rows)} of {len(rows)}."), ""]
+    if result["heal"]:
+        lines += ["## Healed: best single segment against best cut of at most two", "",
+                  "| n | dense | variant | segments | trained layers | trainable | perplexity |", "|---|---|---|---|---|---|---|"]
+        for entry in result["heal"]:
+            for key, value in entry.items():
+                if isinstance(value, dict):
+                    lines.append(f"| {entry['remove']} | {entry['dense']:.2f} | {key} | {value['segments']} | "
+                                 f"{value['trained_layers']} | {value['trainable_parameters']:,} | "
+                                 f"{value['perplexity']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--parts", default="single,multi,heal")
+    parser.add_argument("--quick", action="store_true", help="small CPU setting")
+    parser.add_argument("--single-removes", default="4,6,8,10")
+    parser.add_argument("--removes", default="6,8,10")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--configs", default=",".join(name for name in CONFIGS if name != "old"))
+    parser.add_argument("--gate", default="", help="gate setting of the multi part: a name in CONFIGS, 'chosen' (the "
+                                                   "single part's choice, also read from --chosen-file), or empty for "
+                                                   "layercut's defaults")
+    parser.add_argument("--chosen-file", default="", help="file that keeps the single part's chosen setting")
+    parser.add_argument("--calib", default="wiki")
+    parser.add_argument("--ppl", default="wiki")
+    parser.add_argument("--plain-sample", type=int, default=100, help="cuts the plain path scores to estimate its time")
+    parser.add_argument("--heal-steps", type=int, default=200)
+    parser.add_argument("--heal-windows", type=int, default=1024)
+    parser.add_argument("--ppl-windows", type=int, default=256)
+    arguments = parser.parse_args()
+    for name in ("single_removes", "removes", "seeds"):
+        setattr(arguments, name, [int(x) for x in getattr(arguments, name).split(",") if x])
+    arguments.configs = [name for name in arguments.configs.split(",") if name]
+    arguments.seq_len = 64 if arguments.quick else 256
+    arguments.calib_windows = 8 if arguments.quick else 32
+    arguments.batch_size = 4 if arguments.quick else 16
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(arguments.out)
+    out.mkdir(parents=True, exist_ok=True)
+    handle = load_model(arguments.model, ModelOptions(dtype="float32"))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    result = {"model": arguments.model, "device": device, "command": "python " + " ".join(sys.argv),
+              "settings": {k: v for k, v in vars(arguments).items() if k != "out"}, "configs": CONFIGS,
+              "versions": library_versions(), "single": [], "multi": [], "heal": []}
+    parts = arguments.parts.split(",")
+    if "single" in parts:
+        single_rows(handle, arguments, result, out)
+        result["chosen"] = choose(result)
+        write(result, out)
+        if arguments.chosen_file:
+            Path(arguments.chosen_file).write_text(result["chosen"])
+    if arguments.gate == "chosen":
+        arguments.gate = result.get("chosen") or Path(arguments.chosen_file).read_text().strip()
+        result["settings"]["gate"] = arguments.gate
+    if "multi" in parts:
+        multi_rows(handle, arguments, result, out)
+    if "heal" in parts and arguments.heal_steps:
+        heal_rows(handle, arguments, result, out)
+    print((out / "search.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Segment search with several segments: exact enumeration against brute force, at most K segments, shared exact
+scoring against the plain gated path, and the exhaustive budget."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from conftest import LAYERS, build_tiny, random_ids
+from layercut.config import SearchOptions
+from layercut.errors import LayercutError
+from layercut.forward import ExactKL, hard_gates, hard_kl
+from layercut.gate import (
+    count_cuts,
+    cuts,
+    exhaustive,
+    neighbours,
+    search_exhaustive,
+    search_gate,
+    search_notches,
+)
+from layercut.layers import Handle, drop_layers, merge_adjacent
+
+
+def direct_kl(model, windows, segments) -> float:
+    """KL(dense ‖ cut) of a copy of ``model`` with ``segments`` dropped, in float64: no hooks, no sharing."""
+    cut_model = copy.deepcopy(model)
+    drop_layers(cut_model, list(segments))
+    with torch.no_grad():
+        dense = torch.log_softmax(model(windows).logits.double(), dim=-1)
+        pruned = torch.log_softmax(cut_model(windows).logits.double(), dim=-1)
+    return (dense.exp() * (dense - pruned)).sum(-1).mean().item()
+
+
+def test_cuts_are_every_way_to_remove_n_layers_in_at_most_k_segments():
+    for layers, remove, segments in ((8, 3, 1), (8, 3, 2), (9, 4, 3), (30, 6, 2)):
+        brute = set()
+        for chosen in itertools.combinations(range(layers), remove):
+            blocks = merge_adjacent([(i, i + 1) for i in chosen])
+            if len(blocks) <= segments:
+                brute.add(tuple(blocks))
+        found = cuts(layers, remove, segments)
+        assert len(found) == len(set(found)) == count_cuts(layers, remove, segments)
+        assert set(found) == brute
+
+
+def test_exhaustive_with_two_segments_equals_brute_force_on_a_tiny_model():
+    model = build_tiny("qwen2", layers=7)
+    windows = random_ids(batch=3, length=10, seed=5)
+    found = search_exhaustive(Handle.of(model), windows, 3, SearchOptions(method="exhaustive", segments=2))
+    brute = {}
+    for chosen in itertools.combinations(range(7), 3):
+        blocks = tuple(merge_adjacent([(i, i + 1) for i in chosen]))
+        if len(blocks) <= 2:
+            brute[blocks] = direct_kl(model, windows, blocks)
+    best = min(brute, key=brute.get)
+    assert found.evaluations == len(brute)
+    assert tuple(found.segments) == best
+    assert found.kl == pytest.approx(brute[best], rel=1e-4, abs=1e-7)
+
+
+def test_exhaustive_refuses_a_search_over_its_budget_with_both_figures():
+    model = build_tiny("llama", layers=8)
+    options = SearchOptions(method="exhaustive", segments=3, exhaustive_budget=1e-6)
+    with pytest.raises(LayercutError, match=r"would score 56 cuts .* an estimated .* s here, over "
+                                            r"--exhaustive-budget"):
+        search_exhaustive(Handle.of(model), random_ids(batch=2, length=8), 3, options)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "opt", "phi"])
+@pytest.mark.parametrize("budget", [4 * 2**30, 20_000, 0], ids=["everything kept", "some boundaries", "nothing kept"])
+def test_shared_exact_scoring_equals_the_gated_path_and_dropping(family, budget):
+    model = build_tiny(family, layers=8)
+    handle = Handle.of(model)
+    windows = random_ids(batch=5, length=12, seed=1)
+    candidates = [((0, 2),), ((3, 5),), ((6, 8),), ((1, 2), (4, 6)), ((2, 3),)]
+    scorer = ExactKL(handle, windows, pass_windows=2, memory_budget=budget)
+    shared = scorer(candidates)
+    gated = hard_kl(handle, windows, candidates, batch_size=2)
+    direct = [direct_kl(model, windows, candidate) for candidate in candidates]
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(direct, dtype=torch.float32), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(gated), rtol=1e-3, atol=1e-6)
+    assert scorer.evaluated == len(candidates)
+    assert all(not layer._forward_hooks and "forward" not in layer.__dict__ for layer in handle.layers)
+
+
+def test_segments_vanish_and_merge_in_the_neighbourhood():
+    around = neighbours(((2, 3), (5, 7)), 10)
+    assert ((4, 7),) in around and ((5, 8),) in around  # the one-layer segment gave its layer away: it vanished
+    assert ((2, 3), (4, 6)) in around
+    touching = neighbours(((2, 4), (5, 7)), 10)
+    assert ((2, 7),) not in touching  # a shift that would touch leaves a gap of one layer...
+    assert ((3, 7),) in touching  # ...and touching segments merge into one
+
+
+def window_costs(costs: list[float], interaction: float = 0.0):
+    """A synthetic landscape: removing layers costs their sum plus ``interaction`` for every removed pair of
+    neighbours (negative: removing a contiguous block is cheaper than its layers apart)."""
+    costs_t = torch.tensor(costs)
+
+    def objective(gates: torch.Tensor) -> torch.Tensor:
+        removed = 1 - gates
+        return (removed * costs_t).sum(-1) + interaction * (removed[:, 1:] * removed[:, :-1]).sum(-1)
+
+    def exact(candidates):
+        return objective(hard_gates(candidates, len(costs))).tolist()
+
+    return objective, exact
+
+
+def test_where_one_segment_is_best_two_segments_return_one():
+    costs = [3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3, 3, 1.2, 3, 3]
+    objective, exact = window_costs(costs, interaction=-0.5)
+    single = exhaustive(exact, len(costs), 4)
+    both = exhaustive(exact, len(costs), 4, segments=2)
+    assert single.segments == both.segments == [(4, 8)]  # the landscape's own optimum is one segment
+    known = dict(zip(cuts(len(costs), 4, 1), exact(cuts(len(costs), 4, 1))))
+    found = search_notches(objective, exact, len(costs), 4, SearchOptions(segments=2, gate_steps=40), known=known)
+    assert found.segments == [(4, 8)]
+
+
+def test_the_gate_with_two_segments_is_never_worse_than_the_best_single_segment():
+    model = build_tiny("llama", layers=10)
+    windows = random_ids(batch=4, length=12, seed=2)
+    handle = Handle.of(model)
+    single = search_exhaustive(handle, windows, 3, SearchOptions(method="exhaustive"))
+    two = {}
+    for seed in range(3):
+        two[seed] = search_gate(handle, windows, 3, SearchOptions(segments=2, gate_steps=6), seed=seed)
+        assert len(two[seed].segments) <= 2
+        assert two[seed].kl <= single.kl + 1e-9
+        assert " ".join(f"{s}:{e}" for s, e in single.segments) in two[seed].landscape  # the exact optimum was scored
+    three = search_gate(handle, windows, 3, SearchOptions(segments=3, gate_steps=6), seed=0)
+    assert len(three.segments) <= 3 and three.kl <= two[0].kl + 1e-9  # never worse than its own two-segment search
+
+
+def test_sampled_positions_and_early_stopping_keep_the_gate_deterministic():
+    model = build_tiny("llama", layers=LAYERS)
+    windows = random_ids(batch=6, length=16, seed=3)
+    options = SearchOptions(gate_steps=30, gate_positions=4, gate_patience=3)
+    first = search_gate(Handle.of(model), windows, 2, options, seed=1)
+    again = search_gate(Handle.of(model), windows, 2, options, seed=1)
+    assert first.trajectory == again.trajectory and first.segments == again.segments
+    assert len(first.trajectory) < 30  # the read-out settled before the last step
+    exact = search_exhaustive(Handle.of(model), windows, 2, SearchOptions(method="exhaustive"))
+    assert first.kl == pytest.approx(exact.kl, rel=1e-5)
