@@ -44,7 +44,9 @@ logger = logging.getLogger("bench.search")
 # Gate settings compared on the single-segment cases; "old" is the setting layercut used before (60 steps of 4
 # windows, every position, every read-out cut scored on all windows).
 CONFIGS = {
-    "old": {"gate_steps": 60, "gate_windows": 4},
+    "default": {},
+    "old": {"gate_steps": 60, "gate_windows": 4, "gate_context": 0, "gate_positions": 0, "gate_patience": 0,
+            "gate_screen": 0},
     "s30c128": {"gate_steps": 30, "gate_windows": 2, "gate_context": 128, "gate_positions": 64, "gate_patience": 6,
                 "gate_screen": 8},
     "s20c64": {"gate_steps": 20, "gate_windows": 1, "gate_context": 64, "gate_patience": 4, "gate_screen": 8},
@@ -153,6 +155,25 @@ def multi_rows(handle, arguments, result, out) -> None:
             write(result, out)
 
 
+def regate_rows(handle, arguments, result, out) -> None:
+    """For every multi row already measured (``--resume``), the gate with at most 2 and 3 segments under
+    ``--gate`` (the exact optimum is the row's)."""
+    name = arguments.gate or "defaults"
+    gate = CONFIGS.get(arguments.gate, {})
+    for row in result["multi"]:
+        windows = calibrate(handle.tokenizer, data_options(arguments, row["seed"]), test=False).calibration
+        for segments in (2, 3):
+            found, seconds = timed(search_gate, handle, windows, row["remove"],
+                                   SearchOptions(remove=row["remove"], segments=segments, **gate),
+                                   arguments.batch_size, row["seed"])
+            row.setdefault("regate", {}).setdefault(name, {})[f"gate{segments}"] = {
+                "segments": found.segments, "kl": found.kl, "seconds": seconds, "steps": len(found.trajectory),
+                "match_exact_k2": same(found.kl, row["exact_kl"]) if segments == 2 else None,
+                "not_worse_than_exact_k2": found.kl <= row["exact_kl"] + 1e-9}
+        logger.info("regate %s n=%d seed=%d: %s", name, row["remove"], row["seed"], json.dumps(row["regate"][name]))
+        write(result, out)
+
+
 def heal_rows(handle, arguments, result, out) -> None:
     options = data_options(arguments, 0)
     test = calibrate(handle.tokenizer, options.replace(ppl=arguments.ppl, ppl_windows=arguments.ppl_windows)).test
@@ -235,6 +256,18 @@ def markdown(result: dict) -> str:
         lines += ["", (f"Gate K<=2 equals the exact K<=2 optimum in {sum(r['gate2_match'] for r in rows)} of "
                       f"{len(rows)} cases and is never worse than the best single segment in "
                       f"{sum(r['gate2_not_worse_than_single'] for r in rows)} of {len(rows)}."), ""]
+    regated = [r for r in result["multi"] if r.get("regate")]
+    if regated:
+        lines += ["## Other gate settings against the same exact optimum", "",
+                  "| setting | n | seed | exact K<=2 | KL | gate K<=2 | KL | s | gate K<=3 | KL | s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in regated:
+            for name, found in r["regate"].items():
+                two, three = found["gate2"], found["gate3"]
+                lines.append(f"| {name} | {r['remove']} | {r['seed']} | {r['exact_segments']} | {r['exact_kl']:.4f} | "
+                             f"{two['segments']}{'' if two['match_exact_k2'] else ' (NOT exact)'} | {two['kl']:.4f} | "
+                             f"{two['seconds']:.1f} | {three['segments']} | {three['kl']:.4f} | {three['seconds']:.1f} |")
+        lines.append("")
     if result["heal"]:
         lines += ["## Healed: best single segment against best cut of at most two", "",
                   "| n | dense | variant | segments | trained layers | trainable | perplexity |", "|---|---|---|---|---|---|---|"]
@@ -256,11 +289,12 @@ def main() -> None:
     parser.add_argument("--single-removes", default="4,6,8,10")
     parser.add_argument("--removes", default="6,8,10")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--configs", default=",".join(name for name in CONFIGS if name != "old"))
+    parser.add_argument("--configs", default=",".join(name for name in CONFIGS if name not in ("old", "default")))
     parser.add_argument("--gate", default="", help="gate setting of the multi part: a name in CONFIGS, 'chosen' (the "
                                                    "single part's choice, also read from --chosen-file), or empty for "
                                                    "layercut's defaults")
     parser.add_argument("--chosen-file", default="", help="file that keeps the single part's chosen setting")
+    parser.add_argument("--resume", default="", help="a search.json whose measured parts are kept (and extended)")
     parser.add_argument("--calib", default="wiki")
     parser.add_argument("--ppl", default="wiki")
     parser.add_argument("--plain-sample", type=int, default=100, help="cuts the plain path scores to estimate its time")
@@ -282,6 +316,10 @@ def main() -> None:
     result = {"model": arguments.model, "device": device, "command": "python " + " ".join(sys.argv),
               "settings": {k: v for k, v in vars(arguments).items() if k != "out"}, "configs": CONFIGS,
               "versions": library_versions(), "single": [], "multi": [], "heal": []}
+    if arguments.resume:
+        earlier = json.loads(Path(arguments.resume).read_text())
+        result.update({part: earlier.get(part, []) for part in ("single", "multi", "heal")},
+                      earlier_commands=[*earlier.get("earlier_commands", []), earlier["command"]])
     parts = arguments.parts.split(",")
     if "single" in parts:
         single_rows(handle, arguments, result, out)
@@ -294,7 +332,9 @@ def main() -> None:
         result["settings"]["gate"] = arguments.gate
     if "multi" in parts:
         multi_rows(handle, arguments, result, out)
-    if "heal" in parts and arguments.heal_steps:
+    if "regate" in parts:
+        regate_rows(handle, arguments, result, out)
+    if "heal" in parts and arguments.heal_steps and not result["heal"]:
         heal_rows(handle, arguments, result, out)
     print((out / "search.md").read_text())
 

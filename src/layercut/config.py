@@ -128,25 +128,29 @@ class SearchOptions(Options):
     ratio: float | None = option(None, "fraction of layers to remove (rounded to whole layers)", gt=0, lt=1)
     method: Literal[METHODS] = option("clp", "how to choose the layers to remove")  # type: ignore[valid-type]
     segments: int = option(1, "at most this many separate contiguous segments (clp, exhaustive)", ge=1)
-    gate_steps: int = option(60, "optimisation steps of the concave gate (clp)", ge=1)
+    gate_steps: int | None = option(None, "optimisation steps of the concave gate (clp); default 30 for one segment, "
+                                    "60 for several", ge=1)
     gate_lr: float = option(0.2, "learning rate of the gate position (clp)", gt=0)
     gate_profiles: int = option(0, "gate profiles trained side by side, each started at another depth (clp); "
                                 "0 = enough that their starts are about half the removed width apart",
                                 aliases=("--gate-starts",), ge=0)
-    gate_windows: int = option(4, "calibration windows per gate step (clp)", ge=1)
+    gate_windows: int | None = option(None, "calibration windows per gate step (clp); default 2 for one segment, 4 "
+                                      "for several", ge=1)
     gate_checkpointing: bool = option(
         False, "recompute each decoder layer during the gate's backward pass instead of storing its activations "
         "(less memory, about a third more compute) (clp)")
     tau_start: float = option(1.0, "initial gate temperature in layers (clp)", gt=0)
     tau_end: float = option(0.05, "final gate temperature in layers (clp)", gt=0)
-    gate_context: int = option(0, "tokens of each window a gate step runs, its first ones (clp); 0 = the whole "
-                               "window", ge=0)
-    gate_positions: int = option(0, "positions per window in each gate step's KL, drawn at random among those run "
-                                 "(clp); 0 = all", ge=0)
-    gate_patience: int = option(0, "stop the gate once every profile's rounding has stayed the same for this many "
-                                "steps (clp); 0 = run all steps", ge=0)
-    gate_screen: int = option(0, "calibration windows on which the read-out's cuts are screened before the best "
-                              "three are scored on all (clp); 0 = score every read-out cut on all", ge=0)
+    gate_context: int | None = option(None, "tokens of each window a gate step runs, its first ones (clp); 0 = the "
+                                      "whole window; default 128 for one segment, 0 for several", ge=0)
+    gate_positions: int | None = option(None, "positions per window in each gate step's KL, drawn at random among "
+                                        "those run (clp); 0 = all; default 64 for one segment, 0 for several", ge=0)
+    gate_patience: int | None = option(None, "stop the gate once every profile's rounding has stayed the same for "
+                                       "this many steps (clp); 0 = run all steps; default 6 for one segment, 0 for "
+                                       "several", ge=0)
+    gate_screen: int | None = option(None, "calibration windows on which the read-out's cuts are screened before the "
+                                     "best three are scored on all (clp); 0 = score every read-out cut on all; "
+                                     "default 8 for one segment, 0 for several", ge=0)
     exact_cache_gib: float = option(4.0, "memory the exact scoring may keep (GiB): the dense model's hidden states "
                                     "between layers and its output log-probabilities, computed once for every cut "
                                     "scored", ge=0)

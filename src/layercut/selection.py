@@ -14,7 +14,7 @@ import torch
 
 from layercut.criteria import CRITERIA, select_by_criterion
 from layercut.errors import LayercutError
-from layercut.gate import SearchResult, search_exhaustive, search_gate
+from layercut.gate import SearchResult, gate_settings, search_exhaustive, search_gate
 from layercut.layers import Handle, Segment, parse_segment, validate_segments
 
 if TYPE_CHECKING:
@@ -78,7 +78,9 @@ def plan(options: SearchOptions, total: int) -> list[Segment] | int:
 
 def gate_steps(options: SearchOptions) -> int | None:
     """Steps the gate search will take (for a progress bar), or None when no gate runs."""
-    return options.gate_steps if options.method in GATE_METHODS and not options.segment else None
+    if options.method not in GATE_METHODS or options.segment:
+        return None
+    return gate_settings(options).gate_steps
 
 
 def search(handle: Handle, windows: torch.Tensor, options: SearchOptions, batch_size: int = 4, seed: int = 0,
