@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import VOCAB, build_tiny, random_ids
+from conftest import LAYERS, VOCAB, build_tiny, random_ids
 from layercut.criteria import (
     CRITERIA,
     angular_distance,
@@ -143,20 +143,42 @@ def cut_kl(model, windows, segments) -> float:
 
 @pytest.mark.parametrize("method", CRITERIA)
 def test_every_method_removes_the_requested_layers(method, windows):
-    model = build_tiny("llama", layers=6)
+    model = build_tiny("llama", layers=8)
     result = select_by_criterion(Handle.of(model), windows, 2, method, batch_size=2)
     assert result.method == method
-    assert validate_segments(result.segments, 6) == result.segments
+    assert validate_segments(result.segments, 8) == result.segments
     assert sum(end - start for start, end in result.segments) == 2
     assert result.kl == pytest.approx(cut_kl(model, windows, result.segments), rel=1e-4)
     assert result.trajectory == []
-    if method in ("angular", "cosine-block"):
-        assert len(result.segments) == 1 and set(result.landscape) == {f"{s}:{s + 2}" for s in range(5)}
+    if method in ("angular", "cosine-block", "angular-pruneme"):
+        assert len(result.segments) == 1 and set(result.landscape) == {f"{s}:{s + 2}" for s in range(7)}
+    if method == "cosine-streamline":  # blocks of n + 1 = 3 layers; the n after the block's first are cut
+        assert len(result.segments) == 1 and set(result.landscape) == {f"{s}:{s + 3}" for s in range(6)}
+        start = max(range(6), key=lambda s: result.landscape[f"{s}:{s + 3}"])
+        assert result.segments == [(start + 1, start + 3)]
+    if method == "angular-pruneme":
+        assert result.segments[0][0] >= 1
     if method == "tail":
+        assert result.segments == [(6, 8)]
+    if method in ("ppl-plus", "taylor-plus"):  # the + rule: layers 4 and 5 are the only eligible ones of 8
         assert result.segments == [(4, 6)]
-    if method in ("block-influence", "ppl", "taylor", "sleb"):
-        assert set(result.landscape) == {f"{i}:{i + 1}" for i in range(6)}
+    if method == "sleb-barrier":
+        assert result.segments[0][0] >= 1 and result.segments[-1][1] <= 7
+    if method in ("block-influence", "ppl", "taylor", "sleb", "ppl-plus", "taylor-plus", "block-influence-norm"):
+        assert set(result.landscape) == {f"{i}:{i + 1}" for i in range(8)}
     assert all(not layer._forward_hooks for layer in find_decoder_layers(model)[1])
+
+
+def test_released_variants_read_the_last_state_after_the_final_norm(windows):
+    model = build_tiny("llama")
+    with torch.no_grad():  # a trained norm scales each feature differently (a cosine ignores a common scale)
+        model.model.norm.weight.uniform_(0.2, 2.0, generator=torch.Generator().manual_seed(0))
+    handle = Handle.of(model)
+    plain = select_by_criterion(handle, windows, 1, "block-influence")
+    normed = select_by_criterion(handle, windows, 1, "block-influence-norm")
+    for i in range(LAYERS - 1):  # only the last layer's score reads the final state
+        assert normed.landscape[f"{i}:{i + 1}"] == pytest.approx(plain.landscape[f"{i}:{i + 1}"], rel=1e-6)
+    assert normed.landscape[f"{LAYERS - 1}:{LAYERS}"] != pytest.approx(plain.landscape[f"{LAYERS - 1}:{LAYERS}"])
 
 
 def sample_windows(model, count: int, length: int, seed: int) -> torch.Tensor:
@@ -188,7 +210,9 @@ def identity_at_3():
     return model, sample_windows(model, 16, 16, seed=0)
 
 
-@pytest.mark.parametrize("method", [m for m in CRITERIA if m != "tail"])
+# The + rule never removes layer 3 of 6, and LLM-Streamline measures blocks of n + 1 layers.
+@pytest.mark.parametrize("method", [m for m in CRITERIA if m not in ("tail", "ppl-plus", "taylor-plus",
+                                                                   "cosine-streamline")])
 def test_an_exact_identity_layer_is_chosen(method, identity_at_3):
     model, windows = identity_at_3
     result = select_by_criterion(Handle.of(model), windows, 1, method)

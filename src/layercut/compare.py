@@ -118,14 +118,16 @@ def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | P
         started = time.perf_counter()
         options = recipe.search.replace(method=method)
         found = selection.search(handle, windows.calibration, options, batch_size, seed)
+        collected = heal.before_cut(handle, found.segments, prepared, recipe.heal)
         pruned = copy.deepcopy(handle)
-        removed = cut(pruned, found.segments)
+        removed = cut(pruned, heal.planned_cut(found.segments, recipe.heal))
         cut_ppl = perplexity(pruned.model, windows.test, batch_size)
-        report = heal.heal(pruned, removed, prepared, recipe.heal, seed)
-        measured = evaluate(pruned.model, pruned.tokenizer, windows.test if report.steps else None, zero_shot,
+        report = heal.heal(pruned, removed, collected, recipe.heal, seed)
+        healed = report.name != "none"
+        measured = evaluate(pruned.model, pruned.tokenizer, windows.test if healed else None, zero_shot,
                             batch_size, seed)
         row = CompareRow(method=method, segments=removed.segments, kl=found.kl, search_seconds=found.seconds,
-                         perplexity_cut=cut_ppl, perplexity=measured.perplexity if report.steps else cut_ppl,
+                         perplexity_cut=cut_ppl, perplexity=measured.perplexity if healed else cut_ppl,
                          heal=recipe.heal.heal, trainable_parameters=report.trainable_parameters,
                          heal_seconds=report.seconds, zero_shot=measured.zero_shot)
         if measured.zero_shot is not None:

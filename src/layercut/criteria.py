@@ -18,7 +18,16 @@ import torch.nn.functional as F
 
 from layercut.errors import LayercutError
 from layercut.evaluate import perplexity, token_nll
-from layercut.forward import batches, gated, hard_gates, hard_kl, logits_of, mean_over_windows, model_device
+from layercut.forward import (
+    batches,
+    final_norm,
+    gated,
+    hard_gates,
+    hard_kl,
+    logits_of,
+    mean_over_windows,
+    model_device,
+)
 from layercut.gate import SearchResult
 from layercut.layers import Handle, merge_adjacent
 from layercut.report import segments_text
@@ -66,10 +75,28 @@ def block_cosine(states: torch.Tensor, width: int) -> torch.Tensor:
     return pair_cosine(states, width).mean(dim=(1, 2))
 
 
-def lowest(scores: torch.Tensor, count: int) -> list[int]:
-    """Sorted indices of the ``count`` lowest ``scores`` ``[L]``; ties go to the lower index."""
+def lowest(scores: torch.Tensor, count: int, eligible: range | None = None) -> list[int]:
+    """Sorted indices of the ``count`` lowest ``scores`` ``[L]`` among ``eligible`` (all by default); ties go to
+    the lower index."""
+    if eligible is not None:
+        masked = torch.full_like(scores, float("inf"))
+        masked[list(eligible)] = scores[list(eligible)]
+        scores = masked
     order = torch.sort(scores, stable=True).indices[:count]
     return sorted(order.tolist())
+
+
+def plus_rule(num_layers: int) -> range:
+    """The layers Shortened LLaMA's "+" rule leaves eligible: all but the first four and the last two."""
+    return range(4, num_layers - 2)
+
+
+def with_normed_last(states: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """``states`` ``[L+1, ...]`` with the final norm applied to the last entry, as transformers'
+    ``output_hidden_states`` gives it (and the peers' released code reads it)."""
+    if norm is None:
+        return states
+    return torch.cat([states[:-1], norm(states[-1:]).to(states.dtype)])
 
 
 def best_start(scores: torch.Tensor, largest: bool = False) -> int:
@@ -79,9 +106,10 @@ def best_start(scores: torch.Tensor, largest: bool = False) -> int:
 
 
 def greedy_removal(cost: Callable[[list[list[int]]], list[float]], num_layers: int,
-                   count: int) -> list[dict]:
+                   count: int, barrier: int = 0) -> list[dict]:
     """SLEB's greedy loop: ``count`` rounds, each adding the layer whose removal together with those already
-    chosen gives the lowest ``cost``; ``cost(removal sets) -> [float]`` scores a batch of sets of layers.
+    chosen gives the lowest ``cost``; ``cost(removal sets) -> [float]`` scores a batch of sets of layers. The first
+    and last ``barrier`` layers are never removed (SLEB's released code: 1).
 
     Returns one record per round, ``{"removed": [chosen so far, in order], "costs": {layer: cost}}``; ties go
     to the lower layer index.
@@ -89,7 +117,7 @@ def greedy_removal(cost: Callable[[list[list[int]]], list[float]], num_layers: i
     removed: list[int] = []
     rounds = []
     for _ in range(count):
-        left = [i for i in range(num_layers) if i not in removed]
+        left = [i for i in range(barrier, num_layers - barrier) if i not in removed]
         costs = dict(zip(left, cost([removed + [i] for i in left])))
         removed = removed + [min(left, key=costs.__getitem__)]
         rounds.append({"removed": removed, "costs": costs})
@@ -118,15 +146,18 @@ def removal_perplexities(handle: Handle, windows: torch.Tensor, removal_sets: Se
     return found
 
 
-def layer_taylor_scores(handle: Handle, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+def layer_taylor_scores(handle: Handle, windows: torch.Tensor, batch_size: int = 4,
+                        weights_only: bool = False) -> torch.Tensor:
     """``[L]`` Taylor importance of each decoder layer for the mean LM loss over ``windows`` ``[N, T]``.
 
     The gradient is that of the loss over the whole calibration set (accumulated over batches) before the
-    absolute value is taken, as in Shortened LLaMA. Gradients come from ``torch.autograd.grad`` and are never
-    stored on the parameters; ``requires_grad`` flags are restored afterwards.
+    absolute value is taken, as in Shortened LLaMA; ``weights_only`` leaves biases out, as its released code does.
+    Gradients come from ``torch.autograd.grad`` and are never stored on the parameters; ``requires_grad`` flags
+    are restored afterwards.
     """
     model = handle.model
-    params = [list(layer.parameters()) for layer in handle.layers]
+    params = [[p for name, p in layer.named_parameters() if not weights_only or "weight" in name]
+              for layer in handle.layers]
     flat = [p for group in params for p in group]
     flags = [p.requires_grad for p in flat]
     sums = [torch.zeros_like(p) for p in flat]
@@ -204,6 +235,56 @@ def choose_taylor(handle: Handle, windows: torch.Tensor, remove: int, batch_size
     return Choice(lowest(scores, remove), scores)
 
 
+def choose_ppl_plus(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    layers = plus_rule(handle.num_layers)
+    if remove > len(layers):
+        raise LayercutError(f"the + rule leaves {len(layers)} eligible layers of {handle.num_layers}; remove fewer")
+    scores = torch.tensor(removal_perplexities(handle, windows, [[i] for i in range(handle.num_layers)], batch_size))
+    return Choice(lowest(scores, remove, layers), scores, evaluations=handle.num_layers)
+
+
+def choose_taylor_plus(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    layers = plus_rule(handle.num_layers)
+    if remove > len(layers):
+        raise LayercutError(f"the + rule leaves {len(layers)} eligible layers of {handle.num_layers}; remove fewer")
+    scores = layer_taylor_scores(handle, windows, batch_size, weights_only=True)
+    return Choice(lowest(scores, remove, layers), scores)
+
+
+def choose_sleb_barrier(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    if remove > handle.num_layers - 2:
+        raise LayercutError(f"SLEB never removes the first or last layer; remove at most {handle.num_layers - 2}")
+    rounds = greedy_removal(lambda sets: removal_perplexities(handle, windows, sets, batch_size), handle.num_layers,
+                            remove, barrier=1)
+    costs = rounds[0]["costs"]
+    scores = torch.tensor([costs.get(i, float("nan")) for i in range(handle.num_layers)])
+    return Choice(sorted(rounds[-1]["removed"]), scores, evaluations=sum(len(r["costs"]) for r in rounds))
+
+
+def _normed_states_mean(handle: Handle, windows: torch.Tensor, score, batch_size: int) -> torch.Tensor:
+    norm = final_norm(handle.model)
+    return mean_over_windows(handle, windows, lambda states: score(with_normed_last(states, norm)), batch_size)
+
+
+def choose_block_influence_norm(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    scores = _normed_states_mean(handle, windows, block_influence, batch_size)
+    return Choice(lowest(scores, remove), scores)
+
+
+def choose_angular_pruneme(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    scores = _normed_states_mean(handle, windows, lambda states: block_angular_distance(states, remove), batch_size)
+    start = 1 + best_start(scores[1:])  # the block starting at layer 0 is never scored
+    return Choice(list(range(start, start + remove)), scores, remove)
+
+
+def choose_cosine_streamline(handle: Handle, windows: torch.Tensor, remove: int, batch_size: int) -> Choice:
+    if remove + 1 > handle.num_layers:
+        raise LayercutError(f"LLM-Streamline measures a block of n + 1 layers; remove at most {handle.num_layers - 1}")
+    scores = _normed_states_mean(handle, windows, lambda states: block_cosine(states, remove + 1), batch_size)
+    start = best_start(scores, largest=True)  # block [l, l + n]: layer l stays, the n after it go
+    return Choice(list(range(start + 1, start + 1 + remove)), scores, remove + 1)
+
+
 @dataclass(frozen=True)
 class Criterion:
     choose: Callable[[Handle, torch.Tensor, int, int], Choice]
@@ -224,6 +305,19 @@ CRITERIA: dict[str, Criterion] = {
                                  "perplexity least"),
     "taylor": Criterion(choose_taylor, "Shortened LLaMA (Taylor): the n layers of least first-order importance "
                                        "|w · dL/dw|"),
+    "ppl-plus": Criterion(choose_ppl_plus, "ppl as Shortened LLaMA's released code runs it: the + rule keeps the "
+                                           "first four and last two layers"),
+    "taylor-plus": Criterion(choose_taylor_plus, "taylor as Shortened LLaMA's released code runs it: weights only, "
+                                                 "and the + rule"),
+    "sleb-barrier": Criterion(choose_sleb_barrier, "sleb as SLEB's released code runs it: the first and last layers "
+                                                   "are never removed"),
+    "block-influence-norm": Criterion(choose_block_influence_norm, "block-influence as ShortGPT's released code "
+                                                                   "reads states: the final norm on the last one"),
+    "angular-pruneme": Criterion(choose_angular_pruneme, "angular as PruneMe's released code runs it: no block "
+                                                         "starting at layer 0, the final norm on the last state"),
+    "cosine-streamline": Criterion(choose_cosine_streamline, "cosine-block as LLM-Streamline's released code runs "
+                                                             "it: the most similar block of n + 1 layers, the n after "
+                                                             "its first cut"),
 }
 
 

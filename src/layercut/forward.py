@@ -56,6 +56,14 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, chunk: 
 # ----------------------------------------------------------------------------------------------- hooks
 
 
+def final_norm(model) -> nn.Module | None:
+    """The norm the decoder applies after its last layer (``norm``, ``final_layernorm``, ``ln_f`` or
+    ``final_layer_norm`` of the decoder), or None."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return next((getattr(decoder, name) for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm")
+                 if decoder is not None and isinstance(getattr(decoder, name, None), nn.Module)), None)
+
+
 def model_device(model) -> torch.device:
     """Device of the model's input embedding (where input ids must go, also for a dispatched model)."""
     return model.get_input_embeddings().weight.device

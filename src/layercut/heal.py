@@ -6,19 +6,20 @@ choices, the docs and the dispatch read it. A new heal is one entry naming the l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from layercut import data
+from layercut import data, replacement
 from layercut.errors import LayercutError
-from layercut.forward import batches, model_device
+from layercut.forward import batches, final_norm, model_device
 from layercut.layers import Cut, Handle, Segment, kept_layers
 from layercut.record import HealReport
 
@@ -83,37 +84,68 @@ def last_layers(segments: Sequence[Segment], total: int, count: int) -> list[int
 
 @dataclass(frozen=True)
 class Heal:
-    """A heal: the post-cut layers it trains (from the cut segments, the layer count before the cut and the
-    options), its help, its default learning rate, its LoRA rank (0: full weights) and whether it also trains
-    the final norm and an untied output head."""
+    """A heal. A training heal names the post-cut layers it trains (from the cut segments, the layer count before
+    the cut and the options), its default learning rate, its LoRA rank (0: full weights) and whether it also trains
+    the final norm and an untied output head. A heal of its own kind may change which layers are cut (``cut``),
+    gather what it needs from the dense model before the cut (``collect``), and heal in its own way (``apply``)."""
 
-    layers: Callable[[Sequence[Segment], int, HealOptions], list[int]]
     help: str
+    layers: Callable[[Sequence[Segment], int, HealOptions], list[int]] | None = None
     learning_rate: float | None = None
     lora_rank: int = 0
     tail: bool = False
+    cut: Callable[[list[Segment]], list[Segment]] | None = None
+    collect: Callable[..., Any] | None = None
+    apply: Callable[..., HealReport] | None = None
 
 
 # Learning rates measured best at equal steps on SmolLM2-135M (bench/results/repair-h200): two endpoint layers
 # take a larger step than a full-depth update.
 HEALS: dict[str, Heal] = {
-    "none": Heal(lambda segments, total, options: [], "no training after the cut"),
-    "endpoints": Heal(lambda segments, total, options: endpoint_layers(segments, total, options.endpoint_layers),
-                      "cutoff endpoint tuning: the layers just before and after each cut (--endpoint-layers on each "
-                      "side; full weights, or LoRA with --lora-rank)", 1e-3),
-    "last-k": Heal(lambda segments, total, options: last_layers(segments, total, options.last_k),
-                   "the last --last-k layers, the final norm and an untied output head", 1e-4, tail=True),
-    "lora": Heal(lambda segments, total, options: last_layers(segments, total, total),
-                 "LoRA adapters on every remaining layer, merged back into the weights", 2e-4, lora_rank=8),
+    "none": Heal("no training after the cut", lambda segments, total, options: []),
+    "endpoints": Heal("cutoff endpoint tuning: the layers just before and after each cut (--endpoint-layers on "
+                      "each side; full weights, or LoRA with --lora-rank)",
+                      lambda segments, total, options: endpoint_layers(segments, total, options.endpoint_layers), 1e-3),
+    "last-k": Heal("the last --last-k layers, the final norm and an untied output head (Reassessing Layer Pruning: "
+                   "--last-k 3)", lambda segments, total, options: last_layers(segments, total, options.last_k), 1e-4,
+                   tail=True),
+    "all": Heal("every remaining layer, full weights",
+                lambda segments, total, options: last_layers(segments, total, total), 1e-4),
+    "lora": Heal("LoRA adapters on every remaining layer, merged back into the weights",
+                 lambda segments, total, options: last_layers(segments, total, total), 2e-4, lora_rank=8),
+    "replaceme": Heal("ReplaceMe, training-free: a least-squares linear map from the MLP output of the layer before "
+                      "each cut to the state leaving the cut, folded into that MLP's output projection",
+                      collect=replacement.replaceme_collect, apply=replacement.replaceme_apply),
+    "streamline": Heal("LLM-Streamline: each block is replaced by its first layer, trained (mean squared error) to "
+                       "map the block's input to its output", learning_rate=1e-3, cut=replacement.streamline_cut,
+                       collect=replacement.streamline_collect, apply=replacement.streamline_apply),
 }
 
 
 @dataclass
 class HealData:
-    """The heal's training windows ``[N, T]`` and, for the kl loss, the dense model's targets."""
+    """The heal's training windows ``[N, T]``, for the kl loss the dense model's targets, and what a heal of its own
+    kind collected from the dense model about the cut (:func:`before_cut`)."""
 
     windows: torch.Tensor
     teacher: TeacherTargets | None = None
+    collected: Any = None
+
+
+def planned_cut(segments: list[Segment], options: HealOptions) -> list[Segment]:
+    """The segments to cut for the chosen ``segments``: the same, unless the heal keeps some of their layers."""
+    spec = HEALS[options.heal]
+    return spec.cut(segments) if spec.cut is not None else list(segments)
+
+
+def before_cut(handle: Handle, segments: list[Segment], prepared: HealData | None, options: HealOptions
+               ) -> HealData | None:
+    """``prepared`` with what the heal needs from the dense model about the chosen ``segments`` (original indices);
+    call before the cut, on the dense model."""
+    spec = HEALS[options.heal]
+    if prepared is None or spec.collect is None:
+        return prepared
+    return dataclasses.replace(prepared, collected=spec.collect(handle, segments, prepared, options))
 
 
 def prepare(handle: Handle, options: HealOptions, data_options: DataOptions) -> HealData | None:
@@ -138,9 +170,7 @@ def _is_linear(module: torch.nn.Module) -> bool:
 def _tail_modules(model) -> list[torch.nn.Module]:
     """The final norm and (untied) lm_head, which the last-k recipe trains too."""
     modules = []
-    base = model.get_decoder() if hasattr(model, "get_decoder") else None
-    norm = next((getattr(base, name) for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm")
-                 if base is not None and isinstance(getattr(base, name, None), torch.nn.Module)), None)
+    norm = final_norm(model)
     if norm is not None:
         modules.append(norm)
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
@@ -161,10 +191,12 @@ def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptio
     """
     if options.heal == "none" or options.heal_steps <= 0:
         return HealReport(name="none")
+    spec = HEALS[options.heal]
+    if spec.apply is not None:
+        return spec.apply(handle, cut, prepared, options, seed, progress)
     if options.heal_loss == "kl" and prepared.teacher is None:
         raise ValueError("heal_loss=kl needs the dense model's teacher targets")
     started = time.perf_counter()
-    spec = HEALS[options.heal]
     indices = spec.layers(cut.segments, cut.layers_before, options)
     model, layers, windows, teacher = handle.model, handle.layers, prepared.windows, prepared.teacher
     rank = options.lora_rank or spec.lora_rank

@@ -79,9 +79,9 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
                      stage("dense evaluation", windows.test.shape[0]))
     found = selection.search(handle, windows.calibration, recipe.search, recipe.data.batch_size, recipe.data.seed,
                              stage(f"search ({recipe.search.method})", selection.gate_steps(recipe.search)))
-    prepared = heal.prepare(handle, recipe.heal, recipe.data)
+    prepared = heal.before_cut(handle, found.segments, heal.prepare(handle, recipe.heal, recipe.data), recipe.heal)
     stage("cut")
-    removed = cut(handle, found.segments)
+    removed = cut(handle, heal.planned_cut(found.segments, recipe.heal))
     after_cut = cut_perplexity(handle, windows, recipe, stage)
     report = heal.heal(handle, removed, prepared, recipe.heal, recipe.data.seed,
                        stage(f"heal ({recipe.heal.heal})", recipe.heal.heal_steps))
@@ -93,7 +93,7 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
 
 def cut_perplexity(handle: Handle, windows: Windows, recipe: Recipe, stage) -> float | None:
     """Perplexity right after the cut, when a heal will change it (else the pruned evaluation measures it)."""
-    if recipe.heal.heal == "none" or recipe.heal.heal_steps <= 0:
+    if recipe.heal.heal == "none":
         return None
     return perplexity(handle.model, windows.test, recipe.data.batch_size,
                       stage("perplexity after the cut", windows.test.shape[0]))

@@ -1,0 +1,120 @@
+"""ReplaceMe and LLM-Streamline heals: the math, the fold, what they change, and the cases they refuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from conftest import LAYERS, build_tiny, random_ids
+from layercut import heal
+from layercut.config import HealOptions
+from layercut.errors import LayercutError
+from layercut.heal import HealData
+from layercut.layers import Handle, cut
+from layercut.replacement import dense_states, fold_map, least_squares_map, output_projection, post_cut_index
+
+
+def test_least_squares_recovers_a_linear_map():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=generator, dtype=torch.float64)
+    truth = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    found = least_squares_map(x.T @ x, x.T @ (x @ truth))
+    torch.testing.assert_close(found, truth, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_fold_makes_the_projection_compute_y_times_t(kind):
+    generator = torch.Generator().manual_seed(1)
+    if kind == "linear":
+        projection = torch.nn.Linear(5, 4)
+    else:
+        projection = transformers.pytorch_utils.Conv1D(4, 5)  # GPT-2's: weight [in, out]
+        torch.nn.init.normal_(projection.bias)
+    z = torch.randn(3, 5, generator=generator)
+    transform = torch.randn(4, 4, generator=generator, dtype=torch.float64)
+    expected = (projection(z).double() @ transform).float()
+    fold_map(projection, transform)
+    torch.testing.assert_close(projection(z), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_post_cut_index():
+    assert post_cut_index(1, [(2, 4)]) == 1
+    assert post_cut_index(5, [(2, 4)]) == 3
+    assert post_cut_index(7, [(1, 2), (3, 5)]) == 4
+
+
+def prepared_for(handle, segments, options):
+    windows = random_ids(batch=6, length=12, seed=4)
+    return heal.before_cut(handle, segments, HealData(windows), options), windows
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi"])
+def test_replaceme_brings_the_state_after_the_cut_closer_to_the_dense_one(family):
+    model = build_tiny(family)
+    handle = Handle.of(model)
+    options = HealOptions(heal="replaceme")
+    prepared, windows = prepared_for(handle, [(2, 4)], options)
+    dense = next(dense_states(handle, windows, {"entering": (handle.layers[2], True),
+                                                "leaving": (handle.layers[3], False)}, windows.shape[0]))
+    removed = cut(handle, heal.planned_cut([(2, 4)], options))
+    report = heal.heal(handle, removed, prepared, options)
+    after = next(dense_states(handle, windows, {"out": (handle.layers[1], False)}, windows.shape[0]))["out"]
+    plain_error = (dense["entering"] - dense["leaving"]).pow(2).mean()
+    healed_error = (after - dense["leaving"]).pow(2).mean()
+    assert healed_error < plain_error  # the identity map is one candidate of the least-squares fit
+    assert report.name == "replaceme" and report.layers == [1] and report.steps == 0
+    hidden = model.config.hidden_size if family != "gpt2" else model.config.n_embd
+    assert report.trainable_parameters == hidden * hidden
+
+
+def test_replaceme_changes_only_the_projection_before_the_cut_and_stays_a_standard_checkpoint(tmp_path):
+    model = build_tiny("llama")
+    handle = Handle.of(model)
+    options = HealOptions(heal="replaceme")
+    prepared, windows = prepared_for(handle, [(2, 4)], options)
+    removed = cut(handle, [(2, 4)])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    heal.heal(handle, removed, prepared, options)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
+    assert changed == {"model.layers.1.mlp.down_proj.weight"}
+    model.save_pretrained(tmp_path / "folded")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "folded").eval()
+    assert reloaded.config.num_hidden_layers == LAYERS - 2
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(windows).logits, model(windows).logits)
+
+
+@pytest.mark.parametrize(("family", "segments", "message"), [
+    ("gemma2", [(2, 4)], "does not add its MLP's output to the residual stream as it is"),
+    ("opt", [(2, 4)], "has no mlp submodule"),
+    ("llama", [(0, 2)], "the cut [0:2) has none"),
+])
+def test_replaceme_refuses_a_fold_that_would_not_be_exact(family, segments, message):
+    handle = Handle.of(build_tiny(family))
+    with pytest.raises(LayercutError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        prepared_for(handle, segments, HealOptions(heal="replaceme"))
+
+
+def test_streamline_keeps_and_trains_the_first_layer_of_the_block_to_map_its_input_to_its_output():
+    model = build_tiny("llama")
+    handle = Handle.of(model)
+    options = HealOptions(heal="streamline", heal_steps=60, heal_batch=3, heal_lr=1e-3)
+    prepared, _ = prepared_for(handle, [(2, 5)], options)
+    assert heal.planned_cut([(2, 5)], options) == [(3, 5)]
+    removed = cut(handle, heal.planned_cut([(2, 5)], options))
+    assert handle.num_layers == LAYERS - 2  # a block of three replaced by one layer
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    report = heal.heal(handle, removed, prepared, options)
+    changed = {name.split(".")[2] for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
+    assert changed == {"2"} and report.layers == [2]
+    assert report.last_loss < 0.5 * report.first_loss
+    assert report.trainable_parameters == sum(p.numel() for p in handle.layers[2].parameters())
+    assert all("forward" not in layer.__dict__ and not layer._forward_hooks for layer in handle.layers)
+
+
+def test_streamline_needs_blocks_of_two_layers_or_more():
+    handle = Handle.of(build_tiny("llama"))
+    with pytest.raises(LayercutError, match="has one layer"):
+        heal.planned_cut([(2, 3)], HealOptions(heal="streamline"))
+    assert output_projection(handle.layers[0]) is handle.layers[0].mlp.down_proj
