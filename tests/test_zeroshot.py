@@ -98,6 +98,8 @@ def test_lm_eval_on_local_copies_equals_independent_scorer(model, tokenizer, tmp
         scores = result["tasks"][name]
         assert scores["items"] == LIMIT
         assert scores["acc"] == pytest.approx(acc, abs=1e-6)
+        # the standard error of a mean of 0/1 hits: sqrt(p(1 - p) / (n - 1))
+        assert scores["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / (LIMIT - 1)), abs=1e-9)
         if name in ("winogrande", "boolq"):  # their lm-eval configs report acc only
             assert scores["acc_norm"] is None
         else:

@@ -62,6 +62,8 @@ class TaskScore(Model):
     acc: float
     acc_norm: float | None = None
     items: int
+    acc_stderr: float | None = None
+    acc_norm_stderr: float | None = None
 
 
 class Average(Model):

@@ -167,12 +167,20 @@ def offline_task_manager(folder: str | Path):
 
 
 def _summarize(results: dict, members: dict[str, list[str]]) -> dict[str, dict]:
-    """Per requested task: acc, acc_norm (None where the task has none) and the number of documents scored."""
+    """Per requested task: acc, acc_norm (None where the task has none), their standard errors (lm-eval's) and the
+    number of documents scored."""
     summary = {}
+
+    def stderr(scores: dict, key: str) -> float | None:
+        value = scores.get(key)
+        return value if isinstance(value, float) else None  # lm-eval writes "N/A" where it has none
+
     for task, names in members.items():
         scores = results["results"][task]
         items = sum(results["n-samples"][name]["effective"] for name in names if name in results["n-samples"])
-        summary[task] = {"acc": scores["acc,none"], "acc_norm": scores.get("acc_norm,none"), "items": items}
+        summary[task] = {"acc": scores["acc,none"], "acc_norm": scores.get("acc_norm,none"), "items": items,
+                         "acc_stderr": stderr(scores, "acc_stderr,none"),
+                         "acc_norm_stderr": stderr(scores, "acc_norm_stderr,none")}
     return summary
 
 
@@ -203,7 +211,7 @@ def evaluate_zero_shot(
             tasks=tasks,
             task_manager=offline_task_manager(folder),
             limit=limit,
-            bootstrap_iters=0,
+            bootstrap_iters=100,  # accuracy is a mean: lm-eval gives its standard error in closed form
             log_samples=False,
             random_seed=seed,
             numpy_random_seed=seed,
