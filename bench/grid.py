@@ -43,15 +43,17 @@ ON_CLP_AND_TAIL = {"replaceme": {"heal": "replaceme"}, "streamline": {"heal": "s
                    "last-k": {"heal": "last-k", "last_k": 3}, "all": {"heal": "all"}}
 
 
-def plan(models: list[str], rates: dict, seeds: list[int]) -> list[tuple]:
-    """Every cell of the grid, in the order it runs: (model, n, seed, selection, heal)."""
+def plan(models: list[str], rates: dict, seeds: list[int], selections=None, heals=None) -> list[tuple]:
+    """Every cell of the grid, in the order it runs: (model, n, seed, selection, heal); ``selections`` and
+    ``heals`` keep a part of it."""
     cells = []
     for model in models:
         for remove in rates[model if model in rates else "tiny"]:
             for seed in seeds:
                 for name in SELECTIONS:
-                    heals = [*EVERYWHERE, *(ON_CLP_AND_TAIL if name in ("clp", "tail") else ())]
-                    cells += [(model, remove, seed, name, heal_name) for heal_name in heals]
+                    names = [*EVERYWHERE, *(ON_CLP_AND_TAIL if name in ("clp", "tail") else ())]
+                    cells += [(model, remove, seed, name, heal_name) for heal_name in names
+                              if (not selections or name in selections) and (not heals or heal_name in heals)]
     return cells
 
 
@@ -78,7 +80,7 @@ def measure(handle, arguments, test_windows: dict, seed: int) -> dict:
 
 
 def run(arguments, out: Path) -> None:
-    cells = plan(arguments.models, RATES, arguments.seeds)
+    cells = plan(arguments.models, RATES, arguments.seeds, arguments.selections, arguments.heals)
     todo = [key for key in cells if not cell_path(out, *key).is_file()]
     logger.info("%d cells, %d done, %d to run", len(cells), len(cells) - len(todo), len(todo))
     for model_name in dict.fromkeys(key[0] for key in todo):
@@ -105,15 +107,17 @@ def run(arguments, out: Path) -> None:
                     search_seconds = time.perf_counter() - started
                     for key in keys:
                         options_heal = heal_options(key[4], arguments)
+                        healing = time.perf_counter()
                         collected = heal.before_cut(dense, found.segments, prepared, options_heal)
                         pruned = copy.deepcopy(dense)
                         removed = cut(pruned, heal.planned_cut(found.segments, options_heal))
                         report = heal.heal(pruned, removed, collected, options_heal, seed)
+                        heal_seconds = time.perf_counter() - healing
                         cell = {"model": Path(model_name).name, "layers": dense.num_layers, "remove": remove,
                                 "seed": seed, "selection": name, "heal": key[4],
                                 "chosen": [list(s) for s in found.segments], "kl": found.kl,
                                 "cut": [list(s) for s in removed.segments], "layers_after": removed.layers_after,
-                                "search_seconds": search_seconds, "heal_seconds": report.seconds,
+                                "search_seconds": search_seconds, "heal_seconds": heal_seconds,
                                 "trainable_parameters": report.trainable_parameters,
                                 **measure(pruned, arguments, texts, seed)}
                         if cell["zero_shot"] and dense_measures["zero_shot"]:
@@ -172,6 +176,16 @@ def report(out: Path) -> str:
                                                           else "loses")
                 lines.append(f"| {name} | {heal_name} | {value:.3f} | {2 * error:.3f} | {verdict} | {ppl:.2f} | {count} |")
             lines.append("")
+    perplexities = [c for c in cells if not c.get("retention")]
+    if perplexities:
+        lines += ["## Held-out perplexity (cells without zero-shot)", "",
+                  "| model | n | seed | selection | heal | cut | layers after | trainable | wiki | lee | heal s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in sorted(perplexities, key=lambda c: (c["model"], c["remove"], c["seed"], c["selection"], c["heal"])):
+            lines.append(f"| {c['model']} | {c['remove']} | {c['seed']} | {c['selection']} | {c['heal']} | {c['cut']} | "
+                         f"{c['layers_after']} | {c['trainable_parameters']:,} | {c['perplexity_wiki']:.2f} | "
+                         f"{c['perplexity_lee']:.2f} | {c['heal_seconds']:.1f} |")
+        lines.append("")
     lines += [f"Dense models measured: {', '.join(sorted(dense)) or 'none'}.", ""]
     text = "\n".join(lines) + "\n"
     write_atomically(out / "results.md", text)
@@ -237,10 +251,14 @@ def main() -> None:
     parser.add_argument("--heal-steps", type=int, default=200)
     parser.add_argument("--heal-batch", type=int, default=8)
     parser.add_argument("--heal-windows", type=int, default=1024)
+    parser.add_argument("--selections", default="", help="comma-separated part of the selections (default: all)")
+    parser.add_argument("--heals", default="", help="comma-separated part of the heals (default: all)")
     parser.add_argument("--report", action="store_true", help="only write the tables and plots from the cells")
     arguments = parser.parse_args()
     arguments.models = [m for m in arguments.models.split(",") if m]
     arguments.seeds = [int(s) for s in arguments.seeds.split(",") if s]
+    arguments.selections = [s for s in arguments.selections.split(",") if s]
+    arguments.heals = [s for s in arguments.heals.split(",") if s]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(arguments.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
