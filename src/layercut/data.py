@@ -1,6 +1,7 @@
 """Text sources (built-in offline corpora, local files, Hugging Face datasets when online) -> token windows.
 
-Every source has two disjoint parts: ``"calib"`` (calibration) and ``"test"`` (perplexity evaluation).
+Every source has two disjoint parts: ``"calib"`` (calibration) and ``"test"`` (perplexity evaluation). A window
+starts with BOS when the tokenizer adds one to a text (``bos_prefix``), and is text tokens only otherwise.
 """
 
 from __future__ import annotations
@@ -103,15 +104,20 @@ def calibrate(tokenizer, options: DataOptions, test: bool = True) -> Windows:
 def calibration_windows(tokenizer, text: str, seq_len: int, count: int, seed: int) -> torch.LongTensor:
     """``[count, seq_len]`` windows of the token stream of ``text`` at random start offsets (GPTQ-style).
 
-    Starts are uniform on ``[0, num_tokens - seq_len]``, drawn with ``torch.Generator().manual_seed(seed)``:
-    the same seed gives the same windows. Windows may overlap. ``tokenize`` defines the stream.
+    Each window is ``bos_prefix(tokenizer)`` followed by ``step = seq_len - len(prefix)`` consecutive stream
+    tokens: ``[BOS] + seq_len - 1`` text tokens for a tokenizer that adds BOS (Gemma, Llama), ``seq_len`` text
+    tokens otherwise (SmolLM2, GPT-2, Qwen). Starts are uniform on ``[0, num_tokens - step]``, drawn with
+    ``torch.Generator().manual_seed(seed)``: the same seed gives the same windows. Windows may overlap.
+    ``tokenize`` defines the stream.
     """
     if count < 1:
         raise LayercutError(f"the number of calibration windows must be at least 1, got {count}")
-    tokens = _stream_for_windows(tokenizer, text, seq_len)
+    prefix = bos_prefix(tokenizer)
+    step = seq_len - len(prefix)
+    tokens = _stream_for_windows(tokenizer, text, seq_len, prefix)
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq_len + 1, (count,), generator=generator)
-    return tokens[starts[:, None] + torch.arange(seq_len)]
+    starts = torch.randint(0, tokens.numel() - step + 1, (count,), generator=generator)
+    return _prefixed(tokens[starts[:, None] + torch.arange(step)], prefix)
 
 
 def evaluation_windows(
@@ -119,21 +125,41 @@ def evaluation_windows(
 ) -> torch.LongTensor:
     """``[N, seq_len]`` consecutive non-overlapping windows of the token stream of ``text`` (perplexity).
 
-    Window ``i`` holds tokens ``[i * seq_len, (i + 1) * seq_len)``; the ragged tail is dropped; only the
-    first ``max_windows`` windows are kept when it is given. ``tokenize`` defines the stream.
+    Each window is ``bos_prefix(tokenizer)`` followed by ``step = seq_len - len(prefix)`` stream tokens:
+    window ``i`` holds stream tokens ``[i * step, (i + 1) * step)``, after BOS for a tokenizer that adds one
+    (so ``step = seq_len - 1`` and the model reads every window as the start of a document, as it was trained),
+    alone otherwise (``step = seq_len``). The ragged tail is dropped; only the first ``max_windows`` windows are
+    kept when it is given. ``tokenize`` defines the stream.
     """
     if max_windows is not None and max_windows < 1:
         raise LayercutError(f"max_windows must be at least 1 (or None for all windows), got {max_windows}")
-    tokens = _stream_for_windows(tokenizer, text, seq_len)
-    windows = tokens[: tokens.numel() // seq_len * seq_len].view(-1, seq_len)
-    return windows if max_windows is None else windows[:max_windows]
+    prefix = bos_prefix(tokenizer)
+    step = seq_len - len(prefix)
+    tokens = _stream_for_windows(tokenizer, text, seq_len, prefix)
+    windows = tokens[: tokens.numel() // step * step].view(-1, step)
+    return _prefixed(windows if max_windows is None else windows[:max_windows], prefix)
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer's own encoding of a text is BOS followed by the text's tokens
+    (Gemma, Llama), else ``[]`` (SmolLM2, GPT-2, Qwen: no BOS added, whatever ``bos_token`` is set to).
+
+    Read from the tokenizer's behaviour, not from its name or its ``add_bos_token`` attribute, which not every
+    tokenizer class has or honours.
+    """
+    bos = tokenizer.bos_token_id
+    plain = tokenizer("a", add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    special = tokenizer("a", return_attention_mask=False)["input_ids"]
+    adds_bos = bos is not None and special[:1] == [bos] and special[1 : len(plain) + 1] == plain
+    return [bos] if adds_bos else []
 
 
 def tokenize(tokenizer, text: str) -> torch.LongTensor:
     """``[num_tokens]`` ids of the whole ``text`` from one tokenizer call with no special tokens (no BOS).
 
     One call on the whole text gives exactly the tokens the model sees for it (tokenizing pieces changes the
-    tokens at the seams); ``verbose=False`` silences the longer-than-model-max-length warning.
+    tokens at the seams); ``verbose=False`` silences the longer-than-model-max-length warning. The windows put
+    BOS in front of each window themselves (``bos_prefix``), not once in front of the whole text.
     """
     encoded = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
     return torch.tensor(encoded["input_ids"], dtype=torch.long)
@@ -180,17 +206,26 @@ def _drop_sections(wikitext: str) -> str:
     return "\n".join(kept)
 
 
-def _stream_for_windows(tokenizer, text: str, seq_len: int) -> torch.LongTensor:
-    """``[num_tokens]`` token stream of ``text``, checked to hold one window of ``seq_len`` tokens or more."""
+def _stream_for_windows(tokenizer, text: str, seq_len: int, prefix: list[int]) -> torch.LongTensor:
+    """``[num_tokens]`` token stream of ``text``, checked to fill one window: ``seq_len`` tokens, of which the
+    ``prefix`` (BOS or nothing) takes its share."""
     if seq_len < 2:
         raise LayercutError(f"seq_len must be at least 2 tokens (an input and a target), got {seq_len}")
     tokens = tokenize(tokenizer, text)
-    if tokens.numel() < seq_len:
+    if tokens.numel() < seq_len - len(prefix):
+        bos = f" (BOS and {seq_len - len(prefix)} text tokens)" if prefix else ""
         raise LayercutError(
-            f"the text has {tokens.numel()} tokens but one window needs seq_len={seq_len}; "
+            f"the text has {tokens.numel()} tokens but one window needs seq_len={seq_len}{bos}; "
             "use a smaller --seq-len or a longer text"
         )
     return tokens
+
+
+def _prefixed(windows: torch.LongTensor, prefix: list[int]) -> torch.LongTensor:
+    """``windows`` ``[N, T]`` with the ``prefix`` ids as their first columns (``[N, len(prefix) + T]``)."""
+    if not prefix:
+        return windows
+    return torch.cat([torch.tensor(prefix, dtype=windows.dtype).expand(len(windows), -1), windows], dim=1)
 
 
 def _split_documents(documents: list[str], split: str) -> list[str]:

