@@ -170,6 +170,12 @@ def run_report(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def model_help() -> str:
+    from layercut.load import ALIASES
+
+    return f"model folder, hub id, or a built-in alias: {', '.join(ALIASES)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviated flags: --segment must never be read as --segments.
     parser = argparse.ArgumentParser(prog="layercut", description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -178,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     command = functools.partial(commands.add_parser, allow_abbrev=False)
 
     prune = command("prune", help="search, cut, heal and export a pruned checkpoint")
-    prune.add_argument("model", help="model folder, hub id, or smollm2-135m")
+    prune.add_argument("model", help=model_help())
     prune.add_argument("--output", required=True, help="folder to write the pruned checkpoint into")
     prune.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     prune.add_argument("--recipe", help="YAML recipe with model/data/search/heal sections; flags override it")
@@ -186,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(run=run_prune)
 
     search = command("search", help="find the segment(s) to cut; writes nothing unless asked")
-    search.add_argument("model", help="model folder, hub id, or smollm2-135m")
+    search.add_argument("model", help=model_help())
     search.add_argument("--json", action="store_true", help="print one JSON object")
     search.add_argument("--plots", help="folder to write search.json and the trajectory and landscape plots into")
     search.add_argument("--overwrite", action="store_true", help="replace --plots if it holds an earlier search")
@@ -195,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(run=run_search)
 
     evaluate = command("eval", help="perplexity and zero-shot accuracy of a model")
-    evaluate.add_argument("model", help="model folder, hub id, or smollm2-135m")
+    evaluate.add_argument("model", help=model_help())
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--recipe", help="YAML recipe; flags override it")
     config.add_arguments(evaluate, ("model", "data", "evaluation"), exclude=("eval",))
@@ -213,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantizing.set_defaults(run=run_quantize)
 
     comparison = command("compare", help="run several selection methods under one protocol")
-    comparison.add_argument("model", help="model folder, hub id, or smollm2-135m")
+    comparison.add_argument("model", help=model_help())
     comparison.add_argument("--methods", default=",".join(config.METHODS),
                             help=f"comma-separated methods (default: all of {', '.join(config.METHODS)})")
     comparison.add_argument("--output", required=True, help="folder for compare.json/.md/.png; reruns resume")
