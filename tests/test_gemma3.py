@@ -119,3 +119,14 @@ def test_piqa_zero_shot_through_layercut(handle):
     piqa = measures.zero_shot.tasks["piqa"]
     assert piqa.items == 200
     assert piqa.acc >= 0.60
+
+
+def test_assets_command_fetches_the_standard_set_by_default_and_gemma_on_request(monkeypatch):
+    fetched = []
+    monkeypatch.setattr(assets, "FETCHES", {"standard": lambda: fetched.append("standard"),
+                                            "gemma3": lambda: fetched.append("gemma3")})
+    assert assets.main([]) == 0 and fetched == ["standard"]
+    assert assets.main(["gemma3"]) == 0 and fetched == ["standard", "gemma3"]
+    with pytest.raises(SystemExit) as exited:
+        assets.main(["bogus"])
+    assert exited.value.code == 2

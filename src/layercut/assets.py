@@ -210,8 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m layercut.assets", description="Fetch layercut's offline "
                                      "assets: standard = SmolLM2-135M, zero-shot task data and the Wikipedia "
                                      "sample; gemma3 = Gemma-3-270M (Gemma Terms of Use) and its tokenizer.")
-    parser.add_argument("assets", nargs="*", choices=sorted(FETCHES), default=["standard"])
-    for name in parser.parse_args(argv).assets or ["standard"]:
+    parser.add_argument("assets", nargs="*", help=f"what to fetch: {', '.join(sorted(FETCHES))} (default: standard)")
+    names = parser.parse_args(argv).assets or ["standard"]
+    unknown = [name for name in names if name not in FETCHES]
+    if unknown:
+        parser.error(f"unknown asset(s) {', '.join(unknown)}; choose from {', '.join(sorted(FETCHES))}")
+    for name in names:
         try:
             FETCHES[name]()
         except LayercutError as error:
