@@ -29,6 +29,7 @@ def common(root) -> list[str]:
             "--calib-windows", "4", "--ppl-windows", "4"]
 
 
+@pytest.mark.slow  # a second interpreter
 def test_prune_given_segment_exports_a_checkpoint_that_loads_without_layercut(workspace, tmp_path, capsys):
     out = tmp_path / "pruned"
     code = main(["prune", str(workspace / "tiny"), "--segment", "1:3", "--output", str(out), "--heal", "none",
