@@ -64,6 +64,11 @@ def final_norm(model) -> nn.Module | None:
                  if decoder is not None and isinstance(getattr(decoder, name, None), nn.Module)), None)
 
 
+def vocab_size(model) -> int:
+    """Entries of the model's output head (its ``out_features``, else the config's ``vocab_size``)."""
+    return int(getattr(model.get_output_embeddings(), "out_features", 0) or text_config(model).vocab_size)
+
+
 def model_device(model) -> torch.device:
     """Device of the model's input embedding (where input ids must go, also for a dispatched model)."""
     return model.get_input_embeddings().weight.device
@@ -180,8 +185,7 @@ def head_kl(model, teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, b
     chunk is recomputed in backward (checkpointed) rather than kept.
     """
     rows, length = student_hidden.shape[:2]
-    vocab = int(getattr(model.get_output_embeddings(), "out_features", 0) or text_config(model).vocab_size)
-    chunk = max(1, budget // (rows * vocab))
+    chunk = max(1, budget // (rows * vocab_size(model)))
     total = 0.0
     for start in range(0, length, chunk):
         teacher, student = teacher_hidden[:, start : start + chunk], student_hidden[:, start : start + chunk]
@@ -367,9 +371,8 @@ class ExactKL:
         room = max(0, int(memory_budget // per_boundary))
         stride = 1 if room >= len(layers) - 1 else max(1, -(-(len(layers) - 1) // max(room, 1)))
         self.boundaries = list(range(stride, len(layers), stride)) if room else []
-        vocab = int(getattr(model.get_output_embeddings(), "out_features", 0) or text_config(model).vocab_size)
         left = memory_budget - per_boundary * len(self.boundaries)
-        self.log_probs = left >= count * length * vocab * 4
+        self.log_probs = left >= count * length * vocab_size(model) * 4
         wanted = set(self.boundaries)
         captured: dict[int, torch.Tensor] = {}
 
@@ -395,9 +398,7 @@ class ExactKL:
                 hook.remove()
 
     def _log_probs(self, final: torch.Tensor, budget: int = 2**25) -> torch.Tensor:
-        vocab = int(getattr(self.handle.model.get_output_embeddings(), "out_features", 0)
-                    or text_config(self.handle.model).vocab_size)
-        chunk = max(1, budget // (final.shape[0] * vocab))
+        chunk = max(1, budget // (final.shape[0] * vocab_size(self.handle.model)))
         return torch.cat([F.log_softmax(head_logits(self.handle.model, final[:, start : start + chunk]).float(), -1)
                           for start in range(0, final.shape[1], chunk)], dim=1)
 

@@ -181,6 +181,20 @@ def _tail_modules(model) -> list[torch.nn.Module]:
     return modules
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, options: HealOptions,
+                   learning_rate: float) -> float:
+    """One step of a heal's training on ``loss``; returns its value. A loss that is not finite stops the heal with
+    a LayercutError before it changes any weight."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise LayercutError(f"the {options.heal} heal diverged: its loss is {value} at step {step + 1} of "
+                            f"{options.heal_steps} (learning rate {learning_rate:g}); lower --heal-lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return value
+
+
 def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptions, seed: int = 0,
          progress=None) -> HealReport:
     """Train the layers ``options.heal`` names on the prepared windows after ``cut``; return the report.
@@ -231,13 +245,7 @@ def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptio
             loss = top_k_kl(logits, teacher.log_probs[picks].to(device), teacher.indices[picks].to(device))
         else:
             loss = lm_loss(logits, batch)
-        if not math.isfinite(loss.item()):
-            raise LayercutError(f"the heal diverged: its loss is {loss.item()} at step {step + 1} of "
-                                f"{options.heal_steps} (learning rate {learning_rate:g}); lower --heal-lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(optimizer, loss, step, options, learning_rate))
         if progress is not None:
             progress(1)
     del optimizer

@@ -26,7 +26,11 @@ NOT_PER_LAYER_CONFIG_KEYS = ("architectures", "bad_words_ids", "suppress_tokens"
 
 def text_config(model: nn.Module):
     """The config that owns ``num_hidden_layers`` (the text config of a multimodal model)."""
-    config = model.config
+    return text_part(model.config)
+
+
+def text_part(config):
+    """``config``'s text config (a multimodal model's), or ``config`` itself."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

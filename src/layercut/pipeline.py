@@ -16,7 +16,7 @@ from layercut.evaluate import compare_measures, evaluate, perplexity
 from layercut.export import export
 from layercut.files import check_output
 from layercut.gate import SearchResult
-from layercut.layers import Cut, Handle, cut
+from layercut.layers import Cut, Handle, cut, text_part
 from layercut.load import load_config, load_model, resolve_device
 from layercut.record import HealReport, Measures, RunRecord, SearchSummary, library_versions, read_record
 from layercut.report import search_charts
@@ -48,7 +48,7 @@ def check_before_work(model_name: str, recipe: Recipe, output: str | Path | None
 
         check_scheme(recipe.quantization.quantize, resolve_device(recipe.model.device))
     _, config = load_config(model_name, recipe.model)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_part(config)
     positions = getattr(text, "max_position_embeddings", None)
     if positions and recipe.data.seq_len > positions:
         raise LayercutError(f"--seq-len {recipe.data.seq_len} is longer than the model's {positions} positions "

@@ -225,7 +225,7 @@ def streamline_apply(handle: Handle, cut: Cut, prepared: HealData, options: Heal
     state leaving it: mean squared error, AdamW, ``heal_steps`` steps of ``heal_batch`` windows; the rest of the
     model is frozen and does not run."""
     started = time.perf_counter()
-    from layercut.heal import HEALS
+    from layercut.heal import HEALS, optimizer_step
 
     model, windows = handle.model, prepared.windows
     indices = {segment: post_cut_index(segment[0], cut.segments) for segment in prepared.collected}
@@ -248,13 +248,7 @@ def streamline_apply(handle: Handle, cut: Cut, prepared: HealData, options: Heal
                 entering = inputs[picks].to(device) if index > 0 else None
                 output = layer_output(handle, index, windows[picks].to(device), entering)
                 loss = loss + F.mse_loss(output.float(), targets[picks].to(output.device).float())
-            if not torch.isfinite(loss):
-                raise LayercutError(f"the streamline heal diverged: its loss is {loss.item()} at step {step + 1}; "
-                                    "lower --heal-lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(optimizer_step(optimizer, loss, step, options, learning_rate))
             if progress is not None:
                 progress(1)
     finally:
