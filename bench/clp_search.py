@@ -26,6 +26,7 @@ from layercut.evaluate import perplexity
 from layercut.layers import cut
 from layercut.load import load_model
 from layercut.record import library_versions
+from layercut.report import profile_track
 
 logger = logging.getLogger("bench")
 
@@ -151,7 +152,7 @@ def plot(result: dict, folder: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 3.2))
     steps = [t["step"] for t in r["trajectory"]]
     for profile in range(len(r["trajectory"][0]["starts"])):
-        axis.plot(steps, [t["starts"][profile][0] for t in r["trajectory"]], lw=1)
+        axis.plot(steps, profile_track(r["trajectory"], profile), lw=1)
     axis.axhline(r["oracle_segments"][0][0], color="k", ls="--", lw=1, label="oracle start")
     axis.set_xlabel("step")
     axis.set_ylabel("notch start")

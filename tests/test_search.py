@@ -12,15 +12,19 @@ import torch
 from conftest import LAYERS, build_tiny, random_ids
 from layercut.config import SearchOptions
 from layercut.errors import LayercutError
-from layercut.forward import ExactKL, hard_gates, hard_kl
+from layercut.forward import ExactKL, gated, hard_gates, hard_kl, kl_rows, outputs_of
 from layercut.gate import (
     count_cuts,
     cuts,
+    distinct_profiles,
     exhaustive,
+    gated_kl,
+    notch_mask,
     neighbours,
     search_exhaustive,
     search_gate,
     search_notches,
+    settled_layers,
 )
 from layercut.layers import Handle, drop_layers, merge_adjacent
 
@@ -147,3 +151,77 @@ def test_sampled_positions_and_early_stopping_keep_the_gate_deterministic():
     assert len(first.trajectory) < 30  # the read-out settled before the last step
     exact = search_exhaustive(Handle.of(model), windows, 2, SearchOptions(method="exhaustive"))
     assert first.kl == pytest.approx(exact.kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("budget", [4 * 2**30, 20_000], ids=["every boundary", "some boundaries"])
+def test_gate_prefix_reuse_gives_the_plain_gated_kl_and_gradient(family, budget):
+    model = build_tiny(family, layers=8)
+    model.requires_grad_(False)
+    handle = Handle.of(model)
+    windows = random_ids(batch=5, length=12, seed=4)
+    scorer = ExactKL(handle, windows, pass_windows=2, memory_budget=budget)
+    picks, length = torch.tensor([4, 1]), 9
+    starts = torch.tensor([[4.2], [5.0]], requires_grad=True)
+
+    def profile():
+        return 1 - notch_mask(starts, torch.full((2, 1), 2.0), 8, 0.25)
+
+    assert settled_layers(profile()) == 2  # every gate below layer 2 is 1 to within 1e-3
+
+    def plain():
+        batch, gates = windows[picks, :length], profile()
+        with gated(handle.layers) as set_gates:
+            with torch.no_grad():
+                teacher = outputs_of(model, batch, True)
+            set_gates(gates)
+            kl = kl_rows(model, teacher, outputs_of(model, batch.repeat(2, 1), True), True)
+            return kl, torch.autograd.grad(kl.sum(), starts)[0]
+
+    def shared():
+        with gated(handle.layers) as set_gates:
+            kl = gated_kl(scorer, set_gates, profile(), picks, length)
+            return kl, torch.autograd.grad(kl.sum(), starts)[0]
+
+    (kl, grad), (kl_plain, grad_plain) = shared(), plain()
+    torch.testing.assert_close(kl, kl_plain, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad, grad_plain, rtol=1e-3, atol=1e-5)
+    assert grad.abs().min() > 0
+    assert all(not layer._forward_hooks and "forward" not in layer.__dict__ for layer in handle.layers)
+
+
+def test_settled_layers_counts_the_leading_layers_every_profile_keeps():
+    gates = torch.ones(3, 6)
+    assert settled_layers(gates) == 6
+    gates[1, 4] = 0.5
+    gates[2, 3] = 1 - 1e-4  # within the tolerance
+    assert settled_layers(gates) == 4
+    gates[0, 0] = 0.9
+    assert settled_layers(gates) == 0
+
+
+def test_profiles_that_round_to_one_cut_keep_only_the_best():
+    rounded = [((2, 4),), ((5, 7),), ((2, 4),), None, ((5, 7),), ((9, 11),)]
+    losses = [0.5, 0.9, 0.4, 0.1, 0.8, 1.0]
+    assert distinct_profiles(rounded, losses) == [2, 3, 4, 5]
+
+
+def test_the_gate_population_shrinks_to_one_profile_per_cut():
+    costs = [3, 3, 0.2, 0.1, 0.2, 3, 3, 3, 3, 3, 3, 3]
+    objective, exact = window_costs(costs, interaction=0.3)
+    found = search_notches(objective, exact, len(costs), 3, SearchOptions(gate_steps=40, gate_profiles=6))
+    assert found.segments == [(2, 5)]
+    assert len(found.trajectory[0]["active"]) == 6
+    assert len(found.trajectory[-1]["active"]) < 6
+    for row in found.trajectory:  # only training profiles have a loss
+        assert [r for r, loss in enumerate(row["loss"]) if loss is not None] == row["active"]
+
+
+def test_screening_scores_the_first_windows_with_the_shared_scorer():
+    model = build_tiny("llama", layers=8)
+    handle = Handle.of(model)
+    windows = random_ids(batch=5, length=12, seed=5)
+    candidates = [((1, 3),), ((4, 6),)]
+    scorer = ExactKL(handle, windows, pass_windows=2)
+    torch.testing.assert_close(torch.tensor(scorer(candidates, 3)), torch.tensor(hard_kl(handle, windows[:3], candidates)),
+                               rtol=1e-4, atol=1e-6)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,17 +76,19 @@ def model_device(model) -> torch.device:
 
 @contextlib.contextmanager
 def gated(layers: nn.ModuleList):
-    """Install gate hooks on every decoder layer; yields a setter taking gates ``[R, L]`` (or None = dense).
+    """Install gate hooks on every decoder layer; yields a setter taking gates ``[R, L]`` (or None = dense) and
+    optionally ``first``, the first layer the gates act on.
 
-    Layer i then returns ``h + g_i·(f_i(h) − h)``. With R profiles the batch must hold R stacked copies of the
+    Layer i then returns ``h + g_i·(f_i(h) − h)``; layers before ``first`` run ungated (their gates count as
+    exactly 1, so no gradient flows below ``first``). With R profiles the batch must hold R stacked copies of the
     windows; row r·b + j uses profile r.
     """
-    state: dict[str, torch.Tensor | None] = {"gates": None}
+    state: dict = {"gates": None, "first": 0}
 
     def make_hook(index: int):
         def hook(module, args, kwargs, output):
             gates = state["gates"]
-            if gates is None:
+            if gates is None or index < state["first"]:
                 return output
             out = output[0] if isinstance(output, tuple) else output
             # on a model split over devices the layer's input may still sit on the previous layer's device
@@ -100,8 +102,8 @@ def gated(layers: nn.ModuleList):
 
     handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
 
-    def set_gates(gates: torch.Tensor | None) -> None:
-        state["gates"] = gates
+    def set_gates(gates: torch.Tensor | None, first: int = 0) -> None:
+        state["gates"], state["first"] = gates, first
 
     try:
         yield set_gates
@@ -416,33 +418,54 @@ class ExactKL:
             return log_probs_kl(self.handle.model, teacher, student_hidden)
         return head_kl(self.handle.model, teacher.to(student_hidden.device), student_hidden)
 
-    def _start(self, first_cut: int) -> int:
-        """The last kept boundary at or before ``first_cut`` (0: run from the embeddings)."""
-        return max((b for b in self.boundaries if b <= first_cut), default=0)
+    def start(self, layer: int) -> int:
+        """The last kept boundary at or before ``layer`` (0: run from the embeddings)."""
+        return max((b for b in self.boundaries if b <= layer), default=0)
 
     def layers_run(self, candidate: Candidate) -> int:
         """Decoder layers one pass of ``candidate`` computes."""
-        start, removed = self._start(candidate[0][0]), sum(e - s for s, e in candidate)
+        start, removed = self.start(candidate[0][0]), sum(e - s for s, e in candidate)
         return self.handle.num_layers - start - removed
 
+    def dense_rows(self, boundary: int, indices: torch.Tensor, length: int) -> torch.Tensor:
+        """The dense hidden state ``[b, length, H]`` entering layer ``boundary`` (a kept boundary) for the
+        windows ``indices`` ``[b]``, at their first ``length`` positions (a causal model's state there does not
+        depend on the later tokens)."""
+        size = self.passes[0].shape[0]
+        return torch.stack([self.states[index // size][boundary][index % size, :length]
+                            for index in indices.tolist()])
+
+    @contextlib.contextmanager
+    def from_boundary(self, boundary: int, state: torch.Tensor | None, skipped: Collection[int] = ()):
+        """Within the context, a forward pass starts at layer ``boundary`` from ``state`` (the layers before it
+        return without computing) and skips the layers in ``skipped``."""
+        replay = (boundary - 1, state) if boundary else None
+        with replaced_layers(self.handle.layers, set(skipped) | set(range(max(boundary - 1, 0))), replay,
+                             self.tuple_output):
+            yield
+
     @torch.no_grad()
-    def __call__(self, candidates: Sequence[Candidate], passes: Sequence[int] | None = None) -> list[float]:
-        """Mean token KL of each candidate cut over the windows of ``passes`` (all of them by default)."""
+    def __call__(self, candidates: Sequence[Candidate], windows: int | None = None) -> list[float]:
+        """Mean token KL of each candidate cut over the first ``windows`` calibration windows (all by default)."""
+        count = self.windows.shape[0] if windows is None else max(1, min(windows, self.windows.shape[0]))
         if not self.chunked_head:
-            return hard_kl(self.handle, self.windows, candidates, max(len(self.passes[0]), 1), chunked_head=False)
-        chosen = range(len(self.passes)) if passes is None else passes
-        windows = sum(self.passes[index].shape[0] for index in chosen)
-        layers, model = self.handle.layers, self.handle.model
+            return hard_kl(self.handle, self.windows[:count], candidates, max(len(self.passes[0]), 1),
+                           chunked_head=False)
+        model = self.handle.model
         found = []
         for candidate in candidates:
             removed = {i for s, e in candidate for i in range(s, e)}
-            start = self._start(candidate[0][0]) if candidate else 0
-            total = 0.0
-            for index in chosen:
-                replay = (start - 1, self.states[index][start]) if start else None
-                with replaced_layers(layers, removed | set(range(max(start - 1, 0))), replay, self.tuple_output):
-                    student = final_hidden(model, self.passes[index])
-                total += float(self.kl(self.teacher[index], student).sum())
-            found.append(total / windows)
+            start = self.start(candidate[0][0]) if candidate else 0
+            total, seen = 0.0, 0
+            for index, batch in enumerate(self.passes):
+                take = min(batch.shape[0], count - seen)
+                if take <= 0:
+                    break
+                state = self.states[index][start][:take] if start else None
+                with self.from_boundary(start, state, removed):
+                    student = final_hidden(model, batch[:take])
+                total += float(self.kl(self.teacher[index][:take], student).sum())
+                seen += take
+            found.append(total / count)
             self.evaluated += 1
         return found

@@ -61,6 +61,24 @@ def initial_starts(num_layers: int, width: int, profiles: int, segments: int) ->
     return starts.clamp(0, max(num_layers - width, 0))
 
 
+def settled_layers(gates: torch.Tensor, tolerance: float = 1e-3) -> int:
+    """How many leading layers have every profile's gate within ``tolerance`` of 1 (``gates`` ``[R, L]``). The
+    gated model computes the dense model's states there, to within the tolerance, so they need not be run."""
+    open_rows = (gates.detach() < 1 - tolerance).any(dim=0).nonzero()
+    return int(open_rows[0]) if open_rows.numel() else gates.shape[1]
+
+
+def distinct_profiles(rounded: Sequence[Candidate | None], losses: Sequence[float]) -> list[int]:
+    """Indices of the profiles to keep training: of the profiles that round to the same cut, the one with the
+    lowest loss (profiles in one basin follow the same path from there on); every profile that rounds to no
+    valid cut. Order is kept."""
+    best: dict[Candidate, int] = {}
+    for index, candidate in enumerate(rounded):
+        if candidate is not None and (candidate not in best or losses[index] < losses[best[candidate]]):
+            best[candidate] = index
+    return [index for index, candidate in enumerate(rounded) if candidate is None or best[candidate] == index]
+
+
 def round_widths(widths: Sequence[float], total: int) -> list[int]:
     """Whole-layer widths (each ≥ 1) summing to ``total``, by largest remainder."""
     floors = [max(1, math.floor(w)) for w in widths]
@@ -246,8 +264,10 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
 
     ``objective(gates [R, L]) -> [R]`` is the differentiable loss of each profile (KL on a calibration batch);
     ``exact(candidates) -> [float]`` the exact loss of hard cuts on the whole calibration set. Each profile starts
-    at a different depth, so together they cover the depth's basins. Training stops early once every profile's
-    rounding to whole layers has stayed the same for ``options.gate_patience`` steps. The read-out scores those
+    at a different depth, so together they cover the depth's basins. After each step, of the profiles that round to
+    the same cut only the one with the lowest loss trains on, so the population shrinks to one profile per basin.
+    Training stops early once every profile's rounding to whole layers has stayed the same for
+    ``options.gate_patience`` steps. The read-out scores those
     cuts, their neighbours and any cuts already in ``known`` exactly and hill-climbs to a local optimum of the
     exact loss; a notch may vanish or merge with another there, so the result has at most ``segments`` segments.
     With ``screen`` (the loss on a few windows), the read-out's cuts are screened first and only the best
@@ -261,11 +281,11 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
     width_logits = torch.zeros(profiles, segments, requires_grad=True)
     parameters = [starts, width_logits] if segments > 1 else [starts]
     optimizer = torch.optim.Adam(parameters, lr=options.gate_lr)
-    trajectory, stable, last = [], 0, None
+    trajectory, stable, last, active = [], 0, None, list(range(profiles))
     for step in range(steps):
         tau = temperature(step, steps, options.tau_start, options.tau_end)
         widths = remove * torch.softmax(width_logits, dim=-1)
-        gates = 1 - notch_mask(starts, widths, num_layers, tau)
+        gates = 1 - notch_mask(starts[active], widths[active], num_layers, tau)
         losses = objective(gates)
         if not torch.isfinite(losses).all():
             raise LayercutError(f"the gate's KL is not finite at step {step + 1} ({losses.tolist()}); lower --gate-lr "
@@ -276,18 +296,22 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
         with torch.no_grad():
             widths = remove * torch.softmax(width_logits, dim=-1)
             starts.copy_(torch.minimum(starts.clamp(min=0), num_layers - widths))
-        trajectory.append({"step": step, "tau": tau, "loss": losses.detach().tolist(),
-                           "starts": starts.detach().tolist(), "widths": widths.detach().tolist()})
-        logger.debug("gate step %d tau %.3f loss %s", step, tau, losses.detach().tolist())
+        loss = dict(zip(active, losses.detach().tolist()))
+        trajectory.append({"step": step, "tau": tau, "loss": [loss.get(r) for r in range(profiles)],
+                           "active": active, "starts": starts.detach().tolist(), "widths": widths.detach().tolist()})
+        logger.debug("gate step %d tau %.3f loss %s", step, tau, loss)
         if progress is not None:
             progress(1)
-        rounded = readout(starts.detach(), widths.detach(), num_layers, remove)
+        cut_of = [to_candidate(starts[r].tolist(), round_widths(widths[r].tolist(), remove), num_layers) for r in active]
+        active = [active[k] for k in distinct_profiles(cut_of, [loss[r] for r in active])]
+        rounded = readout(starts.detach()[active], widths.detach()[active], num_layers, remove)
         stable = stable + 1 if rounded == last else 0
         last = rounded
         if options.gate_patience and stable >= options.gate_patience:
             logger.info("gate read-out stable for %d steps: stopped after step %d of %d", stable, step + 1, steps)
             break
-    readouts = readout(starts.detach(), (remove * torch.softmax(width_logits, dim=-1)).detach(), num_layers, remove)
+    readouts = readout(starts.detach()[active], (remove * torch.softmax(width_logits, dim=-1)).detach()[active],
+                       num_layers, remove)
     if not readouts:
         readouts.append(tuple((k * (num_layers // segments), k * (num_layers // segments) + remove // segments)
                               for k in range(segments)))
@@ -412,17 +436,13 @@ def search_gate(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
                 at = torch.randperm(length, generator=generator)[:positions].sort().values if positions else None
                 if at is None and length < windows.shape[1]:
                     at = torch.arange(length)
-                # The gates stay installed until the next call: checkpointed layers rerun them during backward.
-                set_gates(gates)
                 if scorer.chunked_head:
-                    student = final_hidden(model, batch.repeat(gates.shape[0], 1))
-                    student = student if at is None else student[:, at.to(student.device)]
-                    kl = scorer.kl(scorer.teacher_rows(picks, at), student)
+                    kl = gated_kl(scorer, set_gates, gates, picks, length, at)
                 else:
                     with torch.no_grad():
                         set_gates(None)
                         teacher = outputs_of(model, batch, False)
-                    set_gates(gates)
+                    set_gates(gates)  # stays installed until the next call: checkpointed layers rerun it
                     kl = kl_rows(model, teacher, outputs_of(model, batch.repeat(gates.shape[0], 1), False), False)
                 return kl.view(gates.shape[0], batch.shape[0]).mean(dim=1).cpu()
 
@@ -432,12 +452,10 @@ def search_gate(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
 
             screen = None
             if 0 < options.gate_screen < windows.shape[0]:
-                screener = checked(ExactKL(handle, windows[: options.gate_screen], options.gate_screen,
-                                           options.exact_cache_gib * 2**30, scorer.chunked_head))
 
                 def screen(candidates: list[Candidate]) -> list[float]:
                     set_gates(None)
-                    return screener(candidates)
+                    return checked(lambda batch: scorer(batch, options.gate_screen))(candidates)
 
             result = search_notches(objective, read_out, handle.num_layers, remove, options, progress, known, screen)
     finally:
@@ -445,6 +463,30 @@ def search_gate(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
             parameter.requires_grad_(flag)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def gated_kl(scorer: ExactKL, set_gates: Callable, gates: torch.Tensor, picks: torch.Tensor, length: int,
+             at: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row token KL ``[R·b]`` of the model under soft ``gates`` ``[R, L]`` (installed with ``set_gates`` of
+    :func:`layercut.forward.gated`) against the dense outputs ``scorer`` keeps, on the first ``length`` tokens of
+    calibration windows ``picks`` ``[b]``, at positions ``at`` of them (all when None).
+
+    The layers before every profile's notch (:func:`settled_layers`) compute the dense states, so the pass starts
+    from the dense state kept at the last boundary before them and the gates act, and gradients flow, from the
+    first layer a gate opens. The gates stay installed afterwards: checkpointed layers rerun them in backward.
+    """
+    model = scorer.handle.model
+    first = settled_layers(gates)
+    boundary = scorer.start(first)
+    state = scorer.dense_rows(boundary, picks, length).repeat(gates.shape[0], 1, 1) if boundary else None
+    set_gates(gates, first)
+    batch = scorer.windows[picks, :length].repeat(gates.shape[0], 1)
+    with scorer.from_boundary(boundary, state):
+        student = final_hidden(model, batch)
+    if at is None and length < scorer.windows.shape[1]:
+        at = torch.arange(length)
+    student = student if at is None else student[:, at.to(student.device)]
+    return scorer.kl(scorer.teacher_rows(picks, at), student)
 
 
 def parse_key(key: str) -> Candidate:

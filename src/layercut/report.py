@@ -6,6 +6,7 @@ Everything here reads the typed records of :mod:`layercut.record`; nothing compu
 from __future__ import annotations
 
 import math
+from math import nan
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -269,6 +270,13 @@ def compare_chart(result: CompareResult, path: Path) -> None:
           f"{result.model}: {result.remove} layers removed", ("dense", result.dense.perplexity), log=True)
 
 
+def profile_track(trajectory: list[dict], profile: int, segment: int = 0) -> list[float]:
+    """Notch ``segment``'s start of gate ``profile`` at each step of a gate trajectory; NaN once the profile has
+    stopped training (it rounded to the same cut as a better profile)."""
+    return [row["starts"][profile][segment] if profile in row.get("active", [profile]) else nan
+            for row in trajectory]
+
+
 def search_charts(found: SearchResult, folder: Path) -> dict[str, Path]:
     """Write ``gate_trajectory.png`` (when the gate ran) and ``kl_landscape.png`` (when cuts were scored)."""
     plt = _pyplot()
@@ -279,8 +287,9 @@ def search_charts(found: SearchResult, folder: Path) -> dict[str, Path]:
         profiles = len(found.trajectory[0]["starts"])
         for profile in range(profiles):
             for segment in range(len(found.trajectory[0]["starts"][profile])):
-                top.plot(steps, [row["starts"][profile][segment] for row in found.trajectory], lw=1)
-            bottom.plot(steps, [row["loss"][profile] for row in found.trajectory], lw=1)
+                top.plot(steps, profile_track(found.trajectory, profile, segment), lw=1)
+            bottom.plot(steps, [nan if row["loss"][profile] is None else row["loss"][profile]
+                                for row in found.trajectory], lw=1)
         top.set_ylabel("notch start (layer)")
         top.set_title(f"gate search: chosen {segments_text(found.segments)}")
         tau = top.twinx()
