@@ -127,16 +127,18 @@ def search_costs(handle, windows: torch.Tensor, remove: int, arguments, measures
 
     batch = arguments.search_batch
     options = SearchOptions(method="exhaustive", remove=remove, gate_checkpointing=arguments.checkpointing)
-    plain, plain_s = timed(exhaustive, lambda c: hard_kl(handle, windows, c, batch), handle.num_layers, remove)
-    measures.update({"exact one segment, plain gated path: seconds": plain_s,
-                     "exact one segment: cuts": plain.evaluations})
+    if arguments.plain:
+        plain, plain_s = timed(exhaustive, lambda c: hard_kl(handle, windows, c, batch), handle.num_layers, remove)
+        measures.update({"exact one segment, plain gated path: seconds": plain_s})
     reset_peaks(gpus)
     shared, shared_s = timed(search_exhaustive, handle, windows, remove, options, batch)
-    measures.update({"exact one segment, shared scorer: seconds": shared_s,
+    measures.update({"exact one segment: cuts": shared.evaluations,
+                     "exact one segment, shared scorer: seconds": shared_s,
                      "exact one segment, shared scorer: peak GiB per GPU": " / ".join(f"{gib(b):.1f}"
-                                                                                     for b in peaks(gpus)),
-                     "exact one segment: speed-up": plain_s / shared_s,
-                     "exact one segment: same cut": plain.segments == shared.segments})
+                                                                                     for b in peaks(gpus))})
+    if arguments.plain:
+        measures.update({"exact one segment: speed-up": plain_s / shared_s,
+                         "exact one segment: same cut": plain.segments == shared.segments})
     scorer, dense_s = timed(exact_scorer, handle, windows, options, batch)
     per_cut = (shared_s - dense_s) / shared.evaluations
     two = count_cuts(handle.num_layers, remove, 2)
@@ -149,15 +151,17 @@ def search_costs(handle, windows: torch.Tensor, remove: int, arguments, measures
     found, gate_s = timed(search_gate, handle, windows, remove, gate, batch)
     measures["gate options"] = json.dumps(gate.model_dump(exclude_unset=True))
     measures.update({"default gate: seconds": gate_s, "default gate: steps": len(found.trajectory),
+                     "default gate: profiles per step": str([len(t["active"]) for t in found.trajectory]),
                      "default gate: cuts scored exactly": found.evaluations,
                      "default gate: peak GiB per GPU": " / ".join(f"{gib(b):.1f}" for b in peaks(gpus)),
                      "default gate / exact oracle (shared)": gate_s / shared_s,
                      "default gate: same cut as the oracle": found.segments == shared.segments})
     scored = [parse_key(key) for key in found.landscape]
-    _, plain_readout = timed(hard_kl, handle, windows, scored, batch)
     _, shared_readout = timed(scorer, scored)
-    measures.update({"read-out of the gate's cuts: plain seconds": plain_readout,
-                     "read-out of the gate's cuts: shared seconds (dense pass done)": shared_readout})
+    measures["read-out of the gate's cuts: shared seconds (dense pass done)"] = shared_readout
+    if arguments.plain:
+        _, plain_readout = timed(hard_kl, handle, windows, scored, batch)
+        measures["read-out of the gate's cuts: plain seconds"] = plain_readout
 
 
 def write(result: dict, out: Path) -> None:
@@ -196,6 +200,8 @@ def main() -> None:
     parser.add_argument("--save", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--search-only", action="store_true",
                         help="measure only the search: exact oracle (plain and shared), default gate, read-out")
+    parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
+                        help="--search-only: also time the plain gated oracle path")
     parser.add_argument("--search-batch", type=int, default=16, help="windows per pass in --search-only")
     parser.add_argument("--gate-options", default="", help="--search-only: JSON of gate options over the defaults")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,

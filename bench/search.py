@@ -96,16 +96,19 @@ def single_rows(handle, arguments, result, out) -> None:
         windows = calibrate(handle.tokenizer, data_options(arguments, seed), test=False).calibration
         for remove in arguments.single_removes:
             options = SearchOptions(method="exhaustive", remove=remove)
-            plain, plain_s = timed(plain_exhaustive, handle, windows, remove, arguments.batch_size)
             shared, shared_s = timed(search_exhaustive, handle, windows, remove, options, arguments.batch_size)
             row = {"remove": remove, "seed": seed, "oracle_segments": shared.segments, "oracle_kl": shared.kl,
-                   "oracle_plain_seconds": plain_s, "oracle_shared_seconds": shared_s,
-                   "oracle_same": plain.segments == shared.segments and same(plain.kl, shared.kl), "gates": {}}
+                   "oracle_shared_seconds": shared_s, "gates": {}}
+            if not arguments.skip_plain:
+                plain, plain_s = timed(plain_exhaustive, handle, windows, remove, arguments.batch_size)
+                row.update(oracle_plain_seconds=plain_s,
+                           oracle_same=plain.segments == shared.segments and same(plain.kl, shared.kl))
             for name in arguments.configs:
                 gate_options = SearchOptions(remove=remove, **CONFIGS[name])
                 found, seconds = timed(search_gate, handle, windows, remove, gate_options, arguments.batch_size, seed)
                 row["gates"][name] = {"segments": found.segments, "kl": found.kl, "seconds": seconds,
                                       "steps": len(found.trajectory), "cuts_scored": found.evaluations,
+                                      "profiles_per_step": [len(t["active"]) for t in found.trajectory],
                                       "match": same(found.kl, shared.kl)}
             result["single"].append(row)
             logger.info("single n=%d seed=%d: %s", remove, seed, json.dumps(row)[:400])
@@ -126,14 +129,17 @@ def multi_rows(handle, arguments, result, out) -> None:
     for seed in arguments.seeds:
         windows = calibrate(handle.tokenizer, data_options(arguments, seed), test=False).calibration
         for remove in arguments.removes:
+            if any(r["remove"] == remove and r["seed"] == seed for r in result["multi"]):
+                continue  # measured already (--resume)
             two = SearchOptions(method="exhaustive", remove=remove, segments=2, exhaustive_budget=1e9)
             exact, exact_s = timed(search_exhaustive, handle, windows, remove, two, arguments.batch_size)
             single = min((value, key) for key, value in exact.landscape.items() if " " not in key)
             sample = sampler.sample(cuts(handle.num_layers, remove, 2), min(arguments.plain_sample,
                                                                              count_cuts(handle.num_layers, remove, 2)))
-            plain, plain_s = timed(hard_kl, handle, windows, sample, arguments.batch_size)
             scorer = exact_scorer(handle, windows, two, arguments.batch_size)
-            shared_sample = scorer(sample)
+            if sample:
+                plain, plain_s = timed(hard_kl, handle, windows, sample, arguments.batch_size)
+                shared_sample = scorer(sample)
             gate = CONFIGS[arguments.gate] if arguments.gate else {}
             gate2, gate2_s = timed(search_gate, handle, windows, remove,
                                    SearchOptions(remove=remove, segments=2, **gate), arguments.batch_size, seed)
@@ -143,8 +149,9 @@ def multi_rows(handle, arguments, result, out) -> None:
             count = exact.evaluations
             row = {"remove": remove, "seed": seed, "cuts": count,
                    "exact_segments": exact.segments, "exact_kl": exact.kl, "exact_seconds": exact_s,
-                   "plain_seconds_estimated": plain_s * count / len(sample),
-                   "plain_vs_shared_max_abs": max(abs(a - b) for a, b in zip(plain, shared_sample)),
+                   "plain_seconds_estimated": plain_s * count / len(sample) if sample else None,
+                   "plain_vs_shared_max_abs": max(abs(a - b) for a, b in zip(plain, shared_sample)) if sample else None,
+                   "gate_setting": arguments.gate or "default",
                    "single_best": single[1], "single_best_kl": single[0],
                    "gate2_segments": gate2.segments, "gate2_kl": gate2.kl, "gate2_seconds": gate2_s,
                    "gate2_match": same(gate2.kl, exact.kl), "gate2_not_worse_than_single": gate2.kl <= single[0] + 1e-9,
@@ -158,9 +165,11 @@ def multi_rows(handle, arguments, result, out) -> None:
 def regate_rows(handle, arguments, result, out) -> None:
     """For every multi row already measured (``--resume``), the gate with at most 2 and 3 segments under
     ``--gate`` (the exact optimum is the row's)."""
-    name = arguments.gate or "defaults"
+    name = arguments.gate or "default"
     gate = CONFIGS.get(arguments.gate, {})
     for row in result["multi"]:
+        if name in row.get("regate", {}) or row.get("gate_setting") == name:
+            continue  # measured under this setting already
         windows = calibrate(handle.tokenizer, data_options(arguments, row["seed"]), test=False).calibration
         for segments in (2, 3):
             found, seconds = timed(search_gate, handle, windows, row["remove"],
@@ -213,6 +222,15 @@ def write(result: dict, out: Path) -> None:
     (out / "search.md").write_text(markdown(result))
 
 
+def gate_runs(row: dict) -> dict:
+    """The gate runs of a multi row by setting name: the row's own (``gate_setting``; rows measured before that
+    field existed ran the ``s30c128`` setting) and every ``regate`` entry."""
+    own = {"gate2": {"segments": row["gate2_segments"], "kl": row["gate2_kl"], "seconds": row["gate2_seconds"],
+                     "match_exact_k2": row["gate2_match"]},
+           "gate3": {"segments": row["gate3_segments"], "kl": row["gate3_kl"], "seconds": row["gate3_seconds"]}}
+    return {row.get("gate_setting", "s30c128"): own, **row.get("regate", {})}
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Segment search on {result['model']} ({result['device']})", "", f"Command: `{result['command']}`", "",
              (f"Calibration: {result['settings']['calib_windows']} windows x {result['settings']['seq_len']} tokens of "
@@ -227,7 +245,8 @@ def markdown(result: dict) -> str:
             gates = " | ".join(f"{'yes' if g['match'] else 'NO ' + str(g['segments'])}, {g['seconds']:.1f}"
                                for g in r["gates"].values())
             lines.append(f"| {r['remove']} | {r['seed']} | {r['oracle_segments']} | {r['oracle_kl']:.4f} | "
-                         f"{r['oracle_plain_seconds']:.1f} | {r['oracle_shared_seconds']:.1f} | {gates} |")
+                         f"{r.get('oracle_plain_seconds', float('nan')):.1f} | {r['oracle_shared_seconds']:.1f} | "
+                         f"{gates} |")
         rows = result["single"]
         lines += ["", "| setting | matches | gate s total | oracle s total (shared) | gate / oracle |",
                   "|---|---|---|---|---|"]
@@ -236,38 +255,43 @@ def markdown(result: dict) -> str:
             seconds = sum(r["gates"][name]["seconds"] for r in rows)
             lines.append(f"| {name} | {sum(r['gates'][name]['match'] for r in rows)} of {len(rows)} | {seconds:.1f} | "
                          f"{oracle:.1f} | {seconds / oracle:.2f} |")
-        plain = sum(r["oracle_plain_seconds"] for r in rows)
-        lines += ["", (f"Exact oracle, plain gated path {plain:.1f} s, shared scorer {oracle:.1f} s "
-                      f"({plain / oracle:.2f}x), same segment and KL in "
-                      f"{sum(r['oracle_same'] for r in rows)} of {len(rows)} cases."), ""]
+        if all("oracle_plain_seconds" in r for r in rows):
+            plain = sum(r["oracle_plain_seconds"] for r in rows)
+            lines += ["", (f"Exact oracle, plain gated path {plain:.1f} s, shared scorer {oracle:.1f} s "
+                          f"({plain / oracle:.2f}x), same segment and KL in "
+                          f"{sum(r['oracle_same'] for r in rows)} of {len(rows)} cases.")]
+        lines += ["", "Profiles trained per gate step (the population shrinks to one per cut): "
+                  + "; ".join(f"n={r['remove']} seed {r['seed']}: {g.get('profiles_per_step')}"
+                              for r in rows for g in list(r["gates"].values())[:1]), ""]
     if result["multi"]:
-        lines += [f"## At most two segments (gate setting: {result['settings'].get('gate') or 'defaults'})", "",
-                  ("| n | seed | cuts | exact (K<=2) | KL | exact s | plain s (est.) | best single | KL | gate K<=2 | "
-                  "KL | s | gate K<=3 | KL | s | greedy | KL | s |"),
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in result["multi"]:
+        lines += ["## At most two segments: the exact optimum, the default gate and a greedy baseline", "",
+                  ("| n | seed | cuts | exact (K<=2) | KL | exact s | best single | KL | gate K<=2 | KL | s | gate K<=3 | "
+                   "KL | s | greedy | KL | s |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = [r for r in result["multi"] if "default" in gate_runs(r)]
+        for r in rows:
+            two, three = gate_runs(r)["default"]["gate2"], gate_runs(r)["default"]["gate3"]
             lines.append(
                 f"| {r['remove']} | {r['seed']} | {r['cuts']} | {r['exact_segments']} | {r['exact_kl']:.4f} | "
-                f"{r['exact_seconds']:.1f} | {r['plain_seconds_estimated']:.1f} | [{r['single_best']}] | "
-                f"{r['single_best_kl']:.4f} | {r['gate2_segments']}{'' if r['gate2_match'] else ' (NOT exact)'} | "
-                f"{r['gate2_kl']:.4f} | {r['gate2_seconds']:.1f} | {r['gate3_segments']} | {r['gate3_kl']:.4f} | "
-                f"{r['gate3_seconds']:.1f} | {r['greedy_segments']} | {r['greedy_kl']:.4f} | {r['greedy_seconds']:.1f} |")
-        rows = result["multi"]
-        lines += ["", (f"Gate K<=2 equals the exact K<=2 optimum in {sum(r['gate2_match'] for r in rows)} of "
+                f"{r['exact_seconds']:.1f} | [{r['single_best']}] | {r['single_best_kl']:.4f} | "
+                f"{two['segments']}{'' if two['match_exact_k2'] else ' (NOT exact)'} | {two['kl']:.4f} | "
+                f"{two['seconds']:.1f} | {three['segments']} | {three['kl']:.4f} | {three['seconds']:.1f} | "
+                f"{r['greedy_segments']} | {r['greedy_kl']:.4f} | {r['greedy_seconds']:.1f} |")
+        twos = [gate_runs(r)["default"]["gate2"] for r in rows]
+        lines += ["", (f"Default gate K<=2 equals the exact K<=2 optimum in {sum(t['match_exact_k2'] for t in twos)} of "
                       f"{len(rows)} cases and is never worse than the best single segment in "
-                      f"{sum(r['gate2_not_worse_than_single'] for r in rows)} of {len(rows)}."), ""]
-    regated = [r for r in result["multi"] if r.get("regate")]
-    if regated:
-        lines += ["## Other gate settings against the same exact optimum", "",
-                  "| setting | n | seed | exact K<=2 | KL | gate K<=2 | KL | s | gate K<=3 | KL | s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in regated:
-            for name, found in r["regate"].items():
+                      f"{sum(t['kl'] <= r['single_best_kl'] + 1e-9 for t, r in zip(twos, rows))} of {len(rows)}."), ""]
+        others = [(name, r, found) for r in result["multi"] for name, found in gate_runs(r).items() if name != "default"]
+        if others:
+            lines += ["### Other gate settings against the same exact optimum (earlier code)", "",
+                      "| setting | n | seed | exact K<=2 | KL | gate K<=2 | KL | s | gate K<=3 | KL | s |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for name, r, found in others:
                 two, three = found["gate2"], found["gate3"]
                 lines.append(f"| {name} | {r['remove']} | {r['seed']} | {r['exact_segments']} | {r['exact_kl']:.4f} | "
                              f"{two['segments']}{'' if two['match_exact_k2'] else ' (NOT exact)'} | {two['kl']:.4f} | "
                              f"{two['seconds']:.1f} | {three['segments']} | {three['kl']:.4f} | {three['seconds']:.1f} |")
-        lines.append("")
+            lines.append("")
     if result["heal"]:
         lines += ["## Healed: best single segment against best cut of at most two", "",
                   "| n | dense | variant | segments | trained layers | trainable | perplexity |", "|---|---|---|---|---|---|---|"]
@@ -297,6 +321,7 @@ def main() -> None:
     parser.add_argument("--resume", default="", help="a search.json whose measured parts are kept (and extended)")
     parser.add_argument("--calib", default="wiki")
     parser.add_argument("--ppl", default="wiki")
+    parser.add_argument("--skip-plain", action="store_true", help="do not time the plain gated oracle path")
     parser.add_argument("--plain-sample", type=int, default=100, help="cuts the plain path scores to estimate its time")
     parser.add_argument("--heal-steps", type=int, default=200)
     parser.add_argument("--heal-windows", type=int, default=1024)
