@@ -145,23 +145,25 @@ def search_costs(handle, windows: torch.Tensor, remove: int, arguments, measures
     measures.update({"shared scorer: dense pass seconds": dense_s, "shared scorer: seconds per cut": per_cut,
                      "exact at most two segments: cuts": two,
                      "exact at most two segments: seconds (estimated)": dense_s + per_cut * two})
-    reset_peaks(gpus)
-    gate = SearchOptions(remove=remove, gate_checkpointing=arguments.checkpointing,
-                         **json.loads(arguments.gate_options or "{}"))
-    found, gate_s = timed(search_gate, handle, windows, remove, gate, batch)
-    measures["gate options"] = json.dumps(gate.model_dump(exclude_unset=True))
-    measures.update({"default gate: seconds": gate_s, "default gate: steps": len(found.trajectory),
-                     "default gate: profiles per step": str([len(t["active"]) for t in found.trajectory]),
-                     "default gate: cuts scored exactly": found.evaluations,
-                     "default gate: peak GiB per GPU": " / ".join(f"{gib(b):.1f}" for b in peaks(gpus)),
-                     "default gate / exact oracle (shared)": gate_s / shared_s,
-                     "default gate: same cut as the oracle": found.segments == shared.segments})
-    scored = [parse_key(key) for key in found.landscape]
-    _, shared_readout = timed(scorer, scored)
-    measures["read-out of the gate's cuts: shared seconds (dense pass done)"] = shared_readout
-    if arguments.plain:
-        _, plain_readout = timed(hard_kl, handle, windows, scored, batch)
-        measures["read-out of the gate's cuts: plain seconds"] = plain_readout
+    configs = json.loads(arguments.gate_configs) if arguments.gate_configs else {"default": json.loads(
+        arguments.gate_options or "{}")}
+    for name, config in configs.items():
+        reset_peaks(gpus)
+        gate = SearchOptions(remove=remove, gate_checkpointing=arguments.checkpointing, **config)
+        found, gate_s = timed(search_gate, handle, windows, remove, gate, batch)
+        measures[f"{name} gate options"] = json.dumps(gate.model_dump(exclude_unset=True))
+        measures.update({f"{name} gate: seconds": gate_s, f"{name} gate: steps": len(found.trajectory),
+                         f"{name} gate: profiles per step": str([len(t["active"]) for t in found.trajectory]),
+                         f"{name} gate: cuts scored exactly": found.evaluations,
+                         f"{name} gate: peak GiB per GPU": " / ".join(f"{gib(b):.1f}" for b in peaks(gpus)),
+                         f"{name} gate / exact oracle (shared)": gate_s / shared_s,
+                         f"{name} gate: same cut as the oracle": found.segments == shared.segments})
+        scored = [parse_key(key) for key in found.landscape]
+        _, shared_readout = timed(scorer, scored)
+        measures[f"{name} gate: its read-out's cuts scored again, shared (dense pass done), seconds"] = shared_readout
+        if arguments.plain:
+            _, plain_readout = timed(hard_kl, handle, windows, scored, batch)
+            measures[f"{name} gate: its read-out's cuts scored again, plain path, seconds"] = plain_readout
 
 
 def write(result: dict, out: Path) -> None:
@@ -204,6 +206,8 @@ def main() -> None:
                         help="--search-only: also time the plain gated oracle path")
     parser.add_argument("--search-batch", type=int, default=16, help="windows per pass in --search-only")
     parser.add_argument("--gate-options", default="", help="--search-only: JSON of gate options over the defaults")
+    parser.add_argument("--gate-configs", default="", help="--search-only: JSON object of named gate options, each "
+                        "run in turn (instead of --gate-options)")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="--search-only: per-layer checkpointing in the gate")
     arguments = parser.parse_args()

@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -53,7 +54,21 @@ CONFIGS = {
     "s20p32": {"gate_steps": 20, "gate_windows": 1, "gate_positions": 32, "gate_patience": 4, "gate_screen": 8},
     "s12c64": {"gate_steps": 12, "gate_windows": 1, "gate_context": 64, "gate_patience": 3, "gate_screen": 4},
     "s20c32": {"gate_steps": 20, "gate_windows": 1, "gate_context": 32, "gate_patience": 4, "gate_screen": 4},
+    # the one-segment default with fewer steps and/or profiles spaced by the removed width (not half of it)
+    "s20": {"gate_steps": 20},
+    "wide": {"profile_spacing": 1.0},
+    "s20-wide": {"gate_steps": 20, "profile_spacing": 1.0},
 }
+
+
+def config_options(name: str, num_layers: int, remove: int, **fixed) -> SearchOptions:
+    """The SearchOptions of setting ``name``; ``profile_spacing`` (a fraction of the removed width) becomes a
+    number of gate profiles."""
+    config = dict(CONFIGS[name])
+    spacing = config.pop("profile_spacing", None)
+    if spacing:
+        config["gate_profiles"] = math.ceil((num_layers - remove + 1) / max(3, round(spacing * remove)))
+    return SearchOptions(remove=remove, **fixed, **config)
 
 
 def synchronize() -> None:
@@ -104,7 +119,7 @@ def single_rows(handle, arguments, result, out) -> None:
                 row.update(oracle_plain_seconds=plain_s,
                            oracle_same=plain.segments == shared.segments and same(plain.kl, shared.kl))
             for name in arguments.configs:
-                gate_options = SearchOptions(remove=remove, **CONFIGS[name])
+                gate_options = config_options(name, handle.num_layers, remove)
                 found, seconds = timed(search_gate, handle, windows, remove, gate_options, arguments.batch_size, seed)
                 row["gates"][name] = {"segments": found.segments, "kl": found.kl, "seconds": seconds,
                                       "steps": len(found.trajectory), "cuts_scored": found.evaluations,
@@ -310,6 +325,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default="single,multi,heal")
     parser.add_argument("--quick", action="store_true", help="small CPU setting")
+    parser.add_argument("--batch-size", type=int, default=0, help="windows per pass of the exact scorer (0: 16, 4 "
+                        "with --quick)")
     parser.add_argument("--single-removes", default="4,6,8,10")
     parser.add_argument("--removes", default="6,8,10")
     parser.add_argument("--seeds", default="0,1,2")
@@ -332,7 +349,7 @@ def main() -> None:
     arguments.configs = [name for name in arguments.configs.split(",") if name]
     arguments.seq_len = 64 if arguments.quick else 256
     arguments.calib_windows = 8 if arguments.quick else 32
-    arguments.batch_size = 4 if arguments.quick else 16
+    arguments.batch_size = arguments.batch_size or (4 if arguments.quick else 16)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)

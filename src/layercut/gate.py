@@ -79,13 +79,6 @@ def distinct_profiles(rounded: Sequence[Candidate | None], losses: Sequence[floa
     return [index for index, candidate in enumerate(rounded) if candidate is None or best[candidate] == index]
 
 
-def better_half(losses: dict[int, float]) -> list[int]:
-    """The profiles (keys of ``losses``, each profile's recent mean loss on the same batches) in the lower half
-    by loss, the odd one kept, in profile order."""
-    ranked = sorted(losses, key=losses.get)[: math.ceil(len(losses) / 2)]
-    return sorted(ranked)
-
-
 def round_widths(widths: Sequence[float], total: int) -> list[int]:
     """Whole-layer widths (each ≥ 1) summing to ``total``, by largest remainder."""
     floors = [max(1, math.floor(w)) for w in widths]
@@ -225,10 +218,6 @@ def refine(candidates: Iterable[Candidate], exact: Callable[[list[Candidate]], l
 
 
 SCREENED = 3  # read-out cuts scored exactly after screening
-# After these fractions of the gate steps the worse half of the profiles (by their mean loss over the last
-# RECENT steps, all on the same batches) stops training; the cuts they round to stay among the read-out's.
-HALVINGS = (1 / 3, 2 / 3)
-RECENT = 3
 
 # The gate's settings by the number of segments, where the --gate-* options are not given. Measured on SmolLM2-135M
 # (bench/results/search-h200): with one segment the lean setting reaches the exact oracle in 12 of 12 cases in a
@@ -276,8 +265,7 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
     ``objective(gates [R, L]) -> [R]`` is the differentiable loss of each profile (KL on a calibration batch);
     ``exact(candidates) -> [float]`` the exact loss of hard cuts on the whole calibration set. Each profile starts
     at a different depth, so together they cover the depth's basins. After each step, of the profiles that round to
-    the same cut only the one with the lowest loss trains on, so the population shrinks to one profile per basin;
-    after each fraction of :data:`HALVINGS` of the steps the worse half stops, its cuts kept for the read-out.
+    the same cut only the one with the lowest loss trains on, so the population shrinks to one profile per basin.
     Training stops early once every profile's rounding to whole layers has stayed the same for
     ``options.gate_patience`` steps. The read-out scores those
     cuts, their neighbours and any cuts already in ``known`` exactly and hill-climbs to a local optimum of the
@@ -294,7 +282,6 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
     parameters = [starts, width_logits] if segments > 1 else [starts]
     optimizer = torch.optim.Adam(parameters, lr=options.gate_lr)
     trajectory, stable, last, active = [], 0, None, list(range(profiles))
-    halvings, retired = {max(1, round(fraction * steps)) for fraction in HALVINGS}, []
     for step in range(steps):
         tau = temperature(step, steps, options.tau_start, options.tau_end)
         widths = remove * torch.softmax(width_logits, dim=-1)
@@ -317,12 +304,6 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
             progress(1)
         cut_of = [to_candidate(starts[r].tolist(), round_widths(widths[r].tolist(), remove), num_layers) for r in active]
         active = [active[k] for k in distinct_profiles(cut_of, [loss[r] for r in active])]
-        if step + 1 in halvings and len(active) > 1:
-            recent = {r: sum(row["loss"][r] for row in trajectory[-RECENT:]) for r in active}
-            kept = better_half(recent)
-            retired += readout(starts.detach()[[r for r in active if r not in kept]],
-                               widths.detach()[[r for r in active if r not in kept]], num_layers, remove)
-            active = kept
         rounded = readout(starts.detach()[active], widths.detach()[active], num_layers, remove)
         stable = stable + 1 if rounded == last else 0
         last = rounded
@@ -335,7 +316,7 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
         readouts.append(tuple((k * (num_layers // segments), k * (num_layers // segments) + remove // segments)
                               for k in range(segments)))
     known = {} if known is None else known
-    candidates = list(dict.fromkeys(readouts + [n for c in readouts for n in neighbours(c, num_layers)] + retired))
+    candidates = list(dict.fromkeys(readouts + [n for c in readouts for n in neighbours(c, num_layers)]))
     if screen is not None and len(candidates) > SCREENED:
         screened = dict(zip(candidates, screen(candidates)))
         candidates = sorted(candidates, key=screened.get)[:SCREENED]
