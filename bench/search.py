@@ -107,10 +107,28 @@ def greedy(scorer, num_layers: int, remove: int) -> tuple[list, float]:
 
 
 def single_rows(handle, arguments, result, out) -> None:
+    warm = calibrate(handle.tokenizer, data_options(arguments, 0), test=False).calibration[:2]
+    exact_scorer(handle, warm, SearchOptions(), arguments.batch_size)([((0, 2),)])  # warm-up, untimed
     for seed in arguments.seeds:
         windows = calibrate(handle.tokenizer, data_options(arguments, seed), test=False).calibration
         for remove in arguments.single_removes:
             options = SearchOptions(method="exhaustive", remove=remove)
+            if arguments.oracle_from:  # the oracle's segment from an earlier run; the gate must return it
+                known = next(r for r in json.loads(Path(arguments.oracle_from).read_text())["single"]
+                             if r["remove"] == remove and r["seed"] == seed)
+                row = {"remove": remove, "seed": seed, "oracle_segments": known["oracle_segments"],
+                       "oracle_kl": known["oracle_kl"], "oracle_shared_seconds": float("nan"),
+                       "oracle_from": arguments.oracle_from, "gates": {}}
+                for name in arguments.configs:
+                    found, seconds = timed(search_gate, handle, windows, remove,
+                                           config_options(name, handle.num_layers, remove), arguments.batch_size, seed)
+                    row["gates"][name] = {"segments": found.segments, "kl": found.kl, "seconds": seconds,
+                                          "steps": len(found.trajectory), "cuts_scored": found.evaluations,
+                                          "profiles_per_step": [len(t["active"]) for t in found.trajectory],
+                                          "match": [list(s) for s in found.segments] == known["oracle_segments"]}
+                result["single"].append(row)
+                write(result, out)
+                continue
             shared, shared_s = timed(search_exhaustive, handle, windows, remove, options, arguments.batch_size)
             row = {"remove": remove, "seed": seed, "oracle_segments": shared.segments, "oracle_kl": shared.kl,
                    "oracle_shared_seconds": shared_s, "gates": {}}
@@ -338,6 +356,8 @@ def main() -> None:
     parser.add_argument("--resume", default="", help="a search.json whose measured parts are kept (and extended)")
     parser.add_argument("--calib", default="wiki")
     parser.add_argument("--ppl", default="wiki")
+    parser.add_argument("--oracle-from", default="", help="single part: take each case's exact oracle from this "
+                        "earlier search.json instead of running it (the gate alone is timed)")
     parser.add_argument("--skip-plain", action="store_true", help="do not time the plain gated oracle path")
     parser.add_argument("--plain-sample", type=int, default=100, help="cuts the plain path scores to estimate its time")
     parser.add_argument("--heal-steps", type=int, default=200)
