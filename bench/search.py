@@ -184,7 +184,7 @@ def multi_rows(handle, arguments, result, out) -> None:
                    "exact_segments": exact.segments, "exact_kl": exact.kl, "exact_seconds": exact_s,
                    "plain_seconds_estimated": plain_s * count / len(sample) if sample else None,
                    "plain_vs_shared_max_abs": max(abs(a - b) for a, b in zip(plain, shared_sample)) if sample else None,
-                   "gate_setting": arguments.gate or "default",
+                   "gate_setting": arguments.gate_label or arguments.gate or "default",
                    "single_best": single[1], "single_best_kl": single[0],
                    "gate2_segments": gate2.segments, "gate2_kl": gate2.kl, "gate2_seconds": gate2_s,
                    "gate2_match": same(gate2.kl, exact.kl), "gate2_not_worse_than_single": gate2.kl <= single[0] + 1e-9,
@@ -198,7 +198,7 @@ def multi_rows(handle, arguments, result, out) -> None:
 def regate_rows(handle, arguments, result, out) -> None:
     """For every multi row already measured (``--resume``), the gate with at most 2 and 3 segments under
     ``--gate`` (the exact optimum is the row's)."""
-    name = arguments.gate or "default"
+    name = arguments.gate_label or arguments.gate or "default"
     gate = CONFIGS.get(arguments.gate, {})
     for row in result["multi"]:
         if name in row.get("regate", {}) or row.get("gate_setting") == name:
@@ -297,26 +297,27 @@ def markdown(result: dict) -> str:
                   + "; ".join(f"n={r['remove']} seed {r['seed']}: {g.get('profiles_per_step')}"
                               for r in rows for g in list(r["gates"].values())[:1]), ""]
     if result["multi"]:
-        lines += ["## At most two segments: the exact optimum, the default gate and a greedy baseline", "",
+        lines += ["## At most two segments: the exact optimum, the gate and a greedy baseline", "",
                   ("| n | seed | cuts | exact (K<=2) | KL | exact s | best single | KL | gate K<=2 | KL | s | gate K<=3 | "
                    "KL | s | greedy | KL | s |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        rows = [r for r in result["multi"] if "default" in gate_runs(r)]
+        lead = result["settings"].get("gate_label") or "default"
+        rows = [r for r in result["multi"] if lead in gate_runs(r)]
         for r in rows:
-            two, three = gate_runs(r)["default"]["gate2"], gate_runs(r)["default"]["gate3"]
+            two, three = gate_runs(r)[lead]["gate2"], gate_runs(r)[lead]["gate3"]
             lines.append(
                 f"| {r['remove']} | {r['seed']} | {r['cuts']} | {r['exact_segments']} | {r['exact_kl']:.4f} | "
                 f"{r['exact_seconds']:.1f} | [{r['single_best']}] | {r['single_best_kl']:.4f} | "
                 f"{two['segments']}{'' if two['match_exact_k2'] else ' (NOT exact)'} | {two['kl']:.4f} | "
                 f"{two['seconds']:.1f} | {three['segments']} | {three['kl']:.4f} | {three['seconds']:.1f} | "
                 f"{r['greedy_segments']} | {r['greedy_kl']:.4f} | {r['greedy_seconds']:.1f} |")
-        twos = [gate_runs(r)["default"]["gate2"] for r in rows]
-        lines += ["", (f"Default gate K<=2 equals the exact K<=2 optimum in {sum(t['match_exact_k2'] for t in twos)} of "
+        twos = [gate_runs(r)[lead]["gate2"] for r in rows]
+        lines += ["", (f"Gate K<=2 ({lead}) equals the exact K<=2 optimum in {sum(t['match_exact_k2'] for t in twos)} of "
                       f"{len(rows)} cases and is never worse than the best single segment in "
                       f"{sum(t['kl'] <= r['single_best_kl'] + 1e-9 for t, r in zip(twos, rows))} of {len(rows)}."), ""]
-        others = [(name, r, found) for r in result["multi"] for name, found in gate_runs(r).items() if name != "default"]
+        others = [(name, r, found) for r in result["multi"] for name, found in gate_runs(r).items() if name != lead]
         if others:
-            lines += ["### Other gate settings against the same exact optimum (earlier code)", "",
+            lines += ["### Other gate settings and code versions against the same exact optimum", "",
                       "| setting | n | seed | exact K<=2 | KL | gate K<=2 | KL | s | gate K<=3 | KL | s |",
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
             for name, r, found in others:
@@ -358,6 +359,8 @@ def main() -> None:
     parser.add_argument("--ppl", default="wiki")
     parser.add_argument("--oracle-from", default="", help="single part: take each case's exact oracle from this "
                         "earlier search.json instead of running it (the gate alone is timed)")
+    parser.add_argument("--gate-label", default="", help="name under which the multi and regate parts record the "
+                        "gate's runs (default: the --gate setting's name, or 'default'); the tables lead with it")
     parser.add_argument("--skip-plain", action="store_true", help="do not time the plain gated oracle path")
     parser.add_argument("--plain-sample", type=int, default=100, help="cuts the plain path scores to estimate its time")
     parser.add_argument("--heal-steps", type=int, default=200)

@@ -6,8 +6,8 @@ Everything here reads the typed records of :mod:`layercut.record`; nothing compu
 from __future__ import annotations
 
 import math
-from math import nan
 from collections.abc import Sequence
+from math import nan
 from pathlib import Path
 from typing import TYPE_CHECKING
 
