@@ -126,3 +126,21 @@ def reference_perplexity(folder, text_file: str, seq_len: int, windows: int) -> 
     with torch.no_grad():
         losses = [model(input_ids=chunk[None], labels=chunk[None]).loss.item() for chunk in chunks]
     return math.exp(sum(losses) / len(losses))
+
+
+def window_costs(costs: list[float], interaction: float = 0.0):
+    """A synthetic landscape for the gate: removing layers costs their sum plus ``interaction`` for every removed
+    pair of neighbours (negative: removing a contiguous block is cheaper than its layers apart). Returns the
+    differentiable ``objective(gates [R, L]) -> [R]`` and the exact loss of hard cuts."""
+    from layercut.forward import hard_gates
+
+    costs_t = torch.tensor(costs)
+
+    def objective(gates: torch.Tensor) -> torch.Tensor:
+        removed = 1 - gates
+        return (removed * costs_t).sum(-1) + interaction * (removed[:, 1:] * removed[:, :-1]).sum(-1)
+
+    def exact(candidates):
+        return objective(hard_gates(candidates, len(costs))).tolist()
+
+    return objective, exact

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from conftest import LAYERS, VOCAB, build_tiny, random_ids
+from conftest import LAYERS, VOCAB, build_tiny, random_ids, window_costs
 from layercut.config import SearchOptions
 from layercut.forward import (
     checkpointed_layers,
@@ -119,20 +119,6 @@ def test_round_widths_and_neighbours():
     assert sum(round_widths([0.1, 0.2, 5.7], 6)) == 6
     assert set(neighbours(((3, 6),), 10)) == {((2, 5),), ((4, 7),)}
     assert neighbours(((0, 3),), 3) == []
-
-
-def window_costs(costs: list[float], interaction: float = 0.0):
-    """A synthetic landscape: removing layers costs their sum, plus a penalty for removing neighbours together."""
-    costs_t = torch.tensor(costs)
-
-    def objective(gates: torch.Tensor) -> torch.Tensor:
-        removed = 1 - gates
-        return (removed * costs_t).sum(-1) + interaction * (removed[:, 1:] * removed[:, :-1]).sum(-1)
-
-    def hard(candidates):
-        return objective(hard_gates(candidates, len(costs))).tolist()
-
-    return objective, hard
 
 
 @pytest.mark.parametrize(

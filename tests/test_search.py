@@ -9,10 +9,10 @@ import itertools
 import pytest
 import torch
 
-from conftest import LAYERS, build_tiny, random_ids
+from conftest import LAYERS, build_tiny, random_ids, window_costs
 from layercut.config import SearchOptions
 from layercut.errors import LayercutError
-from layercut.forward import ExactKL, gated, hard_gates, hard_kl, kl_rows, outputs_of
+from layercut.forward import ExactKL, gated, hard_kl, kl_rows, outputs_of
 from layercut.gate import (
     count_cuts,
     cuts,
@@ -98,21 +98,6 @@ def test_segments_vanish_and_merge_in_the_neighbourhood():
     touching = neighbours(((2, 4), (5, 7)), 10)
     assert ((2, 7),) not in touching  # a shift that would touch leaves a gap of one layer...
     assert ((3, 7),) in touching  # ...and touching segments merge into one
-
-
-def window_costs(costs: list[float], interaction: float = 0.0):
-    """A synthetic landscape: removing layers costs their sum plus ``interaction`` for every removed pair of
-    neighbours (negative: removing a contiguous block is cheaper than its layers apart)."""
-    costs_t = torch.tensor(costs)
-
-    def objective(gates: torch.Tensor) -> torch.Tensor:
-        removed = 1 - gates
-        return (removed * costs_t).sum(-1) + interaction * (removed[:, 1:] * removed[:, :-1]).sum(-1)
-
-    def exact(candidates):
-        return objective(hard_gates(candidates, len(costs))).tolist()
-
-    return objective, exact
 
 
 def test_where_one_segment_is_best_two_segments_return_one():

@@ -303,8 +303,9 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
         if progress is not None:
             progress(1)
         cut_of = [to_candidate(starts[r].tolist(), round_widths(widths[r].tolist(), remove), num_layers) for r in active]
-        active = [active[k] for k in distinct_profiles(cut_of, [loss[r] for r in active])]
-        rounded = readout(starts.detach()[active], widths.detach()[active], num_layers, remove)
+        keep = distinct_profiles(cut_of, [loss[r] for r in active])
+        active = [active[k] for k in keep]
+        rounded = [cut_of[k] for k in keep if cut_of[k] is not None]  # the read-out: distinct after the collapse
         stable = stable + 1 if rounded == last else 0
         last = rounded
         if options.gate_patience and stable >= options.gate_patience:
@@ -452,10 +453,11 @@ def search_gate(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
 
             screen = None
             if 0 < options.gate_screen < windows.shape[0]:
+                screener = checked(lambda batch: scorer(batch, options.gate_screen))
 
                 def screen(candidates: list[Candidate]) -> list[float]:
                     set_gates(None)
-                    return checked(lambda batch: scorer(batch, options.gate_screen))(candidates)
+                    return screener(candidates)
 
             result = search_notches(objective, read_out, handle.num_layers, remove, options, progress, known, screen)
     finally:
