@@ -19,6 +19,8 @@ import copy
 import json
 import logging
 import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,21 +47,56 @@ ON_CLP_AND_TAIL = {"replaceme": {"heal": "replaceme"}, "streamline": {"heal": "s
 
 def plan(models: list[str], rates: dict, seeds: list[int], selections=None, heals=None) -> list[tuple]:
     """Every cell of the grid, in the order it runs: (model, n, seed, selection, heal); ``selections`` and
-    ``heals`` keep a part of it."""
+    ``heals`` keep a part of it. Seeds are outermost, so a run stopped early has whole seeds. The tail cut without
+    a heal reads no calibration data, so it has one cell, under the first seed."""
     cells = []
-    for model in models:
-        for remove in rates[model if model in rates else "tiny"]:
-            for seed in seeds:
+    for seed in seeds:
+        for model in models:
+            for remove in rates[model if model in rates else "tiny"]:
                 for name in SELECTIONS:
                     names = [*EVERYWHERE, *(ON_CLP_AND_TAIL if name in ("clp", "tail") else ())]
                     cells += [(model, remove, seed, name, heal_name) for heal_name in names
-                              if (not selections or name in selections) and (not heals or heal_name in heals)]
+                              if (not selections or name in selections) and (not heals or heal_name in heals)
+                              and not (name == "tail" and heal_name == "none" and seed != seeds[0])]
     return cells
+
+
+def units(cells: list[tuple]) -> list[tuple]:
+    """The grid's units of work, in order: one per model for the dense measures, then one per (model, n, seed,
+    selection), whose cells share one search."""
+    return [*(("dense", model) for model in dict.fromkeys(key[0] for key in cells)),
+            *dict.fromkeys(key[:4] for key in cells)]
 
 
 def cell_path(out: Path, *key) -> Path:
     model, remove, seed, name, heal_name = key
     return out / "cells" / f"{Path(model).name}-n{remove}-seed{seed}-{name}-{heal_name}.json"
+
+
+def dense_path(out: Path, model: str) -> Path:
+    return out / "cells" / f"{Path(model).name}-dense.json"
+
+
+def claim(out: Path, unit: tuple) -> bool:
+    """Take ``unit`` for this process, so that parallel workers never run it twice: a claim file made atomically,
+    holding the process id; a claim whose process is gone (a killed run) is taken over."""
+    path = out / "claims" / ("-".join(str(part).replace("/", "_") for part in unit) + ".claim")
+    for _ in range(2):
+        try:
+            with open(path, "x") as handle:
+                handle.write(str(os.getpid()))
+            return True
+        except FileExistsError:
+            try:
+                owner = int(path.read_text() or 0)
+            except (OSError, ValueError):
+                return False
+            if owner == os.getpid():
+                return True
+            if owner and Path(f"/proc/{owner}").exists():
+                return False
+            path.unlink(missing_ok=True)
+    return False
 
 
 def heal_options(name: str, arguments) -> HealOptions:
@@ -69,65 +106,121 @@ def heal_options(name: str, arguments) -> HealOptions:
 
 
 def measure(handle, arguments, test_windows: dict, seed: int) -> dict:
-    """Held-out perplexity on each text and zero-shot accuracy of the handle's model."""
+    """Held-out perplexity on each text and zero-shot accuracy of the handle's model. lm-eval's batch shrinks with
+    the vocabulary, as its log-probabilities over the vocabulary dominate the memory."""
     found = {f"perplexity_{text}": perplexity(handle.model, windows, arguments.batch_size)
              for text, windows in test_windows.items()}
+    vocabulary = handle.model.get_output_embeddings().weight.shape[0]
+    batch = max(1, arguments.eval_batch_size * 50_000 // max(vocabulary, 50_000))
     zero_shot = evaluate(handle.model, handle.tokenizer, None, EvalOptions(tasks=arguments.tasks,
                                                                          limit=arguments.limit),
-                         arguments.batch_size, seed).zero_shot
+                         batch, seed).zero_shot
     found["zero_shot"] = zero_shot.model_dump() if zero_shot else None
     return found
 
 
+class Worker:
+    """One process's share of the grid: it claims units in order and keeps what they share (the dense model and
+    its test windows per model; the calibration windows and heal data per model and seed)."""
+
+    def __init__(self, arguments, out: Path):
+        self.arguments, self.out = arguments, out
+        self.models: dict[str, tuple] = {}
+        self.seeded: dict[tuple, tuple] = {}
+
+    def model(self, name: str):
+        if name not in self.models:
+            self.models.clear()
+            self.seeded.clear()
+            dense = load_model(name, ModelOptions(dtype=self.arguments.dtype))
+            texts = {text: evaluation_windows(dense.tokenizer, load_text(text, "test"), self.arguments.seq_len,
+                                              self.arguments.ppl_windows) for text in ("wiki", "lee")}
+            self.models[name] = dense, texts
+        return self.models[name]
+
+    def calibration(self, name: str, seed: int):
+        if (name, seed) not in self.seeded:
+            dense, _ = self.model(name)
+            data = DataOptions(seq_len=self.arguments.seq_len, calib_windows=self.arguments.calib_windows,
+                               seed=seed, batch_size=self.arguments.batch_size)
+            windows = calibrate(dense.tokenizer, data, test=False).calibration
+            self.seeded[(name, seed)] = windows, heal.prepare(dense, HealOptions(
+                heal_windows=self.arguments.heal_windows), data)
+        return self.seeded[(name, seed)]
+
+    def run(self, unit: tuple, todo: list[tuple]) -> None:
+        if unit[0] == "dense":
+            dense, texts = self.model(unit[1])
+            write_atomically(dense_path(self.out, unit[1]), json.dumps(measure(dense, self.arguments, texts, 0)) + "\n")
+            logger.info("%s measured", unit)
+            return
+        model_name, remove, seed, name = unit
+        dense, texts = self.model(model_name)
+        windows, prepared = self.calibration(model_name, seed)
+        options = SearchOptions(remove=remove, **{"method": name, **SELECTIONS[name]})
+        started = time.perf_counter()
+        found = selection.search(dense, windows, options, self.arguments.batch_size, seed)
+        search_seconds = time.perf_counter() - started
+        for key in todo:
+            options_heal = heal_options(key[4], self.arguments)
+            healing = time.perf_counter()
+            collected = heal.before_cut(dense, found.segments, prepared, options_heal)
+            pruned = copy.deepcopy(dense)
+            removed = cut(pruned, heal.planned_cut(found.segments, options_heal))
+            report = heal.heal(pruned, removed, collected, options_heal, seed)
+            heal_seconds = time.perf_counter() - healing
+            cell = {"model": Path(model_name).name, "layers": dense.num_layers, "remove": remove,
+                    "seed": seed, "selection": name, "heal": key[4],
+                    "chosen": [list(s) for s in found.segments], "kl": found.kl,
+                    "cut": [list(s) for s in removed.segments], "layers_after": removed.layers_after,
+                    "search_seconds": search_seconds, "heal_seconds": heal_seconds,
+                    "trainable_parameters": report.trainable_parameters,
+                    **measure(pruned, self.arguments, texts, seed)}
+            write_atomically(cell_path(self.out, *key), json.dumps(cell, indent=1) + "\n")
+            logger.info("%s: %s", key, {k: cell[k] for k in ("cut", "perplexity_wiki")})
+            del pruned
+
+
 def run(arguments, out: Path) -> None:
+    """Run every unit not done yet that no live process has claimed."""
     cells = plan(arguments.models, RATES, arguments.seeds, arguments.selections, arguments.heals)
     todo = [key for key in cells if not cell_path(out, *key).is_file()]
     logger.info("%d cells, %d done, %d to run", len(cells), len(cells) - len(todo), len(todo))
-    for model_name in dict.fromkeys(key[0] for key in todo):
-        dense = load_model(model_name, ModelOptions(dtype=arguments.dtype))
-        texts = {text: evaluation_windows(dense.tokenizer, load_text(text, "test"), arguments.seq_len,
-                                          arguments.ppl_windows) for text in ("wiki", "lee")}
-        for seed in dict.fromkeys(key[2] for key in todo if key[0] == model_name):
-            data = DataOptions(seq_len=arguments.seq_len, calib_windows=arguments.calib_windows, seed=seed,
-                               batch_size=arguments.batch_size)
-            windows = calibrate(dense.tokenizer, data, test=False).calibration
-            dense_file = out / "cells" / f"{Path(model_name).name}-seed{seed}-dense.json"
-            if not dense_file.is_file():
-                write_atomically(dense_file, json.dumps(measure(dense, arguments, texts, seed)) + "\n")
-            dense_measures = json.loads(dense_file.read_text())
-            prepared = heal.prepare(dense, HealOptions(heal_windows=arguments.heal_windows), data)
-            for remove in dict.fromkeys(key[1] for key in todo if key[0] == model_name and key[2] == seed):
-                for name, setting in SELECTIONS.items():
-                    keys = [key for key in todo if key[:4] == (model_name, remove, seed, name)]
-                    if not keys:
-                        continue
-                    options = SearchOptions(remove=remove, **{"method": name, **setting})
-                    started = time.perf_counter()
-                    found = selection.search(dense, windows, options, arguments.batch_size, seed)
-                    search_seconds = time.perf_counter() - started
-                    for key in keys:
-                        options_heal = heal_options(key[4], arguments)
-                        healing = time.perf_counter()
-                        collected = heal.before_cut(dense, found.segments, prepared, options_heal)
-                        pruned = copy.deepcopy(dense)
-                        removed = cut(pruned, heal.planned_cut(found.segments, options_heal))
-                        report = heal.heal(pruned, removed, collected, options_heal, seed)
-                        heal_seconds = time.perf_counter() - healing
-                        cell = {"model": Path(model_name).name, "layers": dense.num_layers, "remove": remove,
-                                "seed": seed, "selection": name, "heal": key[4],
-                                "chosen": [list(s) for s in found.segments], "kl": found.kl,
-                                "cut": [list(s) for s in removed.segments], "layers_after": removed.layers_after,
-                                "search_seconds": search_seconds, "heal_seconds": heal_seconds,
-                                "trainable_parameters": report.trainable_parameters,
-                                **measure(pruned, arguments, texts, seed)}
-                        if cell["zero_shot"] and dense_measures["zero_shot"]:
-                            from layercut.record import ZeroShot
+    worker = Worker(arguments, out)
+    for unit in units(cells):
+        if unit[0] == "dense":
+            if (not arguments.tasks and not arguments.ppl_windows) or dense_path(out, unit[1]).is_file():
+                continue
+            keys = []
+        else:
+            keys = [key for key in todo if key[:4] == unit]
+            if not keys:
+                continue
+        if claim(out, unit):
+            worker.run(unit, keys)
 
-                            kept = retention(ZeroShot(**cell["zero_shot"]), ZeroShot(**dense_measures["zero_shot"]))
-                            cell["retention"] = kept.average.model_dump()
-                        write_atomically(cell_path(out, *key), json.dumps(cell, indent=1) + "\n")
-                        logger.info("%s: %s", key, {k: cell[k] for k in ("cut", "perplexity_wiki")})
-                        del pruned
+
+def launch(arguments, out: Path) -> None:
+    """``--workers N``: N processes of this script share the grid through claims, spread over the visible GPUs;
+    each writes its log under ``--out``/logs."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    argv = sys.argv[:]
+    at = next(i for i, a in enumerate(argv) if a.startswith("--workers"))
+    del argv[at:at + (1 if "=" in argv[at] else 2)]
+    command = [sys.executable, *argv, "--as-worker"]
+    (out / "logs").mkdir(exist_ok=True)
+    processes = []
+    for index in range(arguments.workers):
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if gpus:
+            environment["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+        with open(out / "logs" / f"worker-{index}-{os.getpid()}.log", "a") as log:
+            processes.append(subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT))
+    failed = [process.args for process in processes if process.wait() != 0]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(processes)} workers failed; see {out / 'logs'}")
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -139,63 +232,145 @@ def average_stderr(zero_shot: dict) -> float:
     return math.sqrt(sum(e * e for e in errors)) / len(errors)
 
 
-def report(out: Path) -> str:
-    """The tables of the grid from its cells: retention at each rate per model (best heal per method), the heals on
-    the clp and tail cuts, ties within two standard errors; and the two plots."""
+def read_cells(out: Path) -> tuple[list[dict], dict[str, dict]]:
+    """The grid's cells, each with its retention against its model's dense measures where both have zero-shot
+    scores, and the dense measures per model (``{model}-dense.json``; older runs: ``{model}-seed{s}-dense.json``)."""
+    dense = {}
+    for path in sorted((out / "cells").glob("*-dense.json")):
+        dense.setdefault(path.name.removesuffix("-dense.json").split("-seed")[0], json.loads(path.read_text()))
     cells = [json.loads(path.read_text()) for path in sorted((out / "cells").glob("*.json"))
              if not path.name.endswith("-dense.json")]
-    dense = {path.name.split("-seed")[0] + "-" + path.name.split("-seed")[1].split("-")[0]: json.loads(path.read_text())
-             for path in (out / "cells").glob("*-dense.json")}
-    lines = ["# Headline grid", "", (f"{len(cells)} cells. Retention = pruned / dense average zero-shot accuracy "
-                                     "(acc) over the tasks; ± two standard errors; a difference inside them is a tie."),
-             ""]
+    from layercut.record import ZeroShot
+
+    for cell in cells:
+        base = dense.get(cell["model"], {}).get("zero_shot")
+        if cell.get("zero_shot") and base:
+            kept = retention(ZeroShot(**cell["zero_shot"]), ZeroShot(**base))
+            cell["retention"] = kept.average.model_dump()
+            cell["retention"]["stderr"] = average_stderr(cell["zero_shot"]) / kept.average.dense
+    return cells, dense
+
+
+def summary(group: list[dict]) -> dict:
+    """Mean over a group of cells (the seeds of one method and heal) of what the tables show."""
+    scored = [c for c in group if c.get("retention")]
+    found = {"seeds": len(group), "wiki": mean(c["perplexity_wiki"] for c in group),
+             "lee": mean(c["perplexity_lee"] for c in group), "cuts": sorted({str(c["cut"]) for c in group}),
+             "trainable": group[0]["trainable_parameters"]}
+    if scored:
+        found |= {"retention": mean(c["retention"]["retention"] for c in scored),
+                  "above_chance": mean(c["retention"]["retention_above_chance"] for c in scored),
+                  "stderr": mean(c["retention"]["stderr"] for c in scored)}
+    return found
+
+
+def verdict(value: dict, reference: dict) -> str:
+    """``value`` against ``reference``: a difference inside two standard errors (the larger of the two) is a tie."""
+    difference = value["retention"] - reference["retention"]
+    if abs(difference) <= 2 * max(value["stderr"], reference["stderr"]):
+        return "tie"
+    return "better" if difference > 0 else "worse"
+
+
+def report(out: Path) -> str:
+    """The tables of the grid from its cells: per model and rate, retention per selection with no heal, with
+    endpoints and with its best heal, against CLP's (ties within two standard errors); the heals on the clp and
+    tail cuts against their trainable parameters; one segment against two; and the two plots. ``cells.md`` lists
+    every cell."""
+    cells, dense = read_cells(out)
     groups: dict[tuple, list] = {}
     for cell in cells:
-        if cell.get("retention"):
-            groups.setdefault((cell["model"], cell["remove"], cell["selection"], cell["heal"]), []).append(cell)
-    for model in sorted({c["model"] for c in cells}):
-        for remove in sorted({c["remove"] for c in cells if c["model"] == model}):
-            rows = []
-            for name in SELECTIONS:
-                options = {heal_name: group for (m, n, s, heal_name), group in groups.items()
-                           if (m, n, s) == (model, remove, name)}
-                if not options:
-                    continue
-                heal_name, group = max(options.items(), key=lambda item: mean(c["retention"]["retention"]
-                                                                             for c in item[1]))
-                value = mean(c["retention"]["retention"] for c in group)
-                error = mean(average_stderr(c["zero_shot"]) / c["retention"]["dense"] for c in group)
-                rows.append((name, heal_name, value, error, mean(c["perplexity_wiki"] for c in group), len(group)))
-            if not rows:
-                continue
-            best = max(rows, key=lambda row: row[2])
-            lines += [f"## {model}, {remove} layers removed", "",
-                      "| method | best heal | retention | ± 2 se | vs best | wiki ppl | seeds |", "|---|---|---|---|---|---|---|"]
-            for name, heal_name, value, error, ppl, count in sorted(rows, key=lambda row: -row[2]):
-                verdict = "best" if name == best[0] else ("tie" if best[2] - value <= 2 * max(error, best[3])
-                                                          else "loses")
-                lines.append(f"| {name} | {heal_name} | {value:.3f} | {2 * error:.3f} | {verdict} | {ppl:.2f} | {count} |")
+        groups.setdefault((cell["model"], cell["remove"], cell["selection"], cell["heal"]), []).append(cell)
+    table = {key: summary(group) for key, group in groups.items()}
+    lines = ["# Headline grid", "",
+             (f"{len(cells)} cells. Retention = pruned / dense average zero-shot accuracy (acc) over the tasks, mean "
+             "over the calibration seeds; above chance = (pruned - chance) / (dense - chance). ± is two standard "
+             "errors (lm-eval's, combined over the tasks); a difference inside the larger of the two is a tie."), ""]
+    for model in sorted(dense):
+        scores = dense[model].get("zero_shot")
+        if scores:
+            tasks = ", ".join(f"{task} {value['acc']:.3f}" for task, value in scores["tasks"].items())
+            lines.append(f"Dense {model}: average acc {scores['average']['acc']:.4f} ({tasks}); perplexity wiki "
+                         f"{dense[model]['perplexity_wiki']:.2f}, lee {dense[model]['perplexity_lee']:.2f}.")
+    lines.append("")
+    for model, remove in sorted({(c["model"], c["remove"]) for c in cells}):
+        rows = {name: {heal_name: table[key] for key in table if key[:3] == (model, remove, name)
+                       for heal_name in [key[3]]} for name in SELECTIONS}
+        rows = {name: heals for name, heals in rows.items() if heals}
+        scored = {name: heals for name, heals in rows.items() if any("retention" in v for v in heals.values())}
+        layers = next(c["layers"] for c in cells if c["model"] == model)
+        lines += [f"## {model}, {remove} of {layers} layers removed", ""]
+        if scored:
+            best = {name: max(((h, v) for h, v in heals.items() if "retention" in v), key=lambda hv: hv[1]["retention"])
+                    for name, heals in scored.items()}
+            clp = best.get("clp")
+            lines += [("| selection | cut(s) | no heal | endpoints | best heal | retention ± 2 se | above chance | "
+                      "vs clp | wiki ppl | lee ppl | seeds |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for name, (heal_name, value) in sorted(best.items(), key=lambda item: -item[1][1]["retention"]):
+                none, endpoints = (scored[name].get(h, {}).get("retention") for h in ("none", "endpoints"))
+                against = "—" if name == "clp" or clp is None else verdict(clp[1], value).replace(
+                    "better", "clp wins").replace("worse", "clp loses")
+                lines.append(f"| {name} | {'; '.join(value['cuts'])} | {fmt(none)} | {fmt(endpoints)} | {heal_name} | "
+                             f"{value['retention']:.3f} ± {2 * value['stderr']:.3f} | {fmt(value['above_chance'])} | "
+                             f"{against} | {value['wiki']:.2f} | {value['lee']:.2f} | {value['seeds']} |")
             lines.append("")
-    perplexities = [c for c in cells if not c.get("retention")]
-    if perplexities:
-        lines += ["## Held-out perplexity (cells without zero-shot)", "",
-                  "| model | n | seed | selection | heal | cut | layers after | trainable | wiki | lee | heal s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for c in sorted(perplexities, key=lambda c: (c["model"], c["remove"], c["seed"], c["selection"], c["heal"])):
-            lines.append(f"| {c['model']} | {c['remove']} | {c['seed']} | {c['selection']} | {c['heal']} | {c['cut']} | "
-                         f"{c['layers_after']} | {c['trainable_parameters']:,} | {c['perplexity_wiki']:.2f} | "
-                         f"{c['perplexity_lee']:.2f} | {c['heal_seconds']:.1f} |")
-        lines.append("")
-    lines += [f"Dense models measured: {', '.join(sorted(dense)) or 'none'}.", ""]
+        for base in ("clp", "tail"):
+            heals = rows.get(base, {})
+            if len(heals) <= 2:
+                continue
+            reference = heals.get("endpoints")
+            lines += [f"Heals on the {base} cut:", "", ("| heal | trainable parameters | retention ± 2 se | above chance | "
+                      "vs endpoints | wiki ppl | lee ppl |"), "|---|---|---|---|---|---|---|"]
+            for heal_name, value in sorted(heals.items(), key=lambda item: item[1]["trainable"]):
+                against = ("—" if heal_name == "endpoints" or "retention" not in value or not reference
+                           or "retention" not in reference else verdict(value, reference))
+                lines.append(f"| {heal_name} | {value['trainable']:,} | "
+                             f"{fmt(value.get('retention'))} ± {fmt(2 * value['stderr'] if 'stderr' in value else None)} "
+                             f"| {fmt(value.get('above_chance'))} | {against} | {value['wiki']:.2f} | {value['lee']:.2f} |")
+            lines.append("")
+        if rows.get("clp") and rows.get("clp-2"):
+            lines += ["One segment against at most two (same heal):", "",
+                      ("| heal | clp cut(s) | clp retention | clp-2 cut(s) | clp-2 retention | clp-2 vs clp | "
+                      "clp ppl | clp-2 ppl |"), "|---|---|---|---|---|---|---|---|"]
+            for heal_name in EVERYWHERE:
+                one, two = rows["clp"].get(heal_name), rows["clp-2"].get(heal_name)
+                if one and two:
+                    against = verdict(two, one) if "retention" in one and "retention" in two else "—"
+                    lines.append(f"| {heal_name} | {'; '.join(one['cuts'])} | {fmt(one.get('retention'))} | "
+                                 f"{'; '.join(two['cuts'])} | {fmt(two.get('retention'))} | {against} | "
+                                 f"{one['wiki']:.2f} | {two['wiki']:.2f} |")
+            lines.append("")
     text = "\n".join(lines) + "\n"
     write_atomically(out / "results.md", text)
+    write_atomically(out / "cells.md", cell_table(cells))
     plots(cells, out)
     return text
 
 
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
+def fmt(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def cell_table(cells: list[dict]) -> str:
+    """Every cell on one line: what was cut, what it cost and what it measured."""
+    lines = ["# Every cell of the grid", "", ("| model | n | seed | selection | heal | cut | trainable | search s | "
+             "heal s | wiki ppl | lee ppl | avg acc | avg acc_norm | retention | above chance |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in sorted(cells, key=lambda c: (c["model"], c["remove"], c["seed"], c["selection"], c["heal"])):
+        zero_shot = (c.get("zero_shot") or {}).get("average", {})
+        kept = c.get("retention") or {}
+        lines.append(f"| {c['model']} | {c['remove']} | {c['seed']} | {c['selection']} | {c['heal']} | {c['cut']} | "
+                     f"{c['trainable_parameters']:,} | {c['search_seconds']:.1f} | {c['heal_seconds']:.1f} | "
+                     f"{c['perplexity_wiki']:.2f} | {c['perplexity_lee']:.2f} | {fmt(zero_shot.get('acc'))} | "
+                     f"{fmt(zero_shot.get('acc_norm'))} | {fmt(kept.get('retention'))} | "
+                     f"{fmt(kept.get('retention_above_chance'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def mean(values) -> float | None:
+    """The mean of the values that exist (None where a ratio had no denominator), or None."""
+    values = [value for value in values if value is not None]
+    return sum(values) / len(values) if values else None
 
 
 def plots(cells: list[dict], out: Path) -> None:
@@ -248,6 +423,10 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--ppl-windows", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-batch-size", type=int, default=32,
+                        help="lm-eval's batch for a vocabulary of up to 50k tokens (smaller for larger ones)")
+    parser.add_argument("--workers", type=int, default=0, help="run N worker processes spread over the GPUs")
+    parser.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--heal-steps", type=int, default=200)
     parser.add_argument("--heal-batch", type=int, default=8)
     parser.add_argument("--heal-windows", type=int, default=1024)
@@ -264,14 +443,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(arguments.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "claims").mkdir(exist_ok=True)
     if arguments.rates == "tiny":
         for model in arguments.models:
             RATES[model] = RATES["tiny"]
     if not arguments.report:
-        run(arguments, out)
+        if arguments.as_worker:
+            return run(arguments, out)
         meta = {"command": "python " + " ".join(sys.argv), "versions": library_versions(),
                 "chance": CHANCE, "settings": {k: v for k, v in vars(arguments).items() if k != "out"}}
         write_atomically(out / "grid.json", json.dumps(meta, indent=1) + "\n")
+        launch(arguments, out) if arguments.workers else run(arguments, out)
     text = report(out)
     if arguments.readme:
         into_readme(Path(arguments.readme), text, out, arguments)
