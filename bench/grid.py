@@ -28,6 +28,7 @@ from pathlib import Path
 from layercut import heal, selection
 from layercut.config import DataOptions, EvalOptions, HealOptions, ModelOptions, SearchOptions
 from layercut.data import calibrate, evaluation_windows, load_text
+from layercut.errors import LayercutError
 from layercut.evaluate import evaluate, perplexity
 from layercut.files import write_atomically
 from layercut.layers import cut
@@ -164,18 +165,22 @@ class Worker:
         for key in todo:
             options_heal = heal_options(key[4], self.arguments)
             healing = time.perf_counter()
-            collected = heal.before_cut(dense, found.segments, prepared, options_heal)
+            cell = {"model": Path(model_name).name, "layers": dense.num_layers, "remove": remove,
+                    "seed": seed, "selection": name, "heal": key[4],
+                    "chosen": [list(s) for s in found.segments], "kl": found.kl, "search_seconds": search_seconds}
+            try:
+                collected = heal.before_cut(dense, found.segments, prepared, options_heal)
+            except LayercutError as error:  # a heal that does not apply to this model: recorded, not measured
+                write_atomically(cell_path(self.out, *key), json.dumps({**cell, "refused": str(error)}) + "\n")
+                logger.info("%s: refused (%s)", key, error)
+                continue
             pruned = copy.deepcopy(dense)
             removed = cut(pruned, heal.planned_cut(found.segments, options_heal))
             report = heal.heal(pruned, removed, collected, options_heal, seed)
-            heal_seconds = time.perf_counter() - healing
-            cell = {"model": Path(model_name).name, "layers": dense.num_layers, "remove": remove,
-                    "seed": seed, "selection": name, "heal": key[4],
-                    "chosen": [list(s) for s in found.segments], "kl": found.kl,
-                    "cut": [list(s) for s in removed.segments], "layers_after": removed.layers_after,
-                    "search_seconds": search_seconds, "heal_seconds": heal_seconds,
-                    "trainable_parameters": report.trainable_parameters,
-                    **measure(pruned, self.arguments, texts, seed)}
+            cell |= {"cut": [list(s) for s in removed.segments], "layers_after": removed.layers_after,
+                     "heal_seconds": time.perf_counter() - healing,
+                     "trainable_parameters": report.trainable_parameters,
+                     **measure(pruned, self.arguments, texts, seed)}
             write_atomically(cell_path(self.out, *key), json.dumps(cell, indent=1) + "\n")
             logger.info("%s: %s", key, {k: cell[k] for k in ("cut", "perplexity_wiki")})
             del pruned
@@ -240,6 +245,7 @@ def read_cells(out: Path) -> tuple[list[dict], dict[str, dict]]:
         dense.setdefault(path.name.removesuffix("-dense.json").split("-seed")[0], json.loads(path.read_text()))
     cells = [json.loads(path.read_text()) for path in sorted((out / "cells").glob("*.json"))
              if not path.name.endswith("-dense.json")]
+    cells = [cell for cell in cells if "refused" not in cell]
     from layercut.record import ZeroShot
 
     for cell in cells:
@@ -340,6 +346,13 @@ def report(out: Path) -> str:
                                  f"{'; '.join(two['cuts'])} | {fmt(two.get('retention'))} | {against} | "
                                  f"{one['wiki']:.2f} | {two['wiki']:.2f} |")
             lines.append("")
+    refused = {(c["model"], c["heal"]): c["refused"] for c in (json.loads(path.read_text()) for path in
+                                                                 sorted((out / "cells").glob("*.json")))
+               if "refused" in c}
+    if refused:
+        lines += ["Heals that refused a model (recorded, not measured):", ""]
+        lines += [f"- {heal_name} on {model}: {reason}" for (model, heal_name), reason in sorted(refused.items())]
+        lines.append("")
     text = "\n".join(lines) + "\n"
     write_atomically(out / "results.md", text)
     write_atomically(out / "cells.md", cell_table(cells))

