@@ -456,11 +456,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(arguments.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    (out / "claims").mkdir(exist_ok=True)
     if arguments.rates == "tiny":
         for model in arguments.models:
             RATES[model] = RATES["tiny"]
     if not arguments.report:
+        (out / "claims").mkdir(exist_ok=True)
         if arguments.as_worker:
             return run(arguments, out)
         meta = {"command": "python " + " ".join(sys.argv), "versions": library_versions(),
