@@ -1,0 +1,82 @@
+"""The headline grid's bookkeeping (bench/grid.py): what runs, in which units, and how parallel workers share it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location("grid", Path(__file__).parents[1] / "bench" / "grid.py")
+grid = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(grid)
+
+
+def test_plan_runs_seeds_outermost_and_the_seedless_tail_cell_once():
+    cells = grid.plan(["m"], {"m": (2, 3)}, [0, 1])
+    assert [key[2] for key in cells] == sorted(key[2] for key in cells)
+    assert ("m", 2, 0, "tail", "none") in cells and ("m", 2, 1, "tail", "none") not in cells
+    assert ("m", 2, 1, "tail", "endpoints") in cells and ("m", 3, 1, "clp", "streamline") in cells
+    assert not any(key[3] == "angular" and key[4] == "replaceme" for key in cells)
+    per_seed = len([key for key in cells if key[2] == 0])
+    assert per_seed == 2 * (10 * 2 + 2 * 4)
+
+
+def test_units_put_dense_first_and_group_cells_sharing_a_search():
+    cells = grid.plan(["a", "b"], {"a": (2,), "b": (3,)}, [0], selections=["clp", "tail"])
+    found = grid.units(cells)
+    assert found[:2] == [("dense", "a"), ("dense", "b")]
+    assert found[2:] == [("a", 2, 0, "clp"), ("a", 2, 0, "tail"), ("b", 3, 0, "clp"), ("b", 3, 0, "tail")]
+
+
+def test_a_claim_is_taken_once_and_a_dead_process_claim_is_taken_over(tmp_path):
+    (tmp_path / "claims").mkdir()
+    unit = ("m", 2, 0, "clp")
+    assert grid.claim(tmp_path, unit) and grid.claim(tmp_path, unit)  # this process holds it
+    path = next((tmp_path / "claims").iterdir())
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        path.write_text(str(other.pid))
+        assert not grid.claim(tmp_path, unit)  # a live process holds it
+    finally:
+        other.kill()
+        other.wait()
+    assert grid.claim(tmp_path, unit)  # its process is gone: taken over
+    assert path.read_text() == str(__import__("os").getpid())
+
+
+def test_report_computes_retention_against_the_dense_model_and_lists_refusals(tmp_path):
+    cells = tmp_path / "cells"
+    cells.mkdir()
+
+    def zero_shot(acc):
+        tasks = {"piqa": {"acc": acc, "acc_norm": None, "items": 100, "acc_stderr": 0.01, "acc_norm_stderr": None}}
+        return {"tasks": tasks, "average": {"acc": acc, "acc_norm": acc}, "lm_eval_version": "0", "metric": "acc",
+                "limit": 100}
+
+    (cells / "m-dense.json").write_text(json.dumps({"perplexity_wiki": 10.0, "perplexity_lee": 12.0,
+                                                    "zero_shot": zero_shot(0.8)}))
+    for name, acc in (("clp", 0.7), ("tail", 0.6)):
+        cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": name, "heal": "endpoints",
+                "chosen": [[2, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": 4, "search_seconds": 1.0,
+                "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": 20.0, "perplexity_lee": 30.0,
+                "zero_shot": zero_shot(acc)}
+        (cells / f"m-n2-seed0-{name}-endpoints.json").write_text(json.dumps(cell))
+    (cells / "m-n2-seed0-clp-replaceme.json").write_text(json.dumps({"model": "m", "heal": "replaceme",
+                                                                     "refused": "cannot fold"}))
+    text = grid.report(tmp_path)
+    clp_row = next(line for line in text.splitlines() if line.startswith("| clp |"))
+    tail_row = next(line for line in text.splitlines() if line.startswith("| tail |"))
+    assert "0.875 ± 0.025" in clp_row  # 0.7 / 0.8, two standard errors 2 * 0.01 / 0.8
+    assert "0.750" in tail_row and "clp wins" in tail_row  # 0.125 apart, more than two standard errors
+    assert "replaceme on m: cannot fold" in text
+    assert (tmp_path / "cells.md").read_text().count("| m | 2 | 0 |") == 2
+
+
+@pytest.mark.parametrize("value, reference, expected", [(0.90, 0.88, "tie"), (0.95, 0.88, "better"),
+                                                         (0.80, 0.88, "worse")])
+def test_a_difference_inside_two_standard_errors_is_a_tie(value, reference, expected):
+    assert grid.verdict({"retention": value, "stderr": 0.02}, {"retention": reference, "stderr": 0.01}) == expected
