@@ -356,7 +356,7 @@ def report(out: Path) -> str:
     text = "\n".join(lines) + "\n"
     write_atomically(out / "results.md", text)
     write_atomically(out / "cells.md", cell_table(cells))
-    plots(cells, out)
+    plots(table, out)
     return text
 
 
@@ -386,38 +386,48 @@ def mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def plots(cells: list[dict], out: Path) -> None:
+def plots(table: dict[tuple, dict], out: Path) -> None:
+    """One panel per model: best-heal retention (mean over seeds) against the removal rate per selection method,
+    and retention against trainable parameters for the heals on the clp and tail cuts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = [c for c in cells if c.get("retention")]
-    if not scored:
+    scored = {key: value for key, value in table.items() if "retention" in value}
+    models = sorted({key[0] for key in scored})
+    if not models:
         return
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for name in SELECTIONS:
-        points = {}
-        for c in scored:
-            if c["selection"] == name:
-                points.setdefault(c["remove"] / c["layers"], []).append(c["retention"]["retention"])
-        if points:
-            rates = sorted(points)
-            axis.plot(rates, [max(points[r]) for r in rates], marker="o", label=name)
-    axis.set_xlabel("removal rate")
-    axis.set_ylabel("retention (best heal)")
-    axis.legend(fontsize=7)
+    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        layers = {remove: value for (m, remove, _, _), value in scored.items() if m == model}
+        for name in SELECTIONS:
+            best = {}
+            for (m, remove, selection_name, _), value in scored.items():
+                if (m, selection_name) == (model, name):
+                    best[remove] = max(best.get(remove, -math.inf), value["retention"])
+            if best:
+                axis.plot(sorted(best), [best[r] for r in sorted(best)], marker="o", label=name)
+        axis.set_title(model)
+        axis.set_xlabel(f"layers removed ({', '.join(str(r) for r in sorted(layers))})")
+        axis.set_ylabel("retention, best heal")
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "retention_by_rate.png", dpi=110)
     plt.close(figure)
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for c in scored:
-        if c["selection"] in ("clp", "tail"):
-            axis.scatter(max(c["trainable_parameters"], 1), c["retention"]["retention"], s=12)
-            axis.annotate(c["heal"], (max(c["trainable_parameters"], 1), c["retention"]["retention"]), fontsize=6)
-    axis.set_xscale("log")
-    axis.set_xlabel("trainable (or fitted) parameters")
-    axis.set_ylabel("retention")
+    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        for (m, remove, name, heal_name), value in sorted(scored.items()):
+            if m == model and name in ("clp", "tail"):
+                x = max(value["trainable"], 1)
+                axis.scatter(x, value["retention"], s=14, marker="o" if name == "clp" else "^",
+                             color="C0" if remove == min(r for (mm, r, _, _) in scored if mm == model) else "C3")
+                axis.annotate(f"{heal_name}", (x, value["retention"]), fontsize=6)
+        axis.set_xscale("log")
+        axis.set_title(f"{model}: heals on the clp (o) and tail (^) cuts; blue: fewer layers removed")
+        axis.title.set_fontsize(8)
+        axis.set_xlabel("trainable (or fitted) parameters")
+        axis.set_ylabel("retention")
     figure.tight_layout()
     figure.savefig(out / "heals_parameters.png", dpi=110)
     plt.close(figure)
