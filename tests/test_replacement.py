@@ -12,7 +12,15 @@ from layercut.config import HealOptions
 from layercut.errors import LayercutError
 from layercut.heal import HealData
 from layercut.layers import Handle, cut
-from layercut.replacement import dense_states, fold_map, least_squares_map, output_projection, post_cut_index
+from layercut.replacement import (
+    dense_states,
+    fold_map,
+    least_squares_map,
+    output_projection,
+    post_cut_index,
+    relative_weights,
+    weighted_moments,
+)
 
 
 def test_least_squares_recovers_a_linear_map():
@@ -21,6 +29,45 @@ def test_least_squares_recovers_a_linear_map():
     truth = torch.randn(6, 6, generator=generator, dtype=torch.float64)
     found = least_squares_map(x.T @ x, x.T @ (x @ truth))
     torch.testing.assert_close(found, truth, rtol=1e-6, atol=1e-6)
+
+
+def test_relative_weights_keep_one_massive_token_from_owning_the_fit():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 6, generator=generator, dtype=torch.float64)
+    truth = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    y = x @ truth
+    y[0] = 1e4 * torch.randn(6, generator=generator, dtype=torch.float64)  # a massive activation, off the map
+    plain = least_squares_map(x.T @ x, x.T @ y)
+    weighted = least_squares_map(*weighted_moments(x, y, relative_weights(y)))
+    rest = slice(1, None)
+    assert (x[rest] @ plain - y[rest]).norm() > (x[rest] @ truth).norm()  # worse than predicting zero
+    torch.testing.assert_close(weighted, truth, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(relative_weights(torch.tensor([[3.0, 4.0]])), torch.tensor([1 / 25], dtype=torch.float64))
+
+
+def test_replaceme_fits_the_tokens_around_a_massive_activation_formed_in_the_block():
+    """The SmolLM2 failure in small: the block's last layer gives the first position a massive state (an attention
+    sink); the fit must still bring the other positions closer to the dense state than the plain cut does."""
+    model = build_tiny("llama")
+    handle = Handle.of(model)
+
+    def sink(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[:, 0, 5] += 1e3
+        return output
+
+    hook = handle.layers[3].register_forward_hook(sink)
+    options = HealOptions(heal="replaceme")
+    windows = random_ids(batch=16, length=16, seed=5)
+    prepared = heal.before_cut(handle, [(2, 4)], HealData(windows), options)
+    dense = next(dense_states(handle, windows, {"entering": (handle.layers[2], True),
+                                                "leaving": (handle.layers[3], False)}, windows.shape[0]))
+    hook.remove()
+    heal.heal(handle, cut(handle, [(2, 4)]), prepared, options)
+    after = next(dense_states(handle, windows, {"out": (handle.layers[1], False)}, windows.shape[0]))["out"]
+    plain_error = (dense["entering"] - dense["leaving"])[:, 1:].pow(2).mean()
+    healed_error = (after - dense["leaving"])[:, 1:].pow(2).mean()
+    assert healed_error < plain_error  # unweighted, the first position owns the fit: ~10⁴ times worse
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])

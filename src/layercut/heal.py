@@ -114,7 +114,8 @@ HEALS: dict[str, Heal] = {
     "lora": Heal("LoRA adapters on every remaining layer, merged back into the weights",
                  lambda segments, total, options: last_layers(segments, total, total), 2e-4, lora_rank=8),
     "replaceme": Heal("ReplaceMe, training-free: a least-squares linear map from the MLP output of the layer before "
-                      "each cut to the state leaving the cut, folded into that MLP's output projection",
+                      "each cut to the state leaving the cut (each token weighted by 1/|state|^2), folded into that "
+                      "MLP's output projection",
                       collect=replacement.replaceme_collect, apply=replacement.replaceme_apply),
     "streamline": Heal("LLM-Streamline: each block is replaced by its first layer, trained (mean squared error) to "
                        "map the block's input to its output", learning_rate=1e-3, cut=replacement.streamline_cut,

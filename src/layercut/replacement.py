@@ -38,6 +38,20 @@ def least_squares_map(gram: torch.Tensor, cross: torch.Tensor, ridge: float = 1e
     return torch.linalg.solve(gram + scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross)
 
 
+def relative_weights(leaving: torch.Tensor) -> torch.Tensor:
+    """Per-token weights ``1 / ‖h_e‖²`` ``[N]`` (float64) for the states ``leaving`` ``[N, H]`` the fit aims at: the
+    weighted squared error is the error relative to each token's own state, the scale the next layer's input norm
+    reads. Without them one token with a massive activation (the first position, where an attention sink forms
+    inside the block) holds nearly all of Σ‖M T − y‖² and the fit serves it alone."""
+    return 1.0 / leaving.double().pow(2).sum(-1).clamp(min=1e-12)
+
+
+def weighted_moments(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Xᵀ W X, Xᵀ W Y)`` in float64 for rows ``x`` ``[N, d]``, ``y`` ``[N, d]`` and row weights ``[N]``."""
+    xw = x.double() * weights.double()[:, None]
+    return xw.T @ x.double(), xw.T @ y.double()
+
+
 def fold_map(projection: nn.Module, transform: torch.Tensor) -> None:
     """Make ``projection`` compute ``y T`` where it computed ``y`` (row vectors), in place: for an ``nn.Linear``
     (weight ``[out, in]``) ``W ← Tᵀ W``; for a GPT-2 ``Conv1D`` (weight ``[in, out]``) ``W ← W T``; a bias
@@ -155,8 +169,10 @@ def replaceme_collect(handle: Handle, segments: list[Segment], prepared: HealDat
                       batch_size: int = 4) -> dict[Segment, torch.Tensor]:
     """ReplaceMe's least-squares map for each segment ``[s, e)``, fitted on the dense model over the heal windows:
     with ``M`` the MLP output of layer s − 1, ``h_s`` the state entering layer s and ``h_e`` the state entering layer
-    e, ``T`` minimises ‖M T − (h_e − h_s + M)‖², so that the layer before the cut, its MLP output mapped by T,
-    gives ``h_e`` (the attention part of its residual passes unchanged)."""
+    e, ``T`` minimises Σ‖M T − (h_e − h_s + M)‖² / ‖h_e‖² over the tokens, so that the layer before the cut, its MLP
+    output mapped by T, gives ``h_e`` (the attention part of its residual passes unchanged). The paper's fit is
+    unweighted; the weights (:func:`relative_weights`) keep a massive activation that forms inside the block from
+    owning the fit (SmolLM2-135M, [9:19): wiki perplexity 951 unweighted, 101 weighted, 158 with no heal)."""
     maps = {}
     for start, end in segments:
         if start == 0:
@@ -169,10 +185,10 @@ def replaceme_collect(handle: Handle, segments: list[Segment], prepared: HealDat
         gram = cross = None
         for states in dense_states(handle, prepared.windows, wanted, batch_size):
             x = states["mlp"].flatten(0, 1).double()
-            y = (states["leaving"] - states["entering"].to(states["leaving"].device)).flatten(0, 1).double()
-            y = y + x.to(y.device)
-            gram = x.T @ x if gram is None else gram + x.T @ x
-            cross = x.T @ y.to(x.device) if cross is None else cross + x.T @ y.to(x.device)
+            leaving = states["leaving"].flatten(0, 1).to(x.device)
+            y = leaving.double() - states["entering"].flatten(0, 1).to(x.device).double() + x
+            moments = weighted_moments(x, y, relative_weights(leaving))
+            gram, cross = moments if gram is None else (gram + moments[0], cross + moments[1])
         maps[(start, end)] = least_squares_map(gram, cross)
     return maps
 
