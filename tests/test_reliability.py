@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -385,8 +386,9 @@ SIGNAL_RUN = textwrap.dedent("""
 def test_a_signal_during_export_removes_the_staging_folder(world, tmp_path, name, status, line):
     out = tmp_path / "out"
     argv = [part.format(w=world) for part in prune("--heal", "none", "--output", str(out))]
+    # A runner started in the background ignores SIGINT, and a child inherits that: give the child the default.
     done = subprocess.run([sys.executable, "-c", SIGNAL_RUN, name, *argv], capture_output=True, text=True,
-                          check=False)
+                          check=False, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == status, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == f"layercut: {line}; nothing half-written was left"
     assert "Traceback" not in done.stderr
