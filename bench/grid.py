@@ -187,22 +187,36 @@ class Worker:
 
 
 def run(arguments, out: Path) -> None:
-    """Run every unit not done yet that no live process has claimed."""
+    """Run every unit not done yet that no live process has claimed, in passes until one finds nothing to take: a
+    later pass picks up what a worker that died left unfinished. A unit that fails is logged and left to the other
+    workers (its claim goes when this process exits); the process then exits with status 1."""
     cells = plan(arguments.models, RATES, arguments.seeds, arguments.selections, arguments.heals)
-    todo = [key for key in cells if not cell_path(out, *key).is_file()]
-    logger.info("%d cells, %d done, %d to run", len(cells), len(cells) - len(todo), len(todo))
-    worker = Worker(arguments, out)
-    for unit in units(cells):
-        if unit[0] == "dense":
-            if (not arguments.tasks and not arguments.ppl_windows) or dense_path(out, unit[1]).is_file():
+    logger.info("%d cells, %d done", len(cells), sum(cell_path(out, *key).is_file() for key in cells))
+    worker, failed = Worker(arguments, out), []
+    while True:
+        taken = False
+        for unit in units(cells):
+            if unit in failed:
                 continue
-            keys = []
-        else:
-            keys = [key for key in todo if key[:4] == unit]
-            if not keys:
-                continue
-        if claim(out, unit):
-            worker.run(unit, keys)
+            if unit[0] == "dense":
+                if (not arguments.tasks and not arguments.ppl_windows) or dense_path(out, unit[1]).is_file():
+                    continue
+                keys = []
+            else:
+                keys = [key for key in cells if key[:4] == unit and not cell_path(out, *key).is_file()]
+                if not keys:
+                    continue
+            if claim(out, unit):
+                taken = True
+                try:
+                    worker.run(unit, keys)
+                except Exception:  # the other units still run; the exit status reports it
+                    logger.exception("%s failed", unit)
+                    failed.append(unit)
+        if not taken:
+            break
+    if failed:
+        raise SystemExit(f"{len(failed)} unit(s) failed: {failed}")
 
 
 def launch(arguments, out: Path) -> None:

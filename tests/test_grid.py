@@ -80,3 +80,32 @@ def test_report_computes_retention_against_the_dense_model_and_lists_refusals(tm
                                                          (0.80, 0.88, "worse")])
 def test_a_difference_inside_two_standard_errors_is_a_tie(value, reference, expected):
     assert grid.verdict({"retention": value, "stderr": 0.02}, {"retention": reference, "stderr": 0.01}) == expected
+
+
+def test_a_worker_runs_the_other_units_when_one_fails_and_takes_over_a_dead_workers_unit(tmp_path, monkeypatch):
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "claims").mkdir()
+    arguments = type("Arguments", (), {"models": ["m"], "seeds": [0], "selections": ["clp", "tail"], "heals": ["none"],
+                                       "tasks": "", "ppl_windows": 0})()
+    monkeypatch.setitem(grid.RATES, "m", (2,))
+    ran = []
+
+    class Worker:
+        def __init__(self, arguments, out):
+            pass
+
+        def run(self, unit, keys):
+            ran.append(unit)
+            if unit[3] == "clp":
+                raise RuntimeError("out of memory")
+            for key in keys:
+                grid.cell_path(tmp_path, *key).write_text("{}")
+
+    monkeypatch.setattr(grid, "Worker", Worker)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "claims" / "m-2-0-tail.claim").write_text(str(dead.pid))  # left by a worker that died
+    with pytest.raises(SystemExit, match="1 unit"):
+        grid.run(arguments, tmp_path)
+    assert ran == [("m", 2, 0, "clp"), ("m", 2, 0, "tail")]  # each once; the failed one is not retried here
+    assert grid.cell_path(tmp_path, "m", 2, 0, "tail", "none").is_file()
