@@ -3,7 +3,9 @@ protocol. One resumable command: each cell is a JSON file under ``--out``/cells,
 a rerun, so a killed run continues where it stopped.
 
 A cell is (model, n, seed, selection, heal). Per model and seed the dense model is measured once; per selection
-the cut is searched once; every heal then starts from a fresh copy of the dense model. Measured per cell: the
+the cut is searched once; every heal then starts from a fresh copy of the dense model. A cell whose model another
+cell has measured already (the same chosen layers and heal, and the same seed where the heal reads calibration
+data) takes that cell's measures and names it in ``measured_in``. Measured per cell: the
 layers removed, search and heal time, held-out perplexity on ``wiki`` (test part) and ``lee``, zero-shot acc and
 acc_norm on the seven tasks through lm-eval (with its standard errors), retention and retention above chance.
 
@@ -100,6 +102,24 @@ def claim(out: Path, unit: tuple) -> bool:
     return False
 
 
+MEASURED = ("cut", "layers_after", "heal_seconds", "trainable_parameters", "perplexity_wiki", "perplexity_lee",
+            "zero_shot")
+
+
+def twin(out: Path, model: str, remove: int, seed: int, heal_name: str, chosen: list) -> tuple[str, dict] | None:
+    """A measured cell whose model is the one this cell would measure: same model, same chosen layers and same
+    heal, and, for a heal that trains or fits on calibration data, the same seed (a cut with no heal reads none).
+    Selections that choose the same layers then share one heal and one evaluation. Returns its file name and
+    content, or None."""
+    pattern = f"{Path(model).name}-n{remove}-seed{'*' if heal_name == 'none' else seed}-*-{heal_name}.json"
+    for path in sorted((out / "cells").glob(pattern)):
+        cell = json.loads(path.read_text())
+        if (cell.get("heal") == heal_name and cell.get("chosen") == chosen and "refused" not in cell
+                and (heal_name == "none" or cell.get("seed") == seed) and all(key in cell for key in MEASURED)):
+            return path.name, cell
+    return None
+
+
 def heal_options(name: str, arguments) -> HealOptions:
     extra = ON_CLP_AND_TAIL.get(name, {"heal": name})
     return HealOptions(heal_steps=arguments.heal_steps, heal_batch=arguments.heal_batch,
@@ -168,6 +188,13 @@ class Worker:
             cell = {"model": Path(model_name).name, "layers": dense.num_layers, "remove": remove,
                     "seed": seed, "selection": name, "heal": key[4],
                     "chosen": [list(s) for s in found.segments], "kl": found.kl, "search_seconds": search_seconds}
+            shared = twin(self.out, model_name, remove, seed, key[4], cell["chosen"])
+            if shared is not None:
+                source, measured = shared
+                cell |= {field: measured[field] for field in MEASURED} | {"measured_in": source}
+                write_atomically(cell_path(self.out, *key), json.dumps(cell, indent=1) + "\n")
+                logger.info("%s: same model as %s", key, source)
+                continue
             try:
                 collected = heal.before_cut(dense, found.segments, prepared, options_heal)
             except LayercutError as error:  # a heal that does not apply to this model: recorded, not measured
@@ -384,10 +411,14 @@ def cell_table(cells: list[dict]) -> str:
         zero_shot = (c.get("zero_shot") or {}).get("average", {})
         kept = c.get("retention") or {}
         lines.append(f"| {c['model']} | {c['remove']} | {c['seed']} | {c['selection']} | {c['heal']} | {c['cut']} | "
-                     f"{c['trainable_parameters']:,} | {c['search_seconds']:.1f} | {c['heal_seconds']:.1f} | "
+                     f"{c['trainable_parameters']:,} | {c['search_seconds']:.1f} | {c['heal_seconds']:.1f}"
+                     f"{'*' if c.get('measured_in') else ''} | "
                      f"{c['perplexity_wiki']:.2f} | {c['perplexity_lee']:.2f} | {fmt(zero_shot.get('acc'))} | "
                      f"{fmt(zero_shot.get('acc_norm'))} | {fmt(kept.get('retention'))} | "
                      f"{fmt(kept.get('retention_above_chance'))} |")
+    lines += ["", ("\\* the same model as an earlier cell (the same chosen layers and heal, and the same seed where "
+                   "the heal reads calibration data): its heal and measures are that cell's (`measured_in` in the "
+                   "cell's file).")]
     return "\n".join(lines) + "\n"
 
 

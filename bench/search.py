@@ -58,6 +58,10 @@ CONFIGS = {
     "s20": {"gate_steps": 20},
     "wide": {"profile_spacing": 1.0},
     "s20-wide": {"gate_steps": 20, "profile_spacing": 1.0},
+    # fewer steps, stopping sooner
+    "s12": {"gate_steps": 12, "gate_patience": 3},
+    "s12-wide": {"gate_steps": 12, "gate_patience": 3, "profile_spacing": 1.0},
+    "s16-wide": {"gate_steps": 16, "gate_patience": 4, "profile_spacing": 1.0},
 }
 
 
@@ -196,15 +200,15 @@ def multi_rows(handle, arguments, result, out) -> None:
 
 
 def regate_rows(handle, arguments, result, out) -> None:
-    """For every multi row already measured (``--resume``), the gate with at most 2 and 3 segments under
-    ``--gate`` (the exact optimum is the row's)."""
+    """For every multi row already measured (``--resume``) of the ``--seeds``, the gate with at most
+    ``--regate-segments`` segments under ``--gate`` (the exact optimum is the row's)."""
     name = arguments.gate_label or arguments.gate or "default"
     gate = CONFIGS.get(arguments.gate, {})
     for row in result["multi"]:
-        if name in row.get("regate", {}) or row.get("gate_setting") == name:
-            continue  # measured under this setting already
+        if name in row.get("regate", {}) or row.get("gate_setting") == name or row["seed"] not in arguments.seeds:
+            continue  # measured under this setting already, or not asked for
         windows = calibrate(handle.tokenizer, data_options(arguments, row["seed"]), test=False).calibration
-        for segments in (2, 3):
+        for segments in arguments.regate_segments:
             found, seconds = timed(search_gate, handle, windows, row["remove"],
                                    SearchOptions(remove=row["remove"], segments=segments, **gate),
                                    arguments.batch_size, row["seed"])
@@ -361,13 +365,14 @@ def main() -> None:
                         "earlier search.json instead of running it (the gate alone is timed)")
     parser.add_argument("--gate-label", default="", help="name under which the multi and regate parts record the "
                         "gate's runs (default: the --gate setting's name, or 'default'); the tables lead with it")
+    parser.add_argument("--regate-segments", default="2,3", help="regate part: the gate's numbers of segments")
     parser.add_argument("--skip-plain", action="store_true", help="do not time the plain gated oracle path")
     parser.add_argument("--plain-sample", type=int, default=100, help="cuts the plain path scores to estimate its time")
     parser.add_argument("--heal-steps", type=int, default=200)
     parser.add_argument("--heal-windows", type=int, default=1024)
     parser.add_argument("--ppl-windows", type=int, default=256)
     arguments = parser.parse_args()
-    for name in ("single_removes", "removes", "seeds"):
+    for name in ("single_removes", "removes", "seeds", "regate_segments"):
         setattr(arguments, name, [int(x) for x in getattr(arguments, name).split(",") if x])
     arguments.configs = [name for name in arguments.configs.split(",") if name]
     arguments.seq_len = 64 if arguments.quick else 256

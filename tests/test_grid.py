@@ -109,3 +109,24 @@ def test_a_worker_runs_the_other_units_when_one_fails_and_takes_over_a_dead_work
         grid.run(arguments, tmp_path)
     assert ran == [("m", 2, 0, "clp"), ("m", 2, 0, "tail")]  # each once; the failed one is not retried here
     assert grid.cell_path(tmp_path, "m", 2, 0, "tail", "none").is_file()
+
+
+def test_a_cell_shares_the_measures_of_a_cell_with_the_same_model(tmp_path):
+    (tmp_path / "cells").mkdir()
+    measured = {field: 1.0 for field in grid.MEASURED}
+
+    def write(seed, name, heal_name, chosen, **extra):
+        cell = {"model": "m", "remove": 2, "seed": seed, "selection": name, "heal": heal_name, "chosen": chosen,
+                **measured, **extra}
+        (tmp_path / "cells" / f"m-n2-seed{seed}-{name}-{heal_name}.json").write_text(json.dumps(cell))
+
+    write(0, "angular", "none", [[2, 4]])
+    write(0, "angular", "endpoints", [[2, 4]])
+    write(0, "clp", "replaceme", [[2, 4]], refused="cannot fold")
+    # no heal: any seed; a heal that reads calibration data: the same seed only; other layers: never
+    assert grid.twin(tmp_path, "m", 2, 1, "none", [[2, 4]])[0] == "m-n2-seed0-angular-none.json"
+    assert grid.twin(tmp_path, "m", 2, 0, "endpoints", [[2, 4]])[0] == "m-n2-seed0-angular-endpoints.json"
+    assert grid.twin(tmp_path, "m", 2, 1, "endpoints", [[2, 4]]) is None
+    assert grid.twin(tmp_path, "m", 2, 0, "none", [[3, 5]]) is None
+    assert grid.twin(tmp_path, "m", 3, 0, "none", [[2, 4]]) is None
+    assert grid.twin(tmp_path, "m", 2, 0, "replaceme", [[2, 4]]) is None  # a refusal is not a measure

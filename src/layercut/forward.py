@@ -151,8 +151,11 @@ def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Logits ``[b, t, V]`` of final hidden states ``[b, t, H]``: the output head, then the config's final logit
-    soft-capping when it has one."""
-    logits = model.get_output_embeddings()(hidden)
+    soft-capping when it has one. The head reads the states as one ``[b·t, H]`` matrix: a chunk of positions is a
+    strided view, and a 3-D input that needs gradients goes through a batched product with the head's weight
+    repeated per row, about three times slower on the CPU."""
+    flat = model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]))
+    logits = flat.view(*hidden.shape[:-1], flat.shape[-1])
     cap = getattr(text_config(model), "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
