@@ -268,6 +268,11 @@ def gate_runs(row: dict) -> dict:
     return {row.get("gate_setting", "s30c128"): own, **row.get("regate", {})}
 
 
+def not_run(found: dict | None) -> dict:
+    """A gate run for the tables: ``found``, or dashes where that run was not made."""
+    return found or {"segments": "—", "kl": float("nan"), "seconds": float("nan")}
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Segment search on {result['model']} ({result['device']})", "", f"Command: `{result['command']}`", "",
              (f"Calibration: {result['settings']['calib_windows']} windows x {result['settings']['seq_len']} tokens of "
@@ -308,7 +313,7 @@ def markdown(result: dict) -> str:
         lead = result["settings"].get("gate_label") or "default"
         rows = [r for r in result["multi"] if lead in gate_runs(r)]
         for r in rows:
-            two, three = gate_runs(r)[lead]["gate2"], gate_runs(r)[lead]["gate3"]
+            two, three = gate_runs(r)[lead]["gate2"], not_run(gate_runs(r)[lead].get("gate3"))
             lines.append(
                 f"| {r['remove']} | {r['seed']} | {r['cuts']} | {r['exact_segments']} | {r['exact_kl']:.4f} | "
                 f"{r['exact_seconds']:.1f} | [{r['single_best']}] | {r['single_best_kl']:.4f} | "
@@ -325,7 +330,7 @@ def markdown(result: dict) -> str:
                       "| setting | n | seed | exact K<=2 | KL | gate K<=2 | KL | s | gate K<=3 | KL | s |",
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
             for name, r, found in others:
-                two, three = found["gate2"], found["gate3"]
+                two, three = found["gate2"], not_run(found.get("gate3"))
                 lines.append(f"| {name} | {r['remove']} | {r['seed']} | {r['exact_segments']} | {r['exact_kl']:.4f} | "
                              f"{two['segments']}{'' if two['match_exact_k2'] else ' (NOT exact)'} | {two['kl']:.4f} | "
                              f"{two['seconds']:.1f} | {three['segments']} | {three['kl']:.4f} | {three['seconds']:.1f} |")
