@@ -120,6 +120,26 @@ def twin(out: Path, model: str, remove: int, seed: int, heal_name: str, chosen: 
     return None
 
 
+PROTOCOL = ("tasks", "limit", "dtype", "seq_len", "calib_windows", "ppl_windows", "heal_steps", "heal_batch",
+            "heal_windows")
+
+
+def check_protocol(arguments, out: Path) -> None:
+    """Keep one protocol per ``--out``: the first run writes the options its measures depend on to
+    ``protocol.json``; a later run whose options differ is refused, so no cell is measured another way."""
+    wanted = {name: getattr(arguments, name) for name in PROTOCOL}
+    path = out / "protocol.json"
+    if not path.is_file():
+        write_atomically(path, json.dumps(wanted, indent=1) + "\n")
+        return
+    kept = json.loads(path.read_text())
+    changed = [f"--{name.replace('_', '-')} {kept.get(name)!r} there, {wanted[name]!r} here" for name in PROTOCOL
+               if kept.get(name) != wanted[name]]
+    if changed:
+        raise SystemExit(f"{out} holds cells measured under another protocol ({'; '.join(changed)}): pass the same "
+                         "options, or choose a new --out")
+
+
 def heal_options(name: str, arguments) -> HealOptions:
     extra = ON_CLP_AND_TAIL.get(name, {"heal": name})
     return HealOptions(heal_steps=arguments.heal_steps, heal_batch=arguments.heal_batch,
@@ -515,6 +535,7 @@ def main() -> None:
             RATES[model] = RATES["tiny"]
     if not arguments.report:
         (out / "claims").mkdir(exist_ok=True)
+        check_protocol(arguments, out)
         if arguments.as_worker:
             return run(arguments, out)
         meta = {"command": "python " + " ".join(sys.argv), "versions": library_versions(),

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -130,3 +131,13 @@ def test_a_cell_shares_the_measures_of_a_cell_with_the_same_model(tmp_path):
     assert grid.twin(tmp_path, "m", 2, 0, "none", [[3, 5]]) is None
     assert grid.twin(tmp_path, "m", 3, 0, "none", [[2, 4]]) is None
     assert grid.twin(tmp_path, "m", 2, 0, "replaceme", [[2, 4]]) is None  # a refusal is not a measure
+
+
+def test_a_run_under_another_protocol_is_refused(tmp_path):
+    arguments = SimpleNamespace(**{name: None for name in grid.PROTOCOL})
+    arguments.limit, arguments.tasks = 500, "piqa"
+    grid.check_protocol(arguments, tmp_path)  # the first run sets it
+    grid.check_protocol(arguments, tmp_path)  # the same options run on
+    arguments.limit = None
+    with pytest.raises(SystemExit, match="--limit 500 there, None here"):
+        grid.check_protocol(arguments, tmp_path)

@@ -6,7 +6,8 @@
 set -uo pipefail
 export PYTHONPATH=$HOME/site:$HOME/code/src LAYERCUT_CACHE=$HOME/lc/cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-grid="python3 bench/grid.py --out $HOME/res/grid --dtype float32 --eval-batch-size 16 ${GRID_ARGS:-}"
+# the committed grid's protocol (bench/results/grid-h200/protocol.json; grid.py refuses another one)
+grid="python3 bench/grid.py --out $HOME/res/grid --dtype float32 --eval-batch-size 16 --limit 500 ${GRID_ARGS:-}"
 # gate settings timed on the search benchmarks (4 profiles: spaced by the removed width on both big shapes)
 big_configs='{"default": {}, "s12": {"gate_steps": 12, "gate_patience": 3}, "s12-wide": {"gate_steps": 12,
   "gate_patience": 3, "gate_profiles": 4}, "s16-wide": {"gate_steps": 16, "gate_patience": 4, "gate_profiles": 4}}'
@@ -22,7 +23,7 @@ setup)
   gunzip -f ~/lc/cache/tokenizers/gemma3-270m/tokenizer.json.gz
   cp .carry/c1/gg.part0 ~/gg/
   cp -r src bench ~/code/
-  cp -r bench/results/grid-h200/cells ~/res/grid/  # resume: cells already committed are skipped
+  cp -r bench/results/grid-h200/cells bench/results/grid-h200/protocol.json ~/res/grid/  # resume: committed cells are skipped
   python3 -c "import datasets, lm_eval, pyarrow; print('lm-eval', lm_eval.__version__, 'pyarrow', pyarrow.__version__)"
   nproc; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv ;;
 smol1)
