@@ -14,6 +14,7 @@ from layercut.config import SearchOptions
 from layercut.errors import LayercutError
 from layercut.forward import ExactKL, gated, hard_kl, kl_rows, outputs_of
 from layercut.gate import (
+    cost_model,
     count_cuts,
     cuts,
     distinct_profiles,
@@ -64,6 +65,12 @@ def test_exhaustive_with_two_segments_equals_brute_force_on_a_tiny_model():
     assert found.evaluations == len(brute)
     assert tuple(found.segments) == best
     assert found.kl == pytest.approx(brute[best], rel=1e-4, abs=1e-7)
+
+
+def test_the_cost_model_splits_a_fixed_cost_per_cut_from_a_cost_per_layer():
+    assert cost_model([10, 0], [12.0, 2.0]) == pytest.approx((2.0, 1.0))  # the head: 2 s a cut, 1 s a layer
+    assert cost_model([10, 0], [1.0, 3.0]) == pytest.approx((1.0, 0.0))  # timing noise: never a negative cost
+    assert cost_model([4], [2.0]) == pytest.approx((0.0, 0.5))  # one probe: all on the layers
 
 
 def test_exhaustive_refuses_a_search_over_its_budget_with_both_figures():

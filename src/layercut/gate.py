@@ -338,6 +338,16 @@ def exhaustive(exact: Callable[[list[Candidate]], list[float]], num_layers: int,
                         len(candidates), [], {candidate_key(c): v for c, v in zip(candidates, losses)})
 
 
+def cost_model(layers: Sequence[int], seconds: Sequence[float]) -> tuple[float, float]:
+    """``(per_cut, per_layer)`` seconds fitted to probes that ran ``layers`` decoder layers in ``seconds``: a cut
+    costs a fixed part (the output head and the KL, which dominate with a large vocabulary) plus a part per layer
+    it runs. With one probe, or probes of equal depth, the whole cost is put on the layers."""
+    if len(layers) < 2 or layers[0] == layers[-1]:
+        return 0.0, seconds[0] / max(layers[0], 1)
+    per_layer = max(0.0, (seconds[0] - seconds[-1]) / (layers[0] - layers[-1]))
+    return max(0.0, seconds[0] - per_layer * layers[0]), per_layer
+
+
 def candidate_key(candidate: Candidate) -> str:
     """``((2, 4), (7, 9)) -> "2:4 7:9"``: the key of a cut in a search landscape."""
     return " ".join(f"{s}:{e}" for s, e in candidate)
@@ -373,23 +383,29 @@ def search_exhaustive(handle: Handle, windows: torch.Tensor, remove: int, option
                       batch_size: int = 4, seed: int = 0, progress=None, scorer: ExactKL | None = None
                       ) -> SearchResult:
     """The exact oracle: the hard-cut KL of every cut of ``remove`` layers in at most ``options.segments``
-    segments on ``windows``. The cost is estimated from the first cut scored; past ``options.exhaustive_budget``
-    seconds the search is refused before it runs."""
+    segments on ``windows``. The cost is estimated from two probe cuts, the one that runs the most layers and the one
+    that runs the fewest (:func:`cost_model`); past ``options.exhaustive_budget`` seconds the search is refused
+    before the rest runs."""
     started = time.perf_counter()
     scorer = scorer or exact_scorer(handle, windows, options, batch_size)
     exact = checked(scorer)
     candidates = cuts(handle.num_layers, remove, options.segments)
-    probe = time.perf_counter()
-    first = exact(candidates[:1])
-    unit = (time.perf_counter() - probe) / (scorer.layers_run(candidates[0]) + 1)
-    estimate = unit * sum(scorer.layers_run(c) + 1 for c in candidates[1:])
+    probes = [candidates[0], candidates[-1]] if len(candidates) > 1 else candidates[:1]
+    seconds, probed = [], {}
+    for probe in probes:  # the cut that runs the most layers, and the one that runs the fewest
+        started_probe = time.perf_counter()
+        probed[probe] = exact([probe])[0]
+        seconds.append(time.perf_counter() - started_probe)
+    per_cut, per_layer = cost_model([scorer.layers_run(c) for c in probes], seconds)
+    estimate = sum(per_cut + per_layer * scorer.layers_run(c) for c in candidates[1:-1])
     if estimate > options.exhaustive_budget:
         raise LayercutError(
             f"--method exhaustive would score {len(candidates):,} cuts of {remove} layers in at most "
             f"{options.segments} segment(s), an estimated {estimate:,.0f} s here, over --exhaustive-budget "
             f"{options.exhaustive_budget:,.0f} s; raise the budget, lower --segments, or use --method clp")
     logger.info("exhaustive: %d cuts, estimated %.0f s", len(candidates), estimate)
-    losses = first + exact(candidates[1:])
+    rest = exact(candidates[1:-1])
+    losses = [probed[candidates[0]], *rest, *([probed[candidates[-1]]] if len(candidates) > 1 else [])]
     best = min(range(len(candidates)), key=losses.__getitem__)
     return SearchResult("exhaustive", list(candidates[best]), losses[best], time.perf_counter() - started,
                         len(candidates), [], {candidate_key(c): v for c, v in zip(candidates, losses)})
