@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
+from search import timed  # bench/search.py: the GPU's queue drained before and after
 
 from layercut.config import DataOptions, ModelOptions, SearchOptions
 from layercut.data import calibrate
@@ -21,16 +21,6 @@ from layercut.forward import gated
 from layercut.gate import exact_scorer, gated_kl, initial_starts, notch_mask
 from layercut.load import load_model
 from layercut.record import library_versions
-
-
-def timed(function, *args):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    value = function(*args)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return value, time.perf_counter() - started
 
 
 def main() -> None:

@@ -404,8 +404,8 @@ def search_exhaustive(handle: Handle, windows: torch.Tensor, remove: int, option
             f"{options.segments} segment(s), an estimated {estimate:,.0f} s here, over --exhaustive-budget "
             f"{options.exhaustive_budget:,.0f} s; raise the budget, lower --segments, or use --method clp")
     logger.info("exhaustive: %d cuts, estimated %.0f s", len(candidates), estimate)
-    rest = exact(candidates[1:-1])
-    losses = [probed[candidates[0]], *rest, *([probed[candidates[-1]]] if len(candidates) > 1 else [])]
+    scored = dict(zip(candidates[1:-1], exact(candidates[1:-1]))) | probed
+    losses = [scored[c] for c in candidates]
     best = min(range(len(candidates)), key=losses.__getitem__)
     return SearchResult("exhaustive", list(candidates[best]), losses[best], time.perf_counter() - started,
                         len(candidates), [], {candidate_key(c): v for c, v in zip(candidates, losses)})
