@@ -231,6 +231,17 @@ class Worker:
             write_atomically(cell_path(self.out, *key), json.dumps(cell, indent=1) + "\n")
             logger.info("%s: %s", key, {k: cell[k] for k in ("cut", "perplexity_wiki")})
             del pruned
+            release_cached_memory()
+
+
+def release_cached_memory() -> None:
+    """Hand the GPU memory this process no longer uses back to the device: workers share one GPU, and the memory a
+    worker's caching allocator kept from its last heal or evaluation (up to about 20 GB on Gemma-3) would
+    otherwise stay out of the others' reach until it exits."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run(arguments, out: Path) -> None:
@@ -340,6 +351,48 @@ def verdict(value: dict, reference: dict) -> str:
     return "better" if difference > 0 else "worse"
 
 
+def best_heals(table: dict[tuple, dict], model: str, remove: int) -> dict[str, tuple[str, dict]]:
+    """Per selection method at one model and rate, its heal with the highest retention and that heal's summary."""
+    found = {}
+    for name in SELECTIONS:
+        scored = [(key[3], value) for key, value in table.items() if key[:3] == (model, remove, name)
+                  and "retention" in value]
+        if scored:
+            found[name] = max(scored, key=lambda heal_value: heal_value[1]["retention"])
+    return found
+
+
+def headline(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
+    """The headline tables: one per removal rate (about 20 % and about 33 %), a row per selection method, a column
+    per model, each entry the method's best heal (retention ± two standard errors, against CLP's best)."""
+    shape = {c["model"]: c["layers"] for c in cells}
+    models = sorted(shape)
+    lines = []
+    for index, label in enumerate(("about 20 %", "about 33 %")):
+        rates = {model: RATES.get(model, RATES["tiny"])[index] for model in models}
+        best = {model: best_heals(table, model, rates[model]) for model in models}
+        if not any(best.values()):
+            continue
+        lines += [f"## Headline, {label} of the layers removed: each method with its best heal", "",
+                  "| selection | " + " | ".join(f"{m} (n = {rates[m]} of {shape[m]})" for m in models) + " |",
+                  "|---|" + "---|" * len(models)]
+        for name in SELECTIONS:
+            entries = []
+            for model in models:
+                if name not in best[model]:
+                    entries.append("—")
+                    continue
+                heal_name, value = best[model][name]
+                clp = best[model].get("clp")
+                against = "" if name == "clp" or clp is None else ", " + verdict(clp[1], value).replace(
+                    "better", "clp wins").replace("worse", "clp loses")
+                entries.append(f"{value['retention']:.3f} ± {2 * value['stderr']:.3f} ({heal_name}{against}; "
+                               f"{value['seeds']} seed{'s' * (value['seeds'] != 1)})")
+            lines.append(f"| {name} | " + " | ".join(entries) + " |")
+        lines.append("")
+    return lines
+
+
 def report(out: Path) -> str:
     """The tables of the grid from its cells: per model and rate, retention per selection with no heal, with
     endpoints and with its best heal, against CLP's (ties within two standard errors); the heals on the clp and
@@ -360,22 +413,20 @@ def report(out: Path) -> str:
             tasks = ", ".join(f"{task} {value['acc']:.3f}" for task, value in scores["tasks"].items())
             lines.append(f"Dense {model}: average acc {scores['average']['acc']:.4f} ({tasks}); perplexity wiki "
                          f"{dense[model]['perplexity_wiki']:.2f}, lee {dense[model]['perplexity_lee']:.2f}.")
-    lines.append("")
+    lines += ["", *headline(table, cells)]
     for model, remove in sorted({(c["model"], c["remove"]) for c in cells}):
         rows = {name: {key[3]: value for key, value in table.items() if key[:3] == (model, remove, name)}
                 for name in SELECTIONS}
         rows = {name: heals for name, heals in rows.items() if heals}
-        scored = {name: heals for name, heals in rows.items() if any("retention" in v for v in heals.values())}
         layers = next(c["layers"] for c in cells if c["model"] == model)
         lines += [f"## {model}, {remove} of {layers} layers removed", ""]
-        if scored:
-            best = {name: max(((h, v) for h, v in heals.items() if "retention" in v), key=lambda hv: hv[1]["retention"])
-                    for name, heals in scored.items()}
+        best = best_heals(table, model, remove)
+        if best:
             clp = best.get("clp")
             lines += [("| selection | cut(s) | no heal | endpoints | best heal | retention ± 2 se | above chance | "
                       "vs clp | wiki ppl | lee ppl | seeds |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
             for name, (heal_name, value) in sorted(best.items(), key=lambda item: -item[1][1]["retention"]):
-                none, endpoints = (scored[name].get(h, {}).get("retention") for h in ("none", "endpoints"))
+                none, endpoints = (rows[name].get(h, {}).get("retention") for h in ("none", "endpoints"))
                 against = "—" if name == "clp" or clp is None else verdict(clp[1], value).replace(
                     "better", "clp wins").replace("worse", "clp loses")
                 lines.append(f"| {name} | {'; '.join(value['cuts'])} | {fmt(none)} | {fmt(endpoints)} | {heal_name} | "

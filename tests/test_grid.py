@@ -74,6 +74,10 @@ def test_report_computes_retention_against_the_dense_model_and_lists_refusals(tm
     assert "0.875 ± 0.025" in clp_row  # 0.7 / 0.8, two standard errors 2 * 0.01 / 0.8
     assert "0.750" in tail_row and "clp wins" in tail_row  # 0.125 apart, more than two standard errors
     assert "replaceme on m: cannot fold" in text
+    headline = text.split("## Headline, about 20 % of the layers removed")[1].split("\n## ")[0]
+    assert "| selection | m (n = 2 of 6) |" in headline  # no model at the second rate: no second table
+    assert "| clp | 0.875 ± 0.025 (endpoints; 1 seed) |" in headline and "(endpoints, clp wins; 1 seed)" in headline
+    assert "about 33 %" not in text
     assert (tmp_path / "cells.md").read_text().count("| m | 2 | 0 |") == 2
 
 
