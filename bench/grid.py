@@ -351,6 +351,11 @@ def verdict(value: dict, reference: dict) -> str:
     return "better" if difference > 0 else "worse"
 
 
+def clp_verdict(clp: dict, value: dict) -> str:
+    """CLP's summary against another method's: "clp wins", "clp loses" or "tie" (see :func:`verdict`)."""
+    return verdict(clp, value).replace("better", "clp wins").replace("worse", "clp loses")
+
+
 def best_heals(table: dict[tuple, dict], model: str, remove: int) -> dict[str, tuple[str, dict]]:
     """Per selection method at one model and rate, its heal with the highest retention and that heal's summary."""
     found = {}
@@ -384,8 +389,7 @@ def headline(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
                     continue
                 heal_name, value = best[model][name]
                 clp = best[model].get("clp")
-                against = "" if name == "clp" or clp is None else ", " + verdict(clp[1], value).replace(
-                    "better", "clp wins").replace("worse", "clp loses")
+                against = "" if name == "clp" or clp is None else ", " + clp_verdict(clp[1], value)
                 entries.append(f"{value['retention']:.3f} ± {2 * value['stderr']:.3f} ({heal_name}{against}; "
                                f"{value['seeds']} seed{'s' * (value['seeds'] != 1)})")
             lines.append(f"| {name} | " + " | ".join(entries) + " |")
@@ -427,8 +431,7 @@ def report(out: Path) -> str:
                       "vs clp | wiki ppl | lee ppl | seeds |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
             for name, (heal_name, value) in sorted(best.items(), key=lambda item: -item[1][1]["retention"]):
                 none, endpoints = (rows[name].get(h, {}).get("retention") for h in ("none", "endpoints"))
-                against = "—" if name == "clp" or clp is None else verdict(clp[1], value).replace(
-                    "better", "clp wins").replace("worse", "clp loses")
+                against = "—" if name == "clp" or clp is None else clp_verdict(clp[1], value)
                 lines.append(f"| {name} | {'; '.join(value['cuts'])} | {fmt(none)} | {fmt(endpoints)} | {heal_name} | "
                              f"{value['retention']:.3f} ± {2 * value['stderr']:.3f} | {fmt(value['above_chance'])} | "
                              f"{against} | {value['wiki']:.2f} | {value['lee']:.2f} | {value['seeds']} |")

@@ -69,8 +69,9 @@ def test_report_computes_retention_against_the_dense_model_and_lists_refusals(tm
     (cells / "m-n2-seed0-clp-replaceme.json").write_text(json.dumps({"model": "m", "heal": "replaceme",
                                                                      "refused": "cannot fold"}))
     text = grid.report(tmp_path)
-    clp_row = next(line for line in text.splitlines() if line.startswith("| clp |"))
-    tail_row = next(line for line in text.splitlines() if line.startswith("| tail |"))
+    detail = text.split("## m, 2 of 6 layers removed")[1].splitlines()
+    clp_row = next(line for line in detail if line.startswith("| clp |"))
+    tail_row = next(line for line in detail if line.startswith("| tail |"))
     assert "0.875 ± 0.025" in clp_row  # 0.7 / 0.8, two standard errors 2 * 0.01 / 0.8
     assert "0.750" in tail_row and "clp wins" in tail_row  # 0.125 apart, more than two standard errors
     assert "replaceme on m: cannot fold" in text
