@@ -35,7 +35,16 @@ from layercut.config import DataOptions, HealOptions, ModelOptions, SearchOption
 from layercut.data import calibrate
 from layercut.evaluate import perplexity
 from layercut.forward import hard_kl
-from layercut.gate import count_cuts, cuts, exact_scorer, exhaustive, search_exhaustive, search_gate
+from layercut.gate import (
+    count_cuts,
+    cuts,
+    exact_scorer,
+    exhaustive,
+    gate_settings,
+    parse_key,
+    search_exhaustive,
+    search_gate,
+)
 from layercut.layers import cut, merge_adjacent
 from layercut.load import load_model
 from layercut.record import library_versions
@@ -46,6 +55,7 @@ logger = logging.getLogger("bench.search")
 # windows, every position, every read-out cut scored on all windows).
 CONFIGS = {
     "default": {},
+    "full": {"gate_patience": 0},  # the default without its early stop: every step recorded (bench/gate_replay.py)
     "old": {"gate_steps": 60, "gate_windows": 4, "gate_context": 0, "gate_positions": 0, "gate_patience": 0,
             "gate_screen": 0},
     "s30c128": {"gate_steps": 30, "gate_windows": 2, "gate_context": 128, "gate_positions": 64, "gate_patience": 6,
@@ -87,6 +97,18 @@ def timed(function, *args, **kwargs):
     value = function(*args, **kwargs)
     synchronize()
     return value, time.perf_counter() - started
+
+
+def step_clock():
+    """``(ends, progress)``: a gate ``progress`` callback that appends to ``ends`` the seconds since it was made at
+    the end of each gate step (the first includes the search's setup)."""
+    ends, started = [], time.perf_counter()
+
+    def progress(_) -> None:
+        synchronize()
+        ends.append(time.perf_counter() - started)
+
+    return ends, progress
 
 
 def plain_exhaustive(handle, windows, remove: int, batch_size: int):
@@ -140,16 +162,35 @@ def single_rows(handle, arguments, result, out) -> None:
                 plain, plain_s = timed(plain_exhaustive, handle, windows, remove, arguments.batch_size)
                 row.update(oracle_plain_seconds=plain_s,
                            oracle_same=plain.segments == shared.segments and same(plain.kl, shared.kl))
+            if arguments.record:
+                row.update(recorded(handle, windows, shared, arguments.batch_size))
             for name in arguments.configs:
                 gate_options = config_options(name, handle.num_layers, remove)
-                found, seconds = timed(search_gate, handle, windows, remove, gate_options, arguments.batch_size, seed)
+                stamps, clock = step_clock()
+                found, seconds = timed(search_gate, handle, windows, remove, gate_options, arguments.batch_size, seed,
+                                       clock)
                 row["gates"][name] = {"segments": found.segments, "kl": found.kl, "seconds": seconds,
                                       "steps": len(found.trajectory), "cuts_scored": found.evaluations,
                                       "profiles_per_step": [len(t["active"]) for t in found.trajectory],
                                       "match": same(found.kl, shared.kl)}
+                if arguments.record:  # what bench/gate_replay.py needs to replay other stopping rules offline
+                    row["gates"][name].update(trajectory=found.trajectory, landscape=found.landscape,
+                                              step_ends=stamps, options=gate_options.model_dump())
             result["single"].append(row)
             logger.info("single n=%d seed=%d: %s", remove, seed, json.dumps(row)[:400])
             write(result, out)
+
+
+def recorded(handle, windows, oracle, batch_size: int) -> dict:
+    """The oracle's landscape (every cut's exact KL) and the screening landscape (every cut's KL on the first
+    windows the gate screens its read-out on), recorded with ``--record`` for bench/gate_replay.py."""
+    screen = gate_settings(SearchOptions()).gate_screen
+    scorer = exact_scorer(handle, windows, SearchOptions(), batch_size)
+    keys = list(oracle.landscape)
+    started = time.perf_counter()
+    values = scorer([parse_key(key) for key in keys], screen)
+    return {"oracle_landscape": oracle.landscape, "screen_windows": screen,
+            "screen_landscape": dict(zip(keys, values)), "screen_seconds": time.perf_counter() - started}
 
 
 def choose(result: dict) -> str:
@@ -372,6 +413,8 @@ def main() -> None:
                         "gate's runs (default: the --gate setting's name, or 'default'); the tables lead with it")
     parser.add_argument("--regate-segments", default="2,3", help="regate part: the gate's numbers of segments")
     parser.add_argument("--skip-plain", action="store_true", help="do not time the plain gated oracle path")
+    parser.add_argument("--record", action="store_true", help="single part: also keep each gate run's trajectory "
+                        "and step times, the oracle's landscape and the screening landscape (bench/gate_replay.py)")
     parser.add_argument("--plain-sample", type=int, default=100, help="cuts the plain path scores to estimate its time")
     parser.add_argument("--heal-steps", type=int, default=200)
     parser.add_argument("--heal-windows", type=int, default=1024)
