@@ -1,0 +1,50 @@
+"""bench/gate_replay.py: replaying a recorded gate run under a stopping rule gives what a run with that rule gives."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from conftest import build_tiny, random_ids
+from layercut.config import SearchOptions
+from layercut.gate import search_exhaustive, search_gate
+from layercut.layers import Handle
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+search, replay = load("search"), load("gate_replay")
+
+
+def test_a_replayed_stopping_rule_stops_and_reads_out_like_a_run_with_that_rule():
+    handle = Handle.of(build_tiny("llama", layers=10))
+    windows = random_ids(batch=12, length=16, seed=2)
+    oracle = search_exhaustive(handle, windows, 3, SearchOptions(method="exhaustive"))
+    row = {"remove": 3, "seed": 0, "oracle_segments": [list(s) for s in oracle.segments],
+           "oracle_shared_seconds": 1.0, **search.recorded(handle, windows, oracle, 4)}
+    ends, clock = search.step_clock()
+    full = search_gate(handle, windows, 3, SearchOptions(remove=3, gate_steps=20, gate_patience=0), seed=0,
+                       progress=clock)
+    gate = {"trajectory": full.trajectory, "step_ends": ends, "seconds": ends[-1]}
+    assert len(full.trajectory) == len(ends) == 20
+
+    as_run = replay.replay_case(row, gate, 10, {})
+    assert as_run["segments"] == [list(s) for s in full.segments] and as_run["stop"] == 20
+
+    stops = []
+    for patience in (2, 3):
+        stopped = search_gate(handle, windows, 3, SearchOptions(remove=3, gate_steps=20, gate_patience=patience),
+                              seed=0)
+        replayed = replay.replay_case(row, gate, 10, {"patience": patience})
+        assert replayed["stop"] == len(stopped.trajectory)
+        assert replayed["segments"] == [list(s) for s in stopped.segments]
+        assert replayed["scored"] == stopped.evaluations
+        stops.append(replayed["stop"])
+    assert min(stops) < 20  # the rules did stop early
