@@ -53,13 +53,14 @@ def after_collapse(step: dict, active: list[int], remove: int, num_layers: int) 
 
 
 def run_rule(trajectory: list[dict], remove: int, num_layers: int, patience: int = 0, near: bool = False,
-             last: int | None = None, prune: float = 0.0, prune_steps: int = 3) -> tuple[int, list[list[int]]]:
+             last: int | None = None, prune: float = 0.0, prune_steps: int = 3, earliest: int = 0
+             ) -> tuple[int, list[list[int]]]:
     """``(stop, trained)``: the step after which the rule stops, and the profiles trained at each step up to it.
 
     ``patience``: stop once the read-out has stayed put that many steps (``near``: each profile's rounding stays
     within one layer of where it was when the count began, since the read-out scores neighbours anyway; else the
     distinct roundings must stay exactly the same, as the gate does today). ``last``: stop after that step at the
-    latest. ``prune``: drop a profile whose loss has been above ``prune`` times the step's lowest loss for
+    latest; ``earliest``: not before that step. ``prune``: drop a profile whose loss has been above ``prune`` times the step's lowest loss for
     ``prune_steps`` steps in a row (the profiles see the same windows in a step, so their losses compare)."""
     active = list(trajectory[0]["active"])
     trained, stable, anchor, previous, worse = [], 0, None, None, {}
@@ -90,7 +91,7 @@ def run_rule(trajectory: list[dict], remove: int, num_layers: int, patience: int
             cuts = [c for c in (rounded(step, p, remove, num_layers) for p in active) if c is not None]
             stable = stable + 1 if cuts == previous else 0
             previous = cuts
-        if (patience and stable >= patience) or index == final:
+        if (patience and stable >= patience and index >= earliest) or index == final:
             return index, trained
     return len(trajectory) - 1, trained
 
@@ -118,6 +119,10 @@ RULES = {
     "near-stable-3": {"patience": 3, "near": True},
     "near-stable-4": {"patience": 4, "near": True},
     "near-stable-6": {"patience": 6, "near": True},
+    "near-stable-4, not before step 10": {"patience": 4, "near": True, "earliest": 9},
+    "exact-stable-3, not before step 10": {"patience": 3, "earliest": 9},
+    "stop-after-8": {"last": 7},
+    "stop-after-10": {"last": 9},
     "stop-after-12": {"last": 11},
     "stop-after-15": {"last": 14},
     "stop-after-20": {"last": 19},

@@ -56,6 +56,11 @@ logger = logging.getLogger("bench.search")
 CONFIGS = {
     "default": {},
     "full": {"gate_patience": 0},  # the default without its early stop: every step recorded (bench/gate_replay.py)
+    # the first 10, 12 or 15 steps of the default's 30-step schedule (its temperature at that step as the last one):
+    # what bench/gate_replay.py's stop-after-N rules replay
+    "first10": {"gate_steps": 10, "tau_end": 0.05 ** (9 / 29), "gate_patience": 0},
+    "first12": {"gate_steps": 12, "tau_end": 0.05 ** (11 / 29), "gate_patience": 0},
+    "first15": {"gate_steps": 15, "tau_end": 0.05 ** (14 / 29), "gate_patience": 0},
     "old": {"gate_steps": 60, "gate_windows": 4, "gate_context": 0, "gate_positions": 0, "gate_patience": 0,
             "gate_screen": 0},
     "s30c128": {"gate_steps": 30, "gate_windows": 2, "gate_context": 128, "gate_positions": 64, "gate_patience": 6,
