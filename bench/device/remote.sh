@@ -55,6 +55,10 @@ smolsearch)  # in the background, once the 70B shape is done: SmolLM2's search b
     python3 bench/search.py --out ~/res/search-regate --parts regate --gate-label shipped --seeds 0,1 \
       --regate-segments 2 --resume bench/results/search-h200-v2/multi.json > ~/res/search-regate.log 2>&1;
     bash bench/device/remote.sh workers 1" > /dev/null 2>&1 < /dev/null & ;;
+record)  # in the background on GPU $2: SmolLM2's 12 single-segment cases recorded for bench/gate_replay.py, and the
+  # default schedule's first 10 and 12 steps run for real (the replay's stop-after-10 and -12 rules)
+  cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup python3 bench/search.py --out ~/res/search-record --parts single \
+    --skip-plain --record --configs full,first10,first12 > ~/res/search-record.log 2>&1 < /dev/null & ;;
 status)
   sleep "${2:-0}"
   ls ~/res/grid/cells | wc -l; ls ~/res/grid/cells | sed 's/-seed.*//' | sort | uniq -c
@@ -66,6 +70,6 @@ collect)
   cd ~/res && tar czf "$OUT/grid.tgz" --warning=no-file-changed grid grid-*.log search-* 2>&1 | tail -3
   ls -la "$OUT" ;;
 *)
-  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|big|smolsearch|status [SLEEP]|collect [SLEEP]"
+  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|big|smolsearch|record GPU|status [SLEEP]|collect [SLEEP]"
   exit 2 ;;
 esac
