@@ -54,8 +54,9 @@ def after_collapse(step: dict, active: list[int], remove: int, num_layers: int) 
 
 def run_rule(trajectory: list[dict], remove: int, num_layers: int, patience: int = 0, near: bool = False,
              last: int | None = None, prune: float = 0.0, prune_steps: int = 3, earliest: int = 0
-             ) -> tuple[int, list[list[int]]]:
-    """``(stop, trained)``: the step after which the rule stops, and the profiles trained at each step up to it.
+             ) -> tuple[int, list[list[int]], list[int]]:
+    """``(stop, trained, active)``: the step after which the rule stops, the profiles trained at each step up to it
+    and those the read-out rounds.
 
     ``patience``: stop once the read-out has stayed put that many steps (``near``: each profile's rounding stays
     within one layer of where it was when the count began, since the read-out scores neighbours anyway; else the
@@ -92,8 +93,8 @@ def run_rule(trajectory: list[dict], remove: int, num_layers: int, patience: int
             stable = stable + 1 if cuts == previous else 0
             previous = cuts
         if (patience and stable >= patience and index >= earliest) or index == final:
-            return index, trained
-    return len(trajectory) - 1, trained
+            return index, trained, active
+    return len(trajectory) - 1, trained, active
 
 
 def read_out(step: dict, active: list[int], remove: int, num_layers: int, oracle: dict, screen: dict):
@@ -136,11 +137,10 @@ def replay_case(row: dict, gate: dict, num_layers: int, rule: dict) -> dict:
     remove, trajectory = row["remove"], gate["trajectory"]
     oracle, screen = row["oracle_landscape"], row["screen_landscape"]
     if rule:
-        stop, trained = run_rule(trajectory, remove, num_layers, **rule)
+        stop, trained, active = run_rule(trajectory, remove, num_layers, **rule)
     else:  # the run as it went: every recorded step
         stop, trained = len(trajectory) - 1, [step["active"] for step in trajectory]
-    active = after_collapse(trajectory[stop], trained[stop], remove, num_layers) if rule else \
-        after_collapse(trajectory[-1], trajectory[-1]["active"], remove, num_layers)
+        active = after_collapse(trajectory[-1], trajectory[-1]["active"], remove, num_layers)
     best, kl, screened, scored = read_out(trajectory[stop], active, remove, num_layers, oracle, screen)
     ends = gate["step_ends"]
     steps = [b - a for a, b in itertools.pairwise(ends)]
