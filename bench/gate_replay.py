@@ -172,16 +172,16 @@ def markdown(result: dict, found: dict, config: str, source: str) -> str:
              f"`{config}`."), "",
              ("Times are estimates from the recorded step, screening and exact-cut costs (see bench/gate_replay.py); "
              "`recorded` replays the run as it went, so its estimate can be checked against the measured gate time."),
-             "", ("| rule | matches | profile-steps | gate s (est.) | oracle s | gate / oracle | per case: n/seed stop, "
-             "cut |"), "|---|---|---|---|---|---|---|"]
+             "", ("| rule | matches | profile-steps | gate s (est.) | oracle s | gate / oracle | per case: n/seed, steps, "
+             "gate / oracle, the cut where it is not the oracle's |"), "|---|---|---|---|---|---|---|"]
     for name, cases in found.items():
         if not cases:
             continue
         gate_s = sum(c["seconds"] for c in cases)
         oracle_s = sum(c["oracle_seconds"] for c in cases)
         rows = [row for row in result["single"] if "oracle_landscape" in row and config in row["gates"]]
-        detail = "; ".join(f"{r['remove']}/{r['seed']} {c['stop']}{'' if c['match'] else ' NO ' + str(c['segments'])}"
-                           for r, c in zip(rows, cases))
+        detail = "; ".join(f"{r['remove']}/{r['seed']} {c['stop']} {c['seconds'] / c['oracle_seconds']:.2f}x"
+                           f"{'' if c['match'] else ' NO ' + str(c['segments'])}" for r, c in zip(rows, cases))
         lines.append(f"| {name} | {sum(c['match'] for c in cases)} of {len(cases)} | "
                      f"{sum(c['profile_steps'] for c in cases)} | {gate_s:.1f} | {oracle_s:.1f} | "
                      f"{gate_s / oracle_s:.2f} | {detail} |")
