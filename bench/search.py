@@ -44,6 +44,7 @@ from layercut.gate import (
     parse_key,
     search_exhaustive,
     search_gate,
+    temperature,
 )
 from layercut.layers import cut, merge_adjacent
 from layercut.load import load_model
@@ -51,16 +52,20 @@ from layercut.record import library_versions
 
 logger = logging.getLogger("bench.search")
 
+def default_temperature(step: int) -> float:
+    """The one-segment gate's temperature at ``step`` under its default settings."""
+    options = gate_settings(SearchOptions())
+    return temperature(step, options.gate_steps, options.tau_start, options.tau_end)
+
+
 # Gate settings compared on the single-segment cases; "old" is the setting layercut used before (60 steps of 4
 # windows, every position, every read-out cut scored on all windows).
 CONFIGS = {
     "default": {},
     "full": {"gate_patience": 0},  # the default without its early stop: every step recorded (bench/gate_replay.py)
-    # the first 10, 12 or 15 steps of the default's 30-step schedule (its temperature at that step as the last one):
-    # what bench/gate_replay.py's stop-after-N rules replay
-    "first10": {"gate_steps": 10, "tau_end": 0.05 ** (9 / 29), "gate_patience": 0},
-    "first12": {"gate_steps": 12, "tau_end": 0.05 ** (11 / 29), "gate_patience": 0},
-    "first15": {"gate_steps": 15, "tau_end": 0.05 ** (14 / 29), "gate_patience": 0},
+    # the first 10, 12 or 15 steps of the default's schedule: what bench/gate_replay.py's stop-after-N rules replay
+    **{f"first{steps}": {"gate_steps": steps, "tau_end": default_temperature(steps - 1), "gate_patience": 0}
+       for steps in (10, 12, 15)},
     "old": {"gate_steps": 60, "gate_windows": 4, "gate_context": 0, "gate_positions": 0, "gate_patience": 0,
             "gate_screen": 0},
     "s30c128": {"gate_steps": 30, "gate_windows": 2, "gate_context": 128, "gate_positions": 64, "gate_patience": 6,
