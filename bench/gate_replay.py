@@ -29,6 +29,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 from layercut.gate import (
     SCREENED,
     candidate_key,
@@ -99,8 +101,6 @@ def run_rule(trajectory: list[dict], remove: int, num_layers: int, patience: int
 
 def read_out(step: dict, active: list[int], remove: int, num_layers: int, oracle: dict, screen: dict):
     """The gate's read-out at ``step`` on the recorded landscapes: ``(cut, exact KL, cuts screened, cuts scored)``."""
-    import torch
-
     starts = torch.tensor(step["starts"])[active]
     widths = torch.tensor(step["widths"])[active]
     found = readout(starts, widths, num_layers, remove)
@@ -158,12 +158,15 @@ def replay_case(row: dict, gate: dict, num_layers: int, rule: dict) -> dict:
             "oracle_seconds": row["oracle_shared_seconds"], "gate_seconds": gate["seconds"]}
 
 
+def recorded_rows(result: dict, config: str | None = None) -> list[dict]:
+    """The cases recorded with ``--record`` (and, given ``config``, with a run of that gate setting)."""
+    return [row for row in result["single"] if "oracle_landscape" in row and (config is None or config in row["gates"])]
+
+
 def replay(result: dict, config: str, num_layers: int) -> dict:
-    found = {}
-    for name, rule in RULES.items():
-        found[name] = [replay_case(row, row["gates"][config], num_layers, rule) for row in result["single"]
-                       if "oracle_landscape" in row and config in row["gates"]]
-    return found
+    rows = recorded_rows(result, config)
+    return {name: [replay_case(row, row["gates"][config], num_layers, rule) for row in rows]
+            for name, rule in RULES.items()}
 
 
 def markdown(result: dict, found: dict, config: str, source: str) -> str:
@@ -174,12 +177,12 @@ def markdown(result: dict, found: dict, config: str, source: str) -> str:
              "`recorded` replays the run as it went, so its estimate can be checked against the measured gate time."),
              "", ("| rule | matches | profile-steps | gate s (est.) | oracle s | gate / oracle | per case: n/seed, steps, "
              "gate / oracle, the cut where it is not the oracle's |"), "|---|---|---|---|---|---|---|"]
+    rows = recorded_rows(result, config)
     for name, cases in found.items():
         if not cases:
             continue
         gate_s = sum(c["seconds"] for c in cases)
         oracle_s = sum(c["oracle_seconds"] for c in cases)
-        rows = [row for row in result["single"] if "oracle_landscape" in row and config in row["gates"]]
         detail = "; ".join(f"{r['remove']}/{r['seed']} {c['stop']} {c['seconds'] / c['oracle_seconds']:.2f}x"
                            f"{'' if c['match'] else ' NO ' + str(c['segments'])}" for r, c in zip(rows, cases))
         lines.append(f"| {name} | {sum(c['match'] for c in cases)} of {len(cases)} | "
@@ -199,7 +202,7 @@ def main() -> None:
                         "oracle's landscape)")
     arguments = parser.parse_args()
     result = json.loads(Path(arguments.source).read_text())
-    rows = [row for row in result["single"] if "oracle_landscape" in row]
+    rows = recorded_rows(result)
     if not rows:
         raise SystemExit(f"{arguments.source} has no recorded cases: run bench/search.py with --record")
     num_layers = arguments.layers or max(e for key in rows[0]["oracle_landscape"] for _, e in parse_key(key))

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import build_tiny, random_ids
@@ -25,7 +26,10 @@ def load(name: str):
 search, replay = load("search"), load("gate_replay")
 
 
-def test_a_replayed_stopping_rule_stops_and_reads_out_like_a_run_with_that_rule():
+@pytest.fixture(scope="module")
+def recorded():
+    """A tiny model, its calibration windows, one case recorded as bench/search.py --record keeps it (the oracle's
+    and the screening landscapes) and a full 20-step gate run on it with its step times."""
     handle = Handle.of(build_tiny("llama", layers=10))
     windows = random_ids(batch=12, length=16, seed=2)
     oracle = search_exhaustive(handle, windows, 3, SearchOptions(method="exhaustive"))
@@ -35,7 +39,12 @@ def test_a_replayed_stopping_rule_stops_and_reads_out_like_a_run_with_that_rule(
     full = search_gate(handle, windows, 3, SearchOptions(remove=3, gate_steps=20, gate_patience=0), seed=0,
                        progress=clock)
     gate = {"trajectory": full.trajectory, "step_ends": ends, "seconds": ends[-1]}
-    assert len(full.trajectory) == len(ends) == 20
+    return handle, windows, row, full, gate
+
+
+def test_a_replayed_stopping_rule_stops_and_reads_out_like_a_run_with_that_rule(recorded):
+    handle, windows, row, full, gate = recorded
+    assert len(full.trajectory) == len(gate["step_ends"]) == 20
 
     as_run = replay.replay_case(row, gate, 10, {})
     assert as_run["segments"] == [list(s) for s in full.segments] and as_run["stop"] == 20
@@ -52,20 +61,12 @@ def test_a_replayed_stopping_rule_stops_and_reads_out_like_a_run_with_that_rule(
     assert min(stops) < 20  # the rules did stop early
 
 
-def test_a_shorter_run_on_the_same_schedule_follows_the_first_steps_of_the_full_run():
+def test_a_shorter_run_on_the_same_schedule_follows_the_first_steps_of_the_full_run(recorded):
     """What the replay's stop-after-N rules stand for: N steps whose last temperature is the full run's at step N."""
-    handle = Handle.of(build_tiny("llama", layers=10))
-    windows = random_ids(batch=12, length=16, seed=2)
-    oracle = search_exhaustive(handle, windows, 3, SearchOptions(method="exhaustive"))
-    row = {"remove": 3, "seed": 0, "oracle_segments": [list(s) for s in oracle.segments],
-           "oracle_shared_seconds": 1.0, **search.recorded(handle, windows, oracle, 4)}
-    ends, clock = search.step_clock()
-    full = search_gate(handle, windows, 3, SearchOptions(remove=3, gate_steps=20, gate_patience=0), seed=0,
-                       progress=clock)
+    handle, windows, row, full, gate = recorded
     first = search_gate(handle, windows, 3, SearchOptions(remove=3, gate_steps=8, gate_patience=0,
                                                           tau_end=0.05 ** (7 / 19)), seed=0)
     torch.testing.assert_close(torch.tensor([step["starts"] for step in first.trajectory]),
                                torch.tensor([step["starts"] for step in full.trajectory[:8]]), rtol=1e-5, atol=1e-6)
-    replayed = replay.replay_case(row, {"trajectory": full.trajectory, "step_ends": ends, "seconds": ends[-1]}, 10,
-                                  {"last": 7})
+    replayed = replay.replay_case(row, gate, 10, {"last": 7})
     assert replayed["stop"] == 8 and replayed["segments"] == [list(s) for s in first.segments]
