@@ -62,7 +62,7 @@ def run_rule(trajectory: list[dict], remove: int, num_layers: int, patience: int
 
     ``patience``: stop once the read-out has stayed put that many steps (``near``: each profile's rounding stays
     within one layer of where it was when the count began, since the read-out scores neighbours anyway; else the
-    distinct roundings must stay exactly the same, as the gate does today). ``last``: stop after that step at the
+    distinct roundings must stay exactly the same, as the gate does with --gate-patience). ``last``: stop after that step at the
     latest; ``earliest``: not before that step. ``prune``: drop a profile whose loss has been above ``prune`` times the step's lowest loss for
     ``prune_steps`` steps in a row (the profiles see the same windows in a step, so their losses compare)."""
     active = list(trajectory[0]["active"])
@@ -116,14 +116,14 @@ def read_out(step: dict, active: list[int], remove: int, num_layers: int, oracle
 
 RULES = {
     "recorded": {},
-    "exact-stable-6 (today)": {"patience": 6},
+    "exact-stable-6 (the 30-step setting)": {"patience": 6},
     "near-stable-3": {"patience": 3, "near": True},
     "near-stable-4": {"patience": 4, "near": True},
     "near-stable-6": {"patience": 6, "near": True},
     "near-stable-4, not before step 10": {"patience": 4, "near": True, "earliest": 9},
     "exact-stable-3, not before step 10": {"patience": 3, "earliest": 9},
     "stop-after-8": {"last": 7},
-    "stop-after-10": {"last": 9},
+    "stop-after-10 (the default since)": {"last": 9},
     "stop-after-12": {"last": 11},
     "stop-after-15": {"last": 14},
     "stop-after-20": {"last": 19},

@@ -52,19 +52,25 @@ from layercut.record import library_versions
 
 logger = logging.getLogger("bench.search")
 
-def default_temperature(step: int) -> float:
-    """The one-segment gate's temperature at ``step`` under its default settings."""
-    options = gate_settings(SearchOptions())
-    return temperature(step, options.gate_steps, options.tau_start, options.tau_end)
+# The one-segment setting before its default became the first 10 steps of this schedule: 30 steps annealed from 1 to
+# 0.05 layers, stopped once the read-out had been stable for 6 steps. Every setting below but "default" is relative
+# to it, so each keeps the meaning it had when its results were committed.
+THIRTY_STEPS = {"gate_steps": 30, "tau_end": 0.05, "gate_patience": 6}
+
+
+def thirty_step_temperature(step: int) -> float:
+    """The temperature of the 30-step schedule at ``step``."""
+    return temperature(step, THIRTY_STEPS["gate_steps"], SearchOptions().tau_start, THIRTY_STEPS["tau_end"])
 
 
 # Gate settings compared on the single-segment cases; "old" is the setting layercut used before (60 steps of 4
 # windows, every position, every read-out cut scored on all windows).
 CONFIGS = {
     "default": {},
-    "full": {"gate_patience": 0},  # the default without its early stop: every step recorded (bench/gate_replay.py)
-    # the first 10, 12 or 15 steps of the default's schedule: what bench/gate_replay.py's stop-after-N rules replay
-    **{f"first{steps}": {"gate_steps": steps, "tau_end": default_temperature(steps - 1), "gate_patience": 0}
+    "full": {"gate_patience": 0},  # the 30-step setting without its early stop: every step recorded (gate_replay.py)
+    # the first 10, 12 or 15 steps of the 30-step schedule: what bench/gate_replay.py's stop-after-N rules replay
+    # (first10 is the one-segment default)
+    **{f"first{steps}": {"gate_steps": steps, "tau_end": thirty_step_temperature(steps - 1), "gate_patience": 0}
        for steps in (10, 12, 15)},
     "old": {"gate_steps": 60, "gate_windows": 4, "gate_context": 0, "gate_positions": 0, "gate_patience": 0,
             "gate_screen": 0},
@@ -88,7 +94,7 @@ CONFIGS = {
 def config_options(name: str, num_layers: int, remove: int, **fixed) -> SearchOptions:
     """The SearchOptions of setting ``name``; ``profile_spacing`` (a fraction of the removed width) becomes a
     number of gate profiles."""
-    config = dict(CONFIGS[name])
+    config = dict(CONFIGS[name]) if name == "default" else {**THIRTY_STEPS, **CONFIGS[name]}
     spacing = config.pop("profile_spacing", None)
     if spacing:
         config["gate_profiles"] = math.ceil((num_layers - remove + 1) / max(3, round(spacing * remove)))
@@ -153,7 +159,8 @@ def single_rows(handle, arguments, result, out) -> None:
                 known = next(r for r in json.loads(Path(arguments.oracle_from).read_text())["single"]
                              if r["remove"] == remove and r["seed"] == seed)
                 row = {"remove": remove, "seed": seed, "oracle_segments": known["oracle_segments"],
-                       "oracle_kl": known["oracle_kl"], "oracle_shared_seconds": float("nan"),
+                       "oracle_kl": known["oracle_kl"],  # and its time, measured there
+                       "oracle_shared_seconds": known.get("oracle_shared_seconds", float("nan")),
                        "oracle_from": arguments.oracle_from, "gates": {}}
                 for name in arguments.configs:
                     found, seconds = timed(search_gate, handle, windows, remove,
@@ -417,8 +424,8 @@ def main() -> None:
     parser.add_argument("--resume", default="", help="a search.json whose measured parts are kept (and extended)")
     parser.add_argument("--calib", default="wiki")
     parser.add_argument("--ppl", default="wiki")
-    parser.add_argument("--oracle-from", default="", help="single part: take each case's exact oracle from this "
-                        "earlier search.json instead of running it (the gate alone is timed)")
+    parser.add_argument("--oracle-from", default="", help="single part: take each case's exact oracle and the time "
+                        "it took from this earlier search.json instead of running it (the gate alone is timed)")
     parser.add_argument("--gate-label", default="", help="name under which the multi and regate parts record the "
                         "gate's runs (default: the --gate setting's name, or 'default'); the tables lead with it")
     parser.add_argument("--regate-segments", default="2,3", help="regate part: the gate's numbers of segments")

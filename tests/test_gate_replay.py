@@ -26,6 +26,9 @@ def load(name: str):
 search, replay = load("search"), load("gate_replay")
 
 
+TWENTY_STEPS = {"gate_steps": 20, "tau_end": 0.05}  # a whole schedule, annealed from 1 to 0.05 layers
+
+
 @pytest.fixture(scope="module")
 def recorded():
     """A tiny model, its calibration windows, one case recorded as bench/search.py --record keeps it (the oracle's
@@ -36,7 +39,7 @@ def recorded():
     row = {"remove": 3, "seed": 0, "oracle_segments": [list(s) for s in oracle.segments],
            "oracle_shared_seconds": 1.0, **search.recorded(handle, windows, oracle, 4)}
     ends, clock = search.step_clock()
-    full = search_gate(handle, windows, 3, SearchOptions(remove=3, gate_steps=20, gate_patience=0), seed=0,
+    full = search_gate(handle, windows, 3, SearchOptions(remove=3, gate_patience=0, **TWENTY_STEPS), seed=0,
                        progress=clock)
     gate = {"trajectory": full.trajectory, "step_ends": ends, "seconds": ends[-1]}
     return handle, windows, row, full, gate
@@ -51,7 +54,7 @@ def test_a_replayed_stopping_rule_stops_and_reads_out_like_a_run_with_that_rule(
 
     stops = []
     for patience in (2, 3):
-        stopped = search_gate(handle, windows, 3, SearchOptions(remove=3, gate_steps=20, gate_patience=patience),
+        stopped = search_gate(handle, windows, 3, SearchOptions(remove=3, gate_patience=patience, **TWENTY_STEPS),
                               seed=0)
         replayed = replay.replay_case(row, gate, 10, {"patience": patience})
         assert replayed["stop"] == len(stopped.trajectory)
@@ -70,3 +73,17 @@ def test_a_shorter_run_on_the_same_schedule_follows_the_first_steps_of_the_full_
                                torch.tensor([step["starts"] for step in full.trajectory[:8]]), rtol=1e-5, atol=1e-6)
     replayed = replay.replay_case(row, gate, 10, {"last": 7})
     assert replayed["stop"] == 8 and replayed["segments"] == [list(s) for s in first.segments]
+
+
+def test_the_one_segment_default_is_the_first_ten_steps_of_the_thirty_step_schedule():
+    """The default gate (no --gate-* option) runs what bench/gate_replay.py's stop-after-10 rule replays: the first
+    10 steps of the 30-step schedule from 1 to 0.05 layers, so the measured rule and the shipped default agree."""
+    handle = Handle.of(build_tiny("llama", layers=10))
+    windows = random_ids(batch=12, length=16, seed=2)
+    default = search_gate(handle, windows, 3, SearchOptions(remove=3), seed=0)
+    whole = {**search.THIRTY_STEPS, "gate_patience": 0}
+    thirty = search_gate(handle, windows, 3, SearchOptions(remove=3, **whole), seed=0)
+    assert len(default.trajectory) == 10 and len(thirty.trajectory) == 30
+    torch.testing.assert_close(torch.tensor([step["starts"] for step in default.trajectory]),
+                               torch.tensor([step["starts"] for step in thirty.trajectory[:10]]), rtol=1e-5, atol=1e-6)
+    assert [step["tau"] for step in default.trajectory] == pytest.approx([step["tau"] for step in thirty.trajectory[:10]])
