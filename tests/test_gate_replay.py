@@ -75,11 +75,10 @@ def test_a_shorter_run_on_the_same_schedule_follows_the_first_steps_of_the_full_
     assert replayed["stop"] == 8 and replayed["segments"] == [list(s) for s in first.segments]
 
 
-def test_the_one_segment_default_is_the_first_ten_steps_of_the_thirty_step_schedule():
+def test_the_one_segment_default_is_the_first_ten_steps_of_the_thirty_step_schedule(recorded):
     """The default gate (no --gate-* option) runs what bench/gate_replay.py's stop-after-10 rule replays: the first
     10 steps of the 30-step schedule from 1 to 0.05 layers, so the measured rule and the shipped default agree."""
-    handle = Handle.of(build_tiny("llama", layers=10))
-    windows = random_ids(batch=12, length=16, seed=2)
+    handle, windows = recorded[:2]
     default = search_gate(handle, windows, 3, SearchOptions(remove=3), seed=0)
     whole = {**search.THIRTY_STEPS, "gate_patience": 0}
     thirty = search_gate(handle, windows, 3, SearchOptions(remove=3, **whole), seed=0)

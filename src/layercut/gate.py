@@ -220,10 +220,11 @@ def refine(candidates: Iterable[Candidate], exact: Callable[[list[Candidate]], l
 SCREENED = 3  # read-out cuts scored exactly after screening
 
 # The gate's settings by the number of segments, where the --gate-* options are not given. Measured on SmolLM2-135M
-# (bench/results/search-h200, search-cpu-v4): with one segment the lean setting (2 windows' first 128 tokens, 64
-# positions) reaches the exact oracle in 12 of 12 cases, and running only the first 10 steps of its 30-step schedule
-# (annealed from 1 to 0.05 layers) keeps the oracle's segment in 12 of 12 at about a third of the steps; with several
-# segments the lean setting missed the exact two-segment optimum at n = 8, which the full setting found in 3 of 3.
+# (bench/results/search-h200, search-cpu-v4, search-cpu-v5): with one segment the lean setting (2 windows' first 128
+# tokens, 64 positions) reaches the exact oracle in 12 of 12 cases, and running only the first 10 steps of its
+# 30-step schedule (annealed from 1 to 0.05 layers) keeps the oracle's segment in 12 of 12 at about a third of the
+# steps; with several segments the lean setting missed the exact two-segment optimum at n = 8, which the full
+# setting found in 3 of 3.
 GATE_SETTINGS = {
     "one segment": {"gate_steps": 10, "tau_end": temperature(9, 30, 1.0, 0.05), "gate_windows": 2,
                     "gate_context": 128, "gate_positions": 64, "gate_screen": 8},
