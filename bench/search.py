@@ -36,6 +36,7 @@ from layercut.data import calibrate
 from layercut.evaluate import perplexity
 from layercut.forward import hard_kl
 from layercut.gate import (
+    ANNEAL,
     count_cuts,
     cuts,
     exact_scorer,
@@ -55,12 +56,12 @@ logger = logging.getLogger("bench.search")
 # The one-segment setting before its default became the first 10 steps of this schedule: 30 steps annealed from 1 to
 # 0.05 layers, stopped once the read-out had been stable for 6 steps. Every setting below but "default" is relative
 # to it, so each keeps the meaning it had when its results were committed.
-THIRTY_STEPS = {"gate_steps": 30, "tau_end": 0.05, "gate_patience": 6}
+THIRTY_STEPS = {"gate_steps": ANNEAL["steps"], "tau_end": ANNEAL["tau_end"], "gate_patience": 6}
 
 
 def thirty_step_temperature(step: int) -> float:
     """The temperature of the 30-step schedule at ``step``."""
-    return temperature(step, THIRTY_STEPS["gate_steps"], SearchOptions().tau_start, THIRTY_STEPS["tau_end"])
+    return temperature(step, ANNEAL["steps"], ANNEAL["tau_start"], ANNEAL["tau_end"])
 
 
 # Gate settings compared on the single-segment cases; "old" is the setting layercut used before (60 steps of 4
