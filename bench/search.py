@@ -478,6 +478,7 @@ def main() -> None:
         regate_rows(handle, arguments, result, out)
     if "heal" in parts and arguments.heal_steps and not result["heal"]:
         heal_rows(handle, arguments, result, out)
+    write(result, out)  # also when every asked-for part was measured already
     print((out / "search.md").read_text())
 
 

@@ -39,22 +39,23 @@ gemma)
     rm -r ~/gg; sha256sum ~/lc/cache/gguf/gemma-3-270m-q4_k_m.gguf | cut -c1-16
     cd ~/code && python3 -c "$alias_check" gemma3-270m 2>&1 | tail -1 && touch ~/res/gemma.ready
   fi ;;
-workers)  # in the background: once Gemma-3 is in place, ${WORKERS:-8} grid workers on GPU $2
-  cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "while [ ! -f ~/res/gemma.ready ]; do sleep 5; done;
+workers)  # in the background: once Gemma-3 is in place (and the 70B shape's search, if started, is done),
+  # ${WORKERS:-8} grid workers on GPU $2
+  cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ] &&
+    { [ ! -f ~/res/search.started ] || [ -f ~/res/big.done ]; }; do sleep 5; done;
     $grid --models smollm2-135m,gemma3-270m --workers ${WORKERS:-8}" > ~/res/grid-gpu$2.log 2>&1 < /dev/null & ;;
-big)  # in the background: the search costs of the 70B shape (both GPUs), then of the 8B shape and grid workers on GPU 0
-  cd ~/code && setsid nohup bash -c "python3 bench/big_model.py --shape llama3-70b --gpus 2 --max-memory-gib 68 \
-    --search-only --no-plain --gate-configs '$big_configs' --out ~/res/search-70b > ~/res/search-70b.log 2>&1;
-    touch ~/res/big.done; CUDA_VISIBLE_DEVICES=0 python3 bench/big_model.py --shape llama3-8b --search-only \
-    --no-plain --gate-configs '$big_configs' --out ~/res/search-8b > ~/res/search-8b.log 2>&1;
-    bash bench/device/remote.sh workers 0" > /dev/null 2>&1 < /dev/null & ;;
-smolsearch)  # in the background, once the 70B shape is done: SmolLM2's search benchmark on GPU 1, then grid workers
-  cd ~/code && setsid nohup bash -c "while [ ! -f ~/res/big.done ]; do sleep 5; done; export CUDA_VISIBLE_DEVICES=1;
+search)  # in the background: the search costs of the 70B shape (both GPUs, before any grid worker starts), then on
+  # GPU 1 those of the 8B shape, SmolLM2's single-segment benchmark and the shipped gate's two-segment regate on seed 1
+  touch ~/res/search.started && cd ~/code && setsid nohup bash -c "python3 bench/big_model.py --shape llama3-70b \
+    --gpus 2 --max-memory-gib 68 --search-only --no-plain --gate-configs '$big_configs' --out ~/res/search-70b \
+    > ~/res/search-70b.log 2>&1; touch ~/res/big.done; export CUDA_VISIBLE_DEVICES=1;
+    python3 bench/big_model.py --shape llama3-8b --search-only --no-plain --gate-configs '$big_configs' \
+      --out ~/res/search-8b > ~/res/search-8b.log 2>&1;
     python3 bench/search.py --out ~/res/search-single --parts single --skip-plain --configs $smol_configs \
       > ~/res/search-single.log 2>&1;
-    python3 bench/search.py --out ~/res/search-regate --parts regate --gate-label shipped --seeds 0,1 \
-      --regate-segments 2 --resume bench/results/search-h200-v2/multi.json > ~/res/search-regate.log 2>&1;
-    bash bench/device/remote.sh workers 1" > /dev/null 2>&1 < /dev/null & ;;
+    python3 bench/search.py --out ~/res/search-regate --parts regate --gate-label shipped --seeds 1 \
+      --regate-segments 2 --resume bench/results/search-h200-v3/regate.json > ~/res/search-regate.log 2>&1;
+    touch ~/res/search.done" > /dev/null 2>&1 < /dev/null & ;;
 record)  # in the background on GPU $2: SmolLM2's 12 single-segment cases recorded for bench/gate_replay.py, and the
   # default schedule's first 10 and 12 steps run for real (the replay's stop-after-10 and -12 rules)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup python3 bench/search.py --out ~/res/search-record --parts single \
@@ -70,6 +71,6 @@ collect)
   cd ~/res && tar czf "$OUT/grid.tgz" --warning=no-file-changed grid grid-*.log search-* 2>&1 | tail -3
   ls -la "$OUT" ;;
 *)
-  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|big|smolsearch|record GPU|status [SLEEP]|collect [SLEEP]"
+  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|search|record GPU|status [SLEEP]|collect [SLEEP]"
   exit 2 ;;
 esac
