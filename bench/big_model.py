@@ -148,6 +148,9 @@ def search_costs(handle, windows: torch.Tensor, remove: int, arguments, measures
                      "exact at most two segments: seconds (estimated)": dense_s + per_cut * two})
     configs = json.loads(arguments.gate_configs) if arguments.gate_configs else {"default": json.loads(
         arguments.gate_options or "{}")}
+    # warm-up, untimed: the first gate run pays one-time costs (its backward's kernels) that no setting should carry
+    search_gate(handle, windows[:2], remove, SearchOptions(remove=remove, gate_steps=2,
+                                                           gate_checkpointing=arguments.checkpointing), batch)
     for name, config in configs.items():
         reset_peaks(gpus)
         gate = SearchOptions(remove=remove, gate_checkpointing=arguments.checkpointing, **config)

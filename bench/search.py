@@ -73,6 +73,10 @@ CONFIGS = {
     # (first10 is the one-segment default)
     **{f"first{steps}": {"gate_steps": steps, "tau_end": thirty_step_temperature(steps - 1), "gate_patience": 0}
        for steps in (10, 12, 15)},
+    # the default with half the tokens per step: one window, or the first 64 tokens (32 positions) of two
+    "first10-w1": {"gate_steps": 10, "tau_end": thirty_step_temperature(9), "gate_patience": 0, "gate_windows": 1},
+    "first10-c64": {"gate_steps": 10, "tau_end": thirty_step_temperature(9), "gate_patience": 0, "gate_context": 64,
+                    "gate_positions": 32},
     "old": {"gate_steps": 60, "gate_windows": 4, "gate_context": 0, "gate_positions": 0, "gate_patience": 0,
             "gate_screen": 0},
     "s30c128": {"gate_steps": 30, "gate_windows": 2, "gate_context": 128, "gate_positions": 64, "gate_patience": 6,
@@ -158,6 +162,7 @@ def greedy(scorer, num_layers: int, remove: int) -> tuple[list, float]:
 def single_rows(handle, arguments, result, out) -> None:
     warm = calibrate(handle.tokenizer, data_options(arguments, 0), test=False).calibration[:2]
     exact_scorer(handle, warm, SearchOptions(), arguments.batch_size)([((0, 2),)])  # warm-up, untimed
+    search_gate(handle, warm, 2, SearchOptions(remove=2, gate_steps=2), arguments.batch_size)  # the gate's too
     for seed in arguments.seeds:
         windows = calibrate(handle.tokenizer, data_options(arguments, seed), test=False).calibration
         for remove in arguments.single_removes:
