@@ -93,6 +93,31 @@ def test_gradients_reach_the_gate_and_nothing_else():
     assert all(p.grad is None for p in model.parameters())
 
 
+class CountedCopies(torch.Tensor):
+    """Gates ``[R, L]`` that count how often they (or their per-layer slices) are sent to a device; the hidden
+    states computed from them (3-d) inherit the class and are not counted."""
+    copies = 0
+
+    def to(self, *args, **kwargs):
+        if self.dim() <= 2 and ("device" in kwargs or (args and isinstance(args[0], (torch.device, str)))):
+            CountedCopies.copies += 1
+        return super().to(*args, **kwargs)
+
+
+def test_gates_go_to_the_layers_device_once_per_pass_not_once_per_layer():
+    # a copy between the host and a GPU waits for the GPU: one per layer would stall every gated pass
+    model = build_tiny("llama").requires_grad_(False)
+    starts = torch.tensor([[1.3]], requires_grad=True)
+    CountedCopies.copies = 0
+    with gated(layers_of(model)) as set_gates:
+        for passes, first in ((1, 0), (2, 2)):  # each pass (a gate step) copies its gates once
+            set_gates((1 - notch_mask(starts, torch.tensor([[2.0]]), LAYERS, tau=0.5)).as_subclass(CountedCopies),
+                      first)
+            model(random_ids()).logits.float().mean().backward()
+            assert CountedCopies.copies == passes
+    assert starts.grad is not None and starts.grad.abs().item() > 0
+
+
 def test_notch_mask_is_the_indicator_at_low_temperature():
     mask = notch_mask(torch.tensor([[2.0, 6.0]]), torch.tensor([[3.0, 1.0]]), 8, tau=0.01)
     expected = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 0]], dtype=torch.float32)

@@ -83,17 +83,24 @@ def gated(layers: nn.ModuleList):
     exactly 1, so no gradient flows below ``first``). With R profiles the batch must hold R stacked copies of the
     windows; row r·b + j uses profile r.
     """
-    state: dict = {"gates": None, "first": 0}
+    state: dict = {"gates": None, "first": 0, "placed": {}}
+
+    def placed(device: torch.device) -> torch.Tensor:
+        """The gates on ``device``, copied there once per :func:`set_gates`: a copy between the host and a GPU
+        waits for the GPU, so a copy per layer (and its gradient's, back, in backward) would keep the host from
+        queueing the next layers' work while the GPU runs."""
+        if device not in state["placed"]:
+            state["placed"][device] = state["gates"].to(device)
+        return state["placed"][device]
 
     def make_hook(index: int):
         def hook(module, args, kwargs, output):
-            gates = state["gates"]
-            if gates is None or index < state["first"]:
+            if state["gates"] is None or index < state["first"]:
                 return output
             out = output[0] if isinstance(output, tuple) else output
             # on a model split over devices the layer's input may still sit on the previous layer's device
             hidden = (args[0] if args else kwargs["hidden_states"]).to(out.device)
-            per_row = gates[:, index].to(device=out.device, dtype=out.dtype)
+            per_row = placed(out.device)[:, index].to(dtype=out.dtype)
             per_row = per_row.repeat_interleave(out.shape[0] // per_row.shape[0]).view(-1, 1, 1)
             mixed = hidden + per_row * (out - hidden)
             return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
@@ -103,7 +110,7 @@ def gated(layers: nn.ModuleList):
     handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
 
     def set_gates(gates: torch.Tensor | None, first: int = 0) -> None:
-        state["gates"], state["first"] = gates, first
+        state["gates"], state["first"], state["placed"] = gates, first, {}
 
     try:
         yield set_gates
