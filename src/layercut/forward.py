@@ -474,8 +474,10 @@ class ExactKL:
                 state = self.states[index][start][:take] if start else None
                 with self.from_boundary(start, state, removed):
                     student = final_hidden(model, batch[:take])
-                total += float(self.kl(self.teacher[index][:take], student).sum())
+                # summed where it was computed, in float64, and read back once for all candidates: reading each
+                # pass's sum back would make the host wait for the GPU before it queues the next pass
+                total = total + self.kl(self.teacher[index][:take], student).sum().double()
                 seen += take
             found.append(total / count)
             self.evaluated += 1
-        return found
+        return [float(loss) for loss in torch.stack(found).cpu()] if found else []
