@@ -6,9 +6,9 @@ Prints the setup, oracle and gate times (each after warm-up runs), then the prof
 search (by host time and by device time) and of one oracle run (by device time).
 """
 import sys
-import time
 
 import torch
+from search import synchronize, timed  # bench/search.py: the GPU's queue drained before and after
 from torch.profiler import ProfilerActivity, profile
 
 from layercut.config import DataOptions, ModelOptions, SearchOptions
@@ -17,18 +17,9 @@ from layercut.gate import exact_scorer, search_exhaustive, search_gate
 from layercut.load import load_model
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(label: str, function, *args):
-    sync()
-    started = time.perf_counter()
-    value = function(*args)
-    sync()
-    print(label, "seconds", round(time.perf_counter() - started, 3), getattr(value, "segments", ""), flush=True)
-    return value
+def report(label: str, function, *args) -> None:
+    value, seconds = timed(function, *args)
+    print(label, "seconds", round(seconds, 3), getattr(value, "segments", ""), flush=True)
 
 
 def main() -> None:
@@ -39,19 +30,19 @@ def main() -> None:
     gate, oracle = SearchOptions(remove=remove), SearchOptions(method="exhaustive", remove=remove)
     for _ in range(2):  # warm-up: CUDA context, kernels, the first backward
         search_gate(handle, windows, remove, gate, 16, 0)
-    timed("scorer setup (dense pass)", exact_scorer, handle, windows, SearchOptions(), 16)
-    timed("oracle", search_exhaustive, handle, windows, remove, oracle, 16)
-    timed("gate", search_gate, handle, windows, remove, gate, 16, 0)
+    report("scorer setup (dense pass)", exact_scorer, handle, windows, SearchOptions(), 16)
+    report("oracle", search_exhaustive, handle, windows, remove, oracle, 16)
+    report("gate", search_gate, handle, windows, remove, gate, 16, 0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     with profile(activities=activities) as gate_profile:
         search_gate(handle, windows, remove, gate, 16, 0)
-        sync()
+        synchronize()
     print(gate_profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     print(gate_profile.key_averages().table(sort_by=device_key, row_limit=15, max_name_column_width=60))
     with profile(activities=activities) as oracle_profile:
         search_exhaustive(handle, windows, remove, oracle, 16)
-        sync()
+        synchronize()
     print(oracle_profile.key_averages().table(sort_by=device_key, row_limit=12, max_name_column_width=60))
 
 

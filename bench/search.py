@@ -59,9 +59,10 @@ logger = logging.getLogger("bench.search")
 THIRTY_STEPS = {"gate_steps": ANNEAL["steps"], "tau_end": ANNEAL["tau_end"], "gate_patience": 6}
 
 
-def thirty_step_temperature(step: int) -> float:
-    """The temperature of the 30-step schedule at ``step``."""
-    return temperature(step, ANNEAL["steps"], ANNEAL["tau_start"], ANNEAL["tau_end"])
+def first_steps(steps: int) -> dict:
+    """The first ``steps`` steps of the 30-step schedule, run for real (no early stop)."""
+    return {"gate_steps": steps, "tau_end": temperature(steps - 1, ANNEAL["steps"], ANNEAL["tau_start"],
+                                                        ANNEAL["tau_end"]), "gate_patience": 0}
 
 
 # Gate settings compared on the single-segment cases; "old" is the setting layercut used before (60 steps of 4
@@ -71,12 +72,10 @@ CONFIGS = {
     "full": {"gate_patience": 0},  # the 30-step setting without its early stop: every step recorded (gate_replay.py)
     # the first 10, 12 or 15 steps of the 30-step schedule: what bench/gate_replay.py's stop-after-N rules replay
     # (first10 is the one-segment default)
-    **{f"first{steps}": {"gate_steps": steps, "tau_end": thirty_step_temperature(steps - 1), "gate_patience": 0}
-       for steps in (10, 12, 15)},
+    **{f"first{steps}": first_steps(steps) for steps in (10, 12, 15)},
     # the default with half the tokens per step: one window, or the first 64 tokens (32 positions) of two
-    "first10-w1": {"gate_steps": 10, "tau_end": thirty_step_temperature(9), "gate_patience": 0, "gate_windows": 1},
-    "first10-c64": {"gate_steps": 10, "tau_end": thirty_step_temperature(9), "gate_patience": 0, "gate_context": 64,
-                    "gate_positions": 32},
+    "first10-w1": {**first_steps(10), "gate_windows": 1},
+    "first10-c64": {**first_steps(10), "gate_context": 64, "gate_positions": 32},
     "old": {"gate_steps": 60, "gate_windows": 4, "gate_context": 0, "gate_positions": 0, "gate_patience": 0,
             "gate_screen": 0},
     "s30c128": {"gate_steps": 30, "gate_windows": 2, "gate_context": 128, "gate_positions": 64, "gate_patience": 6,
