@@ -36,7 +36,6 @@ from layercut.data import calibrate
 from layercut.evaluate import perplexity
 from layercut.forward import hard_kl
 from layercut.gate import (
-    ANNEAL,
     count_cuts,
     cuts,
     exact_scorer,
@@ -53,10 +52,12 @@ from layercut.record import library_versions
 
 logger = logging.getLogger("bench.search")
 
-# The one-segment setting before its default became the first 10 steps of this schedule: 30 steps annealed from 1 to
-# 0.05 layers, stopped once the read-out had been stable for 6 steps. Every setting below but "default" is relative
-# to it, so each keeps the meaning it had when its results were committed.
-THIRTY_STEPS = {"gate_steps": ANNEAL["steps"], "tau_end": ANNEAL["tau_end"], "gate_patience": 6}
+# The one-segment setting before its default became the first 10 steps of this schedule (and then 5 steeper steps): 30
+# steps at learning rate 0.2 annealed from 1 to 0.05 layers, stopped once the read-out had been stable for 6 steps.
+# Every setting below but "default" is relative to it, so each keeps the meaning it had when its results were
+# committed.
+ANNEAL = {"steps": 30, "tau_start": 1.0, "tau_end": 0.05}
+THIRTY_STEPS = {"gate_steps": ANNEAL["steps"], "tau_end": ANNEAL["tau_end"], "gate_patience": 6, "gate_lr": 0.2}
 
 
 def first_steps(steps: int) -> dict:
@@ -65,17 +66,29 @@ def first_steps(steps: int) -> dict:
                                                         ANNEAL["tau_end"]), "gate_patience": 0}
 
 
+def steeper(steps: int, windows: int) -> dict:
+    """first10's temperature range (1 to its last step's 0.395 layers) in ``steps`` steps of ``windows`` windows, at
+    the learning rate that keeps first10's reach (10 steps × 0.2 layers)."""
+    return {**first_steps(steps), "tau_end": first_steps(10)["tau_end"], "gate_lr": round(2.0 / steps, 3),
+            "gate_windows": windows}
+
+
 # Gate settings compared on the single-segment cases; "old" is the setting layercut used before (60 steps of 4
 # windows, every position, every read-out cut scored on all windows).
 CONFIGS = {
     "default": {},
     "full": {"gate_patience": 0},  # the 30-step setting without its early stop: every step recorded (gate_replay.py)
     # the first 10, 12 or 15 steps of the 30-step schedule: what bench/gate_replay.py's stop-after-N rules replay
-    # (first10 is the one-segment default)
+    # (first10 was the one-segment default before the steeper 5 steps)
     **{f"first{steps}": first_steps(steps) for steps in (10, 12, 15)},
-    # the default with half the tokens per step: one window, or the first 64 tokens (32 positions) of two
+    # first10 with half the tokens per step: one window, or the first 64 tokens (32 positions) of two
     "first10-w1": {**first_steps(10), "gate_windows": 1},
     "first10-c64": {**first_steps(10), "gate_context": 64, "gate_positions": 32},
+    # fewer, steeper steps: first10's last temperature reached in 4 to 8 steps, with the learning rate raised so that a
+    # profile can travel as far as in first10's 10 steps of 0.2 layers; two or four windows per step (the one-segment
+    # default since is 5 steps of two windows at 0.4, annealed to 0.4 layers, screened on 4 windows)
+    **{f"steep{steps}-w{windows}": steeper(steps, windows) for steps in (4, 5, 6, 7, 8) for windows in (2, 4)},
+    "steep6-w2-screen4": {**steeper(6, 2), "gate_screen": 4},
     "old": {"gate_steps": 60, "gate_windows": 4, "gate_context": 0, "gate_positions": 0, "gate_patience": 0,
             "gate_screen": 0},
     "s30c128": {"gate_steps": 30, "gate_windows": 2, "gate_context": 128, "gate_positions": 64, "gate_patience": 6,
@@ -84,7 +97,7 @@ CONFIGS = {
     "s20p32": {"gate_steps": 20, "gate_windows": 1, "gate_positions": 32, "gate_patience": 4, "gate_screen": 8},
     "s12c64": {"gate_steps": 12, "gate_windows": 1, "gate_context": 64, "gate_patience": 3, "gate_screen": 4},
     "s20c32": {"gate_steps": 20, "gate_windows": 1, "gate_context": 32, "gate_patience": 4, "gate_screen": 4},
-    # the one-segment default with fewer steps and/or profiles spaced by the removed width (not half of it)
+    # the 30-step setting with fewer steps and/or profiles spaced by the removed width (not half of it)
     "s20": {"gate_steps": 20},
     "wide": {"profile_spacing": 1.0},
     "s20-wide": {"gate_steps": 20, "profile_spacing": 1.0},

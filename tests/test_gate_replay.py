@@ -73,16 +73,3 @@ def test_a_shorter_run_on_the_same_schedule_follows_the_first_steps_of_the_full_
                                torch.tensor([step["starts"] for step in full.trajectory[:8]]), rtol=1e-5, atol=1e-6)
     replayed = replay.replay_case(row, gate, 10, {"last": 7})
     assert replayed["stop"] == 8 and replayed["segments"] == [list(s) for s in first.segments]
-
-
-def test_the_one_segment_default_is_the_first_ten_steps_of_the_thirty_step_schedule(recorded):
-    """The default gate (no --gate-* option) runs what bench/gate_replay.py's stop-after-10 rule replays: the first
-    10 steps of the 30-step schedule from 1 to 0.05 layers, so the measured rule and the shipped default agree."""
-    handle, windows = recorded[:2]
-    default = search_gate(handle, windows, 3, SearchOptions(remove=3), seed=0)
-    whole = {**search.THIRTY_STEPS, "gate_patience": 0}
-    thirty = search_gate(handle, windows, 3, SearchOptions(remove=3, **whole), seed=0)
-    assert len(default.trajectory) == 10 and len(thirty.trajectory) == 30
-    torch.testing.assert_close(torch.tensor([step["starts"] for step in default.trajectory]),
-                               torch.tensor([step["starts"] for step in thirty.trajectory[:10]]), rtol=1e-5, atol=1e-6)
-    assert [step["tau"] for step in default.trajectory] == pytest.approx([step["tau"] for step in thirty.trajectory[:10]])

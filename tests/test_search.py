@@ -19,6 +19,7 @@ from layercut.gate import (
     cuts,
     distinct_profiles,
     exhaustive,
+    gate_settings,
     gated_kl,
     neighbours,
     notch_mask,
@@ -131,6 +132,20 @@ def test_the_gate_with_two_segments_is_never_worse_than_the_best_single_segment(
         assert " ".join(f"{s}:{e}" for s, e in single.segments) in two[seed].landscape  # the exact optimum was scored
     three = search_gate(handle, windows, 3, SearchOptions(segments=3, gate_steps=6), seed=0)
     assert len(three.segments) <= 3 and three.kl <= two[0].kl + 1e-9  # never worse than its own two-segment search
+
+
+def test_the_gate_settings_by_segments_fill_only_the_options_left_unset():
+    """One segment: 5 steps at learning rate 0.4 annealed to 0.4 layers, read-out screened on 4 windows; several:
+    60 steps at 0.2 annealed to 0.05. An option the user gives is kept whatever the number of segments."""
+    one = gate_settings(SearchOptions(remove=3))
+    assert (one.gate_steps, one.gate_lr, one.tau_end, one.gate_screen) == (5, 0.4, 0.4, 4)
+    several = gate_settings(SearchOptions(remove=3, segments=2))
+    assert (several.gate_steps, several.gate_lr, several.tau_end, several.gate_screen) == (60, 0.2, 0.05, 0)
+    given = gate_settings(SearchOptions(remove=3, gate_lr=0.1, gate_steps=7, gate_screen=0))
+    assert (given.gate_steps, given.gate_lr, given.tau_end, given.gate_screen) == (7, 0.1, 0.4, 0)
+    run = search_gate(Handle.of(build_tiny("llama", layers=8)), random_ids(batch=6, length=12, seed=4), 2,
+                      SearchOptions(remove=2, gate_profiles=2), seed=0)
+    assert [step["tau"] for step in run.trajectory] == pytest.approx([1.0 * 0.4 ** (k / 4) for k in range(5)])
 
 
 def test_sampled_positions_and_early_stopping_keep_the_gate_deterministic():

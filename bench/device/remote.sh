@@ -8,9 +8,9 @@ export PYTHONPATH=$HOME/site:$HOME/code/src LAYERCUT_CACHE=$HOME/lc/cache HF_HUB
   PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 # the committed grid's protocol (bench/results/grid-h200/protocol.json; grid.py refuses another one)
 grid="python3 bench/grid.py --out $HOME/res/grid --dtype float32 --eval-batch-size 16 --limit 500 ${GRID_ARGS:-}"
-# gate settings timed on the search benchmarks: the one-segment default (the first 10 steps of the 30-step schedule)
+# gate settings timed on the search benchmarks: the one-segment default (5 steps annealed from 1 to 0.4 layers)
 # against the 30-step setting it replaced (bench/search.py's THIRTY_STEPS, "s30c128" there)
-big_configs='{"default": {}, "s30": {"gate_steps": 30, "tau_end": 0.05, "gate_patience": 6}}'
+big_configs='{"default": {}, "s30": {"gate_steps": 30, "tau_end": 0.05, "gate_patience": 6, "gate_lr": 0.2}}'
 smol_configs=default,s30c128
 alias_check='from layercut.load import load_model; from layercut.config import ModelOptions
 import sys; h = load_model(sys.argv[1], ModelOptions(dtype="float32")); print(sys.argv[1], h.num_layers, h.tokenizer.tokenize("The whale swam"))'

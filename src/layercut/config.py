@@ -128,9 +128,10 @@ class SearchOptions(Options):
     ratio: float | None = option(None, "fraction of layers to remove (rounded to whole layers)", gt=0, lt=1)
     method: Literal[METHODS] = option("clp", "how to choose the layers to remove")  # type: ignore[valid-type]
     segments: int = option(1, "at most this many separate contiguous segments (clp, exhaustive)", ge=1)
-    gate_steps: int | None = option(None, "optimisation steps of the concave gate (clp); default 10 for one segment, "
+    gate_steps: int | None = option(None, "optimisation steps of the concave gate (clp); default 5 for one segment, "
                                     "60 for several", ge=1)
-    gate_lr: float = option(0.2, "learning rate of the gate position (clp)", gt=0)
+    gate_lr: float | None = option(None, "learning rate of the gate position (clp); default 0.4 for one segment, 0.2 "
+                                   "for several", gt=0)
     gate_profiles: int = option(0, "gate profiles trained side by side, each started at another depth (clp); "
                                 "0 = enough that their starts are about half the removed width apart",
                                 aliases=("--gate-starts",), ge=0)
@@ -140,9 +141,8 @@ class SearchOptions(Options):
         False, "recompute each decoder layer during the gate's backward pass instead of storing its activations "
         "(less memory, about a third more compute) (clp)")
     tau_start: float = option(1.0, "initial gate temperature in layers (clp)", gt=0)
-    tau_end: float | None = option(None, "gate temperature in layers at the last step (clp); default 0.395 for one "
-                                   "segment (where a 30-step schedule from 1 to 0.05 is after 10 steps), 0.05 for "
-                                   "several", gt=0)
+    tau_end: float | None = option(None, "gate temperature in layers at the last step (clp); default 0.4 for one "
+                                   "segment, 0.05 for several", gt=0)
     gate_context: int | None = option(None, "tokens of each window a gate step runs, its first ones (clp); 0 = the "
                                       "whole window; default 128 for one segment, 0 for several", ge=0)
     gate_positions: int | None = option(None, "positions per window in each gate step's KL, drawn at random among "
@@ -151,7 +151,7 @@ class SearchOptions(Options):
                                 "steps (clp); 0 = run all steps", ge=0)
     gate_screen: int | None = option(None, "calibration windows on which the read-out's cuts are screened before the "
                                      "best three are scored on all (clp); 0 = score every read-out cut on all; "
-                                     "default 8 for one segment, 0 for several", ge=0)
+                                     "default 4 for one segment, 0 for several", ge=0)
     exact_cache_gib: float = option(4.0, "memory the exact scoring may keep (GiB): the dense model's hidden states "
                                     "between layers and its output log-probabilities, computed once for every cut "
                                     "scored", ge=0)
