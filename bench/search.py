@@ -53,11 +53,13 @@ from layercut.record import library_versions
 logger = logging.getLogger("bench.search")
 
 # The one-segment setting before its default became the first 10 steps of this schedule (and then 5 steeper steps): 30
-# steps at learning rate 0.2 annealed from 1 to 0.05 layers, stopped once the read-out had been stable for 6 steps.
+# steps at learning rate 0.2 annealed from 1 to 0.05 layers, stopped once the read-out had been stable for 6 steps,
+# read-out screened on 8 windows.
 # Every setting below but "default" is relative to it, so each keeps the meaning it had when its results were
 # committed.
 ANNEAL = {"steps": 30, "tau_start": 1.0, "tau_end": 0.05}
-THIRTY_STEPS = {"gate_steps": ANNEAL["steps"], "tau_end": ANNEAL["tau_end"], "gate_patience": 6, "gate_lr": 0.2}
+THIRTY_STEPS = {"gate_steps": ANNEAL["steps"], "tau_end": ANNEAL["tau_end"], "gate_patience": 6, "gate_lr": 0.2,
+                "gate_screen": 8}
 
 
 def first_steps(steps: int) -> dict:

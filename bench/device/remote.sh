@@ -9,9 +9,9 @@ export PYTHONPATH=$HOME/site:$HOME/code/src LAYERCUT_CACHE=$HOME/lc/cache HF_HUB
 # the committed grid's protocol (bench/results/grid-h200/protocol.json; grid.py refuses another one)
 grid="python3 bench/grid.py --out $HOME/res/grid --dtype float32 --eval-batch-size 16 --limit 500 ${GRID_ARGS:-}"
 # gate settings timed on the search benchmarks: the one-segment default (5 steps annealed from 1 to 0.4 layers)
-# against the 30-step setting it replaced (bench/search.py's THIRTY_STEPS, "s30c128" there)
-big_configs='{"default": {}, "s30": {"gate_steps": 30, "tau_end": 0.05, "gate_patience": 6, "gate_lr": 0.2}}'
-smol_configs=default,s30c128
+# against the 10-step setting it replaced (bench/search.py's "first10"; the 70B shape runs the default alone)
+big_configs='{"default": {}, "first10": {"gate_steps": 10, "tau_end": 0.39466814125291616, "gate_lr": 0.2, "gate_screen": 8}}'
+smol_configs=default,first10
 alias_check='from layercut.load import load_model; from layercut.config import ModelOptions
 import sys; h = load_model(sys.argv[1], ModelOptions(dtype="float32")); print(sys.argv[1], h.num_layers, h.tokenizer.tokenize("The whale swam"))'
 
@@ -47,7 +47,7 @@ workers)  # in the background: once Gemma-3 is in place (and the 70B shape's sea
 search)  # in the background: the search costs of the 70B shape (both GPUs, before any grid worker starts), then on
   # GPU 1 those of the 8B shape, SmolLM2's single-segment benchmark and the shipped gate's two-segment regate on seed 1
   touch ~/res/search.started && cd ~/code && setsid nohup bash -c "python3 bench/big_model.py --shape llama3-70b \
-    --gpus 2 --max-memory-gib 68 --search-only --no-plain --gate-configs '$big_configs' --out ~/res/search-70b \
+    --gpus 2 --max-memory-gib 68 --search-only --no-plain --gate-configs '{\"default\": {}}' --out ~/res/search-70b \
     > ~/res/search-70b.log 2>&1; touch ~/res/big.done; export CUDA_VISIBLE_DEVICES=1;
     python3 bench/big_model.py --shape llama3-8b --search-only --no-plain --gate-configs '$big_configs' \
       --out ~/res/search-8b > ~/res/search-8b.log 2>&1;
