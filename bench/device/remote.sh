@@ -21,7 +21,6 @@ setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ~/site .carry/c1/wheels/*.whl
   cp -r .carry/c1/olmo_eval ~/site/ && cp -r .carry/c1/cache/. ~/lc/cache/
   gunzip -f ~/lc/cache/tokenizers/gemma3-270m/tokenizer.json.gz
-  cp .carry/c1/gg.part0 ~/gg/
   cp -r src bench ~/code/
   cp -r bench/results/grid-h200/cells bench/results/grid-h200/protocol.json ~/res/grid/  # resume: committed cells are skipped
   python3 -c "import datasets, lm_eval, pyarrow; print('lm-eval', lm_eval.__version__, 'pyarrow', pyarrow.__version__)"
