@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gate_replay import after_collapse, recorded_rows  # bench/gate_replay.py
+from gate_replay import after_collapse, read_out, recorded_rows  # bench/gate_replay.py
 
 from layercut.config import DataOptions, ModelOptions, SearchOptions
-from layercut.gate import SCREENED, candidate_key, cuts, exact_scorer, neighbours, readout, refine
+from layercut.gate import candidate_key, cuts, exact_scorer
 
 SCREENS = [(8, 256), (4, 256), (8, 128), (2, 256), (4, 128), (2, 128), (1, 256)]  # (windows, tokens)
 
@@ -52,21 +52,22 @@ def token_kls(seeds, removes, windows: int = 8) -> dict[str, list[list[float]]]:
     return found
 
 
-def screened(tokens: dict, seed: int, remove: int, cut, windows: int, length: int) -> float:
-    rows = tokens[f"{seed}/{remove}/{candidate_key(cut)}"][:windows]
-    return sum(sum(row[:length]) / length for row in rows) / windows
+def screen_landscape(tokens: dict, row: dict, windows: int, length: int) -> dict[str, float]:
+    """Every cut of ``row``'s landscape screened on the first ``windows`` windows' first ``length`` tokens."""
+    found = {}
+    for key in row["oracle_landscape"]:
+        rows = tokens[f"{row['seed']}/{row['remove']}/{key}"][:windows]
+        found[key] = sum(sum(values[:length]) / length for values in rows) / windows
+    return found
 
 
 def replay_read_out(row: dict, gate: dict, tokens: dict, windows: int, length: int, num_layers: int) -> bool:
-    """Whether the recorded run's read-out, screened on ``windows`` × ``length``, returns the oracle's segment."""
-    remove, last = row["remove"], gate["trajectory"][-1]
-    active = after_collapse(last, last["active"], remove, num_layers)
-    found = readout(torch.tensor(last["starts"])[active], torch.tensor(last["widths"])[active], num_layers, remove)
-    candidates = list(dict.fromkeys(found + [n for c in found for n in neighbours(c, num_layers)]))
-    if len(candidates) > SCREENED:
-        candidates = sorted(candidates, key=lambda c: screened(tokens, row["seed"], remove, c, windows, length))
-        candidates = candidates[:SCREENED]
-    best, _ = refine(candidates, lambda batch: [row["oracle_landscape"][candidate_key(c)] for c in batch], num_layers)
+    """Whether the recorded run's read-out (bench/gate_replay.py's), screened on ``windows`` × ``length``, returns
+    the oracle's segment."""
+    last = gate["trajectory"][-1]
+    active = after_collapse(last, last["active"], row["remove"], num_layers)
+    best, *_ = read_out(last, active, row["remove"], num_layers, row["oracle_landscape"],
+                        screen_landscape(tokens, row, windows, length))
     return [list(s) for s in best] == row["oracle_segments"]
 
 
