@@ -4,7 +4,8 @@ cost of screening a cut on 8, 4 or 2 windows and of scoring it exactly, and torc
     python bench/gate_costs.py smol OUT     # SmolLM2-135M (float32), 32 wiki windows of 256 tokens, n = 6
     python bench/gate_costs.py big OUT      # a random-init Llama-3-8B shape (bf16) on GPU 0, n = 8
 
-Writes OUT/{smol,big}.json (seconds) and OUT/{smol,big}-prof.txt (the profiler's tables). Every timing follows two
+Writes OUT/{smol,big}.json (seconds) and OUT/{smol,big}-prof.txt (the profiler's tables of one gate search, by host
+and by device time, and of one oracle run, by device time). Every timing follows two
 untimed warm-up gate runs; ``first`` is the end of the first step (with the dense pass), ``readout`` the time after
 the last step. ``default-fwdtimed`` times each step's forward pass alone (``fwd``), the GPU's queue drained around it.
 """
@@ -75,6 +76,15 @@ def forward_timed(handle: Handle, windows: torch.Tensor, remove: int) -> dict:
         gate_module.gated_kl = plain
 
 
+def profiled(function, *args):
+    """torch.profiler's operator averages of one call (host, and the GPU's when there is one)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as found:
+        function(*args)
+        synchronize()
+    return found.key_averages()
+
+
 def main() -> None:
     which, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
@@ -97,13 +107,13 @@ def main() -> None:
         print(name, json.dumps(result[name]), flush=True)
     (out / f"{which}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}), flush=True)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as gate_profile:
-        search_gate(handle, windows, remove, SearchOptions(remove=remove), BATCH, 0)
-        synchronize()
     device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    tables = [gate_profile.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    gate = profiled(search_gate, handle, windows, remove, SearchOptions(remove=remove), BATCH, 0)
+    oracle = profiled(search_exhaustive, handle, windows, remove, SearchOptions(method="exhaustive", remove=remove),
+                      BATCH)
+    tables = [gate.table(sort_by=key, row_limit=rows, max_name_column_width=70)
               for key, rows in (("self_cpu_time_total", 40), (device_key, 30), ("cpu_time_total", 40))]
+    tables.append(oracle.table(sort_by=device_key, row_limit=20, max_name_column_width=70))
     (out / f"{which}-prof.txt").write_text("\n".join(tables))
 
 
