@@ -9,8 +9,9 @@ data) takes that cell's measures and names it in ``measured_in``. Measured per c
 layers removed, search and heal time, held-out perplexity on ``wiki`` (test part) and ``lee``, zero-shot acc and
 acc_norm on the seven tasks through lm-eval (with its standard errors), retention and retention above chance.
 
-    python bench/grid.py --out bench/results/grid                    # the full grid (GPU)
-    python bench/grid.py --out bench/results/grid --report           # tables, plots and results.md from the cells
+    python bench/grid.py --out bench/results/grid-h200               # the full grid (GPU; resumes the committed cells)
+    python bench/grid.py --out bench/results/grid-h200 --report      # tables, plots and results.md from the cells
+    python bench/grid.py --out bench/results/grid-h200 --report --readme README.md --doc docs/results.md
     python bench/grid.py --out runs/grid-smoke --models /tmp/tiny --rates tiny --limit 4 --tasks piqa  # smoke
 """
 
@@ -343,6 +344,14 @@ def summary(group: list[dict]) -> dict:
     return found
 
 
+def summaries(cells: list[dict]) -> dict[tuple, dict]:
+    """The :func:`summary` of each (model, remove, selection, heal) group of cells."""
+    groups: dict[tuple, list] = {}
+    for cell in cells:
+        groups.setdefault((cell["model"], cell["remove"], cell["selection"], cell["heal"]), []).append(cell)
+    return {key: summary(group) for key, group in groups.items()}
+
+
 def verdict(value: dict, reference: dict) -> str:
     """``value`` against ``reference``: a difference inside two standard errors (the larger of the two) is a tie."""
     difference = value["retention"] - reference["retention"]
@@ -403,10 +412,7 @@ def report(out: Path) -> str:
     tail cuts against their trainable parameters; one segment against two; and the two plots. ``cells.md`` lists
     every cell."""
     cells, dense, refused = read_cells(out)
-    groups: dict[tuple, list] = {}
-    for cell in cells:
-        groups.setdefault((cell["model"], cell["remove"], cell["selection"], cell["heal"]), []).append(cell)
-    table = {key: summary(group) for key, group in groups.items()}
+    table = summaries(cells)
     lines = ["# Headline grid", "",
              (f"{len(cells)} cells. Retention = pruned / dense average zero-shot accuracy (acc) over the tasks, mean "
              "over the calibration seeds; above chance = (pruned - chance) / (dense - chance). ± is two standard "
@@ -575,7 +581,9 @@ def main() -> None:
     parser.add_argument("--heals", default="", help="comma-separated part of the heals (default: all)")
     parser.add_argument("--report", action="store_true", help="only write the tables and plots from the cells")
     parser.add_argument("--readme", default="", help="a markdown file whose section between the markers "
-                                                     f"{START} and {END} becomes the report")
+                                                     f"{START} and {END} becomes the compact headline table")
+    parser.add_argument("--doc", default="", help="a markdown file whose section between the markers becomes "
+                                                  "the whole report")
     arguments = parser.parse_args()
     arguments.models = [m for m in arguments.models.split(",") if m]
     arguments.seeds = [int(s) for s in arguments.seeds.split(",") if s]
@@ -598,24 +606,61 @@ def main() -> None:
         launch(arguments, out) if arguments.workers else run(arguments, out)
     text = report(out)
     if arguments.readme:
-        into_readme(Path(arguments.readme), text, out, arguments)
+        into_section(Path(arguments.readme), compact_headline(out) + generated_by(out, arguments))
+    if arguments.doc:
+        body = text.replace("\n## ", "\n### ").replace("# Headline grid\n", "")
+        into_section(Path(arguments.doc), generated_by(out, arguments) + body)
     print(text)
 
 
 START, END = "<!-- grid results: start -->", "<!-- grid results: end -->"
 
 
-def into_readme(readme: Path, text: str, out: Path, arguments) -> None:
-    """Replace the README's generated section with the report (its headings one level down) and how it was made."""
+def compact_headline(out: Path) -> str:
+    """One table for a README: per case (model, layers removed) a column, per selection method a row, each entry
+    the method's retention with its best heal and whether CLP (one segment, its own best heal) wins, ties or loses
+    against it (:func:`clp_verdict`), and a last row counting the three."""
+    cells, _, _ = read_cells(out)
+    table = summaries(cells)
+    shape = {c["model"]: c["layers"] for c in cells}
+    cases = sorted({(c["model"], c["remove"]) for c in cells})
+    best = {case: best_heals(table, *case) for case in cases}
+    lines = ["| selection (best heal) | " + " | ".join(f"{m}, {n} of {shape[m]} cut" for m, n in cases) + " |",
+             "|---|" + "---|" * len(cases)]
+    counts = {case: {"clp wins": 0, "tie": 0, "clp loses": 0} for case in cases}
+    for name in SELECTIONS:
+        entries = []
+        for case in cases:
+            found, clp = best[case].get(name), best[case].get("clp")
+            if found is None:
+                entries.append("—")
+            elif name == "clp" or clp is None:
+                entries.append(f"**{found[1]['retention']:.3f} ± {2 * found[1]['stderr']:.3f}**")
+            else:
+                said = clp_verdict(clp[1], found[1])
+                counts[case][said] += 1
+                entries.append(f"{found[1]['retention']:.3f} ({said})")
+        lines.append(f"| {name} | " + " | ".join(entries) + " |")
+    lines.append("| **CLP wins / ties / loses** | " + " | ".join(
+        "{} / {} / {}".format(*counts[case].values()) for case in cases) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def generated_by(out: Path, arguments) -> str:
+    """The line that says which command wrote a generated section, from which cells, made by which command."""
     meta = json.loads((out / "grid.json").read_text())
-    body = text.replace("\n## ", "\n#### ").replace("# Headline grid\n", "")
-    section = (f"{START}\n_Generated by `python bench/grid.py --out {out} --report --readme {readme}` from "
-               f"`{out}/cells`, made by `{meta['command']}`._\n{body}{END}")
-    content = readme.read_text()
+    flags = "".join(f" --{name} {getattr(arguments, name)}" for name in ("readme", "doc") if getattr(arguments, name))
+    return (f"\n_Generated by `python bench/grid.py --out {out} --report{flags}` from `{out}/cells`, made by "
+            f"`{meta['command']}`._\n")
+
+
+def into_section(path: Path, section: str) -> None:
+    """Replace the text between the markers :data:`START` and :data:`END` of a markdown file with ``section``."""
+    content = path.read_text()
     if START not in content or END not in content:
-        raise SystemExit(f"{readme} has no {START} ... {END} section")
+        raise SystemExit(f"{path} has no {START} ... {END} section")
     before, rest = content.split(START, 1)
-    write_atomically(readme, before + section + rest.split(END, 1)[1])
+    write_atomically(path, before + START + "\n" + section + END + rest.split(END, 1)[1])
 
 
 if __name__ == "__main__":

@@ -146,3 +146,41 @@ def test_a_run_under_another_protocol_is_refused(tmp_path):
     arguments.limit = None
     with pytest.raises(SystemExit, match="--limit 500 there, None here"):
         grid.check_protocol(arguments, tmp_path)
+
+
+def test_the_compact_headline_counts_where_clp_wins_ties_and_loses(tmp_path):
+    cells = tmp_path / "cells"
+    cells.mkdir()
+
+    def zero_shot(acc):
+        tasks = {"piqa": {"acc": acc, "acc_norm": None, "items": 100, "acc_stderr": 0.01, "acc_norm_stderr": None}}
+        return {"tasks": tasks, "average": {"acc": acc, "acc_norm": acc}, "lm_eval_version": "0", "metric": "acc",
+                "limit": 100}
+
+    (cells / "m-dense.json").write_text(json.dumps({"perplexity_wiki": 10.0, "perplexity_lee": 12.0,
+                                                    "zero_shot": zero_shot(0.8)}))
+    for name, heal_name, acc in (("clp", "none", 0.6), ("clp", "endpoints", 0.7), ("tail", "endpoints", 0.6),
+                                 ("sleb", "endpoints", 0.71), ("ppl", "endpoints", 0.8)):
+        cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": name, "heal": heal_name,
+                "chosen": [[2, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": 4, "search_seconds": 1.0,
+                "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": 20.0, "perplexity_lee": 30.0,
+                "zero_shot": zero_shot(acc)}
+        (cells / f"m-n2-seed0-{name}-{heal_name}.json").write_text(json.dumps(cell))
+    lines = grid.compact_headline(tmp_path).splitlines()
+    assert lines[0] == "| selection (best heal) | m, 2 of 6 cut |"
+    rows = {line.split(" | ")[0].strip("| *"): line for line in lines[2:]}
+    assert rows["clp"] == "| clp | **0.875 ± 0.025** |"  # its best heal (endpoints), not its first
+    assert rows["tail"] == "| tail | 0.750 (clp wins) |" and rows["sleb"] == "| sleb | 0.887 (tie) |"
+    assert rows["ppl"] == "| ppl | 1.000 (clp loses) |" and rows["angular"] == "| angular | — |"
+    assert rows["CLP wins / ties / loses"] == "| **CLP wins / ties / loses** | 1 / 1 / 1 |"
+
+
+def test_a_section_between_the_markers_is_replaced_and_nothing_else(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(f"before\n{grid.START}\nold\n{grid.END}\nafter\n")
+    grid.into_section(page, "new\n")
+    assert page.read_text() == f"before\n{grid.START}\nnew\n{grid.END}\nafter\n"
+    page.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="has no"):
+        grid.into_section(page, "new\n")
+    assert page.read_text() == "no markers\n"
