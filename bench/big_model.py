@@ -8,8 +8,8 @@ prefill/decode throughput dense vs pruned next to L/(L−n), and ``save_pretrain
 the chosen segment meaningless; only cost is measured. Results are rewritten after every stage into
 ``--out``/big_model.json and big_model.md.
 
-    python bench/big_model.py --shape llama3-8b --out bench/results/big-8b-h200
-    python bench/big_model.py --shape llama3-70b --gpus 2 --out bench/results/big-70b-2xh200
+    python bench/big_model.py --shape llama3-8b --out bench/results/big-models/big-8b-h200
+    python bench/big_model.py --shape llama3-70b --gpus 2 --out bench/results/big-models/big-70b-2xh200
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ with their wall times. For each n (first seed): held-out perplexity with no repa
 tuning at equal steps. Writes ``clp_search.json``, ``clp_search.md`` and PNG plots into ``--out``.
 
     python bench/clp_search.py --out bench/results/clp-h200            # full setting (GPU)
-    python bench/clp_search.py --out bench/results/clp-cpu --quick     # small setting (CPU)
+    python bench/clp_search.py --out runs/clp-cpu --quick              # small setting (CPU)
 """
 
 from __future__ import annotations
