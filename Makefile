@@ -40,7 +40,9 @@ $(GEMMA_ASSETS): $(STAMP) src/layercut/assets.py
 
 assets-gemma: $(GEMMA_ASSETS)
 
+# lint-imports checks ARCHITECTURE.md's module order ([tool.importlinter] in pyproject.toml) before the tests run.
 test: $(ASSETS) $(GEMMA_ASSETS)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not long"
 
 # The tests that take minutes on a CPU (Gemma-3-270M's 200-item PIQA check).

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from layercut import data, heal, quantize, selection, zeroshot
 from layercut.errors import LayercutError
 from layercut.layers import parse_segment
+from layercut.load import parse_max_memory
 
 # The choices come from the registries, where each name has its function and help.
 METHODS = tuple(selection.METHODS)
@@ -284,21 +285,6 @@ def check_device(device: str) -> str:
     if match[1] == "mps" and not torch.backends.mps.is_available():
         raise ValueError("mps is not available on this machine; use --device cpu")
     return device
-
-
-def parse_max_memory(text: str) -> dict[int | str, str]:
-    """``"0=70GiB,1=70GiB,cpu=200GiB"`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}`` (accelerate's max_memory)."""
-    limits: dict[int | str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        device, _, amount = item.partition("=")
-        device, amount = device.strip(), amount.strip()
-        if not amount or not (device.isdigit() or device in ("cpu", "disk", "mps")):
-            raise LayercutError(f"--max-memory entry {item!r} is not DEVICE=AMOUNT; write e.g. "
-                                "0=70GiB,1=70GiB,cpu=200GiB")
-        limits[int(device) if device.isdigit() else device] = amount
-    if not limits:
-        raise LayercutError("--max-memory is empty; write e.g. 0=70GiB,1=70GiB,cpu=200GiB")
-    return limits
 
 
 def flag(name: str) -> str:

@@ -1,5 +1,5 @@
 """Forward passes that score cuts: gate hooks on the decoder layers, per-layer checkpointing, the output head
-applied in chunks, the exact KL of hard cuts, and the hidden states between layers.
+applied in chunks, the exact KL of hard cuts, the hidden states between layers, and the heals' training step.
 
 The gate search, the exact oracle and the baseline criteria all run the model through here.
 """
@@ -7,8 +7,10 @@ The gate search, the exact oracle and the baseline criteria all run the model th
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from layercut.errors import LayercutError
 from layercut.layers import Candidate, Handle, text_config
+
+if TYPE_CHECKING:
+    from layercut.config import HealOptions
 
 # ----------------------------------------------------------------------------------------------- pure math
 
@@ -481,3 +486,17 @@ class ExactKL:
             found.append(total / count)
             self.evaluated += 1
         return [float(loss) for loss in torch.stack(found).cpu()] if found else []
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, options: HealOptions,
+                   learning_rate: float) -> float:
+    """One step of a heal's training on ``loss``; returns its value. A loss that is not finite stops the heal with
+    a LayercutError before it changes any weight."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise LayercutError(f"the {options.heal} heal diverged: its loss is {value} at step {step + 1} of "
+                            f"{options.heal_steps} (learning rate {learning_rate:g}); lower --heal-lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return value

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from layercut import data, replacement
-from layercut.errors import LayercutError
-from layercut.forward import batches, final_norm, model_device
+from layercut.forward import batches, final_norm, model_device, optimizer_step
 from layercut.layers import Cut, Handle, Segment, kept_layers
 from layercut.record import HealReport
 
@@ -118,7 +116,8 @@ HEALS: dict[str, Heal] = {
                       "MLP's output projection",
                       collect=replacement.replaceme_collect, apply=replacement.replaceme_apply),
     "streamline": Heal("LLM-Streamline: each block is replaced by its first layer, trained (mean squared error) to "
-                       "map the block's input to its output", learning_rate=1e-3, cut=replacement.streamline_cut,
+                       "map the block's input to its output", learning_rate=replacement.STREAMLINE_LEARNING_RATE,
+                       cut=replacement.streamline_cut,
                        collect=replacement.streamline_collect, apply=replacement.streamline_apply),
 }
 
@@ -180,20 +179,6 @@ def _tail_modules(model) -> list[torch.nn.Module]:
     elif head is not None:
         modules.append(head)
     return modules
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, options: HealOptions,
-                   learning_rate: float) -> float:
-    """One step of a heal's training on ``loss``; returns its value. A loss that is not finite stops the heal with
-    a LayercutError before it changes any weight."""
-    value = loss.item()
-    if not math.isfinite(value):
-        raise LayercutError(f"the {options.heal} heal diverged: its loss is {value} at step {step + 1} of "
-                            f"{options.heal_steps} (learning rate {learning_rate:g}); lower --heal-lr")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return value
 
 
 def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptions, seed: int = 0,

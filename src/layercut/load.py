@@ -190,11 +190,16 @@ def check_causal(config) -> None:
 
 def load_config(name: str, options: ModelOptions):
     """``(source, config)``: where the model comes from and its checked config, without loading any weight."""
+    return read_config(name, options.trust_remote_code)
+
+
+def read_config(name: str, trust_remote_code: bool = False):
+    """:func:`load_config` from plain arguments."""
     from transformers import AutoConfig
 
     source = resolve_model(name)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=options.trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
         raise LayercutError(
             f"cannot load a config for {name!r}: {str(error).splitlines()[0]} "
@@ -207,21 +212,26 @@ def load_config(name: str, options: ModelOptions):
 def load_model(name: str, options: ModelOptions) -> Handle:
     """Load the model and tokenizer in eval mode on the requested device and dtype, with its decoder layers found
     (``options.layers_path`` names them where structure cannot)."""
+    return open_model(name, options.dtype, options.device, options.trust_remote_code, options.device_map,
+                      options.max_memory, options.offload_folder, options.layers_path)
+
+
+def open_model(name: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+               device_map: str | None = None, max_memory: str | None = None, offload_folder: str | None = None,
+               layers_path: str | None = None) -> Handle:
+    """:func:`load_model` from plain arguments, named as :class:`~layercut.config.ModelOptions`'s fields."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, _ = load_config(name, options)
-    trust = options.trust_remote_code
-    device = resolve_device(options.device)
-    dtype = resolve_dtype(options.dtype, device)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust}
-    if options.device_map:
-        kwargs["device_map"] = options.device_map
-    if options.max_memory:
-        from layercut.config import parse_max_memory
-
-        kwargs["max_memory"] = parse_max_memory(options.max_memory)
-    if options.offload_folder:
-        kwargs["offload_folder"] = options.offload_folder
+    source, _ = read_config(name, trust_remote_code)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if device_map:
+        kwargs["device_map"] = device_map
+    if max_memory:
+        kwargs["max_memory"] = parse_max_memory(max_memory)
+    if offload_folder:
+        kwargs["offload_folder"] = offload_folder
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
@@ -229,12 +239,27 @@ def load_model(name: str, options: ModelOptions) -> Handle:
         raise LayercutError(f"cannot load the weights of {name} ({type(error).__name__}: "
                             f"{str(error).splitlines()[0][:200]}); a weight file ({files or 'none found'}) may be "
                             "truncated or damaged: export or download it again") from error
-    if not options.device_map:
+    if not device_map:
         model.to(device)
     model.eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:
         raise LayercutError(f"cannot load the tokenizer of {name} ({str(error).splitlines()[0][:200]}); the folder "
                             "needs the tokenizer files save_pretrained writes") from error
-    return Handle.of(model, tokenizer, options.layers_path)
+    return Handle.of(model, tokenizer, layers_path)
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}`` (accelerate's max_memory)."""
+    limits: dict[int | str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        device, _, amount = item.partition("=")
+        device, amount = device.strip(), amount.strip()
+        if not amount or not (device.isdigit() or device in ("cpu", "disk", "mps")):
+            raise LayercutError(f"--max-memory entry {item!r} is not DEVICE=AMOUNT; write e.g. "
+                                "0=70GiB,1=70GiB,cpu=200GiB")
+        limits[int(device) if device.isdigit() else device] = amount
+    if not limits:
+        raise LayercutError("--max-memory is empty; write e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    return limits

@@ -246,8 +246,7 @@ def quantize_checkpoint(source_dir: str | Path, output_dir: str | Path, options:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from layercut.config import ModelOptions
-    from layercut.load import DTYPES, load_model
+    from layercut.load import DTYPES, open_model
 
     scheme = options.quantize
     source, device = Path(source_dir), torch.device(device)
@@ -271,7 +270,7 @@ def quantize_checkpoint(source_dir: str | Path, output_dir: str | Path, options:
         tokenizer.save_pretrained(staging)
         del model
         dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
-        reloaded = load_model(str(staging), ModelOptions(device=str(device), dtype=dtype_name)).model
+        reloaded = open_model(str(staging), dtype_name, str(device)).model
         after = _measured(reloaded, tokenizer, evaluate, device)
         del reloaded
         entry = quantization_entry(scheme, weights_size(source), weights_size(staging), calibration_windows, group,

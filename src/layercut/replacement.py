@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layercut.errors import LayercutError
-from layercut.forward import batches, final_hidden, model_device, replaced_layers
+from layercut.forward import batches, final_hidden, model_device, optimizer_step, replaced_layers
 from layercut.layers import Cut, Handle, Segment
 from layercut.record import HealReport
 
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from layercut.heal import HealData
 
 logger = logging.getLogger(__name__)
+
+# LLM-Streamline's default learning rate (``heal.HEALS["streamline"]``).
+STREAMLINE_LEARNING_RATE = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------- pure math
@@ -241,15 +244,13 @@ def streamline_apply(handle: Handle, cut: Cut, prepared: HealData, options: Heal
     state leaving it: mean squared error, AdamW, ``heal_steps`` steps of ``heal_batch`` windows; the rest of the
     model is frozen and does not run."""
     started = time.perf_counter()
-    from layercut.heal import HEALS, optimizer_step
-
     model, windows = handle.model, prepared.windows
     indices = {segment: post_cut_index(segment[0], cut.segments) for segment in prepared.collected}
     model.requires_grad_(False)
     trainable = [p for index in indices.values() for p in handle.layers[index].parameters()]
     for p in trainable:
         p.requires_grad_(True)
-    learning_rate = HEALS["streamline"].learning_rate if options.heal_lr is None else options.heal_lr
+    learning_rate = STREAMLINE_LEARNING_RATE if options.heal_lr is None else options.heal_lr
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     device = model_device(model)
