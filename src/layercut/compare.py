@@ -17,11 +17,11 @@ from pathlib import Path
 
 from layercut import heal, selection
 from layercut.config import METHODS, EvalOptions, Recipe, to_dict
-from layercut.data import calibrate
+from layercut.data import Windows, calibrate
 from layercut.errors import LayercutError
 from layercut.evaluate import evaluate, perplexity, task_list
 from layercut.files import absolute, check_writable, staged_file, write_atomically
-from layercut.layers import cut
+from layercut.layers import Handle, cut
 from layercut.load import load_model, resolve_model
 from layercut.pipeline import check_before_work
 from layercut.record import CompareResult, CompareRow, DenseRow, library_versions
@@ -72,6 +72,36 @@ def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | P
     ``compare.png``. Everything is checked before anything is written; a folder holding cells of another
     fingerprint is refused unless ``overwrite``.
     """
+    output = check_compare(model_name, recipe, methods, output)
+    handle = load_model(model_name, recipe.model)
+    windows = calibrate(handle.tokenizer, recipe.data)
+    cells = start_cells(output, fingerprint(resolve_model(model_name), windows, recipe), overwrite)
+    prepared = heal.prepare(handle, recipe.heal, recipe.data)
+    zero_shot = EvalOptions(tasks=",".join(task_list(recipe.evaluation)), limit=recipe.evaluation.limit)
+    dense = dense_row(handle, windows, cells / "dense.json", zero_shot, recipe.data.batch_size, recipe.data.seed)
+    rows = []
+    for method in methods:
+        cell = cells / f"{method}.json"
+        if cell.is_file():
+            logger.info("%s: already done, skipped", method)
+            rows.append(CompareRow.model_validate_json(cell.read_text()))
+            continue
+        if progress is not None:
+            progress(method)
+        row = compare_row(handle, windows, recipe, method, prepared, dense, zero_shot)
+        write_atomically(cell, row.model_dump_json(indent=2) + "\n")
+        rows.append(row)
+    result = CompareResult(model=model_name, remove=sum(e - s for s, e in rows[0].segments), dense=dense, rows=rows,
+                           recipe=to_dict(recipe), versions=library_versions())
+    write_atomically(output / "compare.json", result.model_dump_json(indent=2) + "\n")
+    write_atomically(output / "compare.md", compare_table(result))
+    with staged_file(output / "compare.png") as chart:
+        compare_chart(result, chart)
+    return result
+
+
+def check_compare(model_name: str, recipe: Recipe, methods: list[str], output: str | Path) -> Path:
+    """The absolute ``output`` folder, once the methods, the recipe and the folder are checked; nothing written."""
     check_methods(methods)
     if recipe.search.segment:
         raise LayercutError("compare chooses the segments with each method; --segment gives them: use layercut prune "
@@ -82,9 +112,12 @@ def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | P
         raise LayercutError(f"{output} exists and is not a layercut compare folder (no {FINGERPRINT}); choose another "
                             "--output")
     check_writable(output)
-    handle = load_model(model_name, recipe.model)
-    windows = calibrate(handle.tokenizer, recipe.data)
-    found = fingerprint(resolve_model(model_name), windows, recipe)
+    return output
+
+
+def start_cells(output: Path, found: dict, overwrite: bool) -> Path:
+    """The ``cells`` folder of ``output`` for the fingerprint ``found``: the earlier cells are kept when they were
+    made with the same fingerprint, removed with ``overwrite``, refused otherwise."""
     if (output / FINGERPRINT).is_file():
         earlier = json.loads((output / FINGERPRINT).read_text())
         changed = [part for part in found if earlier.get(part) != found[part]]
@@ -96,52 +129,42 @@ def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | P
     cells = output / "cells"
     cells.mkdir(parents=True, exist_ok=True)
     write_atomically(output / FINGERPRINT, json.dumps(found, indent=2) + "\n")
-    prepared = heal.prepare(handle, recipe.heal, recipe.data)
-    zero_shot = EvalOptions(tasks=",".join(task_list(recipe.evaluation)), limit=recipe.evaluation.limit)
-    batch_size, seed = recipe.data.batch_size, recipe.data.seed
-    dense_file = cells / "dense.json"
-    if dense_file.is_file():
-        dense = DenseRow.model_validate_json(dense_file.read_text())
-    else:
-        measured = evaluate(handle.model, handle.tokenizer, windows.test, zero_shot, batch_size, seed)
-        dense = DenseRow(perplexity=measured.perplexity, layers=handle.num_layers, zero_shot=measured.zero_shot)
-        write_atomically(dense_file, dense.model_dump_json(indent=2) + "\n")
-    rows = []
-    for method in methods:
-        cell = cells / f"{method}.json"
-        if cell.is_file():
-            logger.info("%s: already done, skipped", method)
-            rows.append(CompareRow.model_validate_json(cell.read_text()))
-            continue
-        if progress is not None:
-            progress(method)
-        started = time.perf_counter()
-        options = recipe.search.replace(method=method)
-        found = selection.search(handle, windows.calibration, options, batch_size, seed)
-        collected = heal.before_cut(handle, found.segments, prepared, recipe.heal)
-        pruned = copy.deepcopy(handle)
-        removed = cut(pruned, heal.planned_cut(found.segments, recipe.heal))
-        cut_ppl = perplexity(pruned.model, windows.test, batch_size)
-        report = heal.heal(pruned, removed, collected, recipe.heal, seed)
-        healed = report.name != "none"
-        measured = evaluate(pruned.model, pruned.tokenizer, windows.test if healed else None, zero_shot,
-                            batch_size, seed)
-        row = CompareRow(method=method, segments=removed.segments, kl=found.kl, search_seconds=found.seconds,
-                         perplexity_cut=cut_ppl, perplexity=measured.perplexity if healed else cut_ppl,
-                         heal=recipe.heal.heal, trainable_parameters=report.trainable_parameters,
-                         heal_seconds=report.seconds, zero_shot=measured.zero_shot)
-        if measured.zero_shot is not None:
-            from layercut.zeroshot import retention
+    return cells
 
-            row.retention = retention(measured.zero_shot, dense.zero_shot).average
-        row.seconds = time.perf_counter() - started
-        del pruned
-        write_atomically(cell, row.model_dump_json(indent=2) + "\n")
-        rows.append(row)
-    result = CompareResult(model=model_name, remove=sum(e - s for s, e in rows[0].segments), dense=dense, rows=rows,
-                           recipe=to_dict(recipe), versions=library_versions())
-    write_atomically(output / "compare.json", result.model_dump_json(indent=2) + "\n")
-    write_atomically(output / "compare.md", compare_table(result))
-    with staged_file(output / "compare.png") as chart:
-        compare_chart(result, chart)
-    return result
+
+def dense_row(handle: Handle, windows: Windows, dense_file: Path, zero_shot: EvalOptions, batch_size: int,
+              seed: int) -> DenseRow:
+    """The dense model's perplexity and zero-shot accuracy, read from ``dense_file`` or measured and written there."""
+    if dense_file.is_file():
+        return DenseRow.model_validate_json(dense_file.read_text())
+    measured = evaluate(handle.model, handle.tokenizer, windows.test, zero_shot, batch_size, seed)
+    dense = DenseRow(perplexity=measured.perplexity, layers=handle.num_layers, zero_shot=measured.zero_shot)
+    write_atomically(dense_file, dense.model_dump_json(indent=2) + "\n")
+    return dense
+
+
+def compare_row(handle: Handle, windows: Windows, recipe: Recipe, method: str, prepared: heal.HealData | None,
+                dense: DenseRow, zero_shot: EvalOptions) -> CompareRow:
+    """Search with ``method``, cut a copy of the dense model, heal and measure it; the dense ``handle`` is kept."""
+    batch_size, seed = recipe.data.batch_size, recipe.data.seed
+    started = time.perf_counter()
+    options = recipe.search.replace(method=method)
+    found = selection.search(handle, windows.calibration, options, batch_size, seed)
+    collected = heal.before_cut(handle, found.segments, prepared, recipe.heal)
+    pruned = copy.deepcopy(handle)
+    removed = cut(pruned, heal.planned_cut(found.segments, recipe.heal))
+    cut_ppl = perplexity(pruned.model, windows.test, batch_size)
+    report = heal.heal(pruned, removed, collected, recipe.heal, seed)
+    healed = report.name != "none"
+    measured = evaluate(pruned.model, pruned.tokenizer, windows.test if healed else None, zero_shot,
+                        batch_size, seed)
+    row = CompareRow(method=method, segments=removed.segments, kl=found.kl, search_seconds=found.seconds,
+                     perplexity_cut=cut_ppl, perplexity=measured.perplexity if healed else cut_ppl,
+                     heal=recipe.heal.heal, trainable_parameters=report.trainable_parameters,
+                     heal_seconds=report.seconds, zero_shot=measured.zero_shot)
+    if measured.zero_shot is not None:
+        from layercut.zeroshot import retention
+
+        row.retention = retention(measured.zero_shot, dense.zero_shot).average
+    row.seconds = time.perf_counter() - started
+    return row

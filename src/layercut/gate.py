@@ -278,45 +278,10 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
     """
     started = time.perf_counter()
     options = gate_settings(options)
-    segments, steps = options.segments, options.gate_steps
-    profiles = options.gate_profiles if options.gate_profiles > 0 else default_profiles(num_layers, remove)
-    starts = initial_starts(num_layers, remove // segments, profiles, segments).requires_grad_(True)
-    width_logits = torch.zeros(profiles, segments, requires_grad=True)
-    parameters = [starts, width_logits] if segments > 1 else [starts]
-    optimizer = torch.optim.Adam(parameters, lr=options.gate_lr)
-    trajectory, stable, last, active = [], 0, None, list(range(profiles))
-    for step in range(steps):
-        tau = temperature(step, steps, options.tau_start, options.tau_end)
-        widths = remove * torch.softmax(width_logits, dim=-1)
-        gates = 1 - notch_mask(starts[active], widths[active], num_layers, tau)
-        losses = objective(gates)
-        if not torch.isfinite(losses).all():
-            raise LayercutError(f"the gate's KL is not finite at step {step + 1} ({losses.tolist()}); lower --gate-lr "
-                                "or load the model in float32 (--dtype float32)")
-        optimizer.zero_grad()
-        losses.sum().backward()
-        optimizer.step()
-        with torch.no_grad():
-            widths = remove * torch.softmax(width_logits, dim=-1)
-            starts.copy_(torch.minimum(starts.clamp(min=0), num_layers - widths))
-        loss = dict(zip(active, losses.detach().tolist()))
-        trajectory.append({"step": step, "tau": tau, "loss": [loss.get(r) for r in range(profiles)],
-                           "active": active, "starts": starts.detach().tolist(), "widths": widths.detach().tolist()})
-        logger.debug("gate step %d tau %.3f loss %s", step, tau, loss)
-        if progress is not None:
-            progress(1)
-        cut_of = [to_candidate(starts[r].tolist(), round_widths(widths[r].tolist(), remove), num_layers) for r in active]
-        keep = distinct_profiles(cut_of, [loss[r] for r in active])
-        active = [active[k] for k in keep]
-        rounded = [cut_of[k] for k in keep if cut_of[k] is not None]  # the read-out: distinct after the collapse
-        stable = stable + 1 if rounded == last else 0
-        last = rounded
-        if options.gate_patience and stable >= options.gate_patience:
-            logger.info("gate read-out stable for %d steps: stopped after step %d of %d", stable, step + 1, steps)
-            break
-    readouts = readout(starts.detach()[active], (remove * torch.softmax(width_logits, dim=-1)).detach()[active],
-                       num_layers, remove)
+    starts, widths, trajectory = train_notches(objective, num_layers, remove, options, progress)
+    readouts = readout(starts, widths, num_layers, remove)
     if not readouts:
+        segments = options.segments
         readouts.append(tuple((k * (num_layers // segments), k * (num_layers // segments) + remove // segments)
                               for k in range(segments)))
     known = {} if known is None else known
@@ -327,6 +292,64 @@ def search_notches(objective: Callable[[torch.Tensor], torch.Tensor],
     best, best_kl = refine(candidates, exact, num_layers, known)
     return SearchResult("clp", list(best), best_kl, time.perf_counter() - started, len(known), trajectory,
                         {candidate_key(c): v for c, v in known.items()})
+
+
+def train_notches(objective: Callable[[torch.Tensor], torch.Tensor], num_layers: int, remove: int,
+                  options: SearchOptions, progress=None) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """The gate's training loop of :func:`search_notches` (``options`` with its gate settings resolved): the
+    starts ``[R', S]`` and widths ``[R', S]`` of the R' profiles left after the collapse, and the trajectory."""
+    segments, steps = options.segments, options.gate_steps
+    profiles = options.gate_profiles if options.gate_profiles > 0 else default_profiles(num_layers, remove)
+    starts = initial_starts(num_layers, remove // segments, profiles, segments).requires_grad_(True)
+    width_logits = torch.zeros(profiles, segments, requires_grad=True)
+    parameters = [starts, width_logits] if segments > 1 else [starts]
+    optimizer = torch.optim.Adam(parameters, lr=options.gate_lr)
+    trajectory, stable, last, active = [], 0, None, list(range(profiles))
+    for step in range(steps):
+        tau = temperature(step, steps, options.tau_start, options.tau_end)
+        loss, widths = notch_step(objective, optimizer, starts, width_logits, active, remove, num_layers, tau, step)
+        trajectory.append({"step": step, "tau": tau, "loss": [loss.get(r) for r in range(profiles)],
+                           "active": active, "starts": starts.detach().tolist(), "widths": widths.detach().tolist()})
+        logger.debug("gate step %d tau %.3f loss %s", step, tau, loss)
+        if progress is not None:
+            progress(1)
+        active, rounded = collapse(starts, widths, loss, active, remove, num_layers)
+        stable = stable + 1 if rounded == last else 0
+        last = rounded
+        if options.gate_patience and stable >= options.gate_patience:
+            logger.info("gate read-out stable for %d steps: stopped after step %d of %d", stable, step + 1, steps)
+            break
+    widths = (remove * torch.softmax(width_logits, dim=-1)).detach()
+    return starts.detach()[active], widths[active], trajectory
+
+
+def notch_step(objective: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+               starts: torch.Tensor, width_logits: torch.Tensor, active: list[int], remove: int, num_layers: int,
+               tau: float, step: int) -> tuple[dict[int, float], torch.Tensor]:
+    """One gate step on the ``active`` profiles: their losses by profile, and the widths ``[R, S]`` after the step
+    (the starts are kept inside the depth in place)."""
+    widths = remove * torch.softmax(width_logits, dim=-1)
+    gates = 1 - notch_mask(starts[active], widths[active], num_layers, tau)
+    losses = objective(gates)
+    if not torch.isfinite(losses).all():
+        raise LayercutError(f"the gate's KL is not finite at step {step + 1} ({losses.tolist()}); lower --gate-lr "
+                            "or load the model in float32 (--dtype float32)")
+    optimizer.zero_grad()
+    losses.sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        widths = remove * torch.softmax(width_logits, dim=-1)
+        starts.copy_(torch.minimum(starts.clamp(min=0), num_layers - widths))
+    return dict(zip(active, losses.detach().tolist())), widths
+
+
+def collapse(starts: torch.Tensor, widths: torch.Tensor, loss: dict[int, float], active: list[int], remove: int,
+             num_layers: int) -> tuple[list[int], list[Candidate]]:
+    """Of the ``active`` profiles that round to the same cut, the one with the lowest ``loss`` stays: the profiles
+    left, and their cuts (the read-out so far)."""
+    cut_of = [to_candidate(starts[r].tolist(), round_widths(widths[r].tolist(), remove), num_layers) for r in active]
+    keep = distinct_profiles(cut_of, [loss[r] for r in active])
+    return [active[k] for k in keep], [cut_of[k] for k in keep if cut_of[k] is not None]
 
 
 def exhaustive(exact: Callable[[list[Candidate]], list[float]], num_layers: int, remove: int,
@@ -432,58 +455,83 @@ def search_gate(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
     model, layers = handle.model, handle.layers
     scorer = scorer or exact_scorer(handle, windows, options, batch_size)
     exact = checked(scorer)
-    known: dict[Candidate, float] = {}
-    if options.segments > 1:
-        fewer = options.replace(segments=options.segments - 1, gate_steps=options.gate_steps)
-        previous = (search_exhaustive if options.segments == 2 else search_gate)(
-            handle, windows, remove, fewer, batch_size, seed, None, scorer)
-        known.update({parse_key(key): value for key, value in previous.landscape.items()})
-    generator = torch.Generator().manual_seed(seed)
-    step_windows = min(options.gate_windows, windows.shape[0])
-    # A causal model's outputs at the first C positions do not depend on the tokens after them: a step on the
-    # windows' first C tokens is the KL of the whole window restricted to those positions, at C/T of the cost.
-    length = options.gate_context if 0 < options.gate_context < windows.shape[1] else windows.shape[1]
-    positions = options.gate_positions if 0 < options.gate_positions < length else 0
+    known = fewer_segments(handle, windows, remove, options, batch_size, seed, scorer)
     requires_grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     try:
         with gated(layers) as set_gates, \
                 (checkpointed_layers(model, layers) if options.gate_checkpointing else contextlib.nullcontext()):
-
-            def objective(gates: torch.Tensor) -> torch.Tensor:
-                picks = torch.randint(0, windows.shape[0], (step_windows,), generator=generator)
-                batch = windows[picks, :length]
-                at = torch.randperm(length, generator=generator)[:positions].sort().values if positions else None
-                if at is None and length < windows.shape[1]:
-                    at = torch.arange(length)
-                if scorer.chunked_head:
-                    kl = gated_kl(scorer, set_gates, gates, picks, length, at)
-                else:
-                    with torch.no_grad():
-                        set_gates(None)
-                        teacher = outputs_of(model, batch, False)
-                    set_gates(gates)  # stays installed until the next call: checkpointed layers rerun it
-                    kl = kl_rows(model, teacher, outputs_of(model, batch.repeat(gates.shape[0], 1), False), False)
-                return kl.view(gates.shape[0], batch.shape[0]).mean(dim=1).cpu()
-
-            def read_out(candidates: list[Candidate]) -> list[float]:
-                set_gates(None)  # the last soft gates must not act under the read-out's own passes
-                return exact(candidates)
-
-            screen = None
-            if 0 < options.gate_screen < windows.shape[0]:
-                screener = checked(lambda batch: scorer(batch, options.gate_screen))
-
-                def screen(candidates: list[Candidate]) -> list[float]:
-                    set_gates(None)
-                    return screener(candidates)
-
+            objective = gate_objective(scorer, model, windows, set_gates, options, seed)
+            read_out, screen = exact_readers(scorer, exact, set_gates, options, windows.shape[0])
             result = search_notches(objective, read_out, handle.num_layers, remove, options, progress, known, screen)
     finally:
         for parameter, flag in zip(model.parameters(), requires_grad):
             parameter.requires_grad_(flag)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def fewer_segments(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int,
+                   seed: int, scorer: ExactKL) -> dict[Candidate, float]:
+    """The exact KL of every cut scored by the search for one segment fewer (exhaustive for one segment, the gate
+    from two); empty for one segment."""
+    if options.segments <= 1:
+        return {}
+    fewer = options.replace(segments=options.segments - 1, gate_steps=options.gate_steps)
+    previous = (search_exhaustive if options.segments == 2 else search_gate)(
+        handle, windows, remove, fewer, batch_size, seed, None, scorer)
+    return {parse_key(key): value for key, value in previous.landscape.items()}
+
+
+def gate_objective(scorer: ExactKL, model, windows: torch.Tensor, set_gates: Callable, options: SearchOptions,
+                   seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``objective(gates [R, L]) -> [R]``: the mean KL of each gated profile to the dense model on
+    ``options.gate_windows`` calibration windows drawn by a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    step_windows = min(options.gate_windows, windows.shape[0])
+    # A causal model's outputs at the first C positions do not depend on the tokens after them: a step on the
+    # windows' first C tokens is the KL of the whole window restricted to those positions, at C/T of the cost.
+    length = options.gate_context if 0 < options.gate_context < windows.shape[1] else windows.shape[1]
+    positions = options.gate_positions if 0 < options.gate_positions < length else 0
+
+    def objective(gates: torch.Tensor) -> torch.Tensor:
+        picks = torch.randint(0, windows.shape[0], (step_windows,), generator=generator)
+        batch = windows[picks, :length]
+        at = torch.randperm(length, generator=generator)[:positions].sort().values if positions else None
+        if at is None and length < windows.shape[1]:
+            at = torch.arange(length)
+        if scorer.chunked_head:
+            kl = gated_kl(scorer, set_gates, gates, picks, length, at)
+        else:
+            with torch.no_grad():
+                set_gates(None)
+                teacher = outputs_of(model, batch, False)
+            set_gates(gates)  # stays installed until the next call: checkpointed layers rerun it
+            kl = kl_rows(model, teacher, outputs_of(model, batch.repeat(gates.shape[0], 1), False), False)
+        return kl.view(gates.shape[0], batch.shape[0]).mean(dim=1).cpu()
+
+    return objective
+
+
+def exact_readers(scorer: ExactKL, exact: Callable[[list[Candidate]], list[float]], set_gates: Callable,
+                  options: SearchOptions, num_windows: int):
+    """``(read_out, screen)``: the exact KL of hard cuts on every calibration window, and (None unless
+    ``options.gate_screen`` is below ``num_windows``) on the first ``gate_screen`` windows; both remove the soft
+    gates first, so the last ones do not act under their passes."""
+
+    def read_out(candidates: list[Candidate]) -> list[float]:
+        set_gates(None)
+        return exact(candidates)
+
+    screen = None
+    if 0 < options.gate_screen < num_windows:
+        screener = checked(lambda batch: scorer(batch, options.gate_screen))
+
+        def screen(candidates: list[Candidate]) -> list[float]:
+            set_gates(None)
+            return screener(candidates)
+
+    return read_out, screen
 
 
 def gated_kl(scorer: ExactKL, set_gates: Callable, gates: torch.Tensor, picks: torch.Tensor, length: int,

@@ -198,8 +198,29 @@ def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptio
         raise ValueError("heal_loss=kl needs the dense model's teacher targets")
     started = time.perf_counter()
     indices = spec.layers(cut.segments, cut.layers_before, options)
-    model, layers, windows, teacher = handle.model, handle.layers, prepared.windows, prepared.teacher
     rank = options.lora_rank or spec.lora_rank
+    model = trainable_model(handle, indices, rank, spec.tail)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    count = sum(p.numel() for p in trainable)
+    logger.info("healing (%s): training %d parameters in layers %s", options.heal, count, indices)
+    learning_rate = spec.learning_rate if options.heal_lr is None else options.heal_lr
+    losses = train(model, trainable, prepared, options, learning_rate, seed, progress)
+    if rank:
+        model = model.merge_and_unload()
+    model.requires_grad_(False)
+    model.eval()
+    handle.model = model
+    return HealReport(name=options.heal, layers=indices, lora_rank=rank, trainable_parameters=count,
+                      learning_rate=learning_rate, steps=options.heal_steps, loss=options.heal_loss,
+                      first_loss=losses[0], last_loss=sum(losses[-10:]) / len(losses[-10:]),
+                      seconds=time.perf_counter() - started)
+
+
+def trainable_model(handle: Handle, indices: list[int], rank: int, tail: bool):
+    """The handle's model with only the layers ``indices`` (post-cut) trainable: their full weights, with the final
+    norm and an untied output head when ``tail``, or, with a LoRA ``rank``, peft adapters on their projections
+    (the peft model is returned; :meth:`merge_and_unload` gives the plain model back)."""
+    model, layers = handle.model, handle.layers
     model.requires_grad_(False)
     if rank:
         from peft import LoraConfig, get_peft_model
@@ -208,17 +229,20 @@ def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptio
                           for child, module in layers[index].named_modules() if _is_linear(module)})
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0,
                             layers_to_transform=indices, layers_pattern=handle.layers_name.rsplit(".", 1)[-1])
-        model = get_peft_model(model, config)
-    else:
-        for index in indices:
-            layers[index].requires_grad_(True)
-        if spec.tail:
-            for module in _tail_modules(model):
-                module.requires_grad_(True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    count = sum(p.numel() for p in trainable)
-    logger.info("healing (%s): training %d parameters in layers %s", options.heal, count, indices)
-    learning_rate = spec.learning_rate if options.heal_lr is None else options.heal_lr
+        return get_peft_model(model, config)
+    for index in indices:
+        layers[index].requires_grad_(True)
+    if tail:
+        for module in _tail_modules(model):
+            module.requires_grad_(True)
+    return model
+
+
+def train(model, trainable: list[torch.nn.Parameter], prepared: HealData, options: HealOptions,
+          learning_rate: float, seed: int = 0, progress=None) -> list[float]:
+    """``options.heal_steps`` AdamW steps on ``trainable``, each on ``options.heal_batch`` training windows drawn
+    by a generator seeded with ``seed``; the loss of each step."""
+    windows, teacher = prepared.windows, prepared.teacher
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     device = model_device(model)
@@ -234,13 +258,4 @@ def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptio
         losses.append(optimizer_step(optimizer, loss, step, options, learning_rate))
         if progress is not None:
             progress(1)
-    del optimizer
-    if rank:
-        model = model.merge_and_unload()
-    model.requires_grad_(False)
-    model.eval()
-    handle.model = model
-    return HealReport(name=options.heal, layers=indices, lora_rank=rank, trainable_parameters=count,
-                      learning_rate=learning_rate, steps=options.heal_steps, loss=options.heal_loss,
-                      first_loss=losses[0], last_loss=sum(losses[-10:]) / len(losses[-10:]),
-                      seconds=time.perf_counter() - started)
+    return losses
