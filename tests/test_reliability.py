@@ -365,6 +365,7 @@ def test_exported_folders_get_the_permissions_of_the_umask(world, tmp_path):
         os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert stat.S_IMODE((out / "layercut.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
 
 
 SIGNAL_RUN = textwrap.dedent("""

@@ -139,12 +139,30 @@ def replace_folder(staging: Path, output: Path) -> None:
         os.replace(staging, output)
 
 
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(folder: Path) -> None:
+    """Give every file under ``folder`` the permissions a new file gets under the umask (``0o666 & ~umask``, and
+    ``0o777 & ~umask`` for an executable one): libraries that write through private temporary files, such as
+    safetensors (0600), would otherwise leave a checkpoint or a shared cache that only its owner can read."""
+    mask = umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            executable = path.stat().st_mode & 0o111
+            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def staged_folder(output: str | Path, overwrite: bool = False, protected: Iterable[str | Path] = (),
                   marker: str | None = "layercut.json") -> Iterator[Path]:
     """Yield an empty staging folder beside ``output`` (checked by :func:`check_output`); when the block ends it
     takes ``output``'s place. On any error or signal the staging folder is removed and ``output`` is untouched.
-    Folders get the permissions the umask gives, like any other."""
+    Folders and the files in them get the permissions the umask gives, like any other (:func:`honour_umask`)."""
     output = check_output(output, overwrite, protected, marker)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(output)
@@ -154,6 +172,7 @@ def staged_folder(output: str | Path, overwrite: bool = False, protected: Iterab
         (staging / STAGING_MARK).write_text(json.dumps({"pid": os.getpid(), "target": str(output),
                                                          "started": time.time()}) + "\n")
         yield staging
+        honour_umask(staging)
         replace_folder(staging, output)
         (output / STAGING_MARK).unlink()
     except BaseException:
@@ -185,9 +204,7 @@ def write_atomically(path: str | Path, text: str) -> None:
                                      delete=False) as file:
         file.write(text)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(file.name, 0o666 & ~umask)  # temporary files are private; a written file is as readable as others
+        os.chmod(file.name, 0o666 & ~umask())  # temporary files are private; a written file is as readable as others
         os.replace(file.name, path)
     except BaseException:
         with contextlib.suppress(OSError):
