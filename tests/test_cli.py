@@ -58,6 +58,16 @@ def test_prune_given_segment_exports_a_checkpoint_that_loads_without_layercut(wo
     assert "perplexity (" in capsys.readouterr().out
 
 
+def test_prune_prints_an_aligned_summary_table(workspace, tmp_path, capsys):
+    assert main(["prune", str(workspace / "tiny"), "--segment", "1:3", "--output", str(tmp_path / "pruned"),
+                 "--heal", "none", *common(workspace)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert any("| removed segments " in line and "[1:3)" in line for line in lines)
+    assert len(lines) >= 8 and all(line.endswith("|") for line in lines)
+    borders = {tuple(i for i, char in enumerate(line) if char == "|") for line in lines}
+    assert len(borders) == 1 and len(next(iter(borders))) == 3, lines  # every row has the same three borders
+
+
 def test_prune_with_gate_search_and_endpoint_healing(workspace, tmp_path):
     out = tmp_path / "healed"
     code = main(["prune", str(workspace / "tiny"), "--remove", "2", "--output", str(out), "--gate-steps", "4",

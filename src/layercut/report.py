@@ -35,10 +35,12 @@ def segments_text(segments: Sequence[Sequence[int]], separator: str = ", ") -> s
 
 
 def key_value_table(rows: Sequence[tuple[str, str]]) -> str:
-    """A two-column markdown table of (name, value) rows."""
+    """A two-column markdown table of (name, value) rows, both columns padded so that every line has the same
+    length and the same column borders."""
     width = max(len(name) for name, _ in rows)
-    lines = [f"| {'':{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
-    lines += [f"| {name:{width}} | {value} |" for name, value in rows]
+    value_width = max(len("value"), *(len(value) for _, value in rows))
+    lines = [f"| {'':{width}} | {'value':{value_width}} |", f"|{'-' * (width + 2)}|{'-' * (value_width + 2)}|"]
+    lines += [f"| {name:{width}} | {value:{value_width}} |" for name, value in rows]
     return "\n".join(lines)
 
 
