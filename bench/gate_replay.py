@@ -17,7 +17,8 @@ step a rule stops, and estimates the time from the recorded costs:
 Only rules on the run's own temperature schedule can be replayed: a run with fewer steps anneals faster and takes
 another path, which needs a new run.
 
-    python bench/gate_replay.py --from bench/results/search-cpu-v4/search.json --out bench/results/search-cpu-v4
+    python bench/gate_replay.py --from bench/results/search-cpu/recorded/search.json \
+        --out bench/results/search-cpu/recorded
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ screen of w windows × t tokens for several (w, t), on the recorded exact landsc
 result is the oracle's segment.
 
     python bench/screen_replay.py --tokens runs/screen-tokens.json --out OUT \
-        bench/results/search-h200-v6/steep/search.json bench/results/search-h200-v6/steep2/search.json
+        bench/results/search-h200/steep/search.json bench/results/search-h200/steep2/search.json
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ search)  # in the background: the search costs of the 70B shape (both GPUs, befo
     python3 bench/search.py --out ~/res/search-single --parts single --skip-plain --configs $smol_configs \
       > ~/res/search-single.log 2>&1;
     python3 bench/search.py --out ~/res/search-regate --parts regate --gate-label shipped --seeds 1 \
-      --regate-segments 2 --resume bench/results/search-h200-v3/regate.json > ~/res/search-regate.log 2>&1;
+      --regate-segments 2 --resume bench/results/search-h200/regate-resume.json > ~/res/search-regate.log 2>&1;
     touch ~/res/search.done" > /dev/null 2>&1 < /dev/null & ;;
 record)  # in the background on GPU $2: SmolLM2's 12 single-segment cases recorded for bench/gate_replay.py, and the
   # default schedule's first 10 and 12 steps run for real (the replay's stop-after-10 and -12 rules)

@@ -221,10 +221,10 @@ SCREENED = 3  # read-out cuts scored exactly after screening
 
 # The gate's settings by the number of segments, where the --gate-* options are not given. Measured on SmolLM2-135M,
 # 12 single-segment cases: with one segment the lean setting (2 windows' first 128 tokens, 64 positions) reaches the
-# exact oracle in 12 of 12 (bench/results/search-h200, search-cpu-v4, search-cpu-v5), and so does every schedule from
-# 1 to about 0.4 layers of 4 to 10 steps at a learning rate that lets a profile travel 2 layers (search-h200-v6). A gate
+# exact oracle in 12 of 12 (bench/results/search-cpu/recorded and git history), and so does every schedule from
+# 1 to about 0.4 layers of 4 to 10 steps at a learning rate that lets a profile travel 2 layers (search-h200). A gate
 # step costs about the same on a GPU whatever its tokens (its kernel launches), so the default takes 5 steps; a read-out
-# screened on 1, 2, 4 or 8 windows returned the same cut in every recorded run (search-h200-v6). With several segments
+# screened on 1, 2, 4 or 8 windows returned the same cut in every recorded run (search-h200). With several segments
 # the lean setting missed the exact two-segment optimum at n = 8, which the full setting found in 3 of 3.
 GATE_SETTINGS = {
     "one segment": {"gate_steps": 5, "gate_lr": 0.4, "tau_end": 0.4, "gate_windows": 2, "gate_context": 128,
