@@ -61,6 +61,10 @@ def random_ids(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+def make_tiny_tokenizer():
     """A word-level tokenizer of at most VOCAB entries, trained offline on a few sentences (unknown words: [UNK])."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
