@@ -8,7 +8,9 @@
 
 The models are random-init from the configs below (SHAPES: structure only, no weights), built once with
 ``from_config`` in the dtype the CLI loads them in (bfloat16 on a GPU, float32 on the CPU) and saved with a
-tokenizer whose ids fit the vocabulary into ``--models``. Random weights make the chosen cut meaningless; only
+tokenizer whose ids fit the vocabulary into ``--models``. The tokenizers are kept in ``--models``/tokenizers after
+their first use: a machine without the built-in models' assets needs that folder (carry it) and the layercut
+cache's calibration corpus (``LAYERCUT_CACHE``). Random weights make the chosen cut meaningless; only
 cost is measured. Writes ``timing.json`` and ``README.md`` (the tables) into ``--out`` after every shape, with the command.
 
     # CPU, the small shapes (1 repeat when a cold run costs minutes)
@@ -81,6 +83,11 @@ SHAPES = {
                         "num_attention_heads": 32}, 8, "smollm2-135m"),
     "llama3-70b": Shape({**LLAMA3, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
                          "num_attention_heads": 64}, 16, "smollm2-135m", ("--device-map", "auto")),
+    # a smoke-test shape that runs on the CPU in seconds
+    "tiny": Shape({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                   "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "vocab_size": 49152, "max_position_embeddings": 512, "tie_word_embeddings": True}, 2,
+                  "smollm2-135m"),
 }
 METHODS = ("clp", "exhaustive")  # clp is the default method
 
@@ -99,9 +106,19 @@ def device_name() -> str:
     return f"{count}x{name}" if count > 1 else name
 
 
+def tokenizer(alias: str, root: Path):
+    """The tokenizer of the built-in model ``alias``, kept in ``root``/``alias`` (a few MB, which a machine without
+    the model's assets can be given) after the first time."""
+    from transformers import AutoTokenizer
+
+    if not (root / alias / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(alias_checkpoint(alias)).save_pretrained(root / alias)
+    return AutoTokenizer.from_pretrained(root / alias)
+
+
 def build_folder(name: str, root: Path) -> Path:
     """The random-init model of shape ``name`` in the CLI's dtype here, with a tokenizer, saved once under ``root``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     folder = root / f"{name}-{str(dtype).removeprefix('torch.')}"
@@ -116,7 +133,7 @@ def build_folder(name: str, root: Path) -> Path:
     staging = folder.with_name(folder.name + ".partial")
     model.save_pretrained(staging)
     del model
-    AutoTokenizer.from_pretrained(alias_checkpoint(shape.tokenizer)).save_pretrained(staging)
+    tokenizer(shape.tokenizer, root / "tokenizers").save_pretrained(staging)
     staging.rename(folder)
     return folder
 
