@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import LAYERS, VOCAB, build_tiny, random_ids
+from layercut.config import SearchOptions
 from layercut.criteria import (
     CRITERIA,
     angular_distance,
@@ -28,6 +29,7 @@ from layercut.errors import LayercutError
 from layercut.evaluate import perplexity
 from layercut.forward import mean_over_windows
 from layercut.layers import Handle, drop_layers, find_decoder_layers, validate_segments
+from layercut.selection import METHODS
 
 # ----------------------------------------------------------------------------------------------- pure scores
 
@@ -131,6 +133,11 @@ def windows():
     return random_ids(batch=4, length=12)
 
 
+def selected(handle: Handle, windows: torch.Tensor, remove: int, method: str, batch_size: int = 4):
+    """The search stage's result for ``method``: the criterion's choice, scored as every method's cut is."""
+    return METHODS[method].search(handle, windows, remove, SearchOptions(method=method, remove=remove), batch_size)
+
+
 def cut_kl(model, windows, segments) -> float:
     """Mean token KL(dense ‖ cut) of a copy of ``model`` with ``segments`` dropped, computed directly."""
     cut_model = copy.deepcopy(model)
@@ -144,7 +151,7 @@ def cut_kl(model, windows, segments) -> float:
 @pytest.mark.parametrize("method", CRITERIA)
 def test_every_method_removes_the_requested_layers(method, windows):
     model = build_tiny("llama", layers=8)
-    result = select_by_criterion(Handle.of(model), windows, 2, method, batch_size=2)
+    result = selected(Handle.of(model), windows, 2, method, batch_size=2)
     assert result.method == method
     assert validate_segments(result.segments, 8) == result.segments
     assert sum(end - start for start, end in result.segments) == 2
@@ -215,7 +222,7 @@ def identity_at_3():
                                                                    "cosine-streamline")])
 def test_an_exact_identity_layer_is_chosen(method, identity_at_3):
     model, windows = identity_at_3
-    result = select_by_criterion(Handle.of(model), windows, 1, method)
+    result = selected(Handle.of(model), windows, 1, method)
     assert result.segments == [(3, 4)]
     assert result.kl == pytest.approx(0.0, abs=1e-6)
 

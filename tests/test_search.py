@@ -232,3 +232,23 @@ def test_screening_scores_the_first_windows_with_the_shared_scorer():
     scorer = ExactKL(handle, windows, pass_windows=2)
     torch.testing.assert_close(torch.tensor(scorer(candidates, 3)), torch.tensor(hard_kl(handle, windows[:3], candidates)),
                                rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cut_reports_one_kl_whichever_method_chose_it(dtype):
+    """clp, exhaustive and the baselines report a cut's KL through one function: the exhaustive landscape's value
+    for the cut each method chose, to the last bit (in bfloat16 too, where passes of other sizes round
+    differently)."""
+    from layercut.gate import candidate_key, cut_kl
+    from layercut.selection import search
+
+    handle = Handle.of(build_tiny("llama", layers=8).to(dtype))
+    windows = random_ids(batch=20, length=12, seed=3)
+    found = {method: search(handle, windows, SearchOptions(method=method, remove=3), batch_size=2)
+             for method in ("exhaustive", "clp", "tail", "angular")}
+    landscape = found["exhaustive"].landscape
+    assert len(landscape) == count_cuts(8, 3, 1)
+    for method, result in found.items():
+        assert result.kl == landscape[candidate_key(tuple(result.segments))], method
+        assert result.kl == cut_kl(handle, windows, result.segments, SearchOptions(), batch_size=2), method
+    assert found["tail"].segments == [(5, 8)]

@@ -23,7 +23,6 @@ from layercut.forward import (
     final_norm,
     gated,
     hard_gates,
-    hard_kl,
     logits_of,
     mean_over_windows,
     model_device,
@@ -325,9 +324,9 @@ def select_by_criterion(handle: Handle, windows: torch.Tensor, remove: int, meth
                         batch_size: int = 4) -> SearchResult:
     """Choose ``remove`` decoder layers by one of :data:`CRITERIA` on calibration ``windows`` ``[N, T]``.
 
-    Segments are 0-based half-open, adjacent chosen layers merged. ``kl`` is the hard-cut KL(dense ‖ cut) on
-    the same windows, so every method reports a comparable number; ``seconds`` times the selection, not that
-    KL. ``landscape`` holds the scores the choice was made from, per layer (``"i:i+1"``) or per block
+    Segments are 0-based half-open, adjacent chosen layers merged. ``kl`` is NaN here: the search stage
+    (:mod:`layercut.selection`) scores the chosen cut as it scores every method's, with :func:`layercut.gate.cut_kl`;
+    ``seconds`` times the selection. ``landscape`` holds the scores the choice was made from, per layer (``"i:i+1"``) or per block
     (``"l:l+n"``); for ``sleb`` its first round, the single-layer removal perplexities. ``trajectory`` stays
     empty (it is the gate's per-step record); SLEB's rounds are logged instead.
     """
@@ -340,8 +339,7 @@ def select_by_criterion(handle: Handle, windows: torch.Tensor, remove: int, meth
     choice = CRITERIA[method].choose(handle, windows, remove, batch_size)
     seconds = time.perf_counter() - started
     segments = merge_adjacent([(i, i + 1) for i in choice.layers])
-    kl = hard_kl(handle, windows, [tuple(segments)], batch_size)[0]
     values = [] if choice.scores is None else choice.scores.tolist()
     landscape = {f"{i}:{i + choice.width}": value for i, value in enumerate(values)}
-    logger.info("%s chose %s (KL %.4g, %.1fs)", method, segments_text(segments), kl, seconds)
-    return SearchResult(method, segments, kl, seconds, choice.evaluations, [], landscape)
+    logger.info("%s chose %s (%.1fs)", method, segments_text(segments), seconds)
+    return SearchResult(method, segments, float("nan"), seconds, choice.evaluations, [], landscape)

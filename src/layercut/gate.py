@@ -405,6 +405,14 @@ def checked(scorer: ExactKL) -> Callable[[list[Candidate]], list[float]]:
     return exact
 
 
+def cut_kl(handle: Handle, windows: torch.Tensor, segments: Sequence[Segment], options: SearchOptions,
+           batch_size: int = 4) -> float:
+    """The KL(dense ‖ cut) of the cut ``segments`` on calibration ``windows`` ``[N, T]`` that a search reports:
+    the shared exact scorer's, as the gate's read-out and the exact oracle score every cut, so a cut reports the
+    same KL whichever method chose it."""
+    return checked(exact_scorer(handle, windows, options, batch_size))([tuple(map(tuple, segments))])[0]
+
+
 def search_exhaustive(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions,
                       batch_size: int = 4, seed: int = 0, progress=None, scorer: ExactKL | None = None
                       ) -> SearchResult:

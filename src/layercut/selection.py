@@ -14,7 +14,7 @@ import torch
 
 from layercut.criteria import CRITERIA, select_by_criterion
 from layercut.errors import LayercutError
-from layercut.gate import SearchResult, gate_settings, search_exhaustive, search_gate
+from layercut.gate import SearchResult, cut_kl, gate_settings, search_exhaustive, search_gate
 from layercut.layers import Handle, Segment, parse_segment, validate_segments
 
 if TYPE_CHECKING:
@@ -32,7 +32,9 @@ class Method:
 def _criterion(name: str) -> Callable[..., SearchResult]:
     def search(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int = 4,
                seed: int = 0, progress=None) -> SearchResult:
-        return select_by_criterion(handle, windows, remove, name, batch_size)
+        found = select_by_criterion(handle, windows, remove, name, batch_size)
+        found.kl = cut_kl(handle, windows, found.segments, options, batch_size)  # as clp and exhaustive score it
+        return found
 
     return search
 
