@@ -26,6 +26,7 @@ from layercut.load import parse_max_memory
 # The choices come from the registries, where each name has its function and help.
 METHODS = tuple(selection.METHODS)
 HEALS = tuple(heal.HEALS)
+HEAL_INITS = ("none", *heal.PATCHES)
 QUANT_SCHEMES = tuple(quantize.SCHEMES)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -209,6 +210,18 @@ class HealOptions(Options):
     lora_rank: int = option(0, "train LoRA adapters of this rank instead of full weights (0 = full weights)", ge=0)
     last_k: int = option(2, "layers trained by the last-k heal", ge=1)
     endpoint_layers: int = option(1, "layers trained on each side of each cut by the endpoints heal", ge=1)
+    heal_init: Literal[HEAL_INITS] = option(  # type: ignore[valid-type]
+        "none", "a training-free linear patch folded in right after the cut, from which a training heal (endpoints, "
+        "last-k, all, lora) starts; fitted on the heal's own windows")
+
+    @model_validator(mode="after")
+    def _init_needs_a_training_heal(self):
+        spec = heal.HEALS[self.heal]
+        if self.heal_init != "none" and (self.heal == "none" or spec.apply is not None):
+            raise ValueError(f"--heal-init {self.heal_init} starts a training heal from a patch; --heal {self.heal} "
+                             "trains nothing of that kind: use --heal endpoints, last-k, all or lora, or --heal "
+                             f"{self.heal_init} for the patch alone")
+        return self
 
 
 class EvalOptions(Options):
