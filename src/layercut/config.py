@@ -27,6 +27,7 @@ from layercut.load import parse_max_memory
 METHODS = tuple(selection.METHODS)
 HEALS = tuple(heal.HEALS)
 HEAL_INITS = ("none", *heal.PATCHES)
+REPAIR_PROXIES = ("endpoints", *heal.PATCHES)
 QUANT_SCHEMES = tuple(quantize.SCHEMES)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -129,7 +130,7 @@ class SearchOptions(Options):
     remove: int | None = option(None, "number of layers to remove", ge=1)
     ratio: float | None = option(None, "fraction of layers to remove (rounded to whole layers)", gt=0, lt=1)
     method: Literal[METHODS] = option("clp", "how to choose the layers to remove")  # type: ignore[valid-type]
-    segments: int = option(1, "at most this many separate contiguous segments (clp, exhaustive)", ge=1)
+    segments: int = option(1, "at most this many separate contiguous segments (clp, exhaustive, repair)", ge=1)
     gate_steps: int | None = option(None, "optimisation steps of the concave gate (clp); default 5 for one segment, "
                                     "60 for several", ge=1)
     gate_lr: float | None = option(None, "learning rate of the gate position (clp); default 0.4 for one segment, 0.2 "
@@ -157,6 +158,12 @@ class SearchOptions(Options):
     exact_cache_gib: float = option(4.0, "memory the exact scoring may keep (GiB): the dense model's hidden states "
                                     "between layers and its output log-probabilities, computed once for every cut "
                                     "scored", ge=0)
+    repair_candidates: int = option(4, "cuts the repair method repairs and scores, per number of segments: those of "
+                                    "lowest exact KL (the tail cut is added)", ge=1)
+    repair_proxy: Literal[REPAIR_PROXIES] = option(  # type: ignore[valid-type]
+        "endpoints", "the repair method's cheap repair of each candidate: a short endpoints heal "
+        "(--repair-steps), or a training-free linear patch")
+    repair_steps: int = option(25, "steps of the repair method's short endpoints heal", ge=1)
     exhaustive_budget: float = option(3600.0, "seconds the exhaustive oracle may take; a larger search (estimated "
                                       "before it starts) is refused", gt=0)
 
