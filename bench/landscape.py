@@ -140,6 +140,7 @@ class Worker:
                                                          self.arguments.seq_len, self.arguments.ppl_windows)
                      for text in self.arguments.texts}
             self.models[name] = dense, texts
+            logger.info("%s: %d layers on %s", name, dense.num_layers, next(dense.model.parameters()).device)
         return self.models[name]
 
     def data(self, name: str, seed: int) -> dict:
