@@ -15,12 +15,20 @@ exists; ``--workers N`` runs N processes that claim units not yet done (as bench
 perplexity, and each selection method's regret (its pick's 200-step wiki perplexity over the landscape's best) for
 the cuts the methods picked in ``--grid`` (bench/results/grid-h200).
 
-GPU (one 80 GB H100; about 7 GB per worker at Gemma-3's peak, six workers leave room), after the grid's setup steps
-of bench/device/README.md (calls 1–8 without ``search``):
+GPU, one 80 GB H100, after the grid's setup calls of bench/device/README.md (1 to 8, without ``search``), one
+``run`` call each (the workers run in the background while later calls keep the machine held):
 
-    WORKERS=6 bash bench/device/remote.sh landscape 0
-    # i.e. python3 bench/landscape.py --out ~/res/landscape --dtype float32 --workers 6
+    WORKERS=5 bash bench/device/remote.sh landscape 0
+    # = python3 bench/landscape.py --out ~/res/landscape --dtype float32 --batch-size 8 --workers 5
+    bash bench/device/remote.sh status 400          # repeat while it runs; the landscape's cuts: ~/res/landscape/cuts
+    bash bench/device/remote.sh collect 0           # landscape.tgz: unpack its landscape/ as bench/results/landscape-h100
     python bench/landscape.py --out bench/results/landscape-h100 --report      # tables and plots from the cuts
+
+Five workers: a worker's peak at Gemma-3 (262k vocabulary) is a heal step's logits and their gradients at batch 8
+and an evaluation batch of 8 (about 2 GB of logits each, several copies), estimated at 10 to 12 GB, not measured.
+The whole landscape is 342 cuts (4 cells, 3 seeds); its cost is not measured either. Seeds run outermost, so a run
+stopped early holds whole seeds; ``landscape`` copies cuts committed under bench/results/landscape-h100 back in,
+and a later session continues from them.
 
 CPU smoke (a tiny random model, 2 cuts, a few steps; tests/test_landscape.py runs it):
 
