@@ -173,7 +173,7 @@ class Worker:
         started = time.perf_counter()
         exact = checked(exact_scorer(dense, data["calibration"], SearchOptions(remove=remove),
                                      self.arguments.batch_size))
-        every = cuts(dense.num_layers, remove, 2)
+        every = cuts(dense.num_layers, remove, 2 if self.arguments.two_segment else 1)
         scored = sorted(zip(every, exact(every)), key=lambda pair: pair[1])
         one = sorted((c, kl) for c, kl in scored if len(c) == 1)
         two = [(c, kl) for c, kl in scored if len(c) == 2]
