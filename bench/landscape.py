@@ -68,7 +68,6 @@ logger = logging.getLogger("bench.landscape")
 
 CELLS = {"smollm2-135m": (6, 10), "gemma3-270m": (4, 6)}
 CHECKPOINTS = (0, 10, 25, 50, 200)
-PATCHES = ("lsq", "linearpatch", "replaceme")
 PROTOCOL = ("dtype", "seq_len", "calib_windows", "ppl_windows", "heal_steps", "heal_batch", "heal_windows",
             "proxy_windows", "two_segment", "checkpoints", "patches", "inits", "calib", "texts")
 
@@ -542,7 +541,7 @@ def parse(argv=None):
                         help="heal steps at which the cut is measured, inside one run of --heal-steps")
     parser.add_argument("--two-segment", type=int, default=10, help="best two-segment cuts by exact KL to measure")
     parser.add_argument("--limit-cuts", type=int, default=0, help="only the best contiguous cuts by KL (0: all)")
-    parser.add_argument("--patches", default=",".join(PATCHES))
+    parser.add_argument("--patches", default=",".join(heal.PATCHES))
     parser.add_argument("--inits", default="none", help="also heal from these patches (e.g. none,lsq,linearpatch)")
     parser.add_argument("--workers", type=int, default=0, help="run N worker processes spread over the GPUs")
     parser.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
