@@ -81,6 +81,22 @@ def test_prune_with_gate_search_and_endpoint_healing(workspace, tmp_path):
     assert reloaded.config.num_hidden_layers == LAYERS - 2
 
 
+def test_prune_with_the_repair_method_a_patch_and_a_heal_from_a_patch(workspace, tmp_path):
+    runs = {"init": ["--method", "repair", "--repair-steps", "2", "--repair-candidates", "2", "--heal-init",
+                     "linearpatch", "--heal-steps", "2"],
+            "lsq": ["--method", "repair", "--repair-proxy", "lsq", "--heal", "lsq"]}
+    for name, flags in runs.items():
+        out = tmp_path / name
+        code = main(["prune", str(workspace / "tiny"), "--remove", "2", "--output", str(out), "--heal-batch", "2",
+                     "--heal-windows", "4", "--heal-top-k", "8", *flags, *common(workspace)])
+        assert code == 0
+        record = json.loads((out / "layercut.json").read_text())
+        assert record["method"] == "repair" and record["search"]["evaluations"] > 5  # 5 cuts scored, then the repairs
+        assert record["healing"]["name"] == ("endpoints" if name == "init" else "lsq")
+        assert transformers.AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == LAYERS - 2
+    assert "heal_init: linearpatch" in (tmp_path / "init" / "recipe.yaml").read_text()
+
+
 def test_search_json_for_gate_and_exhaustive(workspace, capsys):
     results = {}
     for method, extra in (("clp", []), ("exhaustive", []), ("lean", ["--gate-checkpointing"])):

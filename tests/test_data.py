@@ -303,3 +303,19 @@ def test_too_short_error_states_the_token_counts(tokenizer, plain_tokenizer):
         evaluation_windows(plain_tokenizer, "Too short.", seq_len=512)
     with pytest.raises(LayercutError, match=rf"has {count} tokens but one window needs seq_len=512 \(BOS and 511 "):
         evaluation_windows(tokenizer, "Too short.", seq_len=512)
+
+
+def test_held_out_windows_share_no_run_with_the_windows_to_avoid(plain_tokenizer):
+    text = random_prose(6000, seed=4)
+    avoid = calibration_windows(plain_tokenizer, text, 32, 40, seed=1)
+    held = data.held_out_windows(plain_tokenizer, text, 32, 8, 2, avoid, shingle=8)
+    assert held.shape == (8, 32)
+    runs = {tuple(row[i:i + 8]) for row in avoid.tolist() for i in range(25)}
+    assert not any(tuple(row[i:i + 8]) in runs for row in held.tolist() for i in range(25))
+    drawn = calibration_windows(plain_tokenizer, text, 32, 128, seed=2)
+    assert torch.equal(data.shares_no_run(drawn, avoid, 8), torch.tensor(
+        [not any(tuple(row[i:i + 8]) in runs for i in range(25)) for row in drawn.tolist()]))
+    assert not data.shares_no_run(avoid[:3], avoid, 8).any()  # a window always shares its own text
+    with pytest.raises(LayercutError, match="held out from the 4000 heal windows"):
+        data.held_out_windows(plain_tokenizer, text, 32, 8, 2, calibration_windows(plain_tokenizer, text, 32, 4000, 1),
+                              shingle=8)

@@ -13,8 +13,10 @@ from layercut.errors import LayercutError
 from layercut.heal import HealData
 from layercut.layers import Handle, cut
 from layercut.replacement import (
+    channel_scaling,
     dense_states,
     fold_map,
+    hadamard,
     least_squares_map,
     output_projection,
     post_cut_index,
@@ -137,10 +139,11 @@ def test_replaceme_changes_only_the_projection_before_the_cut_and_stays_a_standa
     ("opt", [(2, 4)], "has no mlp submodule"),
     ("llama", [(0, 2)], "the cut [0:2) has none"),
 ])
-def test_replaceme_refuses_a_fold_that_would_not_be_exact(family, segments, message):
+@pytest.mark.parametrize("name", ["replaceme", "lsq", "linearpatch"])
+def test_a_linear_patch_refuses_a_fold_that_would_not_be_exact(family, segments, message, name):
     handle = Handle.of(build_tiny(family))
     with pytest.raises(LayercutError, match=message.replace("[", r"\[").replace(")", r"\)")):
-        prepared_for(handle, segments, HealOptions(heal="replaceme"))
+        prepared_for(handle, segments, HealOptions(heal=name))
 
 
 def test_streamline_keeps_and_trains_the_first_layer_of_the_block_to_map_its_input_to_its_output():
@@ -165,3 +168,102 @@ def test_streamline_needs_blocks_of_two_layers_or_more():
     with pytest.raises(LayercutError, match="has one layer"):
         heal.planned_cut([(2, 3)], HealOptions(heal="streamline"))
     assert output_projection(handle.layers[0]) is handle.layers[0].mlp.down_proj
+
+
+# ----------------------------------------------------------------------------------------------- linear patches
+
+
+def test_hadamard_is_orthonormal_and_block_diagonal_where_the_size_is_not_a_power_of_two():
+    for size in (32, 48, 576):
+        rotation = hadamard(size)
+        torch.testing.assert_close(rotation @ rotation.T, torch.eye(size, dtype=torch.float64))
+    assert hadamard(48)[0, 16] == 0 and hadamard(48)[0, 15] != 0  # 48 = 3 blocks of 16
+
+
+def test_channel_scaling_recovers_a_rotated_diagonal_map():
+    generator = torch.Generator().manual_seed(3)
+    rotation = hadamard(16)
+    scales = torch.rand(16, generator=generator, dtype=torch.float64) + 0.5
+    truth = rotation @ torch.diag(scales) @ rotation.T
+    x = torch.randn(400, 16, generator=generator, dtype=torch.float64)
+    found = channel_scaling(rotation, (x @ rotation).pow(2).sum(0), (x @ truth @ rotation).pow(2).sum(0))
+    torch.testing.assert_close(found, truth)
+
+
+def linear_block_model(transform: torch.Tensor):
+    """A tiny Llama whose block [2, 4) IS a linear map of what enters it, of the one form a fold reproduces: with
+    ``h_s = r + m`` the output of layer 1 (``m`` its MLP's output, ``r`` the residual that MLP adds to), layer 3's
+    output is replaced by ``r + m T`` (so the block computes ``h_s + m (T − I)``; what layers 2 and 3 compute
+    inside is discarded). Returns the model, its handle and the hooks that make it so."""
+    model = build_tiny("llama")
+    handle = Handle.of(model)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def linear(module, args, output):
+        m = seen["m"]
+        replaced = seen["h"] - m + (m.double() @ transform).to(m.dtype)
+        return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+
+    hooks = [handle.layers[1].mlp.register_forward_hook(keep("m")), handle.layers[1].register_forward_hook(keep("h")),
+             handle.layers[3].register_forward_hook(linear)]
+    return model, handle, hooks
+
+
+@pytest.mark.parametrize("name", ["lsq", "linearpatch"])
+def test_a_patch_reproduces_a_block_that_is_a_linear_map_and_saves_as_a_standard_checkpoint(name, tmp_path):
+    generator = torch.Generator().manual_seed(7)
+    hidden = build_tiny("llama").config.hidden_size
+    if name == "lsq":  # any well-conditioned map
+        transform = torch.eye(hidden, dtype=torch.float64) + 0.3 * torch.randn(
+            hidden, hidden, generator=generator, dtype=torch.float64) / hidden ** 0.5
+    else:  # the maps LinearPatch can represent: rotated positive channel scales
+        scales = torch.rand(hidden, generator=generator, dtype=torch.float64) * 1.5 + 0.5
+        transform = hadamard(hidden) @ torch.diag(scales) @ hadamard(hidden).T
+    model, handle, hooks = linear_block_model(transform)
+    windows = random_ids(batch=12, length=16, seed=8)  # 192 tokens: more than the 32 dimensions of the fit
+    with torch.no_grad():
+        dense = model(windows).logits
+    options = HealOptions(heal=name)
+    prepared = heal.before_cut(handle, [(2, 4)], HealData(windows), options)
+    for hook in hooks:
+        hook.remove()
+    removed = cut(handle, [(2, 4)])
+    with torch.no_grad():
+        plain = model(windows).logits
+    report = heal.heal(handle, removed, prepared, options)
+    with torch.no_grad():
+        patched = model(windows).logits
+    assert (plain - dense).abs().max() > 1e-2  # the cut alone is far off
+    torch.testing.assert_close(patched, dense, rtol=1e-4, atol=1e-4)
+    assert report.name == name and report.layers == [1] and report.steps == 0
+    model.save_pretrained(tmp_path / "patched")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "patched").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(windows).logits, patched)
+
+
+def test_endpoint_tuning_starts_from_the_patch_with_heal_init():
+    windows = random_ids(batch=8, length=12, seed=4)
+    results = {}
+    for key, options in {"patch": HealOptions(heal="lsq"),
+                         "init": HealOptions(heal="endpoints", heal_init="lsq", heal_steps=1, heal_lr=1e-12,
+                                             heal_loss="lm")}.items():
+        handle = Handle.of(build_tiny("llama"))
+        prepared = heal.before_cut(handle, [(2, 4)], HealData(windows), options)
+        report = heal.heal(handle, cut(handle, [(2, 4)]), prepared, options)
+        with torch.no_grad():
+            results[key] = (handle.model(windows).logits, report)
+    torch.testing.assert_close(results["init"][0], results["patch"][0], rtol=1e-5, atol=1e-5)
+    assert results["init"][1].name == "endpoints" and results["init"][1].steps == 1
+
+
+def test_heal_init_needs_a_training_heal():
+    with pytest.raises(LayercutError, match="--heal-init lsq starts a training heal"):
+        HealOptions(heal="replaceme", heal_init="lsq")
+    with pytest.raises(LayercutError, match="--heal-init"):
+        HealOptions(heal="none", heal_init="linearpatch")

@@ -55,6 +55,12 @@ search)  # in the background: the search costs of the 70B shape (both GPUs, befo
     python3 bench/search.py --out ~/res/search-regate --parts regate --gate-label shipped --seeds 1 \
       --regate-segments 2 --resume bench/results/search-h200/regate-resume.json > ~/res/search-regate.log 2>&1;
     touch ~/res/search.done" > /dev/null 2>&1 < /dev/null & ;;
+landscape)  # in the background on GPU $2, once Gemma-3 is in place: ${WORKERS:-5} workers of the repair landscape;
+  # the cuts committed under bench/results/landscape-h100/cuts are copied in first and skipped
+  mkdir -p ~/res/landscape && { [ ! -d bench/results/landscape-h100 ] || cp -rn bench/results/landscape-h100/. ~/res/landscape/; }
+  cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
+    python3 bench/landscape.py --out ~/res/landscape --dtype float32 --batch-size 8 --workers ${WORKERS:-5} \
+    ${LANDSCAPE_ARGS:-}" > ~/res/landscape-gpu$2.log 2>&1 < /dev/null & ;;
 record)  # in the background on GPU $2: SmolLM2's 12 single-segment cases recorded for bench/gate_replay.py, and the
   # default schedule's first 10 and 12 steps run for real (the replay's stop-after-10 and -12 rules)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup python3 bench/search.py --out ~/res/search-record --parts single \
@@ -64,12 +70,15 @@ status)
   ls ~/res/grid/cells | wc -l; ls ~/res/grid/cells | sed 's/-seed.*//' | sort | uniq -c
   grep -l Traceback ~/res/grid/logs/*.log 2>/dev/null | head -5
   ls ~/res | grep -E "done|ready"; tail -qn 2 ~/res/search-*.log 2>/dev/null | cut -c1-300
+  [ -d ~/res/landscape/cuts ] && echo "landscape: $(ls ~/res/landscape/cuts | wc -l) cuts" && \
+    grep -l Traceback ~/res/landscape/logs/*.log 2>/dev/null | head -3
   ps aux | grep -c "[b]ench/grid.py"; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
 collect)
   sleep "${2:-0}"
   cd ~/res && tar czf "$OUT/grid.tgz" --warning=no-file-changed grid grid-*.log search-* 2>&1 | tail -3
+  [ -d landscape ] && tar czf "$OUT/landscape.tgz" --warning=no-file-changed landscape landscape-*.log 2>&1 | tail -3
   ls -la "$OUT" ;;
 *)
-  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|search|record GPU|status [SLEEP]|collect [SLEEP]"
+  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|landscape GPU|search|record GPU|status [SLEEP]|collect [SLEEP]"
   exit 2 ;;
 esac

@@ -26,6 +26,8 @@ from layercut.load import parse_max_memory
 # The choices come from the registries, where each name has its function and help.
 METHODS = tuple(selection.METHODS)
 HEALS = tuple(heal.HEALS)
+HEAL_INITS = ("none", *heal.PATCHES)
+REPAIR_PROXIES = ("endpoints", *heal.PATCHES)
 QUANT_SCHEMES = tuple(quantize.SCHEMES)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -128,7 +130,7 @@ class SearchOptions(Options):
     remove: int | None = option(None, "number of layers to remove", ge=1)
     ratio: float | None = option(None, "fraction of layers to remove (rounded to whole layers)", gt=0, lt=1)
     method: Literal[METHODS] = option("clp", "how to choose the layers to remove")  # type: ignore[valid-type]
-    segments: int = option(1, "at most this many separate contiguous segments (clp, exhaustive)", ge=1)
+    segments: int = option(1, "at most this many separate contiguous segments (clp, exhaustive, repair)", ge=1)
     gate_steps: int | None = option(None, "optimisation steps of the concave gate (clp); default 5 for one segment, "
                                     "60 for several", ge=1)
     gate_lr: float | None = option(None, "learning rate of the gate position (clp); default 0.4 for one segment, 0.2 "
@@ -156,6 +158,12 @@ class SearchOptions(Options):
     exact_cache_gib: float = option(4.0, "memory the exact scoring may keep (GiB): the dense model's hidden states "
                                     "between layers and its output log-probabilities, computed once for every cut "
                                     "scored", ge=0)
+    repair_candidates: int = option(4, "cuts the repair method repairs and scores, per number of segments: those of "
+                                    "lowest exact KL (the tail cut is added)", ge=1)
+    repair_proxy: Literal[REPAIR_PROXIES] = option(  # type: ignore[valid-type]
+        "endpoints", "the repair method's cheap repair of each candidate: a short endpoints heal "
+        "(--repair-steps), or a training-free linear patch")
+    repair_steps: int = option(25, "steps of the repair method's short endpoints heal", ge=1)
     exhaustive_budget: float = option(3600.0, "seconds the exhaustive oracle may take; a larger search (estimated "
                                       "before it starts) is refused", gt=0)
 
@@ -209,6 +217,18 @@ class HealOptions(Options):
     lora_rank: int = option(0, "train LoRA adapters of this rank instead of full weights (0 = full weights)", ge=0)
     last_k: int = option(2, "layers trained by the last-k heal", ge=1)
     endpoint_layers: int = option(1, "layers trained on each side of each cut by the endpoints heal", ge=1)
+    heal_init: Literal[HEAL_INITS] = option(  # type: ignore[valid-type]
+        "none", "a training-free linear patch folded in right after the cut, from which a training heal (endpoints, "
+        "last-k, all, lora) starts; fitted on the heal's own windows")
+
+    @model_validator(mode="after")
+    def _init_needs_a_training_heal(self):
+        spec = heal.HEALS[self.heal]
+        if self.heal_init != "none" and (self.heal == "none" or spec.apply is not None):
+            raise ValueError(f"--heal-init {self.heal_init} starts a training heal from a patch; --heal {self.heal} "
+                             "trains nothing of that kind: use --heal endpoints, last-k, all or lora, or --heal "
+                             f"{self.heal_init} for the patch alone")
+        return self
 
 
 class EvalOptions(Options):

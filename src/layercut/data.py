@@ -120,6 +120,28 @@ def calibration_windows(tokenizer, text: str, seq_len: int, count: int, seed: in
     return _prefixed(tokens[starts[:, None] + torch.arange(step)], prefix)
 
 
+def shares_no_run(rows: torch.Tensor, avoid: torch.Tensor, shingle: int = 16) -> torch.Tensor:
+    """``[N]`` bool: whether each window of ``rows`` ``[N, T]`` shares no run of ``shingle`` consecutive tokens with
+    any window of ``avoid`` ``[M, T]`` (text the windows of ``avoid`` never contained)."""
+    seen = {tuple(row[i : i + shingle]) for row in avoid.tolist() for i in range(len(row) - shingle + 1)}
+    return torch.tensor([not any(tuple(row[i : i + shingle]) in seen for i in range(len(row) - shingle + 1))
+                         for row in rows.tolist()], dtype=torch.bool)
+
+
+def held_out_windows(tokenizer, text: str, seq_len: int, count: int, seed: int, avoid: torch.Tensor,
+                     shingle: int = 16) -> torch.LongTensor:
+    """``[count, seq_len]`` windows of ``text`` drawn as :func:`calibration_windows` (with ``seed``) that share no run
+    of ``shingle`` consecutive tokens with any window of ``avoid`` ``[M, T]`` (say, the heal's own windows): text
+    the heal never trained on, for scoring it. Up to 16 × ``count`` windows are drawn; LayercutError when fewer than
+    ``count`` of them are held out."""
+    drawn = calibration_windows(tokenizer, text, seq_len, 16 * count, seed)
+    kept = drawn[shares_no_run(drawn, avoid, shingle)][:count]
+    if kept.shape[0] < count:
+        raise LayercutError(f"only {kept.shape[0]} of {count} windows of the calibration text are held out from the "
+                            f"{avoid.shape[0]} heal windows: use fewer heal windows or proxy windows, or a longer text")
+    return kept
+
+
 def evaluation_windows(
     tokenizer, text: str, seq_len: int, max_windows: int | None = None
 ) -> torch.LongTensor:

@@ -114,12 +114,24 @@ HEALS: dict[str, Heal] = {
     "replaceme": Heal("ReplaceMe, training-free: a least-squares linear map from the MLP output of the layer before "
                       "each cut to the state leaving the cut (each token weighted by 1/|state|^2), folded into that "
                       "MLP's output projection",
-                      collect=replacement.replaceme_collect, apply=replacement.replaceme_apply),
+                      collect=replacement.replaceme_collect, apply=replacement.fold_apply),
+    "lsq": Heal("Ghosted Layers, training-free: the unweighted least-squares operator from the state entering each "
+                "cut to the state leaving it, restricted to the identity plus a map of the last write before the cut "
+                "(the MLP output of the layer before it), folded into that MLP's output projection",
+                collect=replacement.lsq_collect, apply=replacement.fold_apply),
+    "linearpatch": Heal("LinearPatch, training-free: a Hadamard rotation, a per-channel scaling by the ratio of "
+                        "channel root mean squares across the cut, and the rotation back, applied to the MLP output "
+                        "of the layer before each cut and folded into its output projection",
+                        collect=replacement.linearpatch_collect, apply=replacement.fold_apply),
     "streamline": Heal("LLM-Streamline: each block is replaced by its first layer, trained (mean squared error) to "
                        "map the block's input to its output", learning_rate=replacement.STREAMLINE_LEARNING_RATE,
                        cut=replacement.streamline_cut,
                        collect=replacement.streamline_collect, apply=replacement.streamline_apply),
 }
+
+# The training-free linear patches, folded into the weights: each is a heal of its own and a starting point of a
+# training heal (--heal-init).
+PATCHES = ("lsq", "linearpatch", "replaceme")
 
 
 @dataclass
@@ -142,7 +154,7 @@ def before_cut(handle: Handle, segments: list[Segment], prepared: HealData | Non
                ) -> HealData | None:
     """``prepared`` with what the heal needs from the dense model about the chosen ``segments`` (original indices);
     call before the cut, on the dense model."""
-    spec = HEALS[options.heal]
+    spec = HEALS[options.heal if options.heal_init == "none" else options.heal_init]
     if prepared is None or spec.collect is None:
         return prepared
     return dataclasses.replace(prepared, collected=spec.collect(handle, segments, prepared, options))
@@ -187,7 +199,8 @@ def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptio
 
     The loss is the top-k KL to the dense teacher (``heal_loss=kl``) or the LM loss. With a LoRA rank (``lora``
     always, ``--lora-rank`` otherwise) peft LoRA adapters are trained and merged back, so the handle's model
-    stays a plain model. ``progress`` (optional) is called with 1 after each step.
+    stays a plain model. With ``heal_init``, that patch is folded in first and the training starts from it.
+    ``progress`` (optional) is called with 1 after each step.
     """
     if options.heal == "none" or options.heal_steps <= 0:
         return HealReport(name="none")
@@ -196,6 +209,8 @@ def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptio
         return spec.apply(handle, cut, prepared, options, seed, progress)
     if options.heal_loss == "kl" and prepared.teacher is None:
         raise ValueError("heal_loss=kl needs the dense model's teacher targets")
+    if options.heal_init != "none":
+        replacement.fold_apply(handle, cut, prepared, options, name=options.heal_init)
     started = time.perf_counter()
     indices = spec.layers(cut.segments, cut.layers_before, options)
     rank = options.lora_rank or spec.lora_rank

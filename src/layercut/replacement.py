@@ -1,5 +1,6 @@
-"""Heals that stand in for the removed block: ReplaceMe's linear map, folded into the layer before the cut, and
-LLM-Streamline's replacement layer, trained to map the block's input to its output.
+"""Heals that stand in for the removed block: the training-free linear patches folded into the layer before the cut
+(ReplaceMe's weighted least-squares map, the Ghosted Layers least-squares operator ``lsq``, LinearPatch's rotated
+channel scaling) and LLM-Streamline's replacement layer, trained to map the block's input to its output.
 
 Both read the dense model before the cut (``collect``) and change the cut model after it (``apply``); both leave a
 standard checkpoint. Indices of segments are the original model's, 0-based and half-open.
@@ -77,7 +78,8 @@ def output_projection(layer: nn.Module) -> nn.Module:
     mlp = getattr(layer, "mlp", None)
     linear = [m for m in mlp.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"] if mlp else []
     if not linear:
-        raise LayercutError(f"replaceme folds its map into the MLP of the layer before the cut; {type(layer).__name__} "
+        raise LayercutError(f"a linear patch (replaceme, lsq, linearpatch) is folded into the MLP of the layer before "
+                            f"the cut; {type(layer).__name__} "
                             "has no mlp submodule with a linear projection: use --heal endpoints")
     return linear[-1]
 
@@ -162,10 +164,45 @@ def _check_foldable(handle: Handle, index: int, windows: torch.Tensor) -> None:
     scale = float(plain["mlp"].float().abs().max()) + 1e-12
     if not (torch.allclose(plain["proj"].float(), plain["mlp"].float(), atol=1e-4 * scale)
             and torch.allclose(moved, plain["mlp"].float(), atol=1e-3 * scale)):
-        raise LayercutError(f"replaceme folds its map into the MLP of the layer before the cut, but "
+        raise LayercutError(f"a linear patch (replaceme, lsq, linearpatch) is folded into the MLP of the layer before "
+                            "the cut, but "
                             f"{type(layer).__name__} does not add its MLP's output to the residual stream as it is "
                             "(a norm or scale follows it), so the fold would not be exact: use --heal endpoints or "
                             "streamline")
+
+
+def _write_pairs(handle: Handle, start: int, end: int, windows: torch.Tensor, batch_size: int):
+    """Per batch of ``windows``, on the dense model, for the cut ``[start, end)``: ``(m, target, leaving)``, each
+    ``[tokens, H]`` (float64 but ``leaving``): ``m`` the MLP output of layer start − 1 (the last write before the
+    cut), ``target = h_e − h_s + m`` what that write must become for the layer's output to be ``h_e`` (the state
+    leaving the cut; ``h_s`` the state entering it), and ``leaving`` = ``h_e``. LayercutError where folding a map
+    into that write would not be exact."""
+    if start == 0:
+        raise LayercutError(f"a linear patch is folded into the layer before the cut; the cut [0:{end}) has none: "
+                            "use --heal endpoints or streamline, or cut elsewhere")
+    before = handle.layers[start - 1]
+    _check_foldable(handle, start - 1, windows)
+    wanted = {"mlp": (before.mlp, False), "entering": (before, False), "leaving": (handle.layers[end - 1], False)}
+    for states in dense_states(handle, windows, wanted, batch_size):
+        m = states["mlp"].flatten(0, 1).double()
+        leaving = states["leaving"].flatten(0, 1).to(m.device)
+        yield m, leaving.double() - states["entering"].flatten(0, 1).to(m.device).double() + m, leaving
+
+
+def _least_squares_maps(handle: Handle, segments: list[Segment], windows: torch.Tensor, batch_size: int,
+                        weighted: bool) -> dict[Segment, torch.Tensor]:
+    """Per segment, ``T`` minimising Σ w‖m T − target‖² over the tokens of ``windows`` (:func:`_write_pairs`);
+    ``w = 1/‖h_e‖²`` when ``weighted``, else 1."""
+    maps = {}
+    for start, end in segments:
+        gram = cross = None
+        for m, target, leaving in _write_pairs(handle, start, end, windows, batch_size):
+            weights = relative_weights(leaving) if weighted else torch.ones(m.shape[0], dtype=m.dtype,
+                                                                              device=m.device)
+            moments = weighted_moments(m, target, weights)
+            gram, cross = moments if gram is None else (gram + moments[0], cross + moments[1])
+        maps[(start, end)] = least_squares_map(gram, cross)
+    return maps
 
 
 def replaceme_collect(handle: Handle, segments: list[Segment], prepared: HealData, options: HealOptions,
@@ -176,29 +213,66 @@ def replaceme_collect(handle: Handle, segments: list[Segment], prepared: HealDat
     output mapped by T, gives ``h_e`` (the attention part of its residual passes unchanged). The paper's fit is
     unweighted; the weights (:func:`relative_weights`) keep a massive activation that forms inside the block from
     owning the fit (SmolLM2-135M, [9:19): wiki perplexity 951 unweighted, 101 weighted, 158 with no heal)."""
-    maps = {}
+    return _least_squares_maps(handle, segments, prepared.windows, batch_size, weighted=True)
+
+
+def lsq_collect(handle: Handle, segments: list[Segment], prepared: HealData, options: HealOptions,
+                batch_size: int = 4) -> dict[Segment, torch.Tensor]:
+    """The Ghosted Layers alignment (arXiv 2605.15491): the least-squares linear operator from the state entering
+    the cut to the one leaving it, min Σ‖h_s + m B − h_e‖² over every ``[H, H]`` matrix B, unweighted. The paper's
+    operator acts on the whole state ``h_s`` as an added matrix; a standard checkpoint has no place for one, and in
+    a pre-norm decoder the only exact fold of a map is into the last write before the cut (the MLP output m of
+    layer s − 1, whose output is ``h_s = r + m``). So the operator is the identity plus a map of that write, folded
+    as ``T = I + B`` into the MLP's output projection: ReplaceMe's objective without its 1/‖h_e‖² weights."""
+    return _least_squares_maps(handle, segments, prepared.windows, batch_size, weighted=False)
+
+
+def hadamard(size: int) -> torch.Tensor:
+    """An orthonormal ``[size, size]`` Hadamard rotation (float64): Sylvester's construction when ``size`` is a
+    power of two, else block-diagonal with blocks of the largest power of two dividing ``size`` (576 = 9 × 64,
+    640 = 5 × 128; an odd size gets the identity)."""
+    block = size & -size
+    sylvester = torch.ones(1, 1, dtype=torch.float64)
+    while sylvester.shape[0] < block:
+        sylvester = torch.cat([torch.cat([sylvester, sylvester], 1), torch.cat([sylvester, -sylvester], 1)], 0)
+    return torch.block_diag(*[sylvester / block ** 0.5] * (size // block))
+
+
+def channel_scaling(rotation: torch.Tensor, source_squares: torch.Tensor, target_squares: torch.Tensor
+                    ) -> torch.Tensor:
+    """LinearPatch's map ``R diag(s) Rᵀ`` ``[H, H]``: rotate by ``R``, scale rotated channel j by
+    ``s_j = rms(target)_j / rms(source)_j`` (from the sums of squares ``[H]`` of the rotated source and target
+    channels over the same tokens), rotate back. A channel the source never uses keeps scale 1."""
+    scale = (target_squares / source_squares.clamp(min=1e-30)).sqrt()
+    scale = torch.where(source_squares > 0, scale, torch.ones_like(scale))
+    return rotation @ torch.diag(scale) @ rotation.T
+
+
+def linearpatch_collect(handle: Handle, segments: list[Segment], prepared: HealData, options: HealOptions,
+                        batch_size: int = 4) -> dict[Segment, torch.Tensor]:
+    """LinearPatch (arXiv 2505.24680): a Hadamard rotation that spreads massive outlier channels, a per-channel
+    scaling that aligns activation magnitudes across the cut, and the rotation back, fused into one matrix. The
+    paper patches the whole hidden state at the interface with that matrix; here, for the same reason as
+    :func:`lsq_collect`, the matrix maps the last write before the cut (m → m T, folded into the MLP's output
+    projection), and the scales are the ratio of the rotated channels' root mean squares of what that write must
+    become (``h_e − h_s + m``) and of the write itself. The paper's optional distillation of the patch is not done
+    (``--heal-init linearpatch`` with a training heal is the trained counterpart)."""
+    patches = {}
     for start, end in segments:
-        if start == 0:
-            raise LayercutError(f"replaceme folds its map into the layer before the cut; the cut [0:{end}) has none: "
-                                "use --heal endpoints or streamline, or cut elsewhere")
-        before = handle.layers[start - 1]
-        _check_foldable(handle, start - 1, prepared.windows)
-        last = handle.layers[end - 1]
-        wanted = {"mlp": (before.mlp, False), "entering": (before, False), "leaving": (last, False)}
-        gram = cross = None
-        for states in dense_states(handle, prepared.windows, wanted, batch_size):
-            x = states["mlp"].flatten(0, 1).double()
-            leaving = states["leaving"].flatten(0, 1).to(x.device)
-            y = leaving.double() - states["entering"].flatten(0, 1).to(x.device).double() + x
-            moments = weighted_moments(x, y, relative_weights(leaving))
-            gram, cross = moments if gram is None else (gram + moments[0], cross + moments[1])
-        maps[(start, end)] = least_squares_map(gram, cross)
-    return maps
+        rotation = source = target = None
+        for m, wanted, _ in _write_pairs(handle, start, end, prepared.windows, batch_size):
+            rotation = hadamard(m.shape[-1]).to(m.device) if rotation is None else rotation
+            squares = ((m @ rotation).pow(2).sum(0), (wanted @ rotation).pow(2).sum(0))
+            source, target = squares if source is None else (source + squares[0], target + squares[1])
+        patches[(start, end)] = channel_scaling(rotation, source, target)
+    return patches
 
 
-def replaceme_apply(handle: Handle, cut: Cut, prepared: HealData, options: HealOptions, seed: int = 0,
-                    progress=None) -> HealReport:
-    """Fold each segment's map into the MLP output projection of the (post-cut) layer before it."""
+def fold_apply(handle: Handle, cut: Cut, prepared: HealData, options: HealOptions, seed: int = 0,
+               progress=None, name: str | None = None) -> HealReport:
+    """Fold each segment's map (``prepared.collected``) into the MLP output projection of the (post-cut) layer
+    before it: the apply step of replaceme, lsq and linearpatch."""
+    name = name or options.heal
     started = time.perf_counter()
     changed = []
     for (start, end), transform in prepared.collected.items():
@@ -206,8 +280,9 @@ def replaceme_apply(handle: Handle, cut: Cut, prepared: HealData, options: HealO
         fold_map(output_projection(handle.layers[index]), transform)
         changed.append(index)
     fitted = sum(t.numel() for t in prepared.collected.values())
-    logger.info("replaceme: folded %d map(s) into layers %s", len(changed), changed)
-    return HealReport(name="replaceme", layers=changed, trainable_parameters=fitted, steps=0, loss="least squares",
+    logger.info("%s: folded %d map(s) into layers %s", name, len(changed), changed)
+    return HealReport(name=name, layers=changed, trainable_parameters=fitted, steps=0,
+                      loss="channel scaling" if name == "linearpatch" else "least squares",
                       seconds=time.perf_counter() - started)
 
 

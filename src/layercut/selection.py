@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from layercut import repair
 from layercut.criteria import CRITERIA, select_by_criterion
 from layercut.errors import LayercutError
 from layercut.gate import SearchResult, cut_kl, gate_settings, search_exhaustive, search_gate
@@ -43,10 +44,13 @@ METHODS: dict[str, Method] = {
     "clp": Method(search_gate, "the concave gate: a soft notch whose position is learned by minimising the KL "
                                "between the dense and the gated model"),
     "exhaustive": Method(search_exhaustive, "the exact oracle: the hard-cut KL of every window of n layers"),
+    "repair": Method(repair.search_repair, "by what survives the repair: the --repair-candidates cuts of lowest exact "
+                                           "KL and the tail cut, each repaired cheaply (--repair-proxy) and scored "
+                                           "on held-out calibration windows"),
     **{name: Method(_criterion(name), criterion.help) for name, criterion in CRITERIA.items()},
 }
 GATE_METHODS = ("clp",)  # the methods that train the gate (and take the gate options)
-SEGMENTED_METHODS = ("clp", "exhaustive")  # the methods that take --segments
+SEGMENTED_METHODS = ("clp", "exhaustive", "repair")  # the methods that take --segments
 
 
 def removal_count(options: SearchOptions, total: int) -> int:

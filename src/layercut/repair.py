@@ -1,0 +1,188 @@
+"""The repair-aware selection: candidate cuts by exact KL, each repaired cheaply (a short endpoint heal or a
+training-free linear patch) and scored on calibration windows held out from the repair's own; the best one wins.
+
+The candidates are never cut: removed layers are skipped (:func:`layercut.forward.replaced_layers`, exactly the cut
+model's function), and the few weights a repair changes are put back after each candidate, so the search keeps one
+copy of the model. Indices are the original model's, 0-based and half-open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from layercut import heal, replacement
+from layercut.data import shares_no_run
+from layercut.errors import LayercutError
+from layercut.forward import batches, model_device, replaced_layers
+from layercut.gate import SearchResult, candidate_key, checked, cuts, exact_scorer
+from layercut.layers import Candidate, Handle, kept_layers
+
+if TYPE_CHECKING:
+    from layercut.config import SearchOptions
+
+logger = logging.getLogger(__name__)
+
+
+def candidate_cuts(kl: dict[Candidate, float], num_layers: int, remove: int, top: int) -> list[Candidate]:
+    """The cuts the repair method scores, from the exact KL of every cut considered (``kl``): for each number of
+    segments among them, the ``top`` with the lowest KL, then the tail cut ``[L − n, L)`` when it is not one of
+    them. Order: by number of segments, then by KL."""
+    chosen: list[Candidate] = []
+    for count in sorted({len(c) for c in kl}):
+        chosen += sorted((c for c in kl if len(c) == count), key=kl.__getitem__)[:top]
+    tail = ((num_layers - remove, num_layers),)
+    return chosen if tail in chosen else [*chosen, tail]
+
+
+def endpoint_layers(candidate: Candidate, num_layers: int) -> list[int]:
+    """Original indices of the kept layers just before and just after each segment of ``candidate`` (fewer at an
+    edge): the layers the endpoints heal trains and, before each segment, the one a linear patch folds into."""
+    keep = kept_layers(list(candidate), num_layers)
+    found = set()
+    for start, end in candidate:
+        found.update([k for k in keep if k < start][-1:] + [k for k in keep if k >= end][:1])
+    return sorted(found)
+
+
+def split_windows(windows: torch.Tensor, shingle: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration windows ``[N, T]`` in two: the first half fits or trains the repair, the second half, less
+    any window that shares a run of ``shingle`` tokens with the first, scores it. LayercutError when fewer than two
+    windows would score."""
+    half = windows.shape[0] // 2
+    train, rest = windows[:half], windows[half:]
+    held = rest[shares_no_run(rest, train, shingle)]
+    if half < 1 or held.shape[0] < 2:
+        raise LayercutError(f"the repair method needs calibration windows to repair on and at least two others to "
+                            f"score on; {windows.shape[0]} window(s) leave {held.shape[0]}: raise --calib-windows")
+    return train, held
+
+
+@contextlib.contextmanager
+def restored(modules: Sequence[torch.nn.Module]):
+    """Within the context the ``modules`` may change; their weights are put back afterwards."""
+    saved = [copy.deepcopy(module.state_dict()) for module in modules]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, state in zip(modules, saved):
+                module.load_state_dict(state)
+
+
+def returns_tuple(handle: Handle, windows: torch.Tensor) -> bool:
+    """Whether the model's decoder layers return tuples (transformers 4.x) rather than tensors."""
+    found = []
+    hook = handle.layers[0].register_forward_hook(lambda module, args, output: found.append(isinstance(output, tuple)))
+    try:
+        with torch.no_grad():
+            handle.model(input_ids=windows[:1, :4].to(model_device(handle.model)), use_cache=False)
+    finally:
+        hook.remove()
+    return found[0]
+
+
+def held_out_kl(handle: Handle, windows: torch.Tensor, teacher: heal.TeacherTargets, batch_size: int) -> float:
+    """Mean token KL(dense top-k ‖ model) of the handle's model (as it runs now) over ``windows`` ``[N, T]``."""
+    total, device = 0.0, model_device(handle.model)
+    with torch.no_grad():
+        for start, batch in zip(range(0, windows.shape[0], batch_size), batches(windows, batch_size)):
+            logits = handle.model(input_ids=batch.to(device), use_cache=False).logits
+            rows = slice(start, start + batch.shape[0])
+            total += float(heal.top_k_kl(logits, teacher.log_probs[rows].to(device),
+                                         teacher.indices[rows].to(device))) * batch.shape[0]
+    return total / windows.shape[0]
+
+
+def short_heal(handle: Handle, trained: list[int], windows: torch.Tensor, teacher: heal.TeacherTargets, steps: int,
+               learning_rate: float, batch: int, seed: int) -> bool:
+    """``steps`` AdamW steps of the layers ``trained`` on the top-k KL to the dense model over ``windows``, as the
+    endpoints heal does; False (and the steps stop) when the loss is not finite."""
+    model = handle.model
+    model.requires_grad_(False)
+    parameters = [p for index in trained for p in handle.layers[index].parameters()]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    generator, device = torch.Generator().manual_seed(seed), model_device(model)
+    try:
+        for _ in range(steps):
+            picks = torch.randint(0, windows.shape[0], (min(batch, windows.shape[0]),), generator=generator)
+            logits = model(input_ids=windows[picks].to(device), use_cache=False).logits
+            loss = heal.top_k_kl(logits, teacher.log_probs[picks].to(device), teacher.indices[picks].to(device))
+            if not math.isfinite(loss.item()):
+                return False
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        model.requires_grad_(False)
+    return True
+
+
+def fold_patch(handle: Handle, candidate: Candidate, windows: torch.Tensor, proxy: str, batch_size: int) -> bool:
+    """Fold the linear patch ``proxy`` (``lsq``, ``linearpatch``, ``replaceme``), fitted on ``windows`` of the dense
+    model, into the layer before each segment of ``candidate``; False when it does not fold into this model or cut
+    (the cut is then scored unpatched)."""
+    collect = heal.HEALS[proxy].collect
+    try:
+        maps = collect(handle, list(candidate), heal.HealData(windows), None, batch_size)
+    except LayercutError as error:
+        logger.info("repair: %s does not apply to %s (%s); scored without it", proxy, candidate_key(candidate), error)
+        return False
+    for (start, _), transform in maps.items():
+        replacement.fold_map(replacement.output_projection(handle.layers[start - 1]), transform)
+    return True
+
+
+def repaired_kl(handle: Handle, candidate: Candidate, data: dict, options: SearchOptions, batch_size: int,
+                seed: int) -> float:
+    """The held-out KL of ``candidate`` after its cheap repair (``options.repair_proxy``); the model is unchanged
+    afterwards."""
+    removed = {i for start, end in candidate for i in range(start, end)}
+    ends = endpoint_layers(candidate, handle.num_layers)
+    with restored([handle.layers[i] for i in ends]):
+        if options.repair_proxy != "endpoints":
+            fold_patch(handle, candidate, data["train"], options.repair_proxy, batch_size)
+        with replaced_layers(handle.layers, removed, tuple_output=data["tuple"]):
+            if options.repair_proxy == "endpoints" and not short_heal(
+                    handle, ends, data["train"], data["teacher_train"], options.repair_steps,
+                    heal.HEALS["endpoints"].learning_rate, min(8, data["train"].shape[0]), seed):
+                return math.inf
+            return held_out_kl(handle, data["held"], data["teacher_held"], batch_size)
+
+
+def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int = 4,
+                  seed: int = 0, progress=None) -> SearchResult:
+    """The repair-aware selection on calibration ``windows`` ``[N, T]``: the exact KL of every cut of ``remove``
+    layers in at most ``options.segments`` segments (on all windows), :func:`candidate_cuts` of them, each scored by
+    its KL to the dense model on the held-out half of the windows after the cheap repair (:func:`repaired_kl`); the
+    lowest wins. ``progress`` (optional) is called with 1 per candidate scored. ``landscape`` holds the exact KL of
+    every cut; ``trajectory`` one row per candidate with its repaired KL."""
+    started = time.perf_counter()
+    every = cuts(handle.num_layers, remove, options.segments)
+    kl = dict(zip(every, checked(exact_scorer(handle, windows, options, batch_size))(every)))
+    chosen = candidate_cuts(kl, handle.num_layers, remove, options.repair_candidates)
+    train, held = split_windows(windows)
+    top_k = min(64, handle.model.get_output_embeddings().weight.shape[0])
+    data = {"train": train, "held": held, "tuple": returns_tuple(handle, windows),
+            "teacher_train": heal.teacher_targets(handle.model, train, top_k, batch_size),
+            "teacher_held": heal.teacher_targets(handle.model, held, top_k, batch_size)}
+    scores = {}
+    for candidate in chosen:
+        scores[candidate] = repaired_kl(handle, candidate, data, options, batch_size, seed)
+        logger.info("repair: %s, KL %.4f before repair, %.4f after (%s)", candidate_key(candidate), kl[candidate],
+                    scores[candidate], options.repair_proxy)
+        if progress is not None:
+            progress(1)
+    best = min(chosen, key=scores.__getitem__)
+    rows = [{"cut": candidate_key(c), "kl": kl[c], "repaired_kl": scores[c]} for c in chosen]
+    return SearchResult("repair", list(best), kl[best], time.perf_counter() - started, len(every) + len(chosen),
+                        rows, {candidate_key(c): value for c, value in kl.items()})

@@ -1,0 +1,135 @@
+"""The repair-aware selection (``--method repair``): candidates, held-out windows, and a constructed case where the
+cut of lowest KL is not the one that repairs best."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import build_tiny, random_ids
+from layercut import heal, selection
+from layercut.config import HealOptions, SearchOptions
+from layercut.errors import LayercutError
+from layercut.gate import cuts
+from layercut.layers import Handle, cut
+from layercut.repair import candidate_cuts, endpoint_layers, split_windows
+
+
+def test_candidates_are_the_lowest_kl_cuts_per_number_of_segments_plus_the_tail():
+    kl = {((0, 2),): 0.5, ((1, 3),): 0.1, ((2, 4),): 0.3, ((3, 5),): 0.2, ((4, 6),): 0.9,
+          ((0, 1), (3, 4)): 0.05, ((1, 2), (4, 5)): 0.4, ((0, 1), (2, 3)): 0.01}
+    assert candidate_cuts(kl, 6, 2, 2) == [((1, 3),), ((3, 5),), ((0, 1), (2, 3)), ((0, 1), (3, 4)), ((4, 6),)]
+    assert candidate_cuts({c: v for c, v in kl.items() if len(c) == 1}, 6, 2, 5)[-1] == ((4, 6),)  # already in
+
+
+def test_endpoint_layers_are_the_kept_neighbours_of_each_segment():
+    assert endpoint_layers(((2, 4),), 6) == [1, 4]
+    assert endpoint_layers(((0, 2),), 6) == [2]
+    assert endpoint_layers(((1, 2), (4, 6)), 6) == [0, 2, 3]
+
+
+def test_the_scoring_windows_share_no_text_with_the_repair_windows():
+    windows = random_ids(batch=8, length=20, seed=1)
+    windows[6] = windows[1]  # a scoring window that repeats a repair window is dropped
+    train, held = split_windows(windows)
+    assert torch.equal(train, windows[:4]) and held.shape[0] == 3
+    assert not any(torch.equal(row, windows[1]) for row in held)
+    with pytest.raises(LayercutError, match="raise --calib-windows"):
+        split_windows(windows[:2])
+
+
+def linearly_repairable(scale: float = 20.0):
+    """A tiny Llama where the cut of lowest KL is not the one that repairs best, by construction:
+
+    * the block [2, 4) does nothing but add ``scale`` times the MLP output m of layer 1 (its layers' output
+      projections are zeroed, so they are the identity, and a hook on layer 3 adds ``scale·m``, m being layer 1's
+      output in the same pass, nothing when layer 1 did not run). Cutting it loses ``scale·m``: a large KL. But a
+      linear patch folded into layer 1's MLP (m → (1 + scale)·m) repairs it exactly.
+    * the layers 4 and 5 write a twentieth of what they did: cutting [4, 6) costs a small KL, but what is lost is
+      not a map of any one layer's MLP output, and layer 3's MLP output, where a patch would fold, is zero: no patch
+      repairs it.
+
+    The hook adds nothing when layer 3 is skipped or replayed (its ``forward`` replaced, as the search does for a
+    removed layer) or deleted (a real cut), so every cut is the same model whichever way it is computed. The output
+    head is scaled up so that the KLs are far above float noise."""
+    model = build_tiny("llama")
+    handle = Handle.of(model)
+    with torch.no_grad():
+        for index in (2, 3):
+            handle.layers[index].self_attn.o_proj.weight.zero_()
+            handle.layers[index].mlp.down_proj.weight.zero_()
+        for index in (4, 5):
+            handle.layers[index].self_attn.o_proj.weight.mul_(0.05)
+            handle.layers[index].mlp.down_proj.weight.mul_(0.05)
+        model.lm_head.weight.mul_(50)
+    seen = {}
+
+    def keep(module, args, output):
+        seen["m"] = output
+
+    def add(module, args, output):
+        m = seen.pop("m", None)
+        if m is None or "forward" in module.__dict__:
+            return None
+        return (output[0] + scale * m, *output[1:]) if isinstance(output, tuple) else output + scale * m
+
+    model.register_forward_pre_hook(lambda module, args: seen.clear())
+    handle.layers[1].mlp.register_forward_hook(keep)
+    handle.layers[3].register_forward_hook(add)
+    return handle
+
+
+def kl_to(dense_logits: torch.Tensor, model, windows: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(windows).logits
+    p = torch.log_softmax(dense_logits.double(), -1)
+    return float((p.exp() * (p - torch.log_softmax(logits.double(), -1))).sum(-1).mean())
+
+
+def test_repair_picks_the_cut_that_repairs_best_where_the_lowest_kl_cut_does_not():
+    handle = linearly_repairable()
+    windows = random_ids(batch=16, length=16, seed=3)
+    train, held = split_windows(windows)
+    with torch.no_grad():
+        dense = {"all": handle.model(windows).logits, "held": handle.model(held).logits}
+    plain, repaired = {}, {}
+    for candidate in cuts(handle.num_layers, 2, 1):  # independently: cut a copy, patch it as --heal lsq would
+        pruned = copy.deepcopy(handle)
+        options = HealOptions(heal="lsq")
+        try:
+            prepared = heal.before_cut(pruned, list(candidate), heal.HealData(train), options)
+        except LayercutError:  # [0, 2) has no layer before it: it stays unpatched
+            prepared = None
+        removed = cut(pruned, list(candidate))
+        plain[candidate] = kl_to(dense["all"], pruned.model, windows)
+        if prepared is not None:
+            heal.heal(pruned, removed, prepared, options)
+        repaired[candidate] = kl_to(dense["held"], pruned.model, held)
+    lowest_kl, best_repaired = min(plain, key=plain.get), min(repaired, key=repaired.get)
+    assert lowest_kl == ((4, 6),) and best_repaired == ((2, 4),)  # the construction holds
+    assert repaired[best_repaired] < 1e-6 < plain[best_repaired]
+    before = {name: p.detach().clone() for name, p in handle.model.named_parameters()}
+    found = selection.search(handle, windows, SearchOptions(remove=2, method="repair", repair_proxy="lsq",
+                                                            repair_candidates=5))
+    assert found.segments == [(2, 4)] and found.method == "repair"
+    assert len(found.trajectory) == 5 and len(found.landscape) == 5
+    scored = {row["cut"]: row["repaired_kl"] for row in found.trajectory}
+    assert scored["2:4"] < 1e-4 < scored["4:6"]
+    assert all(torch.equal(before[name], p) for name, p in handle.model.named_parameters())  # put back
+    exhaustive = selection.search(handle, windows, SearchOptions(remove=2, method="exhaustive"))
+    assert exhaustive.segments == [(4, 6)]  # the lowest KL on these windows, as computed independently
+
+
+def test_the_short_heal_proxy_scores_every_candidate_and_puts_the_weights_back():
+    handle = Handle.of(build_tiny("llama"))
+    windows = random_ids(batch=8, length=12, seed=2)
+    before = {name: p.detach().clone() for name, p in handle.model.named_parameters()}
+    found = selection.search(handle, windows, SearchOptions(remove=2, method="repair", repair_steps=3,
+                                                            repair_candidates=2))
+    lowest = sorted(found.landscape, key=found.landscape.get)[:2]
+    assert [row["cut"] for row in found.trajectory] == lowest + ["4:6"] * ("4:6" not in lowest)
+    assert found.segments in [[tuple(int(i) for i in row["cut"].split(":"))] for row in found.trajectory]
+    assert all(torch.equal(before[name], p) for name, p in handle.model.named_parameters())
+    assert not any(p.requires_grad for p in handle.model.parameters())
