@@ -12,13 +12,13 @@ from layercut import heal, selection
 from layercut.config import Recipe, dump_recipe, to_dict
 from layercut.data import Windows, calibrate
 from layercut.errors import LayercutError
-from layercut.evaluate import compare_measures, evaluate, perplexity
+from layercut.evaluate import DenseReference, agreement, compare_measures, dense_reference, evaluate, perplexity
 from layercut.export import export
 from layercut.files import check_output
 from layercut.gate import SearchResult
 from layercut.layers import Cut, Handle, cut, text_part
 from layercut.load import load_config, load_model, resolve_device
-from layercut.record import HealReport, Measures, RunRecord, SearchSummary, library_versions, read_record
+from layercut.record import Agreement, HealReport, Measures, RunRecord, SearchSummary, library_versions, read_record
 from layercut.report import search_charts
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
     windows = calibrate(handle.tokenizer, recipe.data)
     dense = evaluate(handle.model, handle.tokenizer, windows.test, recipe.evaluation, recipe.data.batch_size, recipe.data.seed,
                      stage("dense evaluation", windows.test.shape[0]))
+    reference = dense_outputs(handle, recipe, stage, copy_head=heal.HEALS[recipe.heal.heal].tail)
     found = selection.search(handle, windows.calibration, recipe.search, recipe.data.batch_size, recipe.data.seed,
                              stage(f"search ({recipe.search.method})", selection.gate_steps(recipe.search)))
     prepared = heal.before_cut(handle, found.segments, heal.prepare(handle, recipe.heal, recipe.data), recipe.heal)
@@ -88,7 +89,25 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
     pruned = evaluate(handle.model, handle.tokenizer, windows.test, recipe.evaluation, recipe.data.batch_size, recipe.data.seed,
                       stage("pruned evaluation", windows.test.shape[0]))
     record = run_record(model_name, recipe, found, removed, report, dense, pruned, after_cut, windows, started)
+    record.metrics.agreement = measure_agreement(handle, reference, recipe, stage)
     return finish(handle, record, recipe, windows, pruned, found, output, overwrite, stage)
+
+
+def dense_outputs(handle: Handle, recipe: Recipe, stage, copy_head: bool = False) -> DenseReference | None:
+    """What the agreement measures need from the dense model, when the recipe asks for them; call before the cut.
+    ``copy_head``: keep a copy of the output head, for a heal that trains it."""
+    if not recipe.evaluation.agreement:
+        return None
+    stage("dense outputs for the agreement")
+    return dense_reference(handle.model, handle.tokenizer, recipe.evaluation, recipe.data, copy_head)
+
+
+def measure_agreement(handle: Handle, reference: DenseReference | None, recipe: Recipe, stage) -> Agreement | None:
+    """The pruned model's agreement with the dense outputs in ``reference`` (None without a reference)."""
+    if reference is None:
+        return None
+    stage("agreement with the dense model")
+    return agreement(handle.model, reference, recipe.data.batch_size, recipe.evaluation.generation_batch)
 
 
 def cut_perplexity(handle: Handle, windows: Windows, recipe: Recipe, stage) -> float | None:

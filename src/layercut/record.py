@@ -121,10 +121,42 @@ class SpeedComparison(Model):
     decode_ratio: float
 
 
+class TextAgreement(Model):
+    """The pruned model against the dense one on held-out windows, every position: the mean KL(dense ‖ pruned) of
+    the next-token distributions (nats) and the share of positions where their most likely token is the same."""
+
+    kl: float
+    top1: float
+    tokens: int
+    windows: int
+    seq_len: int
+
+
+class GenerationAgreement(Model):
+    """Greedy continuations of ``new_tokens`` tokens from held-out prompts, pruned against dense: the mean length
+    of the prefix that matches the dense continuation, and the share of prompts whose first ``match_tokens``
+    tokens all match."""
+
+    prompts: int
+    prompt_tokens: int
+    new_tokens: int
+    mean_prefix: float
+    match_tokens: int
+    share_matching: float
+
+
+class Agreement(Model):
+    """Agreement with the dense model: per text (its test windows) and in generation."""
+
+    texts: dict[str, TextAgreement] = {}
+    generation: GenerationAgreement | None = None
+
+
 class Metrics(Model):
     perplexity: PerplexityRecord | None = None
     zero_shot: ZeroShotComparison | None = None
     speed: SpeedComparison | None = None
+    agreement: Agreement | None = None
 
 
 class Measures(Model):
@@ -196,6 +228,7 @@ class CompareRow(Model):
     heal_seconds: float
     zero_shot: ZeroShot | None = None
     retention: Retained | None = None
+    agreement: Agreement | None = None
     seconds: float = 0.0
 
 

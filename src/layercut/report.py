@@ -11,7 +11,7 @@ from math import nan
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from layercut.record import CompareResult, Quantization, RunRecord
+from layercut.record import Agreement, CompareResult, Quantization, RunRecord
 
 if TYPE_CHECKING:
     from layercut.gate import SearchResult
@@ -59,6 +59,25 @@ def metric_rows(record: RunRecord) -> list[Row]:
         speed = metrics.speed
         rows.append(("prefill tokens/s", speed.before.prefill_tokens_per_s, speed.after.prefill_tokens_per_s))
         rows.append(("decode tokens/s", speed.before.decode_tokens_per_s, speed.after.decode_tokens_per_s))
+    if metrics.agreement is not None:
+        rows += agreement_rows(metrics.agreement)
+    return rows
+
+
+def agreement_rows(agreement: Agreement) -> list[Row]:
+    """``(name, dense, pruned)`` rows of the agreement with the dense model (the dense model agrees with itself:
+    KL 0, top-1 1, the whole continuation)."""
+    rows: list[Row] = []
+    for text, found in agreement.texts.items():
+        rows.append((f"KL(dense || pruned) per token ({text}, {found.windows} x {found.seq_len} tokens)", 0.0,
+                     found.kl))
+        rows.append((f"top-1 agreement with dense ({text})", 1.0, found.top1))
+    generation = agreement.generation
+    if generation is not None:
+        rows.append((f"generation: mean matching prefix ({generation.prompts} prompts, of {generation.new_tokens} "
+                     "tokens)", float(generation.new_tokens), generation.mean_prefix))
+        rows.append((f"generation: share with first {generation.match_tokens} tokens matching", 1.0,
+                     generation.share_matching))
     return rows
 
 
