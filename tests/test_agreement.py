@@ -5,6 +5,7 @@ model agrees with itself exactly, a cut model agrees less."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import scipy.stats
@@ -119,3 +120,64 @@ def test_text_agreement_equals_kl_of_the_two_models_full_logits(family, tiny_tok
                   reduction="none").sum(-1)
     assert found.kl == pytest.approx(kl.mean().item(), rel=1e-4)
     assert found.top1 == pytest.approx((dense_logits.argmax(-1) == pruned_logits.argmax(-1)).float().mean().item())
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("agree")
+    build_tiny("llama").save_pretrained(root / "tiny")
+    tiny_tokenizer.save_pretrained(root / "tiny")
+    write_text(root)
+    return root
+
+
+def flags_for(root) -> list[str]:
+    text = str(root / "text.txt")
+    return ["--calib", text, "--ppl", text, "--seq-len", "16", "--calib-windows", "4", "--ppl-windows", "4",
+            "--agreement", "--agreement-texts", text, "--generation-prompts", "6", "--prompt-tokens", "4",
+            "--new-tokens", "6", "--match-tokens", "3"]
+
+
+def test_prune_records_the_agreement_and_eval_of_the_folder_measures_the_same(workspace, tmp_path, capsys):
+    from layercut.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["prune", str(workspace / "tiny"), "--segment", "1:4", "--heal", "none", "--output", str(out),
+                 *flags_for(workspace)]) == 0
+    record = json.loads((out / "layercut.json").read_text())["metrics"]["agreement"]
+    (text, found), = record["texts"].items()
+    assert found["kl"] > 1e-5 and found["top1"] < 1 and record["generation"]["prompts"] == 6
+    assert "top-1 agreement with dense" in (out / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", *flags_for(workspace)]) == 0  # against the source its record names
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["dense"] == str(workspace / "tiny")
+    assert measured["agreement"]["texts"][text]["kl"] == pytest.approx(found["kl"], rel=1e-5)
+    assert measured["agreement"]["texts"][text]["top1"] == found["top1"]
+    assert measured["agreement"]["generation"] == record["generation"]
+    assert main(["eval", str(workspace / "tiny"), "--json", "--dense", str(workspace / "tiny"),
+                 *flags_for(workspace)]) == 0
+    itself = json.loads(capsys.readouterr().out)["agreement"]
+    assert itself["texts"][text]["kl"] == pytest.approx(0, abs=1e-6) and itself["texts"][text]["top1"] == 1
+    assert itself["generation"]["mean_prefix"] == 6 and itself["generation"]["share_matching"] == 1
+    assert main(["eval", str(workspace / "tiny"), *flags_for(workspace)]) == 2  # no record naming a dense model
+    assert "--dense" in capsys.readouterr().err
+
+
+def test_compare_cells_carry_the_agreement(workspace, tmp_path):
+    from layercut.cli import main
+
+    out = tmp_path / "compare"
+    assert main(["compare", str(workspace / "tiny"), "--methods", "tail,angular", "--remove", "2", "--heal", "none",
+                 "--output", str(out), *flags_for(workspace)]) == 0
+    cells = [json.loads((out / "cells" / f"{method}.json").read_text()) for method in ("tail", "angular")]
+    assert all(cell["agreement"]["generation"]["prompts"] == 6 for cell in cells)
+    assert all(0 <= next(iter(cell["agreement"]["texts"].values()))["top1"] <= 1 for cell in cells)
+    assert "top-1 " in (out / "compare.md").read_text()
+
+
+def test_bad_agreement_options_name_the_flag():
+    with pytest.raises(LayercutError, match="--match-tokens"):
+        EvalOptions(new_tokens=8, match_tokens=9)
+    with pytest.raises(LayercutError, match="--agreement-texts"):
+        EvalOptions(agreement_texts="wiki,nonexistent.txt")

@@ -287,3 +287,34 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+class SweepRow(Model):
+    """One size of ``layercut sweep``: its cut, perplexity right after the cut and healed, and what was measured
+    against the dense model (zero-shot retention, agreement, speed)."""
+
+    remove: int
+    segments: list[tuple[int, int]]
+    method: str
+    kl: float | None
+    search_seconds: float
+    perplexity_cut: float
+    perplexity: float
+    heal: str
+    heal_seconds: float
+    zero_shot: ZeroShot | None = None
+    retention: Retained | None = None
+    agreement: Agreement | None = None
+    speed: SpeedComparison | None = None
+    seconds: float = 0.0
+
+
+class SweepResult(Model):
+    """``sweep.json``: the dense model and one row per number of layers removed, under one protocol."""
+
+    model: str
+    layers: int
+    dense: DenseRow
+    rows: list[SweepRow]
+    recipe: dict[str, Any]
+    versions: dict[str, str]
