@@ -212,6 +212,35 @@ def model_help() -> str:
     return f"model folder, hub id, or a built-in alias: {', '.join(ALIASES)}"
 
 
+def add_eval(command) -> None:
+    """The ``eval`` command: one model's measures, or with --agreement a pruned one's against its dense model."""
+    evaluate = command("eval", help="perplexity, zero-shot accuracy, speed, and agreement with the dense model")
+    evaluate.add_argument("model", help=model_help())
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--recipe", help="YAML recipe; flags override it")
+    evaluate.add_argument("--dense", help="with --agreement: the dense model to compare with (default: the source "
+                                          "named in the pruned folder's layercut.json)")
+    config.add_arguments(evaluate, ("model", "data", "evaluation"), exclude=("eval",))
+    evaluate.set_defaults(run=run_eval)
+
+
+def add_sweep(command) -> None:
+    """The ``sweep`` command; its own --remove and --ratio take several sizes."""
+    sweeping = command("sweep", help="how much can I cut? prune at several sizes; table and plot of perplexity, "
+                                     "zero-shot accuracy, agreement with the dense model and speed-up")
+    sweeping.add_argument("model", help=model_help())
+    sweeping.add_argument("--remove", help="numbers of layers to remove: START:STOP (both ends included), "
+                                           "START:STOP:STEP or a list, e.g. 2:10 or 2,4,8")
+    sweeping.add_argument("--ratio", help="fractions of the layers to remove (rounded to whole layers): "
+                                          "START:STOP:STEP (both ends included) or a list, e.g. 0.1:0.4:0.1")
+    sweeping.add_argument("--output", required=True, help="folder for sweep.json, sweep.md and sweep.png")
+    sweeping.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier sweep")
+    sweeping.add_argument("--recipe", help="YAML recipe; flags override it")
+    config.add_arguments(sweeping, exclude=("segment", "remove", "ratio", "eval", "speed", "agreement", "quantize",
+                                            "group_size"))
+    sweeping.set_defaults(run=run_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviated flags: --segment must never be read as --segments.
     parser = argparse.ArgumentParser(prog="layercut", description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -236,14 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(search, ("model", "data", "search"))
     search.set_defaults(run=run_search)
 
-    evaluate = command("eval", help="perplexity and zero-shot accuracy of a model")
-    evaluate.add_argument("model", help=model_help())
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.add_argument("--recipe", help="YAML recipe; flags override it")
-    evaluate.add_argument("--dense", help="with --agreement: the dense model to compare with (default: the source "
-                                          "named in the pruned folder's layercut.json)")
-    config.add_arguments(evaluate, ("model", "data", "evaluation"), exclude=("eval",))
-    evaluate.set_defaults(run=run_eval)
+    add_eval(command)
 
     quantizing = command("quantize", help="quantize a checkpoint (e.g. a pruned one) and measure the cost")
     quantizing.add_argument("model", help="checkpoint folder (written by layercut prune or save_pretrained)")
@@ -268,19 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(comparison, exclude=("eval", "speed", "quantize", "group_size", "segment"))
     comparison.set_defaults(run=run_compare)
 
-    sweeping = command("sweep", help="how much can I cut? prune at several sizes; table and plot of perplexity, "
-                                     "zero-shot accuracy, agreement with the dense model and speed-up")
-    sweeping.add_argument("model", help=model_help())
-    sweeping.add_argument("--remove", help="numbers of layers to remove: START:STOP (both ends included), "
-                                           "START:STOP:STEP or a list, e.g. 2:10 or 2,4,8")
-    sweeping.add_argument("--ratio", help="fractions of the layers to remove (rounded to whole layers): "
-                                          "START:STOP:STEP (both ends included) or a list, e.g. 0.1:0.4:0.1")
-    sweeping.add_argument("--output", required=True, help="folder for sweep.json, sweep.md and sweep.png")
-    sweeping.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier sweep")
-    sweeping.add_argument("--recipe", help="YAML recipe; flags override it")
-    config.add_arguments(sweeping, exclude=("segment", "remove", "ratio", "eval", "speed", "agreement", "quantize",
-                                            "group_size"))
-    sweeping.set_defaults(run=run_sweep)
+    add_sweep(command)
 
     reporting = command("report", help="compare exported checkpoints: markdown table and PNG chart")
     reporting.add_argument("folders", nargs="+", help="folders written by layercut prune")
