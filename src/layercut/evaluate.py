@@ -259,11 +259,13 @@ def dense_reference(model, tokenizer, options: EvalOptions, data_options: DataOp
     """Capture the dense model's outputs for :func:`agreement`: final hidden states on the test windows of each of
     ``options.agreement_texts`` (``data_options.seq_len`` tokens, ``ppl_windows`` windows) and the greedy
     continuations of ``options.generation_prompts`` prompts cut from the ``--ppl`` test text. ``copy_head``: keep
-    a copy of the output head, for a heal that trains it."""
+    a copy of the output head, for a heal that trains it (an untied head; a tied one is never trained). Both
+    models' log-probabilities go through :func:`head_log_probs` alike, so a model agrees with itself exactly."""
     from layercut.data import evaluation_windows, load_text
     from layercut.forward import final_hidden
 
     head, softcap = output_head(model)
+    copy_head = copy_head and head.weight is not model.get_input_embeddings().weight  # a tied head stays frozen
     reference = DenseReference({}, {}, copy.deepcopy(head) if copy_head else head, softcap,
                                match_tokens=options.match_tokens)
     for text in agreement_texts(options):
@@ -290,9 +292,9 @@ def text_agreement(model, reference: DenseReference, text: str, batch_size: int 
                    budget: int = 2**25) -> TextAgreement:
     """Mean per-token KL(dense ‖ pruned) and top-1 agreement of ``model`` on the reference's windows of ``text``
     (every position of every window), the log-probabilities computed in chunks of at most ``budget`` values."""
-    from layercut.forward import final_hidden, head_logits
+    from layercut.forward import final_hidden
 
-    windows, dense_hidden = reference.windows[text], reference.hidden[text]
+    windows, dense_hidden, head = reference.windows[text], reference.hidden[text], model.get_output_embeddings()
     kl, agreeing, count = 0.0, 0, 0
     for start in range(0, windows.shape[0], batch_size):
         pruned_hidden = final_hidden(model, windows[start : start + batch_size])
@@ -300,8 +302,8 @@ def text_agreement(model, reference: DenseReference, text: str, batch_size: int 
         chunk = max(1, budget // (dense.shape[0] * reference.head.weight.shape[0]))
         for first in range(0, dense.shape[1], chunk):
             dense_log_probs = head_log_probs(reference.head, reference.softcap, dense[:, first : first + chunk])
-            pruned_logits = head_logits(model, pruned_hidden[:, first : first + chunk]).float()
-            pruned_log_probs = F.log_softmax(pruned_logits, dim=-1).to(dense_log_probs.device)
+            pruned_log_probs = head_log_probs(head, reference.softcap, pruned_hidden[:, first : first + chunk])
+            pruned_log_probs = pruned_log_probs.to(dense_log_probs.device)
             kl += token_kl_divergence(dense_log_probs, pruned_log_probs).sum().item()
             agreeing += int(top1_agreement(dense_log_probs, pruned_log_probs).sum())
             count += dense_log_probs.shape[0] * dense_log_probs.shape[1]
