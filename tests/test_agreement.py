@@ -15,8 +15,16 @@ import torch.nn.functional as F
 from conftest import build_tiny, random_ids, write_text
 from layercut.config import DataOptions, EvalOptions
 from layercut.errors import LayercutError
-from layercut.evaluate import (agreement, dense_reference, generation_prompts, greedy_continuations, matching_prefix,
-                               text_agreement, token_kl_divergence, top1_agreement)
+from layercut.evaluate import (
+    agreement,
+    dense_reference,
+    generation_prompts,
+    greedy_continuations,
+    matching_prefix,
+    text_agreement,
+    token_kl_divergence,
+    top1_agreement,
+)
 from layercut.layers import Handle, cut
 
 

@@ -69,8 +69,8 @@ def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | P
 
     Every method sees the same calibration windows, heal windows, teacher targets, steps and test windows, and
     the zero-shot tasks of ``recipe.evaluation`` (no speed), and with ``agreement`` is measured against the same
-    dense outputs. Writes ``compare.json``, ``compare.md`` and ``compare.png``. Everything is checked before anything is written; a folder holding cells of another
-    fingerprint is refused unless ``overwrite``.
+    dense outputs. Writes ``compare.json``, ``compare.md`` and ``compare.png``. Everything is checked before
+    anything is written; a folder holding cells of another fingerprint is refused unless ``overwrite``.
     """
     output = check_compare(model_name, recipe, methods, output)
     handle = load_model(model_name, recipe.model)

@@ -15,8 +15,17 @@ import torch.nn.functional as F
 
 from layercut.errors import LayercutError
 from layercut.forward import batches, model_device
-from layercut.record import (Agreement, GenerationAgreement, Measures, Metrics, PerplexityRecord, Speed,
-                             SpeedComparison, TextAgreement, ZeroShotComparison)
+from layercut.record import (
+    Agreement,
+    GenerationAgreement,
+    Measures,
+    Metrics,
+    PerplexityRecord,
+    Speed,
+    SpeedComparison,
+    TextAgreement,
+    ZeroShotComparison,
+)
 
 if TYPE_CHECKING:
     from layercut.config import DataOptions, EvalOptions

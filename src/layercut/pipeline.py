@@ -15,14 +15,31 @@ from layercut import heal, selection
 from layercut.config import Recipe, SearchOptions, dump_recipe, to_dict
 from layercut.data import Windows, calibrate
 from layercut.errors import LayercutError
-from layercut.evaluate import DenseReference, agreement, compare_measures, dense_reference, evaluate, perplexity
+from layercut.evaluate import (
+    DenseReference,
+    agreement,
+    compare_measures,
+    dense_reference,
+    evaluate,
+    perplexity,
+)
 from layercut.export import export
 from layercut.files import check_output, staged_folder
 from layercut.gate import SearchResult
 from layercut.layers import Cut, Handle, cut, text_part
 from layercut.load import load_config, load_model, resolve_device
-from layercut.record import (Agreement, DenseRow, HealReport, Measures, RunRecord, SearchSummary, SweepResult, SweepRow,
-                             library_versions, read_record)
+from layercut.record import (
+    Agreement,
+    DenseRow,
+    HealReport,
+    Measures,
+    RunRecord,
+    SearchSummary,
+    SweepResult,
+    SweepRow,
+    library_versions,
+    read_record,
+)
 from layercut.report import search_charts, sweep_chart, sweep_table
 
 logger = logging.getLogger(__name__)

@@ -74,8 +74,8 @@ def agreement_rows(agreement: Agreement) -> list[Row]:
         rows.append((f"top-1 agreement with dense ({text})", 1.0, found.top1))
     generation = agreement.generation
     if generation is not None:
-        rows.append((f"generation: mean matching prefix ({generation.prompts} prompts, of {generation.new_tokens} "
-                     "tokens)", float(generation.new_tokens), generation.mean_prefix))
+        name = f"generation: mean matching prefix ({generation.prompts} prompts, of {generation.new_tokens} tokens)"
+        rows.append((name, float(generation.new_tokens), generation.mean_prefix))
         rows.append((f"generation: share with first {generation.match_tokens} tokens matching", 1.0,
                      generation.share_matching))
     return rows
@@ -391,9 +391,8 @@ def sweep_table(result: SweepResult) -> str:
                    *(number(dense.zero_shot.tasks[task].acc, ".3f") if dense.zero_shot else "-" for task in tasks),
                    *(["1.000"] if tasks else []), *(["-"] * len(agreement_names(agreed)) if agreed else []),
                    "1.00", "1.00", "1.00"]
-    lines = [f"# {result.model}: {result.layers} layers, method `{result.rows[0].method}`, heal "
-             f"`{result.rows[0].heal}`", "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
-             "| " + " | ".join(dense_cells) + " |"]
+    title = f"# {result.model}: {result.layers} layers, method `{result.rows[0].method}`, heal `{result.rows[0].heal}`"
+    lines = [title, "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names), "| " + " | ".join(dense_cells) + " |"]
     for row in result.rows:
         speed = row.speed
         cells = [str(row.remove), segments_text(row.segments, " "), number(row.kl, ".3f"),
