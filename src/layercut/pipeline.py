@@ -205,7 +205,6 @@ def evaluator(recipe: Recipe, windows: Windows):
     return evaluate_model
 
 
-
 # ----------------------------------------------------------------------------------------------- sweep
 
 
