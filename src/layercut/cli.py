@@ -118,6 +118,13 @@ def run_eval(arguments: argparse.Namespace) -> int:
     want_ppl = "data.ppl" in vars(arguments) or not (task_list(recipe.evaluation) or recipe.evaluation.speed)
     check_before_work(arguments.model, recipe, cuts=False)
     show = _stage_printer()
+    reference, dense = None, None
+    if recipe.evaluation.agreement:
+        from layercut.pipeline import dense_model_outputs
+
+        dense = arguments.dense or dense_source(arguments.model)
+        show(f"dense outputs of {dense}")
+        reference = dense_model_outputs(dense, recipe)
     show("load")
     handle = load_model(arguments.model, recipe.model)
     windows = None
@@ -137,8 +144,24 @@ def run_eval(arguments: argparse.Namespace) -> int:
         result.update(measured.zero_shot.model_dump())
     if measured.speed is not None:
         result["speed"] = measured.speed.model_dump()
+    if reference is not None:
+        from layercut.evaluate import agreement
+
+        show("agreement with the dense model")
+        result.update(dense=dense, agreement=agreement(handle.model, reference, recipe.data.batch_size,
+                                                       recipe.evaluation.generation_batch).model_dump())
     print(json.dumps(result) if arguments.json else eval_table(result))
     return 0
+
+
+def dense_source(folder: str) -> str:
+    """The dense model a pruned ``folder`` was cut from, as its layercut.json names it."""
+    from layercut.record import RECORD_FILE, read_record
+
+    if not (Path(folder) / RECORD_FILE).is_file():
+        raise LayercutError(f"--agreement compares {folder} with its dense model, but {folder} has no {RECORD_FILE} "
+                            "naming it; give the dense model with --dense MODEL")
+    return read_record(folder).source
 
 
 def run_compare(arguments: argparse.Namespace) -> int:
@@ -149,6 +172,19 @@ def run_compare(arguments: argparse.Namespace) -> int:
     methods = [m.strip() for m in arguments.methods.split(",") if m.strip()]
     result = compare(arguments.model, recipe, methods, arguments.output, arguments.overwrite, _stage_printer())
     print(compare_table(result))
+    return 0
+
+
+def run_sweep(arguments: argparse.Namespace) -> int:
+    from layercut.pipeline import parse_sizes, sweep
+    from layercut.report import sweep_table
+
+    recipe = config.recipe_from_arguments(arguments, arguments.recipe)
+    remove = parse_sizes(arguments.remove, int) if arguments.remove else []
+    ratio = parse_sizes(arguments.ratio, float) if arguments.ratio else []
+    result = sweep(arguments.model, recipe, remove, ratio, arguments.output, arguments.overwrite, _stage_printer())
+    print(sweep_table(result))
+    print(f"table, plot and JSON: {arguments.output}", file=sys.stderr)
     return 0
 
 
@@ -176,6 +212,35 @@ def model_help() -> str:
     return f"model folder, hub id, or a built-in alias: {', '.join(ALIASES)}"
 
 
+def add_eval(command) -> None:
+    """The ``eval`` command: one model's measures, or with --agreement a pruned one's against its dense model."""
+    evaluate = command("eval", help="perplexity, zero-shot accuracy, speed, and agreement with the dense model")
+    evaluate.add_argument("model", help=model_help())
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--recipe", help="YAML recipe; flags override it")
+    evaluate.add_argument("--dense", help="with --agreement: the dense model to compare with (default: the source "
+                                          "named in the pruned folder's layercut.json)")
+    config.add_arguments(evaluate, ("model", "data", "evaluation"), exclude=("eval",))
+    evaluate.set_defaults(run=run_eval)
+
+
+def add_sweep(command) -> None:
+    """The ``sweep`` command; its own --remove and --ratio take several sizes."""
+    sweeping = command("sweep", help="how much can I cut? prune at several sizes; table and plot of perplexity, "
+                                     "zero-shot accuracy, agreement with the dense model and speed-up")
+    sweeping.add_argument("model", help=model_help())
+    sweeping.add_argument("--remove", help="numbers of layers to remove: START:STOP (both ends included), "
+                                           "START:STOP:STEP or a list, e.g. 2:10 or 2,4,8")
+    sweeping.add_argument("--ratio", help="fractions of the layers to remove (rounded to whole layers): "
+                                          "START:STOP:STEP (both ends included) or a list, e.g. 0.1:0.4:0.1")
+    sweeping.add_argument("--output", required=True, help="folder for sweep.json, sweep.md and sweep.png")
+    sweeping.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier sweep")
+    sweeping.add_argument("--recipe", help="YAML recipe; flags override it")
+    config.add_arguments(sweeping, exclude=("segment", "remove", "ratio", "eval", "speed", "agreement", "quantize",
+                                            "group_size"))
+    sweeping.set_defaults(run=run_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviated flags: --segment must never be read as --segments.
     parser = argparse.ArgumentParser(prog="layercut", description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -200,12 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(search, ("model", "data", "search"))
     search.set_defaults(run=run_search)
 
-    evaluate = command("eval", help="perplexity and zero-shot accuracy of a model")
-    evaluate.add_argument("model", help=model_help())
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.add_argument("--recipe", help="YAML recipe; flags override it")
-    config.add_arguments(evaluate, ("model", "data", "evaluation"), exclude=("eval",))
-    evaluate.set_defaults(run=run_eval)
+    add_eval(command)
 
     quantizing = command("quantize", help="quantize a checkpoint (e.g. a pruned one) and measure the cost")
     quantizing.add_argument("model", help="checkpoint folder (written by layercut prune or save_pretrained)")
@@ -229,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--recipe", help="YAML recipe; flags override it")
     config.add_arguments(comparison, exclude=("eval", "speed", "quantize", "group_size", "segment"))
     comparison.set_defaults(run=run_compare)
+
+    add_sweep(command)
 
     reporting = command("report", help="compare exported checkpoints: markdown table and PNG chart")
     reporting.add_argument("folders", nargs="+", help="folders written by layercut prune")

@@ -19,7 +19,7 @@ from layercut import heal, selection
 from layercut.config import METHODS, EvalOptions, Recipe, to_dict
 from layercut.data import Windows, calibrate
 from layercut.errors import LayercutError
-from layercut.evaluate import evaluate, perplexity, task_list
+from layercut.evaluate import DenseReference, agreement, dense_reference, evaluate, perplexity, task_list
 from layercut.files import absolute, check_writable, staged_file, write_atomically
 from layercut.layers import Handle, cut
 from layercut.load import load_model, resolve_model
@@ -68,9 +68,9 @@ def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | P
     """Prune the same model with every method in ``methods`` and measure each the same way.
 
     Every method sees the same calibration windows, heal windows, teacher targets, steps and test windows, and
-    the zero-shot tasks of ``recipe.evaluation`` (no speed). Writes ``compare.json``, ``compare.md`` and
-    ``compare.png``. Everything is checked before anything is written; a folder holding cells of another
-    fingerprint is refused unless ``overwrite``.
+    the zero-shot tasks of ``recipe.evaluation`` (no speed), and with ``agreement`` is measured against the same
+    dense outputs. Writes ``compare.json``, ``compare.md`` and ``compare.png``. Everything is checked before
+    anything is written; a folder holding cells of another fingerprint is refused unless ``overwrite``.
     """
     output = check_compare(model_name, recipe, methods, output)
     handle = load_model(model_name, recipe.model)
@@ -79,7 +79,7 @@ def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | P
     prepared = heal.prepare(handle, recipe.heal, recipe.data)
     zero_shot = EvalOptions(tasks=",".join(task_list(recipe.evaluation)), limit=recipe.evaluation.limit)
     dense = dense_row(handle, windows, cells / "dense.json", zero_shot, recipe.data.batch_size, recipe.data.seed)
-    rows = []
+    rows, reference = [], None
     for method in methods:
         cell = cells / f"{method}.json"
         if cell.is_file():
@@ -88,7 +88,9 @@ def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | P
             continue
         if progress is not None:
             progress(method)
-        row = compare_row(handle, windows, recipe, method, prepared, dense, zero_shot)
+        if reference is None and recipe.evaluation.agreement:  # once, and only when a cell is still to be made
+            reference = dense_reference(handle.model, handle.tokenizer, recipe.evaluation, recipe.data)
+        row = compare_row(handle, windows, recipe, method, prepared, dense, zero_shot, reference)
         write_atomically(cell, row.model_dump_json(indent=2) + "\n")
         rows.append(row)
     result = CompareResult(model=model_name, remove=sum(e - s for s, e in rows[0].segments), dense=dense, rows=rows,
@@ -144,8 +146,9 @@ def dense_row(handle: Handle, windows: Windows, dense_file: Path, zero_shot: Eva
 
 
 def compare_row(handle: Handle, windows: Windows, recipe: Recipe, method: str, prepared: heal.HealData | None,
-                dense: DenseRow, zero_shot: EvalOptions) -> CompareRow:
-    """Search with ``method``, cut a copy of the dense model, heal and measure it; the dense ``handle`` is kept."""
+                dense: DenseRow, zero_shot: EvalOptions, reference: DenseReference | None = None) -> CompareRow:
+    """Search with ``method``, cut a copy of the dense model, heal and measure it (with ``reference``, also its
+    agreement with those dense outputs); the dense ``handle`` is kept."""
     batch_size, seed = recipe.data.batch_size, recipe.data.seed
     started = time.perf_counter()
     options = recipe.search.replace(method=method)
@@ -166,5 +169,7 @@ def compare_row(handle: Handle, windows: Windows, recipe: Recipe, method: str, p
         from layercut.zeroshot import retention
 
         row.retention = retention(measured.zero_shot, dense.zero_shot).average
+    if reference is not None:
+        row.agreement = agreement(pruned.model, reference, batch_size, recipe.evaluation.generation_batch)
     row.seconds = time.perf_counter() - started
     return row

@@ -238,6 +238,38 @@ class EvalOptions(Options):
     tasks: str = option("", "comma-separated lm-eval tasks (prune --eval without tasks: the seven standard ones)")
     limit: int | None = option(None, "items per zero-shot task (default: all)", ge=1)
     speed: bool = option(False, "measure prefill and decode tokens per second")
+    agreement: bool = option(
+        False, "measure the pruned model's agreement with the dense model: per-token KL(dense || pruned) and top-1 "
+        "agreement on the test windows of --agreement-texts, and greedy generation from held-out prompts")
+    agreement_texts: str = option("wiki,lee", "comma-separated texts whose test windows (--seq-len tokens, "
+                                  "--ppl-windows windows) measure the agreement; same choices as --ppl", min_length=1)
+    generation_prompts: int = option(200, "held-out prompts cut from the --ppl test text for the generation "
+                                     "agreement (0 = no generation)", ge=0)
+    prompt_tokens: int = option(32, "tokens per generation prompt", ge=2)
+    new_tokens: int = option(64, "tokens each model generates greedily per prompt", ge=1)
+    match_tokens: int = option(16, "the generation agreement counts the prompts whose first this many generated "
+                               "tokens match the dense model's", ge=1)
+    generation_batch: int = option(32, "prompts generated side by side", ge=1)
+
+    @field_validator("agreement_texts")
+    @classmethod
+    def _known_texts(cls, texts: str) -> str:
+        names = [text.strip() for text in texts.split(",")]
+        if not all(names):
+            raise ValueError(f"{texts!r} is not a comma-separated list of texts")
+        for name in names:
+            try:
+                data.check_source(name)
+            except LayercutError as error:
+                raise ValueError(str(error)) from None
+        return texts
+
+    @model_validator(mode="after")
+    def _match_within_generation(self):
+        if self.match_tokens > self.new_tokens:
+            raise ValueError(f"--match-tokens {self.match_tokens} is more than the --new-tokens {self.new_tokens} "
+                             "generated; lower --match-tokens or raise --new-tokens")
+        return self
 
     @field_validator("tasks")
     @classmethod

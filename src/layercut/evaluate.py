@@ -1,10 +1,13 @@
 """The evaluate stage: perplexity on non-overlapping windows of held-out text, zero-shot accuracy through lm-eval
-(:mod:`layercut.zeroshot`), prefill and decode speed; and the comparison of a dense and a pruned evaluation."""
+(:mod:`layercut.zeroshot`), prefill and decode speed; the comparison of a dense and a pruned evaluation; and the
+pruned model's agreement with the dense one (per-token KL and top-1 on held-out text, greedy generation)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,10 +15,20 @@ import torch.nn.functional as F
 
 from layercut.errors import LayercutError
 from layercut.forward import batches, model_device
-from layercut.record import Measures, Metrics, PerplexityRecord, Speed, SpeedComparison, ZeroShotComparison
+from layercut.record import (
+    Agreement,
+    GenerationAgreement,
+    Measures,
+    Metrics,
+    PerplexityRecord,
+    Speed,
+    SpeedComparison,
+    TextAgreement,
+    ZeroShotComparison,
+)
 
 if TYPE_CHECKING:
-    from layercut.config import EvalOptions
+    from layercut.config import DataOptions, EvalOptions
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -148,3 +161,180 @@ def compare_measures(before: Measures, after: Measures, layers_before: int, laye
             prefill_ratio=after.speed.prefill_tokens_per_s / before.speed.prefill_tokens_per_s,
             decode_ratio=after.speed.decode_tokens_per_s / before.speed.decode_tokens_per_s)
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------- agreement
+
+
+def token_kl_divergence(dense_log_probs: torch.Tensor, pruned_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(dense ‖ pruned) in nats per position ``[...]`` of next-token log-probabilities ``[..., V]``, in float32.
+
+    A token the dense model gives probability 0 adds nothing, whatever the pruned model gives it."""
+    dense, pruned = dense_log_probs.float(), pruned_log_probs.float()
+    terms = dense.exp() * (dense - pruned)
+    return torch.where(dense.exp() > 0, terms, torch.zeros_like(terms)).sum(-1)
+
+
+def top1_agreement(dense_log_probs: torch.Tensor, pruned_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per position ``[...]``: whether both models' most likely next token is the same (bool)."""
+    return dense_log_probs.argmax(-1) == pruned_log_probs.argmax(-1)
+
+
+def matching_prefix(dense_tokens: torch.Tensor, pruned_tokens: torch.Tensor) -> torch.Tensor:
+    """``[P]`` lengths of the longest common prefix of each row of two ``[P, K]`` token continuations."""
+    return (dense_tokens == pruned_tokens).long().cumprod(-1).sum(-1)
+
+
+@torch.no_grad()
+def greedy_continuations(model, prompts: torch.Tensor, new_tokens: int, batch_size: int = 32) -> torch.Tensor:
+    """``[P, new_tokens]`` greedy continuations of equal-length ``prompts`` ``[P, t]`` with the KV cache.
+
+    Each step appends the argmax token; no token ends a continuation early, so every continuation has
+    ``new_tokens`` tokens and two models' continuations compare position by position."""
+    device, found = model_device(model), []
+    for batch in batches(prompts, batch_size):
+        mask = torch.ones(batch.shape[0], batch.shape[1] + new_tokens, dtype=torch.long, device=device)
+        output = model(input_ids=batch.to(device), attention_mask=mask[:, : batch.shape[1]], use_cache=True)
+        token = output.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [token]
+        for step in range(1, new_tokens):
+            output = model(input_ids=token, attention_mask=mask[:, : batch.shape[1] + step],
+                           past_key_values=output.past_key_values, use_cache=True)
+            token = output.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+        found.append(torch.cat(tokens, dim=1).cpu())
+    return torch.cat(found)
+
+
+def generation_prompts(tokenizer, text: str, count: int, prompt_tokens: int) -> torch.Tensor:
+    """``[count, prompt_tokens]`` prompts: windows of the token stream of held-out ``text`` (as
+    :func:`layercut.data.evaluation_windows` cuts them, BOS first where the tokenizer adds one), evenly spread
+    over the whole text."""
+    from layercut.data import evaluation_windows
+
+    windows = evaluation_windows(tokenizer, text, prompt_tokens)
+    if windows.shape[0] < count:
+        raise LayercutError(f"the held-out text gives {windows.shape[0]} prompts of {prompt_tokens} tokens but "
+                            f"--generation-prompts asks for {count}; use fewer prompts, shorter --prompt-tokens or "
+                            "a longer --ppl text")
+    return windows[torch.linspace(0, windows.shape[0] - 1, count).round().long()]
+
+
+@dataclass
+class DenseReference:
+    """What the dense model gives, kept before the cut in a bounded form.
+
+    Per text: its test windows ``[N, T]`` and the dense final hidden states ``[N, T, H]`` (after the final norm,
+    on the CPU), from which ``head`` (the dense output head, then ``softcap``) gives the exact dense
+    log-probabilities again, one chunk at a time: H numbers per token are kept instead of V. ``prompts``
+    ``[P, t]`` and their dense greedy ``continuations`` ``[P, K]`` (token ids) serve the generation agreement.
+    """
+
+    windows: dict[str, torch.Tensor]
+    hidden: dict[str, torch.Tensor]
+    head: torch.nn.Module
+    softcap: float | None
+    prompts: torch.Tensor | None = None
+    continuations: torch.Tensor | None = None
+    match_tokens: int = 16
+
+
+def head_log_probs(head: torch.nn.Module, softcap: float | None, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 log-probabilities ``[b, t, V]`` of final hidden states ``[b, t, H]`` through ``head``, soft-capped
+    as the model's config says."""
+    flat = head(hidden.reshape(-1, hidden.shape[-1]).to(head.weight.device))
+    logits = flat.view(*hidden.shape[:-1], flat.shape[-1]).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.log_softmax(logits, dim=-1)
+
+
+def output_head(model) -> tuple[torch.nn.Module, float | None]:
+    """The model's output head and final logit soft-capping (None without); a LayercutError when the model's logits
+    are not that head's output of its final hidden states."""
+    from layercut.forward import head_reproduces_logits
+    from layercut.layers import text_config
+
+    probe = torch.arange(8).remainder(model.get_input_embeddings().weight.shape[0])[None]
+    if not head_reproduces_logits(model, probe):
+        raise LayercutError("the agreement measures read the dense model's final hidden states through its output "
+                            "head, but this model's logits are more than that; run without --agreement")
+    return model.get_output_embeddings(), getattr(text_config(model), "final_logit_softcapping", None)
+
+
+@torch.no_grad()
+def dense_reference(model, tokenizer, options: EvalOptions, data_options: DataOptions,
+                    copy_head: bool = False) -> DenseReference:
+    """Capture the dense model's outputs for :func:`agreement`: final hidden states on the test windows of each of
+    ``options.agreement_texts`` (``data_options.seq_len`` tokens, ``ppl_windows`` windows) and the greedy
+    continuations of ``options.generation_prompts`` prompts cut from the ``--ppl`` test text. ``copy_head``: keep
+    a copy of the output head, for a heal that trains it (an untied head; a tied one is never trained). Both
+    models' log-probabilities go through :func:`head_log_probs` alike, so a model agrees with itself exactly."""
+    from layercut.data import evaluation_windows, load_text
+    from layercut.forward import final_hidden
+
+    head, softcap = output_head(model)
+    copy_head = copy_head and head.weight is not model.get_input_embeddings().weight  # a tied head stays frozen
+    reference = DenseReference({}, {}, copy.deepcopy(head) if copy_head else head, softcap,
+                               match_tokens=options.match_tokens)
+    for text in agreement_texts(options):
+        windows = evaluation_windows(tokenizer, load_text(text, "test"), data_options.seq_len,
+                                     data_options.ppl_windows or None)
+        reference.windows[text] = windows
+        reference.hidden[text] = torch.cat([final_hidden(model, batch).cpu()
+                                            for batch in batches(windows, data_options.batch_size)])
+    if options.generation_prompts:
+        reference.prompts = generation_prompts(tokenizer, load_text(data_options.ppl, "test"),
+                                               options.generation_prompts, options.prompt_tokens)
+        reference.continuations = greedy_continuations(model, reference.prompts, options.new_tokens,
+                                                       options.generation_batch)
+    return reference
+
+
+def agreement_texts(options: EvalOptions) -> list[str]:
+    """The texts whose test windows measure the agreement with the dense model."""
+    return [text.strip() for text in options.agreement_texts.split(",") if text.strip()]
+
+
+@torch.no_grad()
+def text_agreement(model, reference: DenseReference, text: str, batch_size: int = 4,
+                   budget: int = 2**25) -> TextAgreement:
+    """Mean per-token KL(dense ‖ pruned) and top-1 agreement of ``model`` on the reference's windows of ``text``
+    (every position of every window), the log-probabilities computed in chunks of at most ``budget`` values."""
+    from layercut.forward import final_hidden
+
+    windows, dense_hidden, head = reference.windows[text], reference.hidden[text], model.get_output_embeddings()
+    kl, agreeing, count = 0.0, 0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        pruned_hidden = final_hidden(model, windows[start : start + batch_size])
+        dense = dense_hidden[start : start + batch_size]
+        chunk = max(1, budget // (dense.shape[0] * reference.head.weight.shape[0]))
+        for first in range(0, dense.shape[1], chunk):
+            dense_log_probs = head_log_probs(reference.head, reference.softcap, dense[:, first : first + chunk])
+            pruned_log_probs = head_log_probs(head, reference.softcap, pruned_hidden[:, first : first + chunk])
+            pruned_log_probs = pruned_log_probs.to(dense_log_probs.device)
+            kl += token_kl_divergence(dense_log_probs, pruned_log_probs).sum().item()
+            agreeing += int(top1_agreement(dense_log_probs, pruned_log_probs).sum())
+            count += dense_log_probs.shape[0] * dense_log_probs.shape[1]
+    return TextAgreement(kl=kl / count, top1=agreeing / count, tokens=count, windows=int(windows.shape[0]),
+                         seq_len=int(windows.shape[1]))
+
+
+def generation_agreement(model, reference: DenseReference, batch_size: int = 32) -> GenerationAgreement:
+    """How far ``model``'s greedy continuations of the reference prompts follow the dense ones: the mean length of
+    the matching prefix, and the share of prompts whose first ``match_tokens`` tokens all match."""
+    pruned = greedy_continuations(model, reference.prompts, reference.continuations.shape[1], batch_size)
+    prefix = matching_prefix(reference.continuations, pruned)
+    return GenerationAgreement(prompts=int(prefix.numel()), prompt_tokens=int(reference.prompts.shape[1]),
+                               new_tokens=int(pruned.shape[1]), mean_prefix=prefix.float().mean().item(),
+                               match_tokens=reference.match_tokens,
+                               share_matching=(prefix >= reference.match_tokens).float().mean().item())
+
+
+def agreement(model, reference: DenseReference, batch_size: int = 4, generation_batch: int = 32) -> Agreement:
+    """``model`` (the pruned one) against the dense model's outputs in ``reference``."""
+    texts = {text: text_agreement(model, reference, text, batch_size) for text in reference.windows}
+    generation = None
+    if reference.prompts is not None:
+        generation = generation_agreement(model, reference, generation_batch)
+    return Agreement(texts=texts, generation=generation)

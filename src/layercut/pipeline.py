@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from layercut import heal, selection
-from layercut.config import Recipe, dump_recipe, to_dict
+from layercut.config import Recipe, SearchOptions, dump_recipe, to_dict
 from layercut.data import Windows, calibrate
 from layercut.errors import LayercutError
-from layercut.evaluate import compare_measures, evaluate, perplexity
+from layercut.evaluate import (
+    DenseReference,
+    agreement,
+    compare_measures,
+    dense_reference,
+    evaluate,
+    perplexity,
+)
 from layercut.export import export
-from layercut.files import check_output
+from layercut.files import check_output, staged_folder
 from layercut.gate import SearchResult
 from layercut.layers import Cut, Handle, cut, text_part
 from layercut.load import load_config, load_model, resolve_device
-from layercut.record import HealReport, Measures, RunRecord, SearchSummary, library_versions, read_record
-from layercut.report import search_charts
+from layercut.record import (
+    Agreement,
+    DenseRow,
+    HealReport,
+    Measures,
+    RunRecord,
+    SearchSummary,
+    SweepResult,
+    SweepRow,
+    library_versions,
+    read_record,
+)
+from layercut.report import search_charts, sweep_chart, sweep_table
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +98,7 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
     windows = calibrate(handle.tokenizer, recipe.data)
     dense = evaluate(handle.model, handle.tokenizer, windows.test, recipe.evaluation, recipe.data.batch_size, recipe.data.seed,
                      stage("dense evaluation", windows.test.shape[0]))
+    reference = dense_outputs(handle, recipe, stage, copy_head=heal.HEALS[recipe.heal.heal].tail)
     found = selection.search(handle, windows.calibration, recipe.search, recipe.data.batch_size, recipe.data.seed,
                              stage(f"search ({recipe.search.method})", selection.gate_steps(recipe.search)))
     prepared = heal.before_cut(handle, found.segments, heal.prepare(handle, recipe.heal, recipe.data), recipe.heal)
@@ -88,7 +110,32 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
     pruned = evaluate(handle.model, handle.tokenizer, windows.test, recipe.evaluation, recipe.data.batch_size, recipe.data.seed,
                       stage("pruned evaluation", windows.test.shape[0]))
     record = run_record(model_name, recipe, found, removed, report, dense, pruned, after_cut, windows, started)
+    record.metrics.agreement = measure_agreement(handle, reference, recipe, stage)
     return finish(handle, record, recipe, windows, pruned, found, output, overwrite, stage)
+
+
+def dense_outputs(handle: Handle, recipe: Recipe, stage, copy_head: bool = False) -> DenseReference | None:
+    """What the agreement measures need from the dense model, when the recipe asks for them; call before the cut.
+    ``copy_head``: keep a copy of the output head, for a heal that trains it."""
+    if not recipe.evaluation.agreement:
+        return None
+    stage("dense outputs for the agreement")
+    return dense_reference(handle.model, handle.tokenizer, recipe.evaluation, recipe.data, copy_head)
+
+
+def dense_model_outputs(model_name: str, recipe: Recipe) -> DenseReference:
+    """The dense outputs of the model ``model_name``, for the agreement of another (pruned) model with it; of the
+    dense model only its output head stays in memory."""
+    handle = load_model(model_name, recipe.model)
+    return dense_reference(handle.model, handle.tokenizer, recipe.evaluation, recipe.data)
+
+
+def measure_agreement(handle: Handle, reference: DenseReference | None, recipe: Recipe, stage) -> Agreement | None:
+    """The pruned model's agreement with the dense outputs in ``reference`` (None without a reference)."""
+    if reference is None:
+        return None
+    stage("agreement with the dense model")
+    return agreement(handle.model, reference, recipe.data.batch_size, recipe.evaluation.generation_batch)
 
 
 def cut_perplexity(handle: Handle, windows: Windows, recipe: Recipe, stage) -> float | None:
@@ -157,3 +204,129 @@ def evaluator(recipe: Recipe, windows: Windows):
 
     return evaluate_model
 
+
+# ----------------------------------------------------------------------------------------------- sweep
+
+
+def parse_sizes(text: str, kind: type = int) -> list:
+    """The sizes of a sweep from ``START:STOP`` (both ends included, step 1), ``START:STOP:STEP`` or a comma list
+    (``2,4,8``), as ``kind`` (int: layer counts; float: ratios), ascending and without repeats."""
+    name = "--remove" if kind is int else "--ratio"
+    example = "2:10, 2:10:2 or 2,4,8" if kind is int else "0.1:0.4:0.1 or 0.1,0.25"
+    try:
+        if ":" in text:
+            parts = [kind(part) for part in text.split(":")]
+            if len(parts) not in (2, 3):
+                raise ValueError(text)
+            start, stop, step = (*parts, kind(1))[:3] if len(parts) == 2 else parts
+            if step <= 0 or stop < start:
+                raise ValueError(text)
+            count = math.floor((stop - start) / step + 1e-9) + 1
+            values = [round(start + index * step, 10) if kind is float else start + index * step
+                      for index in range(count)]
+        else:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise LayercutError(f"{name} {text!r} is not START:STOP[:STEP] (both ends included) or a comma-separated "
+                            f"list; write e.g. {example}") from None
+    if not values:
+        raise LayercutError(f"{name} {text!r} names no size; write e.g. {example}")
+    return sorted(set(values))
+
+
+def sweep_sizes(search: SearchOptions, total: int, remove: Sequence[int] = (), ratio: Sequence[float] = ()
+                ) -> list[int]:
+    """Numbers of layers to remove, each checked as ``--remove`` would be (ratios rounded to whole layers)."""
+    if bool(remove) == bool(ratio):
+        raise LayercutError("say which sizes to sweep: --remove (e.g. 2:10) or --ratio (e.g. 0.1:0.4:0.1), one of them")
+    if search.segment:
+        raise LayercutError("sweep chooses the segments at each size; --segment gives them: use layercut prune")
+    sizes = [{"remove": n, "ratio": None} for n in remove] + [{"remove": None, "ratio": r} for r in ratio]
+    counts = sorted({selection.removal_count(search.replace(**size), total) for size in sizes})
+    if ratio and len(counts) < len(ratio):
+        logger.info("the ratios round to %d distinct sizes of %d layers: %s", len(counts), total, counts)
+    return counts
+
+
+@dataclass
+class Shared:
+    """What every size of a sweep shares: the windows, the dense measures and outputs, the heal's data (with its
+    teacher targets) and the exact scorer of the search's dense pass."""
+
+    windows: Windows
+    dense: Measures
+    reference: DenseReference
+    prepared: heal.HealData | None
+    scorer: object | None
+
+
+def sweep(model_name: str, recipe: Recipe, remove: Sequence[int] = (), ratio: Sequence[float] = (),
+          output: str | Path | None = None, overwrite: bool = False, progress=None) -> SweepResult:
+    """Prune ``model_name`` once per size (``remove``: layer counts, or ``ratio``: fractions) with the recipe's
+    method and heal, and measure each against the dense model: perplexity after the cut and healed, the recipe's
+    zero-shot tasks, the agreement with the dense model and the speed-up. The calibration windows, the dense
+    measures and outputs, the heal's teacher targets and the search's dense pass are computed once. With
+    ``output``, writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` there (checked before any work)."""
+    from layercut.gate import exact_scorer
+
+    stage = announcer(progress)
+    recipe = recipe.replace(evaluation=recipe.evaluation.replace(agreement=True, speed=True))
+    config = check_before_work(model_name, recipe, cuts=False)
+    sizes = sweep_sizes(recipe.search, text_part(config).num_hidden_layers, remove, ratio)
+    if output is not None:
+        check_output(output, overwrite, protected=[model_name] if Path(model_name).expanduser().exists() else [],
+                     marker="sweep.json", kind="layercut sweep")
+    check_before_work(model_name, recipe.replace(search=recipe.search.replace(remove=sizes[0], ratio=None)))
+    stage("load")
+    handle = load_model(model_name, recipe.model)
+    windows = calibrate(handle.tokenizer, recipe.data)
+    dense = evaluate(handle.model, handle.tokenizer, windows.test, recipe.evaluation, recipe.data.batch_size,
+                     recipe.data.seed, stage("dense evaluation", windows.test.shape[0]))
+    reference = dense_outputs(handle, recipe, stage)
+    exact = recipe.search.method in selection.SEGMENTED_METHODS
+    scorer = exact_scorer(handle, windows.calibration, recipe.search, recipe.data.batch_size) if exact else None
+    shared = Shared(windows, dense, reference, heal.prepare(handle, recipe.heal, recipe.data), scorer)
+    rows = [sweep_size(handle, recipe, count, shared, stage) for count in sizes]
+    result = SweepResult(model=model_name, layers=handle.num_layers,
+                         dense=DenseRow(perplexity=dense.perplexity, layers=handle.num_layers,
+                                        zero_shot=dense.zero_shot),
+                         rows=rows, recipe=to_dict(recipe), versions=library_versions())
+    if output is not None:
+        write_sweep(result, output, overwrite)
+    return result
+
+
+def sweep_size(handle: Handle, recipe: Recipe, remove: int, shared: Shared, stage) -> SweepRow:
+    """One size of a sweep: search on the dense ``handle``, then cut, heal and measure a copy of it."""
+    started, batch_size, seed = time.perf_counter(), recipe.data.batch_size, recipe.data.seed
+    options = recipe.search.replace(remove=remove, ratio=None)
+    found = selection.search(handle, shared.windows.calibration, options, batch_size, seed,
+                             stage(f"{remove} layers: search ({options.method})", selection.gate_steps(options)),
+                             scorer=shared.scorer)
+    collected = heal.before_cut(handle, found.segments, shared.prepared, recipe.heal)
+    pruned = copy.deepcopy(handle)
+    removed = cut(pruned, heal.planned_cut(found.segments, recipe.heal))
+    cut_ppl = perplexity(pruned.model, shared.windows.test, batch_size)
+    report = heal.heal(pruned, removed, collected, recipe.heal, seed,
+                       stage(f"{remove} layers: heal ({recipe.heal.heal})", recipe.heal.heal_steps))
+    stage(f"{remove} layers: evaluation")
+    measured = evaluate(pruned.model, pruned.tokenizer, shared.windows.test, recipe.evaluation, batch_size, seed)
+    metrics = compare_measures(shared.dense, measured, removed.layers_before, removed.layers_after, cut_ppl)
+    agreed = measure_agreement(pruned, shared.reference, recipe, stage)
+    return SweepRow(remove=remove, segments=removed.segments, method=found.method,
+                    kl=None if math.isnan(found.kl) else found.kl, search_seconds=found.seconds,
+                    perplexity_cut=cut_ppl, perplexity=measured.perplexity, heal=recipe.heal.heal,
+                    heal_seconds=report.seconds, zero_shot=measured.zero_shot,
+                    retention=metrics.zero_shot.retention.average if metrics.zero_shot is not None else None,
+                    agreement=agreed, speed=metrics.speed, seconds=time.perf_counter() - started)
+
+
+def write_sweep(result: SweepResult, output: str | Path, overwrite: bool = False) -> Path:
+    """``sweep.json``, ``sweep.md`` (the table) and ``sweep.png`` (the plot) of ``result`` into the folder
+    ``output``, which takes its place only once all three are written."""
+    with staged_folder(output, overwrite, protected=[result.model] if Path(result.model).exists() else [],
+                       marker="sweep.json") as folder:
+        (folder / "sweep.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        (folder / "sweep.md").write_text(sweep_table(result), encoding="utf-8")
+        sweep_chart(result, folder / "sweep.png")
+    return Path(output)

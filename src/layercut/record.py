@@ -121,10 +121,42 @@ class SpeedComparison(Model):
     decode_ratio: float
 
 
+class TextAgreement(Model):
+    """The pruned model against the dense one on held-out windows, every position: the mean KL(dense ‖ pruned) of
+    the next-token distributions (nats) and the share of positions where their most likely token is the same."""
+
+    kl: float
+    top1: float
+    tokens: int
+    windows: int
+    seq_len: int
+
+
+class GenerationAgreement(Model):
+    """Greedy continuations of ``new_tokens`` tokens from held-out prompts, pruned against dense: the mean length
+    of the prefix that matches the dense continuation, and the share of prompts whose first ``match_tokens``
+    tokens all match."""
+
+    prompts: int
+    prompt_tokens: int
+    new_tokens: int
+    mean_prefix: float
+    match_tokens: int
+    share_matching: float
+
+
+class Agreement(Model):
+    """Agreement with the dense model: per text (its test windows) and in generation."""
+
+    texts: dict[str, TextAgreement] = {}
+    generation: GenerationAgreement | None = None
+
+
 class Metrics(Model):
     perplexity: PerplexityRecord | None = None
     zero_shot: ZeroShotComparison | None = None
     speed: SpeedComparison | None = None
+    agreement: Agreement | None = None
 
 
 class Measures(Model):
@@ -196,6 +228,7 @@ class CompareRow(Model):
     heal_seconds: float
     zero_shot: ZeroShot | None = None
     retention: Retained | None = None
+    agreement: Agreement | None = None
     seconds: float = 0.0
 
 
@@ -254,3 +287,34 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+class SweepRow(Model):
+    """One size of ``layercut sweep``: its cut, perplexity right after the cut and healed, and what was measured
+    against the dense model (zero-shot retention, agreement, speed)."""
+
+    remove: int
+    segments: list[tuple[int, int]]
+    method: str
+    kl: float | None
+    search_seconds: float
+    perplexity_cut: float
+    perplexity: float
+    heal: str
+    heal_seconds: float
+    zero_shot: ZeroShot | None = None
+    retention: Retained | None = None
+    agreement: Agreement | None = None
+    speed: SpeedComparison | None = None
+    seconds: float = 0.0
+
+
+class SweepResult(Model):
+    """``sweep.json``: the dense model and one row per number of layers removed, under one protocol."""
+
+    model: str
+    layers: int
+    dense: DenseRow
+    rows: list[SweepRow]
+    recipe: dict[str, Any]
+    versions: dict[str, str]

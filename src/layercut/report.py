@@ -11,7 +11,7 @@ from math import nan
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from layercut.record import CompareResult, Quantization, RunRecord
+from layercut.record import Agreement, CompareResult, Quantization, RunRecord, SweepResult
 
 if TYPE_CHECKING:
     from layercut.gate import SearchResult
@@ -59,6 +59,25 @@ def metric_rows(record: RunRecord) -> list[Row]:
         speed = metrics.speed
         rows.append(("prefill tokens/s", speed.before.prefill_tokens_per_s, speed.after.prefill_tokens_per_s))
         rows.append(("decode tokens/s", speed.before.decode_tokens_per_s, speed.after.decode_tokens_per_s))
+    if metrics.agreement is not None:
+        rows += agreement_rows(metrics.agreement)
+    return rows
+
+
+def agreement_rows(agreement: Agreement) -> list[Row]:
+    """``(name, dense, pruned)`` rows of the agreement with the dense model (the dense model agrees with itself:
+    KL 0, top-1 1, the whole continuation)."""
+    rows: list[Row] = []
+    for text, found in agreement.texts.items():
+        rows.append((f"KL(dense || pruned) per token ({text}, {found.windows} x {found.seq_len} tokens)", 0.0,
+                     found.kl))
+        rows.append((f"top-1 agreement with dense ({text})", 1.0, found.top1))
+    generation = agreement.generation
+    if generation is not None:
+        name = f"generation: mean matching prefix ({generation.prompts} prompts, of {generation.new_tokens} tokens)"
+        rows.append((name, float(generation.new_tokens), generation.mean_prefix))
+        rows.append((f"generation: share with first {generation.match_tokens} tokens matching", 1.0,
+                     generation.share_matching))
     return rows
 
 
@@ -124,6 +143,10 @@ def eval_table(result: dict) -> str:
     if "average" in result:
         rows.append(("average acc / acc_norm",
                      f"{number(result['average']['acc'])} / {number(result['average']['acc_norm'])}"))
+    if "agreement" in result:
+        agreed = Agreement.model_validate(result["agreement"])
+        rows += [(f"{name} (against {result['dense']})", number(pruned))
+                 for name, _, pruned in agreement_rows(agreed)]
     return key_value_table(rows)
 
 
@@ -202,10 +225,16 @@ def compare_table(result: CompareResult) -> str:
     if zero_shot:
         head += " avg acc | retention |"
         rule += "---|---|"
+    agreed = next((row.agreement for row in result.rows if row.agreement is not None), None)
+    if agreed is not None:
+        head += "".join(f" {name} |" for name in agreement_names(agreed))
+        rule += "---|" * len(agreement_names(agreed))
     lines = [f"# {result.model}: {result.remove} layers removed, heal `{result.rows[0].heal}`", "", head, rule]
     dense_row = f"| dense | - | - | - | {number(result.dense.perplexity, '.2f')} | - | - | - |"
     if zero_shot:
         dense_row += f" {number(result.dense.zero_shot.average.acc, '.3f')} | 1.000 |"
+    if agreed is not None:
+        dense_row += " - |" * len(agreement_names(agreed))
     lines.append(dense_row)
     for row in result.rows:
         line = (f"| {row.method} | {segments_text(row.segments, ' ')} | {number(row.kl, '.3f')} | "
@@ -214,8 +243,31 @@ def compare_table(result: CompareResult) -> str:
         if zero_shot:
             retention = row.retention.retention if row.retention else None
             line += f" {number(row.zero_shot.average.acc, '.3f')} | {number(retention, '.3f')} |"
+        if agreed is not None:
+            line += "".join(f" {value} |" for value in agreement_values(row.agreement, agreed))
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def agreement_names(agreement: Agreement) -> list[str]:
+    """Column names of the agreement measures: KL and top-1 per text, then the generation's two."""
+    names = [name for text in agreement.texts for name in (f"KL {text}", f"top-1 {text}")]
+    if agreement.generation is not None:
+        generation = agreement.generation
+        names += [f"gen prefix /{generation.new_tokens}", f"gen first {generation.match_tokens}"]
+    return names
+
+
+def agreement_values(agreement: Agreement | None, layout: Agreement) -> list[str]:
+    """The cells under :func:`agreement_names` of ``layout`` (``-`` where ``agreement`` lacks a measure)."""
+    values: list[float | None] = []
+    for text in layout.texts:
+        found = agreement.texts.get(text) if agreement is not None else None
+        values += [found.kl, found.top1] if found is not None else [None, None]
+    if layout.generation is not None:
+        generation = agreement.generation if agreement is not None else None
+        values += [generation.mean_prefix, generation.share_matching] if generation is not None else [None, None]
+    return [number(value, ".3f") for value in values]
 
 
 # ----------------------------------------------------------------------------------------------- charts
@@ -322,3 +374,106 @@ def search_charts(found: SearchResult, folder: Path) -> dict[str, Path]:
         figure.savefig(written["kl_landscape.png"], dpi=110)
         plt.close(figure)
     return written
+
+
+# ----------------------------------------------------------------------------------------------- sweep
+
+
+def sweep_table(result: SweepResult) -> str:
+    """The sweep as a markdown table: one row per number of layers removed, the dense model first."""
+    tasks = next((list(row.zero_shot.tasks) for row in result.rows if row.zero_shot is not None), [])
+    agreed = next((row.agreement for row in result.rows if row.agreement is not None), None)
+    names = ["removed", "segments", "KL (search)", "ppl cut", "ppl healed", *(f"{task} acc" for task in tasks),
+             *(["retention"] if tasks else []), *(agreement_names(agreed) if agreed else []),
+             "prefill x", "decode x", "limit x"]
+    dense = result.dense
+    dense_cells = ["0 (dense)", "-", "-", "-", number(dense.perplexity, ".2f"),
+                   *(number(dense.zero_shot.tasks[task].acc, ".3f") if dense.zero_shot else "-" for task in tasks),
+                   *(["1.000"] if tasks else []), *(["-"] * len(agreement_names(agreed)) if agreed else []),
+                   "1.00", "1.00", "1.00"]
+    title = f"# {result.model}: {result.layers} layers, method `{result.rows[0].method}`, heal `{result.rows[0].heal}`"
+    lines = [title, "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names), "| " + " | ".join(dense_cells) + " |"]
+    for row in result.rows:
+        speed = row.speed
+        cells = [str(row.remove), segments_text(row.segments, " "), number(row.kl, ".3f"),
+                 number(row.perplexity_cut, ".2f"), number(row.perplexity, ".2f"),
+                 *(number(row.zero_shot.tasks[task].acc, ".3f") if row.zero_shot else "-" for task in tasks),
+                 *([number(row.retention.retention if row.retention else None, ".3f")] if tasks else []),
+                 *(agreement_values(row.agreement, agreed) if agreed else []),
+                 *((number(speed.prefill_ratio, ".2f"), number(speed.decode_ratio, ".2f"), number(speed.limit, ".2f"))
+                   if speed is not None else ("-", "-", "-"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_chart(result: SweepResult, path: Path) -> None:
+    """Four panels against the number of layers removed: perplexity (cut and healed), zero-shot accuracy per task,
+    agreement with the dense model, and the measured speed-up next to its limit L / (L − n)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7))
+    removed = [row.remove for row in result.rows]
+    _sweep_perplexity(axes[0][0], result, removed)
+    _sweep_zero_shot(axes[0][1], result, removed)
+    _sweep_agreement(axes[1][0], result, removed)
+    _sweep_speed(axes[1][1], result, removed)
+    for axis in (axes[1][0], axes[1][1]):
+        axis.set_xlabel("layers removed")
+    figure.suptitle(f"{result.model}: {result.layers} layers, method {result.rows[0].method}, heal "
+                    f"{result.rows[0].heal}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _sweep_perplexity(axis, result: SweepResult, removed: list[int]) -> None:
+    axis.plot(removed, [row.perplexity_cut for row in result.rows], "o--", color="tab:gray", label="after the cut")
+    axis.plot(removed, [row.perplexity for row in result.rows], "o-", color="tab:blue", label="healed")
+    axis.axhline(result.dense.perplexity, color="k", ls=":", lw=1, label="dense")
+    axis.set_yscale("log")
+    axis.set_ylabel("perplexity")
+    axis.legend(fontsize=8)
+
+
+def _sweep_zero_shot(axis, result: SweepResult, removed: list[int]) -> None:
+    dense = result.dense.zero_shot
+    if dense is None:
+        axis.text(0.5, 0.5, "no zero-shot tasks asked (--tasks)", ha="center", va="center", transform=axis.transAxes)
+        axis.set_axis_off()
+        return
+    for task in dense.tasks:
+        line, = axis.plot(removed, [row.zero_shot.tasks[task].acc if row.zero_shot else math.nan
+                                    for row in result.rows], "o-", label=task)
+        axis.axhline(dense.tasks[task].acc, color=line.get_color(), ls=":", lw=1)
+    axis.set_ylabel("accuracy (dotted: dense)")
+    axis.legend(fontsize=7)
+
+
+def _sweep_agreement(axis, result: SweepResult, removed: list[int]) -> None:
+    agreed = next((row.agreement for row in result.rows if row.agreement is not None), None)
+    if agreed is None:
+        axis.set_axis_off()
+        return
+    for text in agreed.texts:
+        axis.plot(removed, [row.agreement.texts[text].top1 if row.agreement else math.nan for row in result.rows],
+                  "o-", label=f"top-1 agreement ({text})")
+    if agreed.generation is not None:
+        axis.plot(removed, [row.agreement.generation.share_matching if row.agreement else math.nan
+                            for row in result.rows], "s-",
+                  label=f"generation: first {agreed.generation.match_tokens} tokens match")
+    axis.set_ylim(0, 1.02)
+    axis.set_ylabel("agreement with dense")
+    twin = axis.twinx()
+    for text in agreed.texts:
+        twin.plot(removed, [row.agreement.texts[text].kl if row.agreement else math.nan for row in result.rows],
+                  "x:", color="tab:red", alpha=0.6)
+    twin.set_ylabel("KL(dense || pruned) per token (red)", color="tab:red")
+    axis.legend(fontsize=7, loc="lower left")
+
+
+def _sweep_speed(axis, result: SweepResult, removed: list[int]) -> None:
+    rows = [row for row in result.rows if row.speed is not None]
+    axis.plot([row.remove for row in rows], [row.speed.prefill_ratio for row in rows], "o-", label="prefill")
+    axis.plot([row.remove for row in rows], [row.speed.decode_ratio for row in rows], "o-", label="decode")
+    axis.plot([row.remove for row in rows], [row.speed.limit for row in rows], "k:", label="limit L / (L - n)")
+    axis.set_ylabel("speed-up over dense")
+    axis.legend(fontsize=8)

@@ -90,10 +90,15 @@ def gate_steps(options: SearchOptions) -> int | None:
 
 
 def search(handle: Handle, windows: torch.Tensor, options: SearchOptions, batch_size: int = 4, seed: int = 0,
-           progress=None) -> SearchResult:
+           progress=None, scorer=None) -> SearchResult:
     """The segments to cut: the given ones, or those the options' method finds on calibration ``windows``
-    ``[N, T]``. ``progress`` (optional) is called with 1 after each gate step."""
+    ``[N, T]``. ``progress`` (optional) is called with 1 after each gate step. ``scorer``: an exact scorer
+    (:func:`layercut.gate.exact_scorer`) of the same windows to share between searches, for the methods that
+    score cuts exactly (clp, exhaustive)."""
     planned = plan(options, handle.num_layers)
     if isinstance(planned, list):
         return SearchResult("given", planned, float("nan"), 0.0)
+    if scorer is not None and options.method in SEGMENTED_METHODS:
+        return METHODS[options.method].search(handle, windows, planned, options, batch_size, seed, progress,
+                                              scorer=scorer)
     return METHODS[options.method].search(handle, windows, planned, options, batch_size, seed, progress)
