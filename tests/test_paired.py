@@ -123,3 +123,43 @@ def test_records_are_compared_item_by_item_and_unpaired_ones_say_so():
     assert all(row.difference is None and row.reason.startswith("unpaired") for row in rows.values())
     other = {row.measure: row for row in paired.compare_records(a, record([2.0] * 4, {}, source="other"))}
     assert other["log perplexity (wiki)"].reason == "unpaired: other model or windows"
+
+
+def test_the_paired_table_shows_intervals_verdicts_and_unpaired_reasons():
+    from layercut.report import paired_table
+
+    a = record([2.0, 2.5, 3.0, 2.2], {"piqa": "1111100000", "boolq": "1010"})
+    b = record([2.1, 2.6, 3.1, 2.3], {"piqa": "0000000000", "boolq": None})
+    table = paired_table("A", "B", paired.compare_records(a, b))
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert lines["log perplexity (wiki)"].endswith("| better |") and "perplexity ratio 0.905" in table
+    assert "+0.500 [" in lines["piqa acc"] and lines["piqa acc"].endswith("| better |")
+    assert "unpaired: no per-item results on both sides" in lines["boolq acc"]
+
+
+def test_compare_pairs_every_method_with_the_first():
+    from layercut.compare import pair_with_first
+    from layercut.record import CompareRow
+    from layercut.report import compare_table
+
+    def row(method: str, nll: list[float] | None, bits: str | None) -> CompareRow:
+        zero_shot = ZeroShot(tasks={"piqa": TaskScore(acc=0.5, items=8, correct=bits)}, average={"acc": 0.5,
+                             "acc_norm": 0.5}, average_tasks=["piqa"], lm_eval_version="test", metric="acc")
+        return CompareRow(method=method, segments=[(1, 3)], kl=0.1, search_seconds=1.0, perplexity_cut=20.0,
+                          perplexity=10.0, heal="none", trainable_parameters=0, heal_seconds=0.0,
+                          zero_shot=zero_shot, window_nll=nll)
+
+    rows = [row("clp", [2.0, 2.1, 2.2, 2.3], "11110000"), row("tail", [2.0, 2.1, 2.2, 2.3], "11110000"),
+            row("angular", [2.5, 2.6, 2.7, 2.9], "00000000"), row("old", None, None)]
+    pair_with_first(rows)
+    assert rows[0].log_perplexity_vs is None and rows[0].accuracy_vs is None
+    same = rows[1].log_perplexity_vs
+    assert (same.low, same.high, same.tie, same.reference) == (0.0, 0.0, True, "clp") and rows[1].accuracy_vs.tie
+    assert not rows[2].log_perplexity_vs.tie and rows[2].accuracy_vs.estimate == pytest.approx(-0.5)
+    assert rows[3].log_perplexity_vs is None and rows[3].accuracy_vs is None
+    from layercut.record import CompareResult, DenseRow
+
+    table = compare_table(CompareResult(model="m", remove=2, dense=DenseRow(perplexity=5.0, layers=6,
+                                        zero_shot=rows[0].zero_shot), rows=rows, recipe={}, versions={}))
+    assert "| angular |" in table and "worse (+0.525" in table and "worse (-0.500" in table
+    assert table.count("unpaired") == 2

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from layercut.errors import LayercutError
-from layercut.record import RunRecord, ZeroShot
+from layercut.record import Paired, RunRecord, ZeroShot
 
 RESAMPLES = 2000
 LEVEL = 0.95
@@ -34,6 +34,11 @@ class Difference:
     @property
     def tie(self) -> bool:
         return self.low <= 0.0 <= self.high
+
+    def stored(self, reference: str) -> Paired:
+        """This difference as a record part, against ``reference``."""
+        return Paired(reference=reference, estimate=self.estimate, low=self.low, high=self.high, items=self.items,
+                      level=self.level, tie=self.tie)
 
     def verdict(self, higher_is_better: bool = True) -> str:
         """"tie", "better" or "worse": A against B."""
@@ -147,6 +152,19 @@ class PairedRow:
     difference: Difference | None
     reason: str = ""
     higher_is_better: bool = True
+
+
+def against(a: ZeroShot | None, nll_a: list[float] | None, b: ZeroShot | None, nll_b: list[float] | None,
+            seed: int = 0) -> tuple[Difference | None, Difference | None]:
+    """A model against B measured on the same windows and items: (log-perplexity difference, difference of the
+    average accuracy over A's ``average_tasks``), each None where a side kept no per-window or per-item data."""
+    ppl = None
+    if nll_a is not None and nll_b is not None and len(nll_a) == len(nll_b):
+        ppl = log_perplexity_difference(nll_a, nll_b, seed=seed)
+    strata = None
+    if a is not None and b is not None:
+        strata = task_strata(a, b, [task for task in (a.average_tasks or a.tasks) if task in b.tasks])
+    return ppl, accuracy_difference(strata, seed=seed) if strata else None
 
 
 def _zero_shot_rows(a: ZeroShot, b: ZeroShot, seed: int) -> list[PairedRow]:

@@ -195,8 +195,22 @@ class RunRecord(Model):
         return self.model_dump_json(indent=2) + "\n"
 
 
+class Paired(Model):
+    """A paired difference against a reference (``layercut.paired``): the estimate with its bootstrap interval at
+    ``level``; ``tie`` when the interval holds 0."""
+
+    reference: str
+    estimate: float
+    low: float
+    high: float
+    items: int
+    level: float
+    tie: bool
+
+
 class CompareRow(Model):
-    """One selection method's cell of ``layercut compare``: its cut, heal and measures."""
+    """One selection method's cell of ``layercut compare``: its cut, heal and measures; against the first method,
+    the paired differences of log perplexity and of average accuracy (None where a side kept no per-item data)."""
 
     method: str
     segments: list[tuple[int, int]]
@@ -210,6 +224,9 @@ class CompareRow(Model):
     zero_shot: ZeroShot | None = None
     retention: Retained | None = None
     seconds: float = 0.0
+    window_nll: list[float] | None = None
+    log_perplexity_vs: Paired | None = None
+    accuracy_vs: Paired | None = None
 
 
 class DenseRow(Model):
