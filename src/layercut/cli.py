@@ -237,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(comparison, exclude=("eval", "speed", "quantize", "group_size", "segment"))
     comparison.set_defaults(run=run_compare)
 
-    reporting = command("report", help="compare exported checkpoints: markdown table, paired "
-                        "comparisons of each against the first, and PNG chart")
+    reporting = command("report", help="compare exported checkpoints: table, paired tests, PNG chart")
     reporting.add_argument("folders", nargs="+", help="folders written by layercut prune")
     reporting.add_argument("--chart", default="layercut-report.png", help="PNG chart to write")
     reporting.add_argument("--overwrite", action="store_true", help="replace --chart if it exists")
