@@ -253,8 +253,8 @@ def compare_table(result: CompareResult) -> str:
             against_acc = "-" if index == 0 else stored_text(row.accuracy_vs)
             line += f" {number(row.zero_shot.average.acc, '.3f')} | {against_acc} | {number(retention, '.3f')} |"
         lines.append(line)
-    lines += ["", f"Against {first}: paired 95 % bootstrap intervals of the difference (test windows; zero-shot "
-              "items); a tie when the interval holds 0."]
+    lines += ["", (f"Against {first}: paired 95 % bootstrap intervals of the difference (test windows; zero-shot "
+                   "items); a tie when the interval holds 0.")]
     return "\n".join(lines) + "\n"
 
 
