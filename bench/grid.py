@@ -6,8 +6,11 @@ A cell is (model, n, seed, selection, heal). Per model and seed the dense model 
 the cut is searched once; every heal then starts from a fresh copy of the dense model. A cell whose model another
 cell has measured already (the same chosen layers and heal, and the same seed where the heal reads calibration
 data) takes that cell's measures and names it in ``measured_in``. Measured per cell: the
-layers removed, search and heal time, held-out perplexity on ``wiki`` (test part) and ``lee``, zero-shot acc and
-acc_norm on the seven tasks through lm-eval (with its standard errors), retention and retention above chance.
+layers removed, search and heal time, held-out perplexity on ``wiki`` (test part) and ``lee`` with the mean NLL of
+each window, zero-shot acc and acc_norm on the seven commonsense tasks, LAMBADA-OpenAI (acc, perplexity) and MMLU
+through lm-eval (with its standard errors and each item's correctness), retention and retention above chance.
+Methods are compared with CLP paired over the same items and windows (``layercut.paired``); cells measured before
+per-item results were kept are compared unpaired, and say so.
 
     python bench/grid.py --out bench/results/grid-h200               # the full grid (GPU; resumes the committed cells)
     python bench/grid.py --out bench/results/grid-h200 --report      # tables, plots and results.md from the cells
@@ -32,12 +35,13 @@ from layercut import heal, selection
 from layercut.config import DataOptions, EvalOptions, HealOptions, ModelOptions, SearchOptions
 from layercut.data import calibrate, evaluation_windows, load_text
 from layercut.errors import LayercutError
-from layercut.evaluate import evaluate, perplexity
+from layercut.evaluate import evaluate, perplexity_of, window_nll
 from layercut.files import write_atomically
 from layercut.layers import cut
 from layercut.load import load_model
+from layercut.paired import Difference, accuracy_difference, log_perplexity_difference, task_strata
 from layercut.record import ZeroShot, library_versions
-from layercut.zeroshot import CHANCE, TASKS, retention
+from layercut.zeroshot import APART, CHANCE, TASKS, retention
 
 logger = logging.getLogger("bench.grid")
 
@@ -105,6 +109,7 @@ def claim(out: Path, unit: tuple) -> bool:
 
 MEASURED = ("cut", "layers_after", "heal_seconds", "trainable_parameters", "perplexity_wiki", "perplexity_lee",
             "zero_shot")
+PER_WINDOW = ("window_nll_wiki", "window_nll_lee")  # in cells measured since per-window NLLs were kept
 
 
 def twin(out: Path, model: str, remove: int, seed: int, heal_name: str, chosen: list) -> tuple[str, dict] | None:
@@ -150,8 +155,10 @@ def heal_options(name: str, arguments) -> HealOptions:
 def measure(handle, arguments, test_windows: dict, seed: int) -> dict:
     """Held-out perplexity on each text and zero-shot accuracy of the handle's model. lm-eval's batch shrinks with
     the vocabulary, as its log-probabilities over the vocabulary dominate the memory."""
-    found = {f"perplexity_{text}": perplexity(handle.model, windows, arguments.batch_size)
-             for text, windows in test_windows.items()}
+    found = {}
+    for text, windows in test_windows.items():
+        nll = window_nll(handle.model, windows, arguments.batch_size)
+        found[f"perplexity_{text}"], found[f"window_nll_{text}"] = perplexity_of(nll), nll.tolist()
     vocabulary = handle.model.get_output_embeddings().weight.shape[0]
     batch = max(1, arguments.eval_batch_size * 50_000 // max(vocabulary, 50_000))
     zero_shot = evaluate(handle.model, handle.tokenizer, None, EvalOptions(tasks=arguments.tasks,
@@ -212,7 +219,8 @@ class Worker:
             shared = twin(self.out, model_name, remove, seed, key[4], cell["chosen"])
             if shared is not None:
                 source, measured = shared
-                cell |= {field: measured[field] for field in MEASURED} | {"measured_in": source}
+                cell |= {field: measured[field] for field in (*MEASURED, *PER_WINDOW) if field in measured}
+                cell["measured_in"] = source
                 write_atomically(cell_path(self.out, *key), json.dumps(cell, indent=1) + "\n")
                 logger.info("%s: same model as %s", key, source)
                 continue
@@ -336,7 +344,10 @@ def summary(group: list[dict]) -> dict:
     scored = [c for c in group if c.get("retention")]
     found = {"seeds": len(group), "wiki": mean(c["perplexity_wiki"] for c in group),
              "lee": mean(c["perplexity_lee"] for c in group), "cuts": sorted({str(c["cut"]) for c in group}),
-             "trainable": group[0]["trainable_parameters"]}
+             "trainable": group[0]["trainable_parameters"], "cells": group}
+    for task, key in (("mmlu", "acc"), ("lambada_openai", "acc"), ("lambada_openai", "perplexity")):
+        found[f"{task}_{key}"] = mean(((c.get("zero_shot") or {}).get("tasks", {}).get(task) or {}).get(key)
+                                      for c in group)
     if scored:
         found |= {"retention": mean(c["retention"]["retention"] for c in scored),
                   "above_chance": mean(c["retention"]["retention_above_chance"] for c in scored),
@@ -352,12 +363,78 @@ def summaries(cells: list[dict]) -> dict[tuple, dict]:
     return {key: summary(group) for key, group in groups.items()}
 
 
-def verdict(value: dict, reference: dict) -> str:
-    """``value`` against ``reference``: a difference inside two standard errors (the larger of the two) is a tie."""
+def pairs(value: dict, reference: dict) -> list[tuple[dict, dict]]:
+    """The cells of two summaries measured under the same seed, side by side. A cut without a heal is measured
+    under one seed only (it reads no calibration data): that cell stands for every seed."""
+    def seedless(summary_: dict) -> bool:
+        return len(summary_["cells"]) == 1 and summary_["cells"][0]["heal"] == "none"
+
+    left = {cell["seed"]: cell for cell in value["cells"]}
+    right = {cell["seed"]: cell for cell in reference["cells"]}
+    if seedless(value):
+        left = {seed: value["cells"][0] for seed in right}
+    if seedless(reference):
+        right = {seed: reference["cells"][0] for seed in left}
+    return [(left[seed], right[seed]) for seed in sorted(left) if seed in right]
+
+
+def paired_accuracy(value: dict, reference: dict) -> Difference | None:
+    """Average zero-shot accuracy of ``value`` − ``reference`` over their common seeds (mean over seeds), paired
+    over the items of each task; None when a side kept no per-item correctness."""
+    strata = []
+    for left, right in pairs(value, reference):
+        if not left.get("zero_shot") or not right.get("zero_shot"):
+            return None
+        a, b = ZeroShot(**left["zero_shot"]), ZeroShot(**right["zero_shot"])
+        found = task_strata(a, b, [task for task in (a.average_tasks or a.tasks) if task in b.tasks])
+        if found is None:
+            return None
+        strata += found
+    return accuracy_difference(strata) if strata else None
+
+
+def paired_perplexity(value: dict, reference: dict, text: str = "wiki") -> Difference | None:
+    """log perplexity of ``value`` − ``reference`` on ``text``'s test windows, paired window by window over their
+    common seeds (windows of all seeds pooled); None when a side kept no per-window NLLs."""
+    left, right = [], []
+    for a, b in pairs(value, reference):
+        if a.get(f"window_nll_{text}") is None or b.get(f"window_nll_{text}") is None:
+            return None
+        left += a[f"window_nll_{text}"]
+        right += b[f"window_nll_{text}"]
+    return log_perplexity_difference(left, right) if left else None
+
+
+def unpaired_verdict(value: dict, reference: dict) -> str:
+    """The verdict of cells without per-item results: a retention difference inside two standard errors (the
+    larger of the two) is a tie."""
     difference = value["retention"] - reference["retention"]
     if abs(difference) <= 2 * max(value["stderr"], reference["stderr"]):
         return "tie"
     return "better" if difference > 0 else "worse"
+
+
+def verdict(value: dict, reference: dict) -> str:
+    """``value`` against ``reference`` on retention: "tie", "better" or "worse" with the paired 95 % interval of the
+    difference in retention (accuracy difference / dense accuracy), or "..., unpaired" for cells measured without
+    per-item results (see :func:`unpaired_verdict`)."""
+    difference = paired_accuracy(value, reference)
+    if difference is None:
+        return f"{unpaired_verdict(value, reference)}, unpaired"
+    dense = value["cells"][0]["retention"]["dense"]
+    return (f"{difference.verdict()} ({difference.estimate / dense:+.3f} [{difference.low / dense:+.3f}, "
+            f"{difference.high / dense:+.3f}])")
+
+
+def perplexity_verdict(value: dict, reference: dict, text: str = "wiki") -> str:
+    """``value`` against ``reference`` on ``text`` perplexity: "lower", "higher" or "tie" with the paired 95 %
+    interval of the perplexity ratio; "unpaired" for cells measured without per-window NLLs."""
+    difference = paired_perplexity(value, reference, text)
+    if difference is None:
+        return "unpaired"
+    word = {"tie": "tie", "better": "lower", "worse": "higher"}[difference.verdict(higher_is_better=False)]
+    return (f"{word} (x{math.exp(difference.estimate):.3f} [{math.exp(difference.low):.3f}, "
+            f"{math.exp(difference.high):.3f}])")
 
 
 def clp_verdict(clp: dict, value: dict) -> str:
@@ -387,6 +464,7 @@ def headline(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
         best = {model: best_heals(table, model, rates[model]) for model in models}
         if not any(best.values()):
             continue
+        tally = []
         lines += [f"## Headline, {label} of the layers removed: each method with its best heal", "",
                   "| selection | " + " | ".join(f"{m} (n = {rates[m]} of {shape[m]})" for m in models) + " |",
                   "|---|" + "---|" * len(models)]
@@ -399,24 +477,42 @@ def headline(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
                 heal_name, value = best[model][name]
                 clp = best[model].get("clp")
                 against = "" if name == "clp" or clp is None else ", " + clp_verdict(clp[1], value)
+                if against:
+                    tally.append(against[2:])
                 entries.append(f"{value['retention']:.3f} ± {2 * value['stderr']:.3f} ({heal_name}{against}; "
                                f"{value['seeds']} seed{'s' * (value['seeds'] != 1)})")
             lines.append(f"| {name} | " + " | ".join(entries) + " |")
-        lines.append("")
+        lines += ["", tally_text(tally), ""]
     return lines
+
+
+def tally_text(verdicts: list[str]) -> str:
+    """How often CLP wins, ties and loses among ``verdicts``, paired and unpaired apart."""
+    def count(paired: bool) -> str:
+        kept = [text for text in verdicts if text.endswith("unpaired") != paired]
+        found = {word: sum(text.startswith(word) for text in kept) for word in ("clp wins", "tie", "clp loses")}
+        return (f"{len(kept)} {'paired' if paired else 'unpaired'}: {found['clp wins']} wins, {found['tie']} ties, "
+                f"{found['clp loses']} losses")
+
+    return f"CLP against the other methods' best heals: {count(True)}; {count(False)}."
 
 
 def report(out: Path) -> str:
     """The tables of the grid from its cells: per model and rate, retention per selection with no heal, with
-    endpoints and with its best heal, against CLP's (ties within two standard errors); the heals on the clp and
+    endpoints and with its best heal, against CLP's (paired intervals; see :func:`verdict`), MMLU and LAMBADA
+    apart from retention; the heals on the clp and
     tail cuts against their trainable parameters; one segment against two; and the two plots. ``cells.md`` lists
     every cell."""
     cells, dense, refused = read_cells(out)
     table = summaries(cells)
     lines = ["# Headline grid", "",
-             (f"{len(cells)} cells. Retention = pruned / dense average zero-shot accuracy (acc) over the tasks, mean "
-             "over the calibration seeds; above chance = (pruned - chance) / (dense - chance). ± is two standard "
-             "errors (lm-eval's, combined over the tasks); a difference inside the larger of the two is a tie."), ""]
+             (f"{len(cells)} cells. Retention = pruned / dense average zero-shot accuracy (acc) over the commonsense "
+             "tasks (MMLU and LAMBADA apart), mean over the calibration seeds; above chance = (pruned - chance) / "
+             "(dense - chance). ± is two standard errors (lm-eval's, combined over the tasks). Against clp (or "
+             "endpoints): the paired difference over the same items (zero-shot) or test windows (perplexity, as a "
+             "ratio), mean over the seeds both have, with its 95 % bootstrap interval; a tie when it holds 0. Cells "
+             "measured without per-item results are compared unpaired (a tie within two standard errors) and say "
+             "so."), ""]
     for model in sorted(dense):
         scores = dense[model].get("zero_shot")
         if scores:
@@ -434,13 +530,16 @@ def report(out: Path) -> str:
         if best:
             clp = best.get("clp")
             lines += [("| selection | cut(s) | no heal | endpoints | best heal | retention ± 2 se | above chance | "
-                      "vs clp | wiki ppl | lee ppl | seeds |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      f"vs clp | MMLU acc (chance {CHANCE['mmlu']}) | LAMBADA acc (ppl) | wiki ppl | wiki ppl vs clp | "
+                      "lee ppl | seeds |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for name, (heal_name, value) in sorted(best.items(), key=lambda item: -item[1][1]["retention"]):
                 none, endpoints = (rows[name].get(h, {}).get("retention") for h in ("none", "endpoints"))
                 against = "—" if name == "clp" or clp is None else clp_verdict(clp[1], value)
+                ppl = "—" if name == "clp" or clp is None else perplexity_verdict(value, clp[1])
                 lines.append(f"| {name} | {'; '.join(value['cuts'])} | {fmt(none)} | {fmt(endpoints)} | {heal_name} | "
                              f"{value['retention']:.3f} ± {2 * value['stderr']:.3f} | {fmt(value['above_chance'])} | "
-                             f"{against} | {value['wiki']:.2f} | {value['lee']:.2f} | {value['seeds']} |")
+                             f"{against} | {fmt(value['mmlu_acc'])} | {lambada_text(value)} | {value['wiki']:.2f} | "
+                             f"{ppl} | {value['lee']:.2f} | {value['seeds']} |")
             lines.append("")
         for base in ("clp", "tail"):
             heals = rows.get(base, {})
@@ -481,6 +580,13 @@ def report(out: Path) -> str:
 
 def fmt(value) -> str:
     return "—" if value is None else f"{value:.3f}"
+
+
+def lambada_text(value: dict) -> str:
+    """LAMBADA accuracy with its perplexity, or — for cells measured without it."""
+    if value.get("lambada_openai_acc") is None:
+        return "—"
+    return f"{value['lambada_openai_acc']:.3f} ({value['lambada_openai_perplexity']:.1f})"
 
 
 def cell_table(cells: list[dict]) -> str:
@@ -563,7 +669,7 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
     parser.add_argument("--rates", default="", help="'tiny' to use the tiny removal counts for every model")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", default=",".join((*TASKS, *APART)))
     parser.add_argument("--limit", type=int, default=None, help="items per task (default: the full local sets)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -628,6 +734,7 @@ def compact_headline(out: Path) -> str:
     lines = ["| selection (best heal) | " + " | ".join(f"{m}, {n} of {shape[m]} cut" for m, n in cases) + " |",
              "|---|" + "---|" * len(cases)]
     counts = {case: {"clp wins": 0, "tie": 0, "clp loses": 0} for case in cases}
+    unpaired = {case: 0 for case in cases}
     for name in SELECTIONS:
         entries = []
         for case in cases:
@@ -638,11 +745,14 @@ def compact_headline(out: Path) -> str:
                 entries.append(f"**{found[1]['retention']:.3f} ± {2 * found[1]['stderr']:.3f}**")
             else:
                 said = clp_verdict(clp[1], found[1])
-                counts[case][said] += 1
-                entries.append(f"{found[1]['retention']:.3f} ({said})")
+                word = said.split(" (")[0].removesuffix(", unpaired")
+                counts[case][word] += 1
+                unpaired[case] += said.endswith("unpaired")
+                entries.append(f"{found[1]['retention']:.3f} ({word}{', unpaired' * said.endswith('unpaired')})")
         lines.append(f"| {name} | " + " | ".join(entries) + " |")
     lines.append("| **CLP wins / ties / loses** | " + " | ".join(
-        "{} / {} / {}".format(*counts[case].values()) for case in cases) + " |")
+        "{} / {} / {}".format(*counts[case].values()) + (f" ({unpaired[case]} unpaired)" if unpaired[case] else "")
+        for case in cases) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -191,6 +191,11 @@ def test_compare_runs_every_method_and_resumes(workspace, tmp_path, capsys):
     assert result["rows"][0]["kl"] == pytest.approx(result["rows"][1]["kl"], rel=1e-5)
     assert result["rows"][4]["segments"] == [[LAYERS - 2, LAYERS]]
     assert (out / "compare.png").is_file() and "| sleb |" in (out / "compare.md").read_text()
+    assert "log ppl vs clp" in (out / "compare.md").read_text()
+    for row in result["rows"][1:]:  # paired over the test windows against the first method
+        assert row["log_perplexity_vs"]["reference"] == "clp" and row["log_perplexity_vs"]["items"] == 4
+        if row["segments"] == result["rows"][0]["segments"]:  # the same cut and heal: the same model
+            assert row["log_perplexity_vs"]["low"] == row["log_perplexity_vs"]["high"] == 0.0
     stamp = (out / "cells" / "clp.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main(argv) == 0  # a rerun skips finished cells
@@ -245,6 +250,11 @@ def test_prune_with_eval_records_zero_shot_and_speed_and_report_compares(workspa
     assert main(["report", str(out), str(other), "--chart", str(chart)]) == 0
     table = capsys.readouterr().out
     assert "| evaluated |" in table and "| plain-cut |" in table and chart.is_file()
+    # per-item results are kept, so the two runs are compared window by window (same source, same test windows)
+    assert len(zero_shot["after"]["tasks"]["piqa"]["correct"]) == 3
+    assert len(metrics["perplexity"]["window_nll_after"]) == metrics["perplexity"]["windows"]
+    assert "plain-cut against evaluated (paired" in table
+    assert "| log perplexity (" in table and "perplexity ratio" in table
     assert main(["report", str(out), "--chart", str(chart)]) == 2  # never overwrites without --overwrite
     assert main(["report", str(workspace), "--chart", str(tmp_path / "other.png")]) == 2  # not an export
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 SPEC = importlib.util.spec_from_file_location("grid", Path(__file__).parents[1] / "bench" / "grid.py")
@@ -77,15 +78,61 @@ def test_report_computes_retention_against_the_dense_model_and_lists_refusals(tm
     assert "replaceme on m: cannot fold" in text
     headline = text.split("## Headline, about 20 % of the layers removed")[1].split("\n## ")[0]
     assert "| selection | m (n = 2 of 6) |" in headline  # no model at the second rate: no second table
-    assert "| clp | 0.875 ± 0.025 (endpoints; 1 seed) |" in headline and "(endpoints, clp wins; 1 seed)" in headline
+    assert "| clp | 0.875 ± 0.025 (endpoints; 1 seed) |" in headline
+    assert "(endpoints, clp wins, unpaired; 1 seed)" in headline  # cells without per-item results say so
+    assert "0 paired: 0 wins, 0 ties, 0 losses; 1 unpaired: 1 wins, 0 ties, 0 losses." in headline
+    assert "| unpaired |" in tail_row  # wiki perplexity: no per-window NLLs
     assert "about 33 %" not in text
     assert (tmp_path / "cells.md").read_text().count("| m | 2 | 0 |") == 2
 
 
 @pytest.mark.parametrize("value, reference, expected", [(0.90, 0.88, "tie"), (0.95, 0.88, "better"),
                                                          (0.80, 0.88, "worse")])
-def test_a_difference_inside_two_standard_errors_is_a_tie(value, reference, expected):
-    assert grid.verdict({"retention": value, "stderr": 0.02}, {"retention": reference, "stderr": 0.01}) == expected
+def test_unpaired_a_difference_inside_two_standard_errors_is_a_tie(value, reference, expected):
+    cells = [{"seed": 0, "heal": "endpoints", "retention": {"dense": 0.8}}]
+    assert grid.unpaired_verdict({"retention": value, "stderr": 0.02}, {"retention": reference, "stderr": 0.01}) == expected
+    found = grid.verdict({"retention": value, "stderr": 0.02, "cells": cells},
+                         {"retention": reference, "stderr": 0.01, "cells": cells})
+    assert found == f"{expected}, unpaired"
+
+
+def test_the_report_compares_with_clp_item_by_item_where_cells_kept_the_items(tmp_path):
+    """Two seeds; tail gets 40 more of 200 piqa items right than clp under each seed, and its windows have a
+    lower NLL; angular is clp's model (the same items right, the same windows): an exact tie."""
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    rng = np.random.default_rng(0)
+    clp_bits = rng.random(200) < 0.5
+
+    def zero_shot(bits):
+        acc = float(np.mean(bits))
+        tasks = {"piqa": {"acc": acc, "acc_norm": None, "items": 200, "acc_stderr": 0.035, "correct":
+                          "".join("1" if bit else "0" for bit in bits)},
+                 "mmlu": {"acc": 0.3, "items": 10, "acc_stderr": 0.1, "correct": "1110000000"}}
+        return {"tasks": tasks, "average": {"acc": acc, "acc_norm": acc}, "average_tasks": ["piqa"],
+                "lm_eval_version": "0", "metric": "acc", "limit": 200}
+
+    (cells / "m-dense.json").write_text(json.dumps({"perplexity_wiki": 10.0, "perplexity_lee": 12.0,
+                                                    "zero_shot": zero_shot(np.ones(200, bool))}))
+    nll = rng.random(16) + 3.0
+    tail_bits = clp_bits.copy()
+    tail_bits[np.flatnonzero(~clp_bits)[:40]] = True
+    for seed in (0, 1):
+        for name, bits, windows in (("clp", clp_bits, nll), ("tail", tail_bits, nll - 0.2), ("angular", clp_bits, nll)):
+            cell = {"model": "m", "layers": 6, "remove": 2, "seed": seed, "selection": name, "heal": "endpoints",
+                    "chosen": [[2, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": 4, "search_seconds": 1.0,
+                    "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": float(np.exp(windows.mean())),
+                    "perplexity_lee": 30.0, "window_nll_wiki": windows.tolist(), "zero_shot": zero_shot(bits)}
+            (cells / f"m-n2-seed{seed}-{name}-endpoints.json").write_text(json.dumps(cell))
+    text = grid.report(tmp_path)
+    detail = text.split("## m, 2 of 6 layers removed")[1].splitlines()
+    tail_row = next(line for line in detail if line.startswith("| tail |"))
+    angular_row = next(line for line in detail if line.startswith("| angular |"))
+    assert "| clp loses (-0.200 [" in tail_row  # 40 of 200 items: 0.2 of the dense accuracy 1.0
+    assert f"| lower (x{np.exp(-0.2):.3f} [" in tail_row  # wiki perplexity, paired over the windows
+    assert "| tie (+0.000 [+0.000, +0.000]) |" in angular_row and "| tie (x1.000 [1.000, 1.000]) |" in angular_row
+    assert "| 0.300 |" in tail_row  # MMLU in its own column, not in retention
+    assert "2 paired: 0 wins, 1 ties, 1 losses; 0 unpaired" in text
 
 
 def test_a_worker_runs_the_other_units_when_one_fails_and_takes_over_a_dead_workers_unit(tmp_path, monkeypatch):
@@ -170,9 +217,11 @@ def test_the_compact_headline_counts_where_clp_wins_ties_and_loses(tmp_path):
     assert lines[0] == "| selection (best heal) | m, 2 of 6 cut |"
     rows = {line.split(" | ")[0].strip("| *"): line for line in lines[2:]}
     assert rows["clp"] == "| clp | **0.875 ± 0.025** |"  # its best heal (endpoints), not its first
-    assert rows["tail"] == "| tail | 0.750 (clp wins) |" and rows["sleb"] == "| sleb | 0.887 (tie) |"
-    assert rows["ppl"] == "| ppl | 1.000 (clp loses) |" and rows["angular"] == "| angular | — |"
-    assert rows["CLP wins / ties / loses"] == "| **CLP wins / ties / loses** | 1 / 1 / 1 |"
+    # cells without per-item results: compared within two standard errors, and marked unpaired
+    assert rows["tail"] == "| tail | 0.750 (clp wins, unpaired) |"
+    assert rows["sleb"] == "| sleb | 0.887 (tie, unpaired) |"
+    assert rows["ppl"] == "| ppl | 1.000 (clp loses, unpaired) |" and rows["angular"] == "| angular | — |"
+    assert rows["CLP wins / ties / loses"] == "| **CLP wins / ties / loses** | 1 / 1 / 1 (3 unpaired) |"
 
 
 def test_a_section_between_the_markers_is_replaced_and_nothing_else(tmp_path):

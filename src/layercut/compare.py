@@ -19,10 +19,19 @@ from layercut import heal, selection
 from layercut.config import METHODS, EvalOptions, Recipe, to_dict
 from layercut.data import Windows, calibrate
 from layercut.errors import LayercutError
-from layercut.evaluate import DenseReference, agreement, dense_reference, evaluate, perplexity, task_list
+from layercut.evaluate import (
+    DenseReference,
+    agreement,
+    dense_reference,
+    evaluate,
+    perplexity_of,
+    task_list,
+    window_nll,
+)
 from layercut.files import absolute, check_writable, staged_file, write_atomically
 from layercut.layers import Handle, cut
 from layercut.load import load_model, resolve_model
+from layercut.paired import against
 from layercut.pipeline import check_before_work
 from layercut.record import CompareResult, CompareRow, DenseRow, library_versions
 from layercut.report import compare_chart, compare_table
@@ -63,6 +72,16 @@ def fingerprint(source: str, windows, recipe: Recipe) -> dict:
             "recipe": digest(settings)}
 
 
+def pair_with_first(rows: list[CompareRow], seed: int = 0) -> None:
+    """Fill each later row's paired differences against the first row: log perplexity over the test windows and
+    average accuracy over the items (see :mod:`layercut.paired`); None where a side kept no per-item data."""
+    first = rows[0]
+    for row in rows[1:]:
+        ppl, accuracy = against(row.zero_shot, row.window_nll, first.zero_shot, first.window_nll, seed)
+        row.log_perplexity_vs = ppl.stored(first.method) if ppl else None
+        row.accuracy_vs = accuracy.stored(first.method) if accuracy else None
+
+
 def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | Path, overwrite: bool = False,
             progress=None) -> CompareResult:
     """Prune the same model with every method in ``methods`` and measure each the same way.
@@ -93,6 +112,7 @@ def compare(model_name: str, recipe: Recipe, methods: list[str], output: str | P
         row = compare_row(handle, windows, recipe, method, prepared, dense, zero_shot, reference)
         write_atomically(cell, row.model_dump_json(indent=2) + "\n")
         rows.append(row)
+    pair_with_first(rows, recipe.data.seed)
     result = CompareResult(model=model_name, remove=sum(e - s for s, e in rows[0].segments), dense=dense, rows=rows,
                            recipe=to_dict(recipe), versions=library_versions())
     write_atomically(output / "compare.json", result.model_dump_json(indent=2) + "\n")
@@ -156,7 +176,8 @@ def compare_row(handle: Handle, windows: Windows, recipe: Recipe, method: str, p
     collected = heal.before_cut(handle, found.segments, prepared, recipe.heal)
     pruned = copy.deepcopy(handle)
     removed = cut(pruned, heal.planned_cut(found.segments, recipe.heal))
-    cut_ppl = perplexity(pruned.model, windows.test, batch_size)
+    cut_nll = window_nll(pruned.model, windows.test, batch_size)
+    cut_ppl = perplexity_of(cut_nll)
     report = heal.heal(pruned, removed, collected, recipe.heal, seed)
     healed = report.name != "none"
     measured = evaluate(pruned.model, pruned.tokenizer, windows.test if healed else None, zero_shot,
@@ -164,7 +185,8 @@ def compare_row(handle: Handle, windows: Windows, recipe: Recipe, method: str, p
     row = CompareRow(method=method, segments=removed.segments, kl=found.kl, search_seconds=found.seconds,
                      perplexity_cut=cut_ppl, perplexity=measured.perplexity if healed else cut_ppl,
                      heal=recipe.heal.heal, trainable_parameters=report.trainable_parameters,
-                     heal_seconds=report.seconds, zero_shot=measured.zero_shot)
+                     heal_seconds=report.seconds, zero_shot=measured.zero_shot,
+                     window_nll=measured.window_nll if healed else cut_nll.tolist())
     if measured.zero_shot is not None:
         from layercut.zeroshot import retention
 

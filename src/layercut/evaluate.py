@@ -42,27 +42,39 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def window_nll(model, windows: torch.Tensor, batch_size: int = 4, progress=None) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of each window of ``windows`` ``[N, T]`` (over its T − 1
+    predicted tokens), ``[N]`` float64 on the CPU. ``progress`` (optional) is called with the windows done."""
+    device = model_device(model)
+    found = []
+    for batch in batches(windows, batch_size):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch[:, 1:], reduction="none")
+        found.append(nll.sum(dim=1).double().cpu() / (batch.shape[1] - 1))
+        if progress is not None:
+            progress(batch.shape[0])
+    return torch.cat(found)
+
+
+def perplexity_of(nll: torch.Tensor, finite: bool = True) -> float:
+    """exp of the mean of per-window mean NLLs ``[N]`` (windows of one length). A perplexity that is not finite
+    raises LayercutError unless ``finite`` is False (then it is returned: inf or nan)."""
+    mean = nll.mean().item()
+    value = math.inf if mean > 700 else math.exp(mean)  # exp overflows a float above ~709; nan stays nan
+    if finite and not math.isfinite(value):
+        raise LayercutError(f"perplexity is {value}: the model's outputs are not finite (mean cross-entropy "
+                            f"{mean:.4g}); a heal diverged, or the dtype overflows: try --dtype float32")
+    return value
+
+
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress=None, finite: bool = True) -> float:
     """exp(mean next-token cross-entropy) over ``windows`` ``[N, T]`` (N·(T−1) predicted tokens).
 
     ``progress`` is an optional callable taking the number of windows done, for progress bars. A perplexity that
     is not finite raises LayercutError unless ``finite`` is False (then it is returned: inf or nan).
     """
-    device = model_device(model)
-    total, count = 0.0, 0
-    for batch in batches(windows, batch_size):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        total += token_nll(logits, batch).item()
-        count += batch.shape[0] * (batch.shape[1] - 1)
-        if progress is not None:
-            progress(batch.shape[0])
-    mean = total / count
-    value = math.inf if mean > 700 else math.exp(mean)  # exp overflows a float above ~709; nan stays nan
-    if finite and not math.isfinite(value):
-        raise LayercutError(f"perplexity is {value}: the model's outputs are not finite (mean cross-entropy "
-                            f"{mean:.4g}); a heal diverged, or the dtype overflows: try --dtype float32")
-    return value
+    return perplexity_of(window_nll(model, windows, batch_size, progress), finite)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -127,7 +139,8 @@ def evaluate(model, tokenizer, test_windows: torch.Tensor | None, options: EvalO
     options ask for. ``progress`` (optional) is called with the windows done."""
     found = Measures()
     if test_windows is not None:
-        found.perplexity = perplexity(model, test_windows, batch_size, progress)
+        nll = window_nll(model, test_windows, batch_size, progress)
+        found.perplexity, found.window_nll = perplexity_of(nll), nll.tolist()
     tasks = task_list(options)
     if tasks:
         from layercut.zeroshot import evaluate_zero_shot
@@ -149,7 +162,8 @@ def compare_measures(before: Measures, after: Measures, layers_before: int, laye
             before=before.perplexity, after=after.perplexity,
             after_cut=after.perplexity if perplexity_after_cut is None else perplexity_after_cut, text=text,
             windows=None if test_windows is None else int(test_windows.shape[0]),
-            seq_len=None if test_windows is None else int(test_windows.shape[1]))
+            seq_len=None if test_windows is None else int(test_windows.shape[1]),
+            window_nll_before=before.window_nll, window_nll_after=after.window_nll)
     if before.zero_shot is not None and after.zero_shot is not None:
         from layercut.zeroshot import retention
 

@@ -56,14 +56,23 @@ class PerplexityRecord(Model):
     text: str | None = None
     windows: int | None = None
     seq_len: int | None = None
+    # mean next-token NLL per test window, dense and healed, for paired comparisons (layercut.paired)
+    window_nll_before: list[float] | None = None
+    window_nll_after: list[float] | None = None
 
 
 class TaskScore(Model):
+    """One task's scores; ``correct`` (``correct_norm``) holds per item, in lm-eval's document order, 1 where acc
+    (acc_norm) counted it right, for paired comparisons; ``perplexity`` is a word-prediction task's (LAMBADA)."""
+
     acc: float
     acc_norm: float | None = None
     items: int
     acc_stderr: float | None = None
     acc_norm_stderr: float | None = None
+    perplexity: float | None = None
+    correct: str | None = None
+    correct_norm: str | None = None
 
 
 class Average(Model):
@@ -72,10 +81,13 @@ class Average(Model):
 
 
 class ZeroShot(Model):
-    """lm-eval zero-shot accuracy per task and on average (``acc_norm`` falls back to ``acc`` in the average)."""
+    """lm-eval zero-shot accuracy per task and on average over ``average_tasks`` (the commonsense tasks scored:
+    MMLU and LAMBADA are reported apart; ``acc_norm`` falls back to ``acc`` in the average). Records without
+    ``average_tasks`` averaged every task."""
 
     tasks: dict[str, TaskScore]
     average: Average
+    average_tasks: list[str] | None = None
     lm_eval_version: str
     metric: str
     limit: int | None = None
@@ -163,6 +175,7 @@ class Measures(Model):
     """What one evaluation of one model found (the evaluate stage's result)."""
 
     perplexity: float | None = None
+    window_nll: list[float] | None = None  # mean next-token NLL per test window
     zero_shot: ZeroShot | None = None
     speed: Speed | None = None
     memory_footprint_bytes: int | None = None
@@ -214,8 +227,22 @@ class RunRecord(Model):
         return self.model_dump_json(indent=2) + "\n"
 
 
+class Paired(Model):
+    """A paired difference against a reference (``layercut.paired``): the estimate with its bootstrap interval at
+    ``level``; ``tie`` when the interval holds 0."""
+
+    reference: str
+    estimate: float
+    low: float
+    high: float
+    items: int
+    level: float
+    tie: bool
+
+
 class CompareRow(Model):
-    """One selection method's cell of ``layercut compare``: its cut, heal and measures."""
+    """One selection method's cell of ``layercut compare``: its cut, heal and measures; against the first method,
+    the paired differences of log perplexity and of average accuracy (None where a side kept no per-item data)."""
 
     method: str
     segments: list[tuple[int, int]]
@@ -230,6 +257,9 @@ class CompareRow(Model):
     retention: Retained | None = None
     agreement: Agreement | None = None
     seconds: float = 0.0
+    window_nll: list[float] | None = None
+    log_perplexity_vs: Paired | None = None
+    accuracy_vs: Paired | None = None
 
 
 class DenseRow(Model):

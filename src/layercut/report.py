@@ -11,10 +11,11 @@ from math import nan
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from layercut.record import Agreement, CompareResult, Quantization, RunRecord, SweepResult
+from layercut.record import Agreement, CompareResult, Paired, Quantization, RunRecord, SweepResult
 
 if TYPE_CHECKING:
     from layercut.gate import SearchResult
+    from layercut.paired import Difference, PairedRow
 
 Row = tuple[str, "float | int | None", "float | int | None"]
 
@@ -217,35 +218,74 @@ def records_table(records: Sequence[tuple[str, RunRecord]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def difference_text(difference: Difference | None, reason: str = "", spec: str = "+.3f") -> str:
+    """``+0.012 [−0.004, +0.028]``: a paired difference with its interval, or the reason there is none."""
+    if difference is None:
+        return reason or "unpaired"
+    return (f"{format(difference.estimate, spec)} [{format(difference.low, spec)}, "
+            f"{format(difference.high, spec)}]")
+
+
+def paired_table(name_a: str, name_b: str, rows: Sequence[PairedRow]) -> str:
+    """The pruned model of ``name_a`` against that of ``name_b``, measure by measure, with paired 95 % intervals
+    (a tie: the interval holds 0); the perplexity row also as a ratio of perplexities."""
+    lines = [f"{name_a} against {name_b} (paired; A − B with its 95 % bootstrap interval):", "",
+             f"| measure | {name_a} | {name_b} | A − B [95 %] | verdict for {name_a} |", "|---|---|---|---|---|"]
+    for row in rows:
+        text = difference_text(row.difference, row.reason)
+        if row.difference is not None and not row.higher_is_better:
+            low, high = math.exp(row.difference.low), math.exp(row.difference.high)
+            text += f"; perplexity ratio {math.exp(row.difference.estimate):.3f} [{low:.3f}, {high:.3f}]"
+        verdict = "-" if row.difference is None else row.difference.verdict(row.higher_is_better)
+        lines.append(f"| {row.measure} | {number(row.a, '.4f')} | {number(row.b, '.4f')} | {text} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def stored_text(paired: Paired | None, higher_is_better: bool = True) -> str:
+    """A stored paired difference as ``tie (+0.004 [-0.010, +0.018])``; ``unpaired`` when there is none."""
+    from layercut.paired import Difference
+
+    if paired is None:
+        return "unpaired"
+    difference = Difference(paired.estimate, paired.low, paired.high, paired.items, paired.level)
+    return f"{difference.verdict(higher_is_better)} ({difference_text(difference)})"
+
+
 def compare_table(result: CompareResult) -> str:
-    """The comparison as a markdown table, dense model first."""
+    """The comparison as a markdown table, dense model first; each later method against the first, paired over
+    the test windows (log perplexity) and the items (average accuracy)."""
     zero_shot = result.dense.zero_shot is not None
-    head = "| method | segments | KL | ppl cut | ppl healed | trainable | search s | heal s |"
-    rule = "|---|---|---|---|---|---|---|---|"
+    first = result.rows[0].method
+    head = f"| method | segments | KL | ppl cut | ppl healed | log ppl vs {first} | trainable | search s | heal s |"
+    rule = "|---|---|---|---|---|---|---|---|---|"
     if zero_shot:
-        head += " avg acc | retention |"
-        rule += "---|---|"
+        head += f" avg acc | acc vs {first} | retention |"
+        rule += "---|---|---|"
     agreed = next((row.agreement for row in result.rows if row.agreement is not None), None)
     if agreed is not None:
         head += "".join(f" {name} |" for name in agreement_names(agreed))
         rule += "---|" * len(agreement_names(agreed))
     lines = [f"# {result.model}: {result.remove} layers removed, heal `{result.rows[0].heal}`", "", head, rule]
-    dense_row = f"| dense | - | - | - | {number(result.dense.perplexity, '.2f')} | - | - | - |"
+    dense_row = f"| dense | - | - | - | {number(result.dense.perplexity, '.2f')} | - | - | - | - |"
     if zero_shot:
-        dense_row += f" {number(result.dense.zero_shot.average.acc, '.3f')} | 1.000 |"
+        dense_row += f" {number(result.dense.zero_shot.average.acc, '.3f')} | - | 1.000 |"
     if agreed is not None:
         dense_row += " - |" * len(agreement_names(agreed))
     lines.append(dense_row)
-    for row in result.rows:
+    for index, row in enumerate(result.rows):
+        against_ppl = "-" if index == 0 else stored_text(row.log_perplexity_vs, higher_is_better=False)
         line = (f"| {row.method} | {segments_text(row.segments, ' ')} | {number(row.kl, '.3f')} | "
-                f"{number(row.perplexity_cut, '.2f')} | {number(row.perplexity, '.2f')} | "
+                f"{number(row.perplexity_cut, '.2f')} | {number(row.perplexity, '.2f')} | {against_ppl} | "
                 f"{row.trainable_parameters:,} | {number(row.search_seconds, '.1f')} | {number(row.heal_seconds, '.1f')} |")
         if zero_shot:
             retention = row.retention.retention if row.retention else None
-            line += f" {number(row.zero_shot.average.acc, '.3f')} | {number(retention, '.3f')} |"
+            against_acc = "-" if index == 0 else stored_text(row.accuracy_vs)
+            line += f" {number(row.zero_shot.average.acc, '.3f')} | {against_acc} | {number(retention, '.3f')} |"
         if agreed is not None:
             line += "".join(f" {value} |" for value in agreement_values(row.agreement, agreed))
         lines.append(line)
+    lines += ["", (f"Against {first}: paired 95 % bootstrap intervals of the difference (test windows; zero-shot "
+                   "items); a tie when the interval holds 0.")]
     return "\n".join(lines) + "\n"
 
 

