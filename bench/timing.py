@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import shlex
 import statistics
@@ -101,7 +102,8 @@ def device_name() -> str:
     """``cpu``, or the GPU's model in lower case (``h200``), with ``2x`` in front for two GPUs."""
     if not torch.cuda.is_available():
         return "cpu"
-    name = torch.cuda.get_device_name(0).split()[-1].lower()
+    words = torch.cuda.get_device_name(0).split()  # "NVIDIA H100 80GB HBM3": the word that names the chip
+    name = next((w for w in words if re.fullmatch(r"[A-Z]+\d{2,4}[A-Z]*", w)), words[-1]).lower()
     count = torch.cuda.device_count()
     return f"{count}x{name}" if count > 1 else name
 
