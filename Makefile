@@ -10,6 +10,8 @@ ASSETS := $(VENV)/.assets
 GEMMA_ASSETS := $(VENV)/.assets-gemma
 # The CPU build of torch; any torch >= 2.4 works, this pin keeps the multi-GB CUDA build away.
 TORCH := torch==2.13.0
+# llama.cpp (the gguf extra, in dev) builds from source: skip its multimodal library, which layercut does not use.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF
 DEMO_OUT ?= runs/demo-smollm2
 
 .PHONY: install assets assets-gemma test test-fast test-long demo bench-cpu clean
@@ -20,7 +22,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
 install: $(STAMP)

@@ -79,6 +79,31 @@ def run_quantize(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(arguments: argparse.Namespace) -> int:
+    from layercut.data import evaluation_windows, load_text
+    from layercut.export import export
+    from layercut.load import load_model
+    from layercut.pipeline import check_before_work
+    from layercut.record import read_record
+    from layercut.report import gguf_rows, key_value_table
+
+    recipe = config.recipe_from_arguments(arguments, arguments.recipe)
+    source = Path(arguments.model)
+    record = read_record(source)  # a folder layercut wrote: its record and model card carry over
+    check_before_work(str(source), recipe, arguments.output, arguments.overwrite, cuts=False)
+    show = _stage_printer()
+    show("load")
+    handle = load_model(str(source), recipe.model)
+    windows = evaluation_windows(handle.tokenizer, load_text(recipe.data.ppl, "test"), recipe.data.seq_len,
+                                 recipe.export.gguf_windows)
+    show(f"export ({recipe.export.format})")
+    recipe_yaml = (source / "recipe.yaml").read_text() if (source / "recipe.yaml").is_file() else ""
+    export(handle, record, recipe_yaml, arguments.output, arguments.overwrite, protected=[source],
+           formats=recipe.export, test_windows=windows)
+    print(key_value_table([*gguf_rows(record.gguf or []), ("output", str(arguments.output))]))
+    return 0
+
+
 def run_search(arguments: argparse.Namespace) -> int:
     from layercut import selection
     from layercut.data import calibrate
@@ -263,6 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(prune)
     prune.set_defaults(run=run_prune)
 
+    exporting = command("export", help="write a pruned checkpoint again, e.g. as GGUF for llama.cpp, checked "
+                                       "against transformers")
+    exporting.add_argument("model", help="checkpoint folder written by layercut prune")
+    exporting.add_argument("--output", required=True, help="folder to write the checkpoint (and GGUF files) into")
+    exporting.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    exporting.add_argument("--recipe", help="YAML recipe; flags override it")
+    config.add_arguments(exporting, ("export", "model", "data"),
+                         exclude=("device_map", "max_memory", "offload_folder", "calib", "calib_windows", "seed",
+                                  "ppl_windows"))
+    exporting.set_defaults(run=run_export)
+
     search = command("search", help="find the segment(s) to cut; writes nothing unless asked")
     search.add_argument("model", help=model_help())
     search.add_argument("--json", action="store_true", help="print one JSON object")
@@ -294,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="replace the cells of --output when they were made with another model, data or "
                                  "recipe")
     comparison.add_argument("--recipe", help="YAML recipe; flags override it")
-    config.add_arguments(comparison, exclude=("eval", "speed", "quantize", "group_size", "segment"))
+    config.add_arguments(comparison, exclude=("eval", "speed", "quantize", "group_size", "segment",
+                                              *config.ExportOptions.model_fields))
     comparison.set_defaults(run=run_compare)
 
     add_sweep(command)

@@ -18,7 +18,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from layercut import data, heal, quantize, selection, zeroshot
+from layercut import data, gguf, heal, quantize, selection, zeroshot
 from layercut.errors import LayercutError
 from layercut.layers import parse_segment
 from layercut.load import parse_max_memory
@@ -29,6 +29,7 @@ HEALS = tuple(heal.HEALS)
 HEAL_INITS = ("none", *heal.PATCHES)
 REPAIR_PROXIES = ("endpoints", *heal.PATCHES)
 QUANT_SCHEMES = tuple(quantize.SCHEMES)
+GGUF_TYPES = tuple(gguf.GGUF_TYPES)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -164,6 +165,10 @@ class SearchOptions(Options):
         "endpoints", "the repair method's cheap repair of each candidate: a short endpoints heal "
         "(--repair-steps), or a training-free linear patch")
     repair_steps: int = option(25, "steps of the repair method's short endpoints heal", ge=1)
+    keep_period: bool = option(
+        False, "only cuts after which the kept layers' attention types (config.layer_types) are the original's first "
+        "ones, so that loaders deriving them from a fixed period (llama.cpp) run the cut model right; the cut is "
+        "chosen among those by the exact hard-cut KL, whatever --method")
     exhaustive_budget: float = option(3600.0, "seconds the exhaustive oracle may take; a larger search (estimated "
                                       "before it starts) is refused", gt=0)
 
@@ -299,6 +304,35 @@ class QuantizeOptions(Options):
         return self
 
 
+class ExportOptions(Options):
+    """Which files the export writes besides the transformers checkpoint."""
+
+    format: Literal["safetensors", "gguf"] = option(
+        "safetensors", "safetensors: the transformers checkpoint; gguf: also a GGUF for llama.cpp and Ollama, made by "
+        "llama.cpp's own converter and quantizer and checked against transformers (pip install 'layercut[gguf]')")
+    gguf_type: tuple[Literal[GGUF_TYPES], ...] = option(  # type: ignore[valid-type]
+        ("f16",), "GGUF weight type, repeatable: f16, q8_0 or q4_k_m; each file is checked against transformers")
+    gguf_windows: int = option(8, "held-out perplexity windows on which each GGUF is compared with transformers", ge=1)
+    gguf_layer_pattern: Literal["check", "write", "ignore"] = option(
+        "check", "when llama.cpp would give a layer another attention (sliding or full) than config.layer_types: "
+        "check = refuse the export, write = store one sliding-window flag per layer in the GGUF, ignore = export "
+        "anyway and record it")
+
+    @field_validator("gguf_type", mode="before")
+    @classmethod
+    def _type_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return (value,)
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("gguf_type")
+    @classmethod
+    def _some_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError(f"name at least one GGUF type: {', '.join(GGUF_TYPES)}")
+        return tuple(dict.fromkeys(value))
+
+
 class Recipe(BaseModel):
     """Everything a prune run needs, except the model name and the output folder."""
 
@@ -310,6 +344,7 @@ class Recipe(BaseModel):
     heal: HealOptions = Field(default_factory=HealOptions)
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
     quantization: QuantizeOptions = Field(default_factory=QuantizeOptions)
+    export: ExportOptions = Field(default_factory=ExportOptions)
 
     def replace(self, **sections: Options) -> Recipe:
         """A copy with whole sections replaced."""

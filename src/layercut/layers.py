@@ -155,6 +155,14 @@ def kept_layers(segments: Sequence[Segment], total: int) -> list[int]:
     return [index for index in range(total) if index not in removed]
 
 
+def keeps_layer_pattern(types: Sequence[str], segments: Sequence[Segment]) -> bool:
+    """Whether the layers kept after cutting ``segments`` have the original's first per-layer ``types``
+    (``config.layer_types``): then a loader that derives each layer's type from its position, such as llama.cpp's
+    fixed period of sliding and full attention, runs the cut model as transformers does."""
+    kept = kept_layers(segments, len(types))
+    return [types[index] for index in kept] == list(types[: len(kept)])
+
+
 def merge_adjacent(segments: Sequence[Segment]) -> list[Segment]:
     """Sorted segments with touching ones joined (``[(2, 4), (4, 6)] -> [(2, 6)]``)."""
     merged: list[list[int]] = []

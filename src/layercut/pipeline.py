@@ -64,6 +64,14 @@ def check_before_work(model_name: str, recipe: Recipe, output: str | Path | None
     config."""
     if output is not None:
         check_output(output, overwrite, protected=[model_name] if Path(model_name).expanduser().exists() else [])
+    if recipe.export.format == "gguf":
+        from layercut.gguf import check_llama_cpp
+
+        if recipe.quantization.quantize:
+            raise LayercutError(f"--quantize {recipe.quantization.quantize} writes a compressed-tensors or bitsandbytes "
+                                "checkpoint, which llama.cpp does not read: with --format gguf, quantize through "
+                                "--gguf-type (q8_0, q4_k_m)")
+        check_llama_cpp()
     if recipe.quantization.quantize:
         from layercut.quantize import check_scheme
 
@@ -172,7 +180,8 @@ def finish(handle: Handle, record: RunRecord, recipe: Recipe, windows: Windows, 
     with tempfile.TemporaryDirectory() as scratch:
         charts = search_charts(found, Path(scratch))
         if not scheme:
-            export(handle, record, dump_recipe(recipe), output, overwrite, charts, protected=[record.source])
+            export(handle, record, dump_recipe(recipe), output, overwrite, charts, protected=[record.source],
+                   formats=recipe.export, test_windows=windows.test)
             return record
         folder = export(handle, record, dump_recipe(recipe), Path(scratch) / "pruned", False, charts)
         device, dtype = handle.model.get_input_embeddings().weight.device, next(handle.model.parameters()).dtype

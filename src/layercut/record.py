@@ -200,6 +200,34 @@ class Quantization(Model):
     after: Measures = Measures()
 
 
+class GgufParity(Model):
+    """llama.cpp against transformers on the same held-out windows: perplexities, top-1 agreement, mean KL
+    (transformers || llama.cpp, nats per token), and the bounds they were held to."""
+
+    windows: int
+    seq_len: int
+    perplexity_transformers: float
+    perplexity_llama_cpp: float
+    perplexity_change: float
+    top1_agreement: float
+    mean_kl: float
+    bounds: dict[str, float]
+
+
+class GgufExport(Model):
+    """One GGUF file written next to the checkpoint, by llama.cpp's converter (and quantizer), and its parity."""
+
+    file: str
+    type: str
+    description: str
+    size_bytes: int
+    llama_cpp: str
+    model_description: str  # what llama.cpp's loader made of it: architecture, type from the layer count, file type
+    layer_pattern: str  # "matches", "written: ..." or "ignored: ..."
+    warnings: list[str] = []
+    parity: GgufParity
+
+
 class RunRecord(Model):
     """``layercut.json``: the removed segments in the original model's indices, how they were chosen and healed,
     the metrics before and after, the resolved recipe, versions and seed. Fields of the pruning stay None in the
@@ -222,6 +250,7 @@ class RunRecord(Model):
     versions: dict[str, str] = {}
     seconds: float | None = None
     quantization: Quantization | None = None
+    gguf: list[GgufExport] | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"

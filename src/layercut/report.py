@@ -11,7 +11,7 @@ from math import nan
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from layercut.record import Agreement, CompareResult, Paired, Quantization, RunRecord, SweepResult
+from layercut.record import Agreement, CompareResult, GgufExport, Paired, Quantization, RunRecord, SweepResult
 
 if TYPE_CHECKING:
     from layercut.gate import SearchResult
@@ -113,6 +113,7 @@ def summary(record: RunRecord, output: str | Path) -> str:
     ]
     if record.quantization is not None:
         rows += quantization_summary_rows(record.quantization, "pruned -> quantized")
+    rows += gguf_rows(record.gguf or [])
     rows.append(("output", str(output)))
     return key_value_table(rows)
 
@@ -122,6 +123,13 @@ def quantization_summary_rows(entry: Quantization, label: str) -> list[tuple[str
     return [("quantization", f"{entry.scheme} ({entry.library} {entry.library_version})"),
             *((f"{name}: {label}", f"{number(before)} -> {number(after)}")
               for name, before, after in quantization_rows(entry))]
+
+
+def gguf_rows(entries: Sequence[GgufExport]) -> list[tuple[str, str]]:
+    """Rows for :func:`key_value_table`: each GGUF file with its perplexity in transformers -> llama.cpp."""
+    return [(f"GGUF {e.file} ({e.size_bytes / 2**20:.0f} MiB): ppl transformers -> llama.cpp",
+             f"{number(e.parity.perplexity_transformers)} -> {number(e.parity.perplexity_llama_cpp)} "
+             f"(top-1 {e.parity.top1_agreement:.1%}, KL {e.parity.mean_kl:.2g})") for e in entries]
 
 
 def search_table(found: SearchResult) -> str:
@@ -183,7 +191,26 @@ It is a standard checkpoint: `AutoModelForCausalLM.from_pretrained(path)` loads 
 {recipe_yaml}```
 
 Full record: `layercut.json`. Library versions: {', '.join(f'{k} {v}' for k, v in record.versions.items())}.
-"""
+""" + (gguf_card(record.gguf) if record.gguf else "")
+
+
+def gguf_card(entries: Sequence[GgufExport]) -> str:
+    """The model-card section on the GGUF files: how they were made, how to run them, and their parity with
+    transformers on held-out windows."""
+    rows = "".join(
+        f"| `{e.file}` | {e.size_bytes / 2**20:.1f} | {e.parity.perplexity_transformers:.4g} | "
+        f"{e.parity.perplexity_llama_cpp:.4g} | {e.parity.perplexity_change:+.2%} | {e.parity.top1_agreement:.1%} | "
+        f"{e.parity.mean_kl:.3g} | {e.layer_pattern} |\n" for e in entries)
+    first = entries[0]
+    warnings = "".join(f"\n> {warning}\n" for e in entries for warning in dict.fromkeys(e.warnings))
+    return (f"\n## GGUF (llama.cpp, Ollama)\n\nConverted by llama.cpp's own `convert_hf_to_gguf.py` and quantized by "
+            f"its quantizer ({first.llama_cpp}); llama.cpp loads it as `{first.model_description}`. Each file was "
+            f"loaded in llama.cpp and compared with this transformers checkpoint on {first.parity.windows} held-out "
+            f"windows of {first.parity.seq_len} tokens:\n\n"
+            "| file | MiB | ppl transformers | ppl llama.cpp | change | top-1 agreement | mean KL | layer pattern |\n"
+            f"|---|---|---|---|---|---|---|---|\n{rows}{warnings}\n"
+            f"Run: `llama-cli -m {first.file}`; Ollama: a `Modelfile` with `FROM ./{first.file}`, then "
+            "`ollama create NAME -f Modelfile`.\n")
 
 
 def quantization_card(entry: Quantization) -> str:

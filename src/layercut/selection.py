@@ -6,6 +6,7 @@ A new method is one function with the signature of :func:`layercut.gate.search_g
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,8 +16,9 @@ import torch
 from layercut import repair
 from layercut.criteria import CRITERIA, select_by_criterion
 from layercut.errors import LayercutError
-from layercut.gate import SearchResult, cut_kl, gate_settings, search_exhaustive, search_gate
-from layercut.layers import Handle, Segment, parse_segment, validate_segments
+from layercut.gate import (SearchResult, candidate_key, checked, cut_kl, cuts, exact_scorer, gate_settings,
+                           search_exhaustive, search_gate)
+from layercut.layers import Handle, Segment, keeps_layer_pattern, parse_segment, text_config, validate_segments
 
 if TYPE_CHECKING:
     from layercut.config import SearchOptions
@@ -96,9 +98,40 @@ def search(handle: Handle, windows: torch.Tensor, options: SearchOptions, batch_
     (:func:`layercut.gate.exact_scorer`) of the same windows to share between searches, for the methods that
     score cuts exactly (clp, exhaustive)."""
     planned = plan(options, handle.num_layers)
+    types = layer_pattern(handle) if options.keep_period else None
     if isinstance(planned, list):
+        if types and not keeps_layer_pattern(types, planned):
+            raise LayercutError(f"--segment {' '.join(options.segment)} moves the model's full-attention layers "
+                                "(config.layer_types), which --keep-period forbids; give a segment whose length is a "
+                                "multiple of the pattern's period, or drop --keep-period")
         return SearchResult("given", planned, float("nan"), 0.0)
+    if types:
+        return search_keeping_pattern(handle, windows, planned, types, options, batch_size)
     if scorer is not None and options.method in SEGMENTED_METHODS:
         return METHODS[options.method].search(handle, windows, planned, options, batch_size, seed, progress,
                                               scorer=scorer)
     return METHODS[options.method].search(handle, windows, planned, options, batch_size, seed, progress)
+
+
+def layer_pattern(handle: Handle) -> list[str] | None:
+    """The model's per-layer attention types when they differ between layers (else None: nothing to keep)."""
+    types = list(getattr(text_config(handle.model), "layer_types", None) or [])
+    return types if len(set(types)) > 1 else None
+
+
+def search_keeping_pattern(handle: Handle, windows: torch.Tensor, remove: int, types: list[str],
+                           options: SearchOptions, batch_size: int = 4) -> SearchResult:
+    """The cut of ``remove`` layers with the lowest exact hard-cut KL among those that keep the per-layer
+    ``types`` (:func:`~layercut.layers.keeps_layer_pattern`); they are few, so every one is scored."""
+    started = time.perf_counter()
+    candidates = [c for c in cuts(len(types), remove, options.segments) if keeps_layer_pattern(types, c)]
+    if not candidates:
+        total = len(types)
+        counts = [n for n in range(1, total) if any(keeps_layer_pattern(types, c) for c in cuts(total, n, 1))]
+        raise LayercutError(f"no cut of {remove} layers in {options.segments} segment(s) keeps the model's attention "
+                            f"pattern (config.layer_types), as --keep-period asks; removals that keep it: "
+                            f"{', '.join(map(str, counts)) or 'none'} layers")
+    losses = checked(exact_scorer(handle, windows, options, batch_size))(candidates)
+    best = min(range(len(candidates)), key=losses.__getitem__)
+    return SearchResult("keep-period", list(candidates[best]), losses[best], time.perf_counter() - started,
+                        len(candidates), [], {candidate_key(c): v for c, v in zip(candidates, losses)})
