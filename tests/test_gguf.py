@@ -175,3 +175,39 @@ def test_the_model_card_shows_the_gguf_parity():
     assert "## GGUF (llama.cpp, Ollama)" in card and "| `model.q8_0.gguf` | 1.0 | 20 | 20.1 | +0.50% | 99.0% |" in card
     assert "> type unknown" in card and "FROM ./model.q8_0.gguf" in card
     assert RunRecord.model_validate_json(record.to_json()) == record
+
+
+@pytest.mark.parametrize("segment", [(1, 3), (2, 6)])
+def test_a_cut_checkpoint_has_a_config_json_serving_engines_read_right(family, segment, tmp_path):
+    """vLLM cannot run here: check statically what it reads, the saved config.json, for every tiny family."""
+    import json
+
+    from layercut.layers import drop_layers, serving_config_problems
+
+    model = build_tiny(family, layers=12 if family == "gemma3" else 6)
+    before = json.loads(model.config.to_json_string())
+    drop_layers(model, [segment])
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert serving_config_problems(config) == []
+    assert config.get("num_hidden_layers", config.get("n_layer")) == (12 if family == "gemma3" else 6) - 4 + \
+        (2 if segment == (1, 3) else 0)
+    if before.get("layer_types"):
+        kept = [t for i, t in enumerate(before["layer_types"]) if not segment[0] <= i < segment[1]]
+        assert config["layer_types"] == kept
+    if family == "qwen2":  # max_window_layers 3: layers 0-2 full, the rest sliding
+        assert [t == "sliding_attention" for t in config["layer_types"]] == \
+               [i >= config["max_window_layers"] for i in range(len(config["layer_types"]))]
+    if family == "gemma3" and segment == (2, 6):
+        assert "_sliding_window_pattern" not in config and "sliding_window_pattern" not in config
+
+
+def test_serving_config_problems_are_named():
+    from layercut.layers import serving_config_problems
+
+    stale = {"num_hidden_layers": 3, "layer_types": [S, S, F, S], "_sliding_window_pattern": 2,
+             "max_window_layers": 5, "use_sliding_window": True, "auto_map": {"AutoModel": "x.Y"}}
+    problems = serving_config_problems(stale)
+    assert len(problems) == 5, problems
+    assert serving_config_problems({"num_hidden_layers": 6, "layer_types": [S] * 5 + [F],
+                                    "_sliding_window_pattern": 6}) == []

@@ -3,6 +3,7 @@ written atomically."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -13,7 +14,7 @@ import torch
 
 from layercut.errors import LayercutError
 from layercut.files import staged_folder
-from layercut.layers import Handle
+from layercut.layers import Handle, serving_config_problems
 from layercut.record import RECORD_FILE, RunRecord
 from layercut.report import model_card
 
@@ -38,6 +39,8 @@ def export(handle: Handle, record: RunRecord, recipe_yaml: str, output: str | Pa
     with staged_folder(output, overwrite, protected) as staging:
         handle.model.save_pretrained(staging, safe_serialization=True)
         handle.tokenizer.save_pretrained(staging)
+        for problem in serving_config_problems(json.loads((staging / "config.json").read_text())):
+            logger.warning("config.json: %s; serving engines that read it (vLLM) may run the model wrongly", problem)
         if formats is not None and formats.format == "gguf":
             record.gguf = write_ggufs(handle, staging, formats, test_windows)
         (staging / "recipe.yaml").write_text(recipe_yaml)

@@ -218,10 +218,59 @@ def drop_layers(model: nn.Module, segments: Sequence[Sequence[int]], layers_path
         values = list(getattr(config, key))
         setattr(config, key, [values[index] for index in keep])
     config.num_hidden_layers = len(keep)
+    keep_derived_settings(config, keep)
     if config is not model.config and hasattr(model.config, "num_hidden_layers"):
         model.config.num_hidden_layers = len(keep)
     logger.info("removed layers %s: %d -> %d decoder layers", segments_text(checked), total, len(keep))
     return checked
+
+
+PERIOD_KEYS = ("sliding_window_pattern", "_sliding_window_pattern")  # one full-attention layer every N
+
+
+def keep_derived_settings(config, keep: Sequence[int]) -> None:
+    """After a cut that kept the original layers ``keep``: ``max_window_layers`` (the layers below it use full
+    attention) counts the kept layers below it, and a period of full attention that no longer matches
+    ``layer_types`` is removed (``layer_types`` says it all; a stale period would mislead loaders that read it)."""
+    limit = getattr(config, "max_window_layers", None)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        config.max_window_layers = sum(1 for index in keep if index < limit)
+    types = getattr(config, "layer_types", None)
+    for key in PERIOD_KEYS:
+        period = getattr(config, key, None)
+        if types and isinstance(period, int) and not matches_period(types, period):
+            delattr(config, key)
+            logger.warning("removed config.%s = %d: the cut layers' attention types no longer repeat with that period "
+                           "(config.layer_types lists them)", key, period)
+
+
+def matches_period(types: Sequence[str], period: int) -> bool:
+    """Whether ``types`` has full attention exactly at every ``period``-th layer (1-based), as a period implies."""
+    return period > 0 and all((kind == "full_attention") == ((index + 1) % period == 0)
+                              for index, kind in enumerate(types))
+
+
+def serving_config_problems(config: dict) -> list[str]:
+    """What in a saved ``config.json`` (as a dict) a serving engine such as vLLM, which reads the file rather than
+    transformers' objects, would read wrongly after a cut: custom code, per-layer lists of another length than
+    ``num_hidden_layers``, a stale period of full attention, an inconsistent ``max_window_layers``."""
+    config = config.get("text_config") or config
+    total, types, problems = config.get("num_hidden_layers"), config.get("layer_types"), []
+    if config.get("auto_map"):
+        problems.append("auto_map: the model needs custom code (trust_remote_code)")
+    for key in PER_LAYER_CONFIG_KEYS:
+        if config.get(key) is not None and len(config[key]) != total:
+            problems.append(f"{key} has {len(config[key])} entries for {total} layers")
+    for key in PERIOD_KEYS:
+        if types and isinstance(config.get(key), int) and not matches_period(types, config[key]):
+            problems.append(f"{key} = {config[key]} does not match layer_types")
+    limit = config.get("max_window_layers")
+    if isinstance(limit, int) and total is not None and limit > total:
+        problems.append(f"max_window_layers = {limit} is more than the {total} layers")
+    if isinstance(limit, int) and types and config.get("use_sliding_window"):
+        if [kind == "sliding_attention" for kind in types] != [index >= limit for index in range(len(types))]:
+            problems.append(f"max_window_layers = {limit} does not match layer_types")
+    return problems
 
 
 def parse_segment(text: str) -> Segment:
