@@ -29,8 +29,20 @@ import torch
 
 from layercut.config import ModelOptions
 from layercut.data import evaluation_windows, load_text
-from layercut.gguf import (GGUF_TYPES, LLAMA_CPP_REQUIREMENT, convert, expected_sliding, gguf_name, llama_logits,
-                           load_gguf, measure_parity, parity_figures, parity_sums, quantize, write_sliding_pattern)
+from layercut.gguf import (
+    GGUF_TYPES,
+    LLAMA_CPP_REQUIREMENT,
+    convert,
+    expected_sliding,
+    gguf_name,
+    llama_logits,
+    load_gguf,
+    measure_parity,
+    parity_figures,
+    parity_sums,
+    quantize,
+    write_sliding_pattern,
+)
 from layercut.layers import cut, text_config
 from layercut.load import load_model
 from layercut.record import library_versions
@@ -49,7 +61,7 @@ def smollm2_case(segment: tuple[int, int] | None, windows: torch.Tensor, work: P
     handle = load_model("smollm2-135m", ModelOptions(device="cpu", dtype="float32"))
     if segment is not None:
         cut(handle, [segment])
-    folder = save(handle, work / f"smollm2-{'dense' if segment is None else '%d-%d' % segment}")
+    folder = save(handle, work / f"smollm2-{'dense' if segment is None else f'{segment[0]}-{segment[1]}'}")
     f16 = convert(folder, folder / gguf_name("f16"))
     rows = {}
     for gguf_type, spec in GGUF_TYPES.items():
@@ -111,10 +123,10 @@ def table(results: dict) -> str:
                          f"{row['top1_agreement']:.1%} | {row['mean_kl']:.4f} |")
     if results.get("gemma3"):
         lines += ["", "## Gemma-3-270M cut: which layers llama.cpp runs with a sliding window", "",
-                  f"{results['gemma_windows']} wiki test windows of {results['gemma_seq_len']} tokens (sliding window "
-                  "512); f16 GGUF; figures on the positions inside the window and past it.", "",
-                  "| cut | GGUF | llama.cpp layers = layer_types | top-1 inside | KL inside | top-1 past | KL past | "
-                  "ppl past: transformers / llama.cpp |", "|---|---|---|---|---|---|---|---|"]
+                  (f"{results['gemma_windows']} wiki test windows of {results['gemma_seq_len']} tokens (sliding "
+                   "window 512); f16 GGUF; figures on the positions inside the window and past it."), "",
+                  ("| cut | GGUF | llama.cpp layers = layer_types | top-1 inside | KL inside | top-1 past | KL past | "
+                   "ppl past: transformers / llama.cpp |"), "|---|---|---|---|---|---|---|---|"]
         for case in results["gemma3"]:
             for name in ("as_converted", "flags_written"):
                 row = case[name]

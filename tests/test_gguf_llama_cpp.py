@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import FAMILIES, build_tiny
+from conftest import FAMILIES
 from layercut import gguf
 from layercut.config import ExportOptions
 from layercut.errors import LayercutError

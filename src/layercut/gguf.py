@@ -95,7 +95,8 @@ def fetch_sdist() -> Path:
     if not path.is_file():
         logger.info("downloading the %s sdist (llama.cpp's converter) into %s", LLAMA_CPP_REQUIREMENT, folder)
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
-                               ":all:", LLAMA_CPP_REQUIREMENT, "-d", str(folder)], capture_output=True, text=True)
+                               ":all:", LLAMA_CPP_REQUIREMENT, "-d", str(folder)], capture_output=True, text=True,
+                              check=False)
         if done.returncode != 0 or not path.is_file():
             raise LayercutError(f"cannot download the {LLAMA_CPP_REQUIREMENT} sdist, which holds llama.cpp's "
                                 f"converter ({(done.stderr or done.stdout).strip().splitlines()[-1:]}); connect to "
@@ -131,7 +132,7 @@ def convert(checkpoint: Path, outfile: Path, outtype: str = "f16") -> Path:
     script = converter_dir() / CONVERTER
     command = [sys.executable, str(script), str(checkpoint), "--outfile", str(outfile), "--outtype", outtype]
     environment = {key: value for key, value in os.environ.items() if key != "NO_LOCAL_GGUF"}
-    done = subprocess.run(command, capture_output=True, text=True, env=environment)
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
     if done.returncode != 0 or not outfile.is_file():
         last = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()][-3:]
         raise LayercutError(f"llama.cpp's converter (from {LLAMA_CPP_REQUIREMENT}) cannot convert this model: "

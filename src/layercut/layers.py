@@ -267,9 +267,9 @@ def serving_config_problems(config: dict) -> list[str]:
     limit = config.get("max_window_layers")
     if isinstance(limit, int) and total is not None and limit > total:
         problems.append(f"max_window_layers = {limit} is more than the {total} layers")
-    if isinstance(limit, int) and types and config.get("use_sliding_window"):
-        if [kind == "sliding_attention" for kind in types] != [index >= limit for index in range(len(types))]:
-            problems.append(f"max_window_layers = {limit} does not match layer_types")
+    if isinstance(limit, int) and types and config.get("use_sliding_window") and \
+            [kind == "sliding_attention" for kind in types] != [index >= limit for index in range(len(types))]:
+        problems.append(f"max_window_layers = {limit} does not match layer_types")
     return problems
 
 

@@ -128,8 +128,8 @@ def quantization_summary_rows(entry: Quantization, label: str) -> list[tuple[str
 def gguf_rows(entries: Sequence[GgufExport]) -> list[tuple[str, str]]:
     """Rows for :func:`key_value_table`: each GGUF file with its perplexity in transformers -> llama.cpp."""
     return [(f"GGUF {e.file} ({e.size_bytes / 2**20:.0f} MiB): ppl transformers -> llama.cpp",
-             f"{number(e.parity.perplexity_transformers)} -> {number(e.parity.perplexity_llama_cpp)} "
-             f"(top-1 {e.parity.top1_agreement:.1%}, KL {e.parity.mean_kl:.2g})") for e in entries]
+             (f"{number(e.parity.perplexity_transformers)} -> {number(e.parity.perplexity_llama_cpp)} "
+              f"(top-1 {e.parity.top1_agreement:.1%}, KL {e.parity.mean_kl:.2g})")) for e in entries]
 
 
 def search_table(found: SearchResult) -> str:

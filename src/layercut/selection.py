@@ -16,9 +16,25 @@ import torch
 from layercut import repair
 from layercut.criteria import CRITERIA, select_by_criterion
 from layercut.errors import LayercutError
-from layercut.gate import (SearchResult, candidate_key, checked, cut_kl, cuts, exact_scorer, gate_settings,
-                           search_exhaustive, search_gate)
-from layercut.layers import Handle, Segment, keeps_layer_pattern, parse_segment, text_config, validate_segments
+from layercut.gate import (
+    SearchResult,
+    candidate_key,
+    checked,
+    cut_kl,
+    cuts,
+    exact_scorer,
+    gate_settings,
+    search_exhaustive,
+    search_gate,
+)
+from layercut.layers import (
+    Handle,
+    Segment,
+    keeps_layer_pattern,
+    parse_segment,
+    text_config,
+    validate_segments,
+)
 
 if TYPE_CHECKING:
     from layercut.config import SearchOptions
