@@ -37,7 +37,6 @@ from layercut.gguf import (
     gguf_name,
     llama_logits,
     load_gguf,
-    measure_parity,
     parity_figures,
     parity_sums,
     quantize,
@@ -63,12 +62,15 @@ def smollm2_case(segment: tuple[int, int] | None, windows: torch.Tensor, work: P
         cut(handle, [segment])
     folder = save(handle, work / f"smollm2-{'dense' if segment is None else f'{segment[0]}-{segment[1]}'}")
     f16 = convert(folder, folder / gguf_name("f16"))
+    with torch.no_grad():  # the transformers side once for all types
+        references = [handle.model(input_ids=tokens[None]).logits[0] for tokens in windows]
     rows = {}
     for gguf_type, spec in GGUF_TYPES.items():
         path = f16 if spec.ftype is None else quantize(f16, folder / gguf_name(gguf_type), spec.ftype)
         loaded = load_gguf(path, windows.shape[1], handle.num_layers)
         started = time.perf_counter()
-        figures = measure_parity(handle.model, loaded, windows)
+        figures = parity_figures(sum(parity_sums(reference, llama_logits(loaded, tokens), tokens)
+                                     for reference, tokens in zip(references, windows)))
         loaded.llama.close()
         rows[gguf_type] = {**figures, "file_mib": path.stat().st_size / 2**20, "model": loaded.description,
                            "seconds": time.perf_counter() - started}

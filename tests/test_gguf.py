@@ -50,7 +50,7 @@ def test_identical_logits_give_perfect_parity_and_padding_columns_are_ignored():
 
 def test_parity_beyond_the_bounds_is_named():
     figures = {"perplexity_transformers": 20.0, "perplexity_llama_cpp": 21.0, "perplexity_change": 0.05,
-               "top1_agreement": 0.99, "mean_kl": 0.003}
+               "top1_agreement": 0.99, "mean_kl": 0.0005}
     assert len(gguf.parity_problems(figures, "f16")) == 1 and "+5.00%" in gguf.parity_problems(figures, "f16")[0]
     assert gguf.parity_problems(figures, "q4_k_m") == []
     nan = dict(figures, mean_kl=float("nan"))

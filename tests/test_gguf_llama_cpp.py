@@ -29,8 +29,8 @@ pytestmark = [
 # The families whose tiny models llama.cpp's converter takes with SmolLM2's tokenizer. Not here: gpt2 (the converter
 # reads n_ctx, which transformers 5 no longer writes), opt (no llama.cpp architecture), gemma2 and phi3 (their
 # converters read a sentencepiece tokenizer.model), qwen2 (transformers 5's Qwen2Tokenizer re-splits SmolLM2's vocabulary,
-# which the converter does not recognise).
-GGUF_FAMILIES = ("gemma3", "llama", "mistral", "phi", "qwen3")
+# which the converter does not recognise), phi (converted, but llama.cpp 0.3.36 fails to load the tiny model's GGUF).
+GGUF_FAMILIES = ("gemma3", "llama", "mistral", "qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,13 @@ def tokenizer():
 
 
 def tiny_handle(family: str, tokenizer, **overrides) -> Handle:
+    """A tiny random model with SmolLM2's vocabulary; weights drawn wider than usual (initializer_range 0.5) so
+    that its next-token distributions are peaked and top-1 agreement means something. Gemma-3's query scale
+    (query_pre_attn_scalar) is its head size, as in the released Gemma-3 models but the 27B: llama.cpp does not
+    read that setting (see the test below)."""
     config_name, model_name, kwargs = FAMILIES[family]
-    config = getattr(transformers, config_name)(**{**kwargs, "vocab_size": len(tokenizer), **overrides})
+    sharp = {"initializer_range": 0.5, **({"query_pre_attn_scalar": 8} if family == "gemma3" else {})}
+    config = getattr(transformers, config_name)(**{**kwargs, "vocab_size": len(tokenizer), **sharp, **overrides})
     torch.manual_seed(0)
     return Handle.of(getattr(transformers, model_name)(config).eval(), tokenizer)
 
@@ -61,25 +66,27 @@ def test_a_cut_tiny_model_exports_to_gguf_that_llama_cpp_runs_like_transformers(
     # Windows no longer than the sliding window, where there is one; Gemma-3 gets two periods of five sliding
     # layers and a full one, and loses one period.
     overrides = {"sliding_window": 64} if "sliding_window" in FAMILIES[family][2] else {}
+    if family == "mistral":  # llama.cpp runs Mistral without a sliding window: the pattern check refuses one
+        overrides["sliding_window"] = None
     if family == "gemma3":
         overrides["num_hidden_layers"] = 12
     handle = tiny_handle(family, tokenizer, **overrides)
     segments = [(0, 6)] if family == "gemma3" else [(2, 4)]
     cut(handle, segments)
+    # f16 only: the quantized types' bounds hold for trained models (the SmolLM2 test below), not for random
+    # weights drawn this wide, whose rounding errors llama.cpp's 8-bit activations amplify.
     out = export(handle, record_of(handle, segments), "", tmp_path / "out",
-                 formats=ExportOptions(format="gguf", gguf_type=("f16", "q8_0")), test_windows=windows())
-    record = read_record(out)
-    assert [entry.file for entry in record.gguf] == ["model.f16.gguf", "model.q8_0.gguf"]
-    for entry in record.gguf:
-        assert (out / entry.file).stat().st_size == entry.size_bytes
-        assert entry.layer_pattern == "matches" and entry.parity.windows == 2
-        assert gguf.parity_problems(entry.parity.model_dump(), entry.type) == []
-    assert record.gguf[0].parity.mean_kl < 1e-3  # f16 of a float32 model
+                 formats=ExportOptions(format="gguf", gguf_type=("f16",)), test_windows=windows())
+    entry, = read_record(out).gguf
+    assert entry.file == "model.f16.gguf" and (out / entry.file).stat().st_size == entry.size_bytes
+    assert entry.layer_pattern == "matches" and entry.parity.windows == 2
+    assert gguf.parity_problems(entry.parity.model_dump(), entry.type) == []
+    assert entry.parity.mean_kl < 1e-3 and entry.parity.top1_agreement > 0.97
     assert "## GGUF (llama.cpp, Ollama)" in (out / "README.md").read_text()
     loaded = gguf.load_gguf(out / "model.f16.gguf", 24, handle.num_layers)  # a reload gives the same logits
     with torch.no_grad():
         reference = handle.model(input_ids=windows()[:1]).logits[0]
-    torch.testing.assert_close(gguf.llama_logits(loaded, windows()[0]), reference, atol=5e-2, rtol=0)
+    assert (gguf.llama_logits(loaded, windows()[0]) - reference).abs().max() < 0.02 * reference.abs().max()
     loaded.llama.close()
 
 
@@ -96,18 +103,19 @@ def test_a_gemma3_cut_that_moves_full_attention_is_refused_or_fixed(tokenizer, t
                  formats=ExportOptions(format="gguf", gguf_layer_pattern="write"), test_windows=long)
     entry = read_record(out).gguf[0]
     assert entry.layer_pattern.startswith("written") and entry.parity.top1_agreement > 0.97
-    ignored = export(handle, record_of(handle, [(2, 6)]), "", tmp_path / "ignored",
-                     formats=ExportOptions(format="gguf", gguf_layer_pattern="ignore"), test_windows=long[:, :8])
-    assert read_record(ignored).gguf[0].layer_pattern.startswith("ignored")
+    with pytest.raises(LayercutError, match="f16 GGUF disagrees"):  # ignored, the parity check still measures it
+        export(handle, record_of(handle, [(2, 6)]), "", tmp_path / "ignored",
+               formats=ExportOptions(format="gguf", gguf_layer_pattern="ignore"), test_windows=long)
+    assert not (tmp_path / "ignored").exists()
 
 
-def test_the_parity_check_refuses_a_gguf_that_disagrees(tokenizer, tmp_path, monkeypatch):
-    handle = tiny_handle("llama", tokenizer)
-    cut(handle, [(2, 4)])
-    real = gguf.measure_parity
-    monkeypatch.setattr(gguf, "measure_parity", lambda model, loaded, w: {**real(model, loaded, w), "mean_kl": 0.5})
-    with pytest.raises(LayercutError, match="mean KL 0.5 nats/token"):
-        export(handle, record_of(handle, [(2, 4)]), "", tmp_path / "out", formats=ExportOptions(format="gguf"),
+def test_the_parity_check_refuses_a_setting_llama_cpp_derives_otherwise(tokenizer, tmp_path):
+    # Gemma-3 scales queries by query_pre_attn_scalar ** -0.5; llama.cpp's loader ignores that setting and uses the
+    # head size (or, for a model it takes for a 27B by its layer count, hidden size / heads). Here they differ.
+    handle = tiny_handle("gemma3", tokenizer, num_hidden_layers=12, sliding_window=64, query_pre_attn_scalar=256)
+    cut(handle, [(0, 6)])
+    with pytest.raises(LayercutError, match=r"f16 GGUF disagrees with the transformers model.*mean KL"):
+        export(handle, record_of(handle, [(0, 6)]), "", tmp_path / "out", formats=ExportOptions(format="gguf"),
                test_windows=windows())
     assert not list(tmp_path.iterdir())
 
