@@ -269,8 +269,22 @@ def add_sweep(command) -> None:
     sweeping.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier sweep")
     sweeping.add_argument("--recipe", help="YAML recipe; flags override it")
     config.add_arguments(sweeping, exclude=("segment", "remove", "ratio", "eval", "speed", "agreement", "quantize",
-                                            "group_size"))
+                                            "group_size", *config.ExportOptions.model_fields))
     sweeping.set_defaults(run=run_sweep)
+
+
+def add_export_command(command) -> None:
+    """The ``export`` command: an existing layercut output written again, with the GGUF files it asks for."""
+    exporting = command("export", help="write a pruned checkpoint again, e.g. as GGUF for llama.cpp, checked "
+                                       "against transformers")
+    exporting.add_argument("model", help="checkpoint folder written by layercut prune")
+    exporting.add_argument("--output", required=True, help="folder to write the checkpoint (and GGUF files) into")
+    exporting.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    exporting.add_argument("--recipe", help="YAML recipe; flags override it")
+    config.add_arguments(exporting, ("export", "model", "data"),
+                         exclude=("device_map", "max_memory", "offload_folder", "calib", "calib_windows", "seed",
+                                  "ppl_windows"))
+    exporting.set_defaults(run=run_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,16 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(prune)
     prune.set_defaults(run=run_prune)
 
-    exporting = command("export", help="write a pruned checkpoint again, e.g. as GGUF for llama.cpp, checked "
-                                       "against transformers")
-    exporting.add_argument("model", help="checkpoint folder written by layercut prune")
-    exporting.add_argument("--output", required=True, help="folder to write the checkpoint (and GGUF files) into")
-    exporting.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    exporting.add_argument("--recipe", help="YAML recipe; flags override it")
-    config.add_arguments(exporting, ("export", "model", "data"),
-                         exclude=("device_map", "max_memory", "offload_folder", "calib", "calib_windows", "seed",
-                                  "ppl_windows"))
-    exporting.set_defaults(run=run_export)
+    add_export_command(command)
 
     search = command("search", help="find the segment(s) to cut; writes nothing unless asked")
     search.add_argument("model", help=model_help())
