@@ -130,19 +130,19 @@ PROTOCOL = ("tasks", "limit", "dtype", "seq_len", "calib_windows", "ppl_windows"
             "heal_windows")
 
 
-def check_protocol(arguments, out: Path) -> None:
+def check_protocol(arguments, out: Path, protocol: tuple[str, ...] = PROTOCOL, units: str = "cells") -> None:
     """Keep one protocol per ``--out``: the first run writes the options its measures depend on to
     ``protocol.json``; a later run whose options differ is refused, so no cell is measured another way."""
-    wanted = {name: getattr(arguments, name) for name in PROTOCOL}
+    wanted = json.loads(json.dumps({name: getattr(arguments, name) for name in protocol}))  # tuples read as lists
     path = out / "protocol.json"
     if not path.is_file():
         write_atomically(path, json.dumps(wanted, indent=1) + "\n")
         return
     kept = json.loads(path.read_text())
-    changed = [f"--{name.replace('_', '-')} {kept.get(name)!r} there, {wanted[name]!r} here" for name in PROTOCOL
+    changed = [f"--{name.replace('_', '-')} {kept.get(name)!r} there, {wanted[name]!r} here" for name in protocol
                if kept.get(name) != wanted[name]]
     if changed:
-        raise SystemExit(f"{out} holds cells measured under another protocol ({'; '.join(changed)}): pass the same "
+        raise SystemExit(f"{out} holds {units} measured under another protocol ({'; '.join(changed)}): pass the same "
                          "options, or choose a new --out")
 
 
@@ -182,8 +182,9 @@ class Worker:
             self.models.clear()
             self.seeded.clear()
             dense = load_model(name, ModelOptions(dtype=self.arguments.dtype))
-            texts = {text: evaluation_windows(dense.tokenizer, load_text(text, "test"), self.arguments.seq_len,
-                                              self.arguments.ppl_windows) for text in ("wiki", "lee")}
+            texts = {Path(text).stem: evaluation_windows(dense.tokenizer, load_text(text, "test"),
+                                                         self.arguments.seq_len, self.arguments.ppl_windows)
+                     for text in getattr(self.arguments, "texts", ("wiki", "lee"))}
             self.models[name] = dense, texts
         return self.models[name]
 

@@ -50,14 +50,13 @@ from pathlib import Path
 import torch
 
 from layercut import heal
-from layercut.config import DataOptions, HealOptions, ModelOptions, SearchOptions
-from layercut.data import calibrate, evaluation_windows, held_out_windows, load_text
+from layercut.config import DataOptions, HealOptions, SearchOptions
+from layercut.data import calibrate, held_out_windows, load_text
 from layercut.errors import LayercutError
 from layercut.evaluate import perplexity
 from layercut.files import write_atomically
 from layercut.gate import candidate_key, checked, cuts, exact_scorer
 from layercut.layers import cut
-from layercut.load import load_model
 from layercut.record import library_versions
 
 _spec = importlib.util.spec_from_file_location("grid", Path(__file__).with_name("grid.py"))
@@ -129,26 +128,10 @@ def top_k_kl_of(model, windows: torch.Tensor, teacher, batch_size: int) -> float
     return total / windows.shape[0]
 
 
-class Worker:
-    """One process's share: the dense model and its test windows per model; per (model, seed) the calibration
-    windows, the heal's windows with their teacher targets, and the held-out proxy windows with theirs."""
-
-    def __init__(self, arguments, out: Path):
-        self.arguments, self.out = arguments, out
-        self.models: dict[str, tuple] = {}
-        self.seeded: dict[tuple, dict] = {}
-
-    def model(self, name: str):
-        if name not in self.models:
-            self.models.clear()
-            self.seeded.clear()
-            dense = load_model(name, ModelOptions(dtype=self.arguments.dtype))
-            texts = {Path(text).stem: evaluation_windows(dense.tokenizer, load_text(text, "test"),
-                                                         self.arguments.seq_len, self.arguments.ppl_windows)
-                     for text in self.arguments.texts}
-            self.models[name] = dense, texts
-            logger.info("%s: %d layers on %s", name, dense.num_layers, next(dense.model.parameters()).device)
-        return self.models[name]
+class Worker(grid.Worker):
+    """One process's share: the dense model and its test windows per model (as the grid's worker keeps them); per
+    (model, seed) the calibration windows, the heal's windows with their teacher targets, and the held-out proxy
+    windows with theirs."""
 
     def data(self, name: str, seed: int) -> dict:
         if (name, seed) not in self.seeded:
@@ -291,19 +274,8 @@ def run(arguments, out: Path) -> None:
 
 
 def check_protocol(arguments, out: Path) -> None:
-    """One protocol per ``--out`` (as bench/grid.py): a later run whose options differ is refused."""
-    wanted = {name: getattr(arguments, name) for name in PROTOCOL}
-    wanted = json.loads(json.dumps(wanted))
-    path = out / "protocol.json"
-    if not path.is_file():
-        write_atomically(path, json.dumps(wanted, indent=1) + "\n")
-        return
-    kept = json.loads(path.read_text())
-    changed = [f"--{name.replace('_', '-')} {kept.get(name)!r} there, {wanted[name]!r} here" for name in PROTOCOL
-               if kept.get(name) != wanted[name]]
-    if changed:
-        raise SystemExit(f"{out} holds cuts measured under another protocol ({'; '.join(changed)}): pass the same "
-                         "options, or choose a new --out")
+    """One protocol per ``--out``, as bench/grid.py keeps it: a later run whose options differ is refused."""
+    grid.check_protocol(arguments, out, PROTOCOL, "cuts")
 
 
 # ----------------------------------------------------------------------------------------------- report

@@ -50,17 +50,23 @@ def test_a_claim_is_taken_once_and_a_dead_process_claim_is_taken_over(tmp_path):
     assert path.read_text() == str(__import__("os").getpid())
 
 
+def zero_shot(acc):
+    """A cell's zero-shot entry: PIQA alone, 100 items at accuracy ``acc``."""
+    tasks = {"piqa": {"acc": acc, "acc_norm": None, "items": 100, "acc_stderr": 0.01, "acc_norm_stderr": None}}
+    return {"tasks": tasks, "average": {"acc": acc, "acc_norm": acc}, "lm_eval_version": "0", "metric": "acc",
+            "limit": 100}
+
+
+def write_dense_cell(cells):
+    (cells / "m-dense.json").write_text(json.dumps({"perplexity_wiki": 10.0, "perplexity_lee": 12.0,
+                                                    "zero_shot": zero_shot(0.8)}))
+
+
 def test_report_computes_retention_against_the_dense_model_and_lists_refusals(tmp_path):
     cells = tmp_path / "cells"
     cells.mkdir()
 
-    def zero_shot(acc):
-        tasks = {"piqa": {"acc": acc, "acc_norm": None, "items": 100, "acc_stderr": 0.01, "acc_norm_stderr": None}}
-        return {"tasks": tasks, "average": {"acc": acc, "acc_norm": acc}, "lm_eval_version": "0", "metric": "acc",
-                "limit": 100}
-
-    (cells / "m-dense.json").write_text(json.dumps({"perplexity_wiki": 10.0, "perplexity_lee": 12.0,
-                                                    "zero_shot": zero_shot(0.8)}))
+    write_dense_cell(cells)
     for name, acc in (("clp", 0.7), ("tail", 0.6)):
         cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": name, "heal": "endpoints",
                 "chosen": [[2, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": 4, "search_seconds": 1.0,
@@ -199,13 +205,7 @@ def test_the_compact_headline_counts_where_clp_wins_ties_and_loses(tmp_path):
     cells = tmp_path / "cells"
     cells.mkdir()
 
-    def zero_shot(acc):
-        tasks = {"piqa": {"acc": acc, "acc_norm": None, "items": 100, "acc_stderr": 0.01, "acc_norm_stderr": None}}
-        return {"tasks": tasks, "average": {"acc": acc, "acc_norm": acc}, "lm_eval_version": "0", "metric": "acc",
-                "limit": 100}
-
-    (cells / "m-dense.json").write_text(json.dumps({"perplexity_wiki": 10.0, "perplexity_lee": 12.0,
-                                                    "zero_shot": zero_shot(0.8)}))
+    write_dense_cell(cells)
     for name, heal_name, acc in (("clp", "none", 0.6), ("clp", "endpoints", 0.7), ("tail", "endpoints", 0.6),
                                  ("sleb", "endpoints", 0.71), ("ppl", "endpoints", 0.8)):
         cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": name, "heal": heal_name,
