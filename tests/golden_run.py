@@ -98,8 +98,9 @@ def prune_values(folder: Path, model: Path, text: str, extra: list[str] = (), na
     from layercut.cli import main
 
     out = folder / name
+    demo = DEMO[2:] if "--segment" in extra else DEMO  # a given segment replaces the demo's --ratio 0.2
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["prune", str(model), "--output", str(out), "--calib", text, "--ppl", text, *DEMO, *extra]) == 0
+        assert main(["prune", str(model), "--output", str(out), "--calib", text, "--ppl", text, *demo, *extra]) == 0
     return golden_values(out)
 
 
@@ -112,8 +113,10 @@ def run(folder: Path, tokenizer, with_search: bool = True) -> dict:
     return found
 
 
-def relative(found: float, expected: float) -> float:
-    return abs(found - expected) / max(abs(expected), 1e-300)
+def relative(found: float | None, expected: float) -> float:
+    """|found − expected| / |expected|; infinite where nothing was found (a prune with a given segment has no
+    search KL)."""
+    return math.inf if found is None else abs(found - expected) / max(abs(expected), 1e-300)
 
 
 def weight_deviation(found: list[float], expected: list[float]) -> float:
