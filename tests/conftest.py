@@ -115,6 +115,14 @@ def write_text(folder, paragraphs: int = 40, words: int = 60) -> str:
     return str(path)
 
 
+def save_workspace(root, tokenizer):
+    """A tiny Llama and ``tokenizer`` saved to ``root``/tiny, and a text at ``root``/text.txt; returns ``root``."""
+    build_tiny("llama").save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    write_text(root)
+    return root
+
+
 def reference_perplexity(folder, text_file: str, seq_len: int, windows: int) -> float:
     """Perplexity of the checkpoint in ``folder`` on the first ``windows`` windows of ``seq_len`` tokens of the test
     part (last 10 % of paragraphs) of ``text_file``, computed independently of layercut: the model's own loss."""

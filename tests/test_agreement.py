@@ -12,7 +12,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from conftest import build_tiny, random_ids, write_text
+from conftest import build_tiny, random_ids, save_workspace, write_text
 from layercut.config import DataOptions, EvalOptions
 from layercut.errors import LayercutError
 from layercut.evaluate import (
@@ -133,11 +133,7 @@ def test_text_agreement_equals_kl_of_the_two_models_full_logits(family, tiny_tok
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("agree")
-    build_tiny("llama").save_pretrained(root / "tiny")
-    tiny_tokenizer.save_pretrained(root / "tiny")
-    write_text(root)
-    return root
+    return save_workspace(tmp_path_factory.mktemp("agree"), tiny_tokenizer)
 
 
 def flags_for(root) -> list[str]:

@@ -72,16 +72,14 @@ def test_readme_is_short():
 def test_the_check_finds_broken_links_and_skips_code_and_urls(tmp_path):
     (tmp_path / "there.md").write_text("# A title\n\n## Second part: the end\n\ntext\n")
     (tmp_path / "folder").mkdir()
-    markdown = "\n".join([
-        "# Here",
-        "[ok](there.md) [ok](folder/) [ok](there.md#a-title) [ok](there.md#second-part-the-end) [ok](#here)",
-        "[gone](missing.md) [bad anchor](there.md#no-such-part) [bad own anchor](#nowhere)",
-        "[anchor into a folder](folder#x) [web](https://example.org/missing.md) ![image](missing.png)",
-        "`[in code](missing-in-code.md)`",
-        "```",
-        "[in a block](missing-in-block.md)",
-        "```",
-    ])
+    markdown = """# Here
+[ok](there.md) [ok](folder/) [ok](there.md#a-title) [ok](there.md#second-part-the-end) [ok](#here)
+[gone](missing.md) [bad anchor](there.md#no-such-part) [bad own anchor](#nowhere)
+[anchor into a folder](folder#x) [web](https://example.org/missing.md) ![image](missing.png)
+`[in code](missing-in-code.md)`
+```
+[in a block](missing-in-block.md)
+```"""
     assert broken_links(markdown, tmp_path) == [
         "missing.md: no such file or folder",
         "there.md#no-such-part: no heading with the anchor #no-such-part",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from conftest import LAYERS, build_tiny, write_text
+from conftest import LAYERS, build_tiny, save_workspace
 from layercut import selection
 from layercut.cli import main
 from layercut.config import DataOptions, EvalOptions, HealOptions, Recipe, SearchOptions
@@ -45,11 +45,7 @@ def test_sweep_sizes_round_ratios_and_check_every_size():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("sweep")
-    build_tiny("llama").save_pretrained(root / "tiny")
-    tiny_tokenizer.save_pretrained(root / "tiny")
-    write_text(root)
-    return root
+    return save_workspace(tmp_path_factory.mktemp("sweep"), tiny_tokenizer)
 
 
 def recipe_for(root, method: str = "exhaustive", heal: str = "none") -> Recipe:
