@@ -50,10 +50,10 @@ from pathlib import Path
 import torch
 
 from layercut import heal
-from layercut.config import DataOptions, HealOptions, SearchOptions
+from layercut.config import DataOptions, EvalOptions, HealOptions, SearchOptions
 from layercut.data import calibrate, held_out_windows, load_text
 from layercut.errors import LayercutError
-from layercut.evaluate import perplexity
+from layercut.evaluate import agreement, dense_reference, perplexity, perplexity_of, window_nll
 from layercut.files import write_atomically
 from layercut.gate import candidate_key, checked, cuts, exact_scorer
 from layercut.layers import cut
@@ -68,7 +68,8 @@ logger = logging.getLogger("bench.landscape")
 CELLS = {"smollm2-135m": (6, 10), "gemma3-270m": (4, 6)}
 CHECKPOINTS = (0, 10, 25, 50, 200)
 PROTOCOL = ("dtype", "seq_len", "calib_windows", "ppl_windows", "heal_steps", "heal_batch", "heal_windows",
-            "proxy_windows", "two_segment", "checkpoints", "patches", "inits", "calib", "texts")
+            "proxy_windows", "two_segment", "checkpoints", "patches", "inits", "calib", "texts", "test_at_checkpoints",
+            "agreement", "generation_prompts")
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -133,6 +134,10 @@ class Worker(grid.Worker):
     (model, seed) the calibration windows, the heal's windows with their teacher targets, and the held-out proxy
     windows with theirs."""
 
+    def __init__(self, arguments, out: Path):
+        super().__init__(arguments, out)
+        self.references: dict = {}
+
     def data(self, name: str, seed: int) -> dict:
         if (name, seed) not in self.seeded:
             dense, _ = self.model(name)
@@ -145,8 +150,23 @@ class Worker(grid.Worker):
                                      arguments.proxy_windows, seed + 2, prepared.windows)
             teacher = heal.teacher_targets(dense.model, proxy, HealOptions().heal_top_k, arguments.batch_size)
             self.seeded[(name, seed)] = {"options": options, "calibration": calibration, "prepared": prepared,
-                                         "proxy": proxy, "teacher": teacher}
+                                         "proxy": proxy, "teacher": teacher, "reference": self.reference(name)}
         return self.seeded[(name, seed)]
+
+    def reference(self, name: str):
+        """The dense model's outputs for the agreement measures (once per model), or None without ``--agreement``."""
+        if not self.arguments.agreement:
+            return None
+        if name not in self.references:
+            self.references.clear()
+            dense, _ = self.model(name)
+            arguments = self.arguments
+            self.references[name] = dense_reference(
+                dense.model, dense.tokenizer, EvalOptions(agreement=True, agreement_texts=",".join(arguments.texts),
+                                                          generation_prompts=arguments.generation_prompts),
+                DataOptions(seq_len=arguments.seq_len, ppl_windows=arguments.ppl_windows,
+                            batch_size=arguments.batch_size))
+        return self.references[name]
 
     def candidates(self, model_name: str, remove: int, seed: int) -> None:
         """Exact KL of every contiguous cut and every two-segment cut; keeps the best ``--two-segment`` of those."""
@@ -170,13 +190,20 @@ class Worker(grid.Worker):
         logger.info("%s: %d cuts to measure (%d two-segment cuts scored)", cell_stem(model_name, remove, seed),
                     len(measure), len(two))
 
-    def measures(self, handle, texts: dict, data: dict) -> dict:
-        """Held-out test perplexity per text, and the proxies on the held-out calibration windows."""
+    def measures(self, handle, texts: dict, data: dict, final: bool = True) -> dict:
+        """The proxies on the held-out calibration windows; with ``final``, also the held-out test measures: each
+        text's perplexity and per-window mean NLL (for paired comparisons between cuts), and the agreement with the
+        dense model (per-token KL and top-1 on the test windows, greedy generation from held-out prompts)."""
         batch = self.arguments.batch_size
-        found = {f"perplexity_{text}": perplexity(handle.model, windows, batch, finite=False)
-                 for text, windows in texts.items()}
-        found["proxy_kl"] = top_k_kl_of(handle.model, data["proxy"], data["teacher"], batch)
-        found["proxy_perplexity"] = perplexity(handle.model, data["proxy"], batch, finite=False)
+        found = {"proxy_kl": top_k_kl_of(handle.model, data["proxy"], data["teacher"], batch),
+                 "proxy_perplexity": perplexity(handle.model, data["proxy"], batch, finite=False)}
+        if final:
+            for text, windows in texts.items():
+                nll = window_nll(handle.model, windows, batch)
+                found[f"perplexity_{text}"] = perplexity_of(nll, finite=False)
+                found[f"window_nll_{text}"] = [round(float(v), 6) for v in nll]
+            if self.arguments.agreement:
+                found["agreement"] = agreement(handle.model, data["reference"], batch).model_dump()
         return found
 
     def healed(self, dense, texts: dict, data: dict, segments: list, init: str, seed: int) -> dict:
@@ -193,12 +220,12 @@ class Worker(grid.Worker):
         removed = cut(pruned, segments)
         steps, found = [0], {}
         if init == "none":
-            found["0"] = self.measures(pruned, texts, data)
+            found["0"] = self.measures(pruned, texts, data, final=self.arguments.test_at_checkpoints)
 
         def progress(done: int) -> None:
             steps[0] += done
             if steps[0] in arguments.checkpoints and steps[0] != arguments.heal_steps:
-                found[str(steps[0])] = self.measures(pruned, texts, data)
+                found[str(steps[0])] = self.measures(pruned, texts, data, final=self.arguments.test_at_checkpoints)
 
         started = time.perf_counter()
         try:
@@ -305,7 +332,8 @@ def proxies(cell: dict, steps: int) -> dict[str, float]:
             continue
         found[f"calib KL after {step} steps"] = measured["proxy_kl"]
         found[f"calib ppl after {step} steps"] = measured["proxy_perplexity"]
-        found[f"(test) wiki ppl after {step} steps"] = measured["perplexity_wiki"]
+        if "perplexity_wiki" in measured:
+            found[f"(test) wiki ppl after {step} steps"] = measured["perplexity_wiki"]
     for name, measured in cell["patches"].items():
         if "refused" not in measured:
             found[f"calib KL after {name}"] = measured["proxy_kl"]
@@ -486,6 +514,7 @@ def smoke(arguments, out: Path) -> None:
     arguments.two_segment, arguments.limit_cuts = 1, 1
     arguments.heal_steps, arguments.checkpoints = 4, [0, 1, 2, 4]
     arguments.seq_len, arguments.calib_windows, arguments.ppl_windows = 32, 4, 4
+    arguments.generation_prompts, arguments.test_at_checkpoints = 4, True
     arguments.heal_windows, arguments.proxy_windows, arguments.batch_size, arguments.heal_batch = 16, 4, 4, 2
 
 
@@ -513,6 +542,11 @@ def parse(argv=None):
                         help="heal steps at which the cut is measured, inside one run of --heal-steps")
     parser.add_argument("--two-segment", type=int, default=10, help="best two-segment cuts by exact KL to measure")
     parser.add_argument("--limit-cuts", type=int, default=0, help="only the best contiguous cuts by KL (0: all)")
+    parser.add_argument("--test-at-checkpoints", action="store_true",
+                        help="also measure the test texts at every checkpoint (default: proxies only before the last)")
+    parser.add_argument("--agreement", action=argparse.BooleanOptionalAction, default=True,
+                        help="after the last checkpoint and each patch, the agreement with the dense model")
+    parser.add_argument("--generation-prompts", type=int, default=200, help="prompts of the generation agreement")
     parser.add_argument("--patches", default=",".join(heal.PATCHES))
     parser.add_argument("--inits", default="none", help="also heal from these patches (e.g. none,lsq,linearpatch)")
     parser.add_argument("--workers", type=int, default=0, help="run N worker processes spread over the GPUs")

@@ -31,6 +31,10 @@ def test_smoke_run_measures_every_cut_resumes_and_reports(tmp_path):
         assert sorted(map(int, cell["heal"]["steps"])) == [0, 1, 2, 4]
         assert cell["heal"]["steps"]["4"]["perplexity_wiki"] != cell["heal"]["steps"]["0"]["perplexity_wiki"]
         assert all(v["proxy_kl"] >= 0 for v in cell["heal"]["steps"].values())
+        final = cell["heal"]["steps"]["4"]
+        assert len(final["window_nll_wiki"]) == 4
+        assert final["agreement"]["texts"]["wiki"]["kl"] > 0 and final["agreement"]["texts"]["wiki"]["top1"] < 1
+        assert final["agreement"]["generation"]["prompts"] == 4
     # step 0 is the plain cut: its perplexity, computed here independently, on the same test windows
     handle = load_model(str(out / "model"), ModelOptions(dtype="float32"))
     windows = evaluation_windows(handle.tokenizer, load_text("wiki", "test"), 32, 4)
