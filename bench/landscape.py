@@ -386,6 +386,53 @@ def regrets(landscape: dict[tuple, list[dict]], picks: dict[tuple, dict[str, lis
     return found
 
 
+def proxy_picks(cells: list[dict], steps: int) -> dict[str, dict]:
+    """For each proxy that reads no test text: the cut it ranks first among the measured ones, that cut's repaired
+    wiki perplexity and its regret against the best measured cut."""
+    measured = [c for c in cells if repaired(c, steps) is not None]
+    best = min(repaired(c, steps) for c in measured)
+    found = {}
+    for name in sorted({n for c in measured for n in proxies(c, steps) if not n.startswith("(test)")}):
+        scored = [(proxies(c, steps)[name], c) for c in measured if math.isfinite(proxies(c, steps).get(name, math.nan))]
+        if scored:
+            chosen = min(scored, key=lambda pair: pair[0])[1]
+            found[name] = {"cut": chosen["cut"], "wiki": repaired(chosen, steps),
+                           "regret": repaired(chosen, steps) / best}
+    return found
+
+
+def kl_rank_of_best(cells: list[dict], steps: int) -> int:
+    """The place (1 = lowest) of the best repaired cut in the exact pre-repair KL order of the measured cuts."""
+    measured = [c for c in cells if repaired(c, steps) is not None]
+    best = min(measured, key=lambda c: repaired(c, steps))
+    return 1 + sum(c["kl"] < best["kl"] for c in measured)
+
+
+def paired_against(cells: list[dict], picks: dict[str, list], reference: str, steps: int) -> dict[str, dict]:
+    """Each method's pick against ``reference``'s pick, paired window by window over the test windows (wiki, then
+    lee): the perplexity ratio and its 95 % paired-bootstrap interval; methods whose pick was not measured are left
+    out."""
+    from layercut.paired import log_perplexity_difference, ratio
+
+    final = {str(c["cut"]): c["heal"]["steps"].get(str(steps), {}) for c in cells}
+    base = final.get(str(picks.get(reference)))
+    found = {}
+    for method, chosen in sorted(picks.items()):
+        mine = final.get(str(chosen))
+        if method == reference or not base or not mine or "window_nll_wiki" not in mine:
+            continue
+        if chosen == picks[reference]:
+            found[method] = "same cut"
+            continue
+        found[method] = {}
+        for text in ("wiki", "lee"):
+            difference = log_perplexity_difference(mine[f"window_nll_{text}"], base[f"window_nll_{text}"])
+            value, low, high = ratio(difference)
+            found[method][text] = {"ratio": value, "low": low, "high": high,
+                                   "verdict": difference.verdict(higher_is_better=False)}
+    return found
+
+
 def plot_cell(path: Path, model: str, remove: int, cells_by_seed: dict[int, list[dict]], picks: dict, steps: int
               ) -> None:
     """Repaired wiki perplexity of every cut (one line per seed; contiguous cuts by start, then the two-segment
@@ -451,6 +498,25 @@ def report(out: Path, grid_out: Path | None, steps: int) -> str:
                              default=best)
             lines.append(f"| {seed} | {best['cut']} | {repaired(best, steps):.2f} | {contiguous['cut']} | "
                          f"{repaired(contiguous, steps):.2f} |")
+        lines += ["", "Selecting by one proxy among the measured cuts (the lowest wins), per seed: the pick's repaired "
+                  "wiki perplexity and its regret; and where the repaired best stands in the exact-KL order:", "",
+                  "| seed | proxy | pick | wiki | regret |", "|---|---|---|---|---|"]
+        for seed in seeds:
+            for name, value in proxy_picks(landscape[(model, remove, seed)], steps).items():
+                lines.append(f"| {seed} | {name} | {value['cut']} | {value['wiki']:.2f} | {value['regret']:.3f} |")
+        lines += [""] + [f"- seed {seed}: the best repaired cut is number "
+                         f"{kl_rank_of_best(landscape[(model, remove, seed)], steps)} by exact KL" for seed in seeds]
+        for seed in seeds:
+            paired = paired_against(landscape[(model, remove, seed)], picks.get((model, remove, seed), {}), "clp",
+                                    steps)
+            if paired:
+                lines += ["", f"Seed {seed}, each method's pick against clp's, same heal, paired over the test windows "
+                          "(perplexity ratio, 95 % interval; tie when it holds 1):", "",
+                          "| method | wiki | lee |", "|---|---|---|"]
+                lines += [f"| {method} | " + " | ".join(
+                    "same cut" if v == "same cut" else
+                    f"{v[t]['ratio']:.4f} [{v[t]['low']:.4f}, {v[t]['high']:.4f}] {v[t]['verdict']}"
+                    for t in ("wiki", "lee")) + " |" for method, v in paired.items()]
         rows = sorted((key[3], key[2], value) for key, value in regret.items() if key[:2] == (model, remove))
         if rows:
             lines += ["", ("Regret of each method's grid pick (its repaired wiki perplexity / the landscape's best; / "
@@ -470,7 +536,11 @@ def report(out: Path, grid_out: Path | None, steps: int) -> str:
     text = "\n".join(lines) + "\n"
     write_atomically(out / "results.md", text)
     summary = {"correlations": {"-".join(map(str, k)): v for k, v in rho.items()},
-               "regrets": {"-".join(map(str, k)): v for k, v in regret.items()}}
+               "regrets": {"-".join(map(str, k)): v for k, v in regret.items()},
+               "proxy_picks": {"-".join(map(str, k)): proxy_picks(v, steps) for k, v in landscape.items()},
+               "kl_rank_of_best": {"-".join(map(str, k)): kl_rank_of_best(v, steps) for k, v in landscape.items()},
+               "paired_against_clp": {"-".join(map(str, k)): paired_against(v, picks.get(k, {}), "clp", steps)
+                                      for k, v in landscape.items()}}
     write_atomically(out / "landscape.json", json.dumps(summary, indent=1) + "\n")
     return text
 
