@@ -498,8 +498,8 @@ def report(out: Path, grid_out: Path | None, steps: int) -> str:
                              default=best)
             lines.append(f"| {seed} | {best['cut']} | {repaired(best, steps):.2f} | {contiguous['cut']} | "
                          f"{repaired(contiguous, steps):.2f} |")
-        lines += ["", "Selecting by one proxy among the measured cuts (the lowest wins), per seed: the pick's repaired "
-                  "wiki perplexity and its regret; and where the repaired best stands in the exact-KL order:", "",
+        lines += ["", ("Selecting by one proxy among the measured cuts (the lowest wins), per seed: the pick's repaired "
+                  "wiki perplexity and its regret; and where the repaired best stands in the exact-KL order:"), "",
                   "| seed | proxy | pick | wiki | regret |", "|---|---|---|---|---|"]
         for seed in seeds:
             for name, value in proxy_picks(landscape[(model, remove, seed)], steps).items():
@@ -510,8 +510,8 @@ def report(out: Path, grid_out: Path | None, steps: int) -> str:
             paired = paired_against(landscape[(model, remove, seed)], picks.get((model, remove, seed), {}), "clp",
                                     steps)
             if paired:
-                lines += ["", f"Seed {seed}, each method's pick against clp's, same heal, paired over the test windows "
-                          "(perplexity ratio, 95 % interval; tie when it holds 1):", "",
+                lines += ["", (f"Seed {seed}, each method's pick against clp's, same heal, paired over the test windows "
+                          "(perplexity ratio, 95 % interval; tie when it holds 1):"), "",
                           "| method | wiki | lee |", "|---|---|---|"]
                 lines += [f"| {method} | " + " | ".join(
                     "same cut" if v == "same cut" else

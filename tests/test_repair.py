@@ -133,3 +133,19 @@ def test_the_short_heal_proxy_scores_every_candidate_and_puts_the_weights_back()
     assert found.segments in [[tuple(int(i) for i in row["cut"].split(":"))] for row in found.trajectory]
     assert all(torch.equal(before[name], p) for name, p in handle.model.named_parameters())
     assert not any(p.requires_grad for p in handle.model.parameters())
+
+
+def test_several_segments_take_their_candidates_from_the_gate_not_from_every_cut():
+    handle = Handle.of(build_tiny("llama", layers=10))
+    windows = random_ids(batch=8, length=12, seed=4)
+    options = SearchOptions(remove=4, method="repair", segments=2, repair_steps=2, repair_candidates=2)
+    gate = selection.search(handle, windows, options.replace(method="clp"), seed=0)
+    found = selection.search(handle, windows, options, seed=0)
+    assert found.landscape == gate.landscape  # the cuts the gate scored exactly, with the same KL
+    assert len(found.landscape) < len(cuts(handle.num_layers, 4, 2))  # not every two-segment cut
+    assert any(len(key.split()) == 2 for key in found.landscape)
+    per_count = {1: [], 2: []}
+    for row in found.trajectory:
+        per_count[len(row["cut"].split())].append(row["cut"])
+    lowest = {n: sorted((k for k in gate.landscape if len(k.split()) == n), key=gate.landscape.get)[:2] for n in (1, 2)}
+    assert per_count[2] == lowest[2] and per_count[1][:2] == lowest[1]

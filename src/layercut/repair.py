@@ -22,7 +22,7 @@ from layercut import heal, replacement
 from layercut.data import shares_no_run
 from layercut.errors import LayercutError
 from layercut.forward import batches, model_device, replaced_layers
-from layercut.gate import SearchResult, candidate_key, checked, cuts, exact_scorer
+from layercut.gate import SearchResult, candidate_key, checked, cuts, exact_scorer, parse_key, search_gate
 from layercut.layers import Candidate, Handle, kept_layers
 
 if TYPE_CHECKING:
@@ -159,16 +159,27 @@ def repaired_kl(handle: Handle, candidate: Candidate, data: dict, options: Searc
             return held_out_kl(handle, data["held"], data["teacher_held"], batch_size)
 
 
+def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int,
+                seed: int) -> tuple[dict[Candidate, float], int]:
+    """The exact KL of the cuts the repair method chooses among, and how many cuts were scored: every contiguous
+    cut (exhaustive), and with ``options.segments`` above 1 every cut the concave gate's search reads out exactly on
+    its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …)."""
+    if options.segments == 1:
+        every = cuts(handle.num_layers, remove, 1)
+        return dict(zip(every, checked(exact_scorer(handle, windows, options, batch_size))(every))), len(every)
+    found = search_gate(handle, windows, remove, options, batch_size, seed)
+    return {parse_key(key): value for key, value in found.landscape.items()}, found.evaluations
+
+
 def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int = 4,
                   seed: int = 0, progress=None) -> SearchResult:
-    """The repair-aware selection on calibration ``windows`` ``[N, T]``: the exact KL of every cut of ``remove``
-    layers in at most ``options.segments`` segments (on all windows), :func:`candidate_cuts` of them, each scored by
+    """The repair-aware selection on calibration ``windows`` ``[N, T]``: the exact KL of the cuts of ``remove``
+    layers that :func:`scored_cuts` considers (on all windows), :func:`candidate_cuts` of them, each scored by
     its KL to the dense model on the held-out half of the windows after the cheap repair (:func:`repaired_kl`); the
     lowest wins. ``progress`` (optional) is called with 1 per candidate scored. ``landscape`` holds the exact KL of
     every cut; ``trajectory`` one row per candidate with its repaired KL."""
     started = time.perf_counter()
-    every = cuts(handle.num_layers, remove, options.segments)
-    kl = dict(zip(every, checked(exact_scorer(handle, windows, options, batch_size))(every)))
+    kl, evaluations = scored_cuts(handle, windows, remove, options, batch_size, seed)
     chosen = candidate_cuts(kl, handle.num_layers, remove, options.repair_candidates)
     train, held = split_windows(windows)
     top_k = min(64, handle.model.get_output_embeddings().weight.shape[0])
@@ -184,5 +195,5 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
             progress(1)
     best = min(chosen, key=scores.__getitem__)
     rows = [{"cut": candidate_key(c), "kl": kl[c], "repaired_kl": scores[c]} for c in chosen]
-    return SearchResult("repair", list(best), kl[best], time.perf_counter() - started, len(every) + len(chosen),
+    return SearchResult("repair", list(best), kl[best], time.perf_counter() - started, evaluations + len(chosen),
                         rows, {candidate_key(c): value for c, value in kl.items()})

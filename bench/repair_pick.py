@@ -1,0 +1,102 @@
+"""Which cut the repair-aware selection picks in the headline cells, and what that pick is worth after the full heal.
+
+For each (model, n, seed): the grid's calibration windows (bench/grid.py's), the selection run as ``layercut prune
+--method repair`` runs it (``--config`` sets its options as JSON: segments, repair_candidates, repair_steps,
+repair_proxy), its pick and search time recorded with every candidate's exact and repaired KL. The pick's worth is
+looked up, not recomputed: its held-out wiki perplexity after the grid protocol's 200-step endpoints heal, same
+seed, from the landscape (bench/results/landscape-h100) or from any grid cell that healed the same cut
+(bench/results/grid-h200); "unmeasured" when neither holds it. The same cut, heal and seed is the same computation,
+so the looked-up value is the pick's value on the machine that measured it.
+
+    python bench/repair_pick.py --out bench/results/repair-pick-cpu --cells smollm2-135m:10 --seeds 0 \
+        --config '{"segments": 2}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from layercut import selection
+from layercut.config import DataOptions, ModelOptions, SearchOptions
+from layercut.data import calibrate
+from layercut.files import write_atomically
+from layercut.load import load_model
+from layercut.record import library_versions
+
+RESULTS = Path(__file__).parent / "results"
+logger = logging.getLogger("bench.repair_pick")
+
+
+def measured_values(landscape: Path, grid: Path) -> dict[tuple, dict]:
+    """(model, n, seed, cut as JSON) → {"wiki": …, "source": …} for every endpoints-healed cut on record."""
+    found = {}
+    for path in sorted((grid / "cells").glob("*-endpoints.json")):
+        cell = json.loads(path.read_text())
+        if "perplexity_wiki" in cell and "chosen" in cell:
+            key = (cell["model"], cell["remove"], cell["seed"], json.dumps(cell["chosen"]))
+            found[key] = {"wiki": cell["perplexity_wiki"], "source": f"grid {path.name}"}
+    for path in sorted((landscape / "cuts").glob("*.json")):
+        cell = json.loads(path.read_text())
+        value = cell["heal"]["steps"].get("200", {}).get("perplexity_wiki")
+        if value is not None:
+            key = (cell["model"], cell["remove"], cell["seed"], json.dumps(cell["cut"]))
+            found[key] = {"wiki": value, "source": f"landscape {path.name}"}
+    return found
+
+
+def pick(model: str, remove: int, seed: int, config: dict, arguments) -> dict:
+    handle = load_model(model, ModelOptions(dtype="float32"))
+    data = DataOptions(seq_len=arguments.seq_len, calib_windows=arguments.calib_windows, seed=seed,
+                       batch_size=arguments.batch_size)
+    windows = calibrate(handle.tokenizer, data, test=False).calibration
+    options = SearchOptions(remove=remove, method="repair", **config)
+    started = time.perf_counter()
+    found = selection.search(handle, windows, options, arguments.batch_size, seed)
+    return {"model": Path(model).name, "remove": remove, "seed": seed, "config": config,
+            "chosen": [list(s) for s in found.segments], "kl": found.kl, "seconds": time.perf_counter() - started,
+            "candidates": found.trajectory}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cells", default="smollm2-135m:6,smollm2-135m:10,gemma3-270m:4,gemma3-270m:6")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--config", default="{}", help="the repair selection's options, as JSON")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--calib-windows", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--landscape", default=str(RESULTS / "landscape-h100"))
+    parser.add_argument("--grid", default=str(RESULTS / "grid-h200"))
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+    out = Path(arguments.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads(arguments.config)
+    label = "-".join(f"{k}{v}" for k, v in sorted(config.items())) or "default"
+    known = measured_values(Path(arguments.landscape), Path(arguments.grid))
+    for cell in arguments.cells.split(","):
+        model, remove = cell.split(":")
+        for seed in map(int, arguments.seeds.split(",")):
+            path = out / f"{Path(model).name}-n{remove}-seed{seed}-{label}.json"
+            if path.is_file():
+                continue
+            result = pick(model, int(remove), seed, config, arguments)
+            result["worth"] = known.get((result["model"], result["remove"], seed, json.dumps(result["chosen"])))
+            result["command"] = "python " + " ".join(sys.argv)
+            result["versions"] = library_versions()
+            write_atomically(path, json.dumps(result, indent=1) + "\n")
+            logger.info("%s: picked %s in %.0f s, worth %s", path.stem, result["chosen"], result["seconds"],
+                        result["worth"])
+
+
+if __name__ == "__main__":
+    main()
