@@ -47,10 +47,13 @@ logger = logging.getLogger("bench.grid")
 
 RATES = {"smollm2-135m": (6, 10), "gemma3-270m": (4, 6), "tiny": (2, 3)}  # about 20 % and 33 % of the layers
 SELECTIONS = {"clp": {}, "clp-2": {"method": "clp", "segments": 2}, "exhaustive": {}, "tail": {},
-              "block-influence": {}, "angular": {}, "cosine-block": {}, "sleb": {}, "ppl": {}, "taylor": {}}
+              "block-influence": {}, "angular": {}, "cosine-block": {}, "sleb": {}, "ppl": {}, "taylor": {},
+              "repair": {"segments": 2}}
 EVERYWHERE = ("none", "endpoints")
 ON_CLP_AND_TAIL = {"replaceme": {"heal": "replaceme"}, "streamline": {"heal": "streamline"},
-                   "last-k": {"heal": "last-k", "last_k": 3}, "all": {"heal": "all"}}
+                   "last-k": {"heal": "last-k", "last_k": 3}, "all": {"heal": "all"},
+                   "lsq": {"heal": "lsq"}, "linearpatch": {"heal": "linearpatch"},
+                   "endpoints+lsq": {"heal": "endpoints", "heal_init": "lsq"}}
 
 
 def plan(models: list[str], rates: dict, seeds: list[int], selections=None, heals=None) -> list[tuple]:

@@ -1,7 +1,7 @@
 """The repair landscape: every cut of a cell healed, the ground truth for choosing a cut by what survives the repair.
 
 For each (model, n, seed): every contiguous cut of n layers, plus the ``--two-segment`` best two-segment cuts by
-exact KL. For each cut: the exact hard-cut KL before repair (the grid's calibration windows), held-out wiki and lee
+exact KL among those the gate's two-segment search reads out. For each cut: the exact hard-cut KL before repair (the grid's calibration windows), held-out wiki and lee
 perplexity after 0, 10, 25, 50 and 200 steps of the default heal (``endpoints``, the grid's protocol), recorded
 inside one 200-step run (the heal's learning rate is constant and its batches come from its own generator, so the
 first k steps of the 200-step run are a k-step heal), and after each training-free linear patch (lsq, linearpatch,
@@ -24,11 +24,12 @@ GPU, one 80 GB H100, after the grid's setup calls of bench/device/README.md (1 t
     bash bench/device/remote.sh collect 0           # landscape.tgz: unpack its landscape/ as bench/results/landscape-h100
     python bench/landscape.py --out bench/results/landscape-h100 --report      # tables and plots from the cuts
 
-Five workers: a worker's peak at Gemma-3 (262k vocabulary) is a heal step's logits and their gradients at batch 8
-and an evaluation batch of 8 (about 2 GB of logits each, several copies), estimated at 10 to 12 GB, not measured.
-The whole landscape is 342 cuts (4 cells, 3 seeds); its cost is not measured either. Seeds run outermost, so a run
-stopped early holds whole seeds; ``landscape`` copies cuts committed under bench/results/landscape-h100 back in,
-and a later session continues from them.
+Measured cost (bench/results/landscape-h100, one H100, 6 workers): with ``--patches= --no-agreement`` about 60 s
+per SmolLM2 cut per worker (about 10 s of the GPU per cut); with the patches and the agreement about 5 minutes per
+cut per worker, each patch's fit taking about as long as the 200-step heal. GPU memory stayed under 34 GB with 6
+workers on SmolLM2. Gemma-3's cost is not measured yet. Seeds run outermost, so a run stopped early holds whole
+seeds; ``landscape`` copies cuts committed under bench/results/landscape-h100 back in, and a later session
+continues from them (with the same options: the protocol is checked).
 
 CPU smoke (a tiny random model, 2 cuts, a few steps; tests/test_landscape.py runs it):
 
@@ -55,7 +56,7 @@ from layercut.data import calibrate, held_out_windows, load_text
 from layercut.errors import LayercutError
 from layercut.evaluate import agreement, dense_reference, perplexity, perplexity_of, window_nll
 from layercut.files import write_atomically
-from layercut.gate import candidate_key, checked, cuts, exact_scorer
+from layercut.gate import candidate_key, checked, cuts, exact_scorer, parse_key, search_gate
 from layercut.layers import cut
 from layercut.record import library_versions
 
@@ -68,7 +69,7 @@ logger = logging.getLogger("bench.landscape")
 CELLS = {"smollm2-135m": (6, 10), "gemma3-270m": (4, 6)}
 CHECKPOINTS = (0, 10, 25, 50, 200)
 PROTOCOL = ("dtype", "seq_len", "calib_windows", "ppl_windows", "heal_steps", "heal_batch", "heal_windows",
-            "proxy_windows", "two_segment", "checkpoints", "patches", "inits", "calib", "texts", "test_at_checkpoints",
+            "proxy_windows", "checkpoints", "patches", "inits", "calib", "texts", "test_at_checkpoints",
             "agreement", "generation_prompts")
 
 
@@ -105,6 +106,10 @@ def units(out: Path, arguments) -> tuple[list[tuple], int]:
                     waiting += 1
                     continue
                 listed = json.loads(path.read_text())
+                if listed.get("two_segment", 0) < arguments.two_segment:  # written for fewer two-segment cuts
+                    found.append(("candidates", model, remove, seed))
+                    waiting += 1
+                    continue
                 for entry in listed["measure"]:
                     candidate = tuple(tuple(s) for s in entry["cut"])
                     if not cut_path(out, model, remove, seed, candidate).is_file():
@@ -169,20 +174,27 @@ class Worker(grid.Worker):
         return self.references[name]
 
     def candidates(self, model_name: str, remove: int, seed: int) -> None:
-        """Exact KL of every contiguous cut and every two-segment cut; keeps the best ``--two-segment`` of those."""
+        """Exact KL of every contiguous cut and of the two-segment cuts the gate's search reads out (scoring every
+        two-segment cut took over 5 minutes per cell on a shared H100); keeps the best ``--two-segment`` of those."""
         dense, _ = self.model(model_name)
         data = self.data(model_name, seed)
         started = time.perf_counter()
-        exact = checked(exact_scorer(dense, data["calibration"], SearchOptions(remove=remove),
-                                     self.arguments.batch_size))
-        every = cuts(dense.num_layers, remove, 2 if self.arguments.two_segment else 1)
-        scored = sorted(zip(every, exact(every)), key=lambda pair: pair[1])
+        options = SearchOptions(remove=remove)
+        scorer = exact_scorer(dense, data["calibration"], options, self.arguments.batch_size)
+        every = cuts(dense.num_layers, remove, 1)
+        scored = dict(zip(every, checked(scorer)(every)))
+        if self.arguments.two_segment:  # the two-segment cuts the gate reads out exactly (as --method repair)
+            found = search_gate(dense, data["calibration"], remove, options.replace(segments=2),
+                                self.arguments.batch_size, seed, scorer=scorer)
+            scored |= {parse_key(key): kl for key, kl in found.landscape.items()}
+        scored = sorted(scored.items(), key=lambda pair: pair[1])
         one = sorted((c, kl) for c, kl in scored if len(c) == 1)
         two = [(c, kl) for c, kl in scored if len(c) == 2]
         if self.arguments.limit_cuts:
             one = sorted(one, key=lambda pair: pair[1])[:self.arguments.limit_cuts]
         measure = [*one, *two[:self.arguments.two_segment]]
         result = {"model": Path(model_name).name, "layers": dense.num_layers, "remove": remove, "seed": seed,
+                  "two_segment": self.arguments.two_segment,
                   "measure": [{"cut": [list(s) for s in c], "kl": kl} for c, kl in measure],
                   "two_segment_cuts": len(two), "kl_seconds": time.perf_counter() - started,
                   "two_segment_kl": {candidate_key(c): kl for c, kl in two}}
@@ -610,7 +622,7 @@ def parse(argv=None):
     parser.add_argument("--heal-windows", type=int, default=1024)
     parser.add_argument("--checkpoints", default=",".join(map(str, CHECKPOINTS)),
                         help="heal steps at which the cut is measured, inside one run of --heal-steps")
-    parser.add_argument("--two-segment", type=int, default=10, help="best two-segment cuts by exact KL to measure")
+    parser.add_argument("--two-segment", type=int, default=10, help="best two-segment cuts by exact KL (of those the gate reads out) to measure")
     parser.add_argument("--limit-cuts", type=int, default=0, help="only the best contiguous cuts by KL (0: all)")
     parser.add_argument("--test-at-checkpoints", action="store_true",
                         help="also measure the test texts at every checkpoint (default: proxies only before the last)")

@@ -68,3 +68,15 @@ def test_correlations_and_regrets_against_the_landscape():
     found = landscape.regrets({key: cells}, {key: {"clp": [[1, 3]], "other": [[5, 7]]}}, 200)
     assert found[("m", 2, 0, "clp")]["regret"] == 3.0 and found[("m", 2, 0, "clp")]["regret_contiguous"] == 1.5
     assert found[("m", 2, 0, "other")]["regret"] is None  # its pick is not in the landscape
+
+
+def test_a_cell_listed_for_fewer_two_segment_cuts_is_listed_again(tmp_path):
+    out = tmp_path / "landscape"
+    (out / "candidates").mkdir(parents=True)
+    arguments = landscape.parse(["--out", str(out), "--models", "m", "--seeds", "0", "--two-segment", "0"])
+    arguments.cells = {"m": (2,)}
+    listed = {"measure": [{"cut": [[1, 3]], "kl": 0.5}], "two_segment": 0}
+    landscape.write_atomically(landscape.candidates_path(out, "m", 2, 0), json.dumps(listed))
+    assert landscape.units(out, arguments) == ([("cut", "m", 2, 0, ((1, 3),))], 0)
+    arguments.two_segment = 3
+    assert landscape.units(out, arguments) == ([("candidates", "m", 2, 0)], 1)

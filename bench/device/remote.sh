@@ -57,12 +57,13 @@ search)  # in the background: the search costs of the 70B shape (both GPUs, befo
     python3 bench/search.py --out ~/res/search-regate --parts regate --gate-label shipped --seeds 1 \
       --regate-segments 2 --resume bench/results/search-h200/regate-resume.json > ~/res/search-regate.log 2>&1;
     touch ~/res/search.done" > /dev/null 2>&1 < /dev/null & ;;
-landscape)  # in the background on GPU $2, once Gemma-3 is in place: ${WORKERS:-5} workers of the repair landscape;
-  # the cuts committed under bench/results/landscape-h100/cuts are copied in first and skipped
+landscape)  # in the background on GPU $2, once Gemma-3 is in place: ${WORKERS:-6} workers of the repair landscape;
+  # the cuts committed under bench/results/landscape-h100/cuts are copied in first and skipped (LANDSCAPE_ARGS
+  # defaults to their protocol: no patches, no agreement; seeds 0, 1, 2 in turn)
   mkdir -p ~/res/landscape && { [ ! -d bench/results/landscape-h100 ] || cp -rn bench/results/landscape-h100/. ~/res/landscape/; }
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
-    python3 bench/landscape.py --out ~/res/landscape --dtype float32 --batch-size 8 --workers ${WORKERS:-5} \
-    ${LANDSCAPE_ARGS:-}" > ~/res/landscape-gpu$2.log 2>&1 < /dev/null & ;;
+    python3 bench/landscape.py --out ~/res/landscape --dtype float32 --batch-size 8 --workers ${WORKERS:-6} \
+    ${LANDSCAPE_ARGS:---patches= --no-agreement}" > ~/res/landscape-gpu$2.log 2>&1 < /dev/null & ;;
 record)  # in the background on GPU $2: SmolLM2's 12 single-segment cases recorded for bench/gate_replay.py, and the
   # default schedule's first 10 and 12 steps run for real (the replay's stop-after-10 and -12 rules)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup python3 bench/search.py --out ~/res/search-record --parts single \
