@@ -8,6 +8,8 @@ standard checkpoint. Indices of segments are the original model's, 0-based and h
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import time
 from collections.abc import Sequence
@@ -122,13 +124,16 @@ def layer_output(handle: Handle, index: int, input_ids: torch.Tensor, entering: 
 @torch.no_grad()
 def dense_states(handle: Handle, windows: torch.Tensor, wanted: dict[str, tuple[nn.Module, bool]], batch_size: int):
     """Yield, per batch of ``windows``, a dict of captured tensors: for each name, ``(module, input)`` captures the
-    module's first input (``input``) or its output."""
+    module's first input (``input``) or its output. Each forward ends once every wanted tensor is captured: the
+    layers after the deepest wanted module do not run."""
     captured: dict[str, torch.Tensor] = {}
 
     def capture(name: str, take_input: bool):
         def hook(module, args, kwargs, output):
             value = (args[0] if args else kwargs["hidden_states"]) if take_input else output
             captured[name] = value[0] if isinstance(value, tuple) else value
+            if len(captured) == len(wanted):
+                raise _Stop(output)
         return hook
 
     hooks = [module.register_forward_hook(capture(name, take_input), with_kwargs=True)
@@ -136,7 +141,8 @@ def dense_states(handle: Handle, windows: torch.Tensor, wanted: dict[str, tuple[
     try:
         for batch in batches(windows, batch_size):
             captured.clear()
-            final_hidden(handle.model, batch)
+            with contextlib.suppress(_Stop):
+                final_hidden(handle.model, batch)
             yield dict(captured)
     finally:
         for hook in hooks:
