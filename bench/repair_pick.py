@@ -8,8 +8,11 @@ seed, from the landscape (bench/results/landscape-h100) or from any grid cell th
 (bench/results/grid-h200); "unmeasured" when neither holds it. The same cut, heal and seed is the same computation,
 so the looked-up value is the pick's value on the machine that measured it.
 
-    python bench/repair_pick.py --out bench/results/repair-pick-cpu --cells smollm2-135m:10 --seeds 0 \
-        --config '{"segments": 2}'
+    python bench/repair_pick.py --out ~/res/repair-pick --seeds 0        # on the GPU: bench/device/remote.sh picks
+    python bench/repair_pick.py --out bench/results/repair-pick-h100 --lookup   # here, once more cells are measured
+
+On the CPU it is too slow to be useful at these sizes: the two-segment gate (60 steps at full context) had not
+finished on SmolLM2 n = 10 after 15 minutes on 2 cores, and each candidate's 25-step short heal costs minutes more.
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--cells", default="smollm2-135m:6,smollm2-135m:10,gemma3-270m:4,gemma3-270m:6")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--config", default="{}", help="the repair selection's options, as JSON")
+    parser.add_argument("--config", default='{"segments": 2}', help="the repair selection's options, as JSON")
+    parser.add_argument("--lookup", action="store_true", help="only look up again what the recorded picks are worth")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -83,6 +87,13 @@ def main(argv=None) -> None:
     config = json.loads(arguments.config)
     label = "-".join(f"{k}{v}" for k, v in sorted(config.items())) or "default"
     known = measured_values(Path(arguments.landscape), Path(arguments.grid))
+    if arguments.lookup:
+        for path in sorted(out.glob("*.json")):
+            result = json.loads(path.read_text())
+            key = (result["model"], result["remove"], result["seed"], json.dumps(result["chosen"]))
+            write_atomically(path, json.dumps({**result, "worth": known.get(key)}, indent=1) + "\n")
+            logger.info("%s: %s worth %s", path.stem, result["chosen"], known.get(key))
+        return
     for cell in arguments.cells.split(","):
         model, remove = cell.split(":")
         for seed in map(int, arguments.seeds.split(",")):

@@ -64,6 +64,9 @@ landscape)  # in the background on GPU $2, once Gemma-3 is in place: ${WORKERS:-
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
     python3 bench/landscape.py --out ~/res/landscape --dtype float32 --batch-size 8 --workers ${WORKERS:-6} \
     ${LANDSCAPE_ARGS:---patches= --no-agreement}" > ~/res/landscape-gpu$2.log 2>&1 < /dev/null & ;;
+picks)  # in the background on GPU $2, once Gemma-3 is in place: the repair selection's pick in each headline cell
+  cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
+    python3 bench/repair_pick.py --out ~/res/repair-pick --seeds ${PICK_SEEDS:-0}" > ~/res/repair-pick.log 2>&1 < /dev/null & ;;
 record)  # in the background on GPU $2: SmolLM2's 12 single-segment cases recorded for bench/gate_replay.py, and the
   # default schedule's first 10 and 12 steps run for real (the replay's stop-after-10 and -12 rules)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup python3 bench/search.py --out ~/res/search-record --parts single \
@@ -80,8 +83,9 @@ collect)
   sleep "${2:-0}"
   cd ~/res && tar czf "$OUT/grid.tgz" --warning=no-file-changed grid grid-*.log search-* 2>&1 | tail -3
   [ -d landscape ] && tar czf "$OUT/landscape.tgz" --warning=no-file-changed landscape landscape-*.log 2>&1 | tail -3
+  [ -d repair-pick ] && tar czf "$OUT/repair-pick.tgz" --warning=no-file-changed repair-pick repair-pick.log 2>&1 | tail -3
   ls -la "$OUT" ;;
 *)
-  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|landscape GPU|search|record GPU|status [SLEEP]|collect [SLEEP]"
+  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|landscape GPU|picks GPU|search|record GPU|status [SLEEP]|collect [SLEEP]"
   exit 2 ;;
 esac
