@@ -1,0 +1,42 @@
+"""bench/repair_pick.py on a tiny model: it records the repair selection's pick and prices it from the results on
+record (none here, then a landscape file that holds it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from layercut.data import load_text
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_pick_is_recorded_and_priced_from_a_landscape_that_holds_it(tmp_path):
+    torch.set_num_threads(1)
+    model = load("landscape").smoke_model(tmp_path / "model", load_text("wiki", "calib"))
+    picks, out = load("repair_pick"), tmp_path / "picks"
+    arguments = ["--out", str(out), "--cells", f"{model}:2", "--seeds", "0", "--seq-len", "16",
+                 "--calib-windows", "8", "--batch-size", "4", "--config", '{"repair_steps": 2}',
+                 "--landscape", str(tmp_path / "landscape"), "--grid", str(tmp_path / "grid")]
+    picks.main(arguments)
+    [path] = out.glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["worth"] is None and len(result["chosen"]) == 1 and result["config"] == {"repair_steps": 2}
+    listed = [row["cut"] for row in result["candidates"]]
+    assert "4:6" in listed and result["chosen"] in [[[int(i) for i in cut.split(":")]] for cut in listed]
+    cut = {"model": "model", "remove": 2, "seed": 0, "cut": result["chosen"],
+           "heal": {"steps": {"200": {"perplexity_wiki": 12.5}}}}
+    (tmp_path / "landscape" / "cuts").mkdir(parents=True)
+    (tmp_path / "landscape" / "cuts" / "one.json").write_text(json.dumps(cut))
+    picks.main([*arguments, "--lookup"])
+    assert json.loads(path.read_text())["worth"]["wiki"] == 12.5
