@@ -26,6 +26,7 @@ from layercut.evaluate import (
     top1_agreement,
 )
 from layercut.layers import Handle, cut
+from layercut.paired import agreement_differences
 
 
 def test_token_kl_divergence_equals_scipy_relative_entropy():
@@ -108,6 +109,18 @@ def test_a_dense_model_agrees_with_itself_exactly_and_a_cut_one_less(family, tin
     less = agreement(pruned, reference, batch_size=3, generation_batch=5)
     assert less.texts[text].kl > 1e-5 and less.texts[text].top1 < 1.0
     assert less.generation.mean_prefix < 8.0 and less.generation.share_matching < 1.0
+    # per window and per prompt, for paired comparisons: their means are the totals
+    mine = less.texts[text]
+    assert len(mine.window_kl) == 4 and sum(mine.window_kl) / 4 == pytest.approx(mine.kl, rel=1e-9)
+    assert sum(mine.window_top1) / 4 == pytest.approx(mine.top1, rel=1e-12)
+    assert found.window_kl == pytest.approx([0.0] * 4, abs=1e-6) and found.window_top1 == [1.0] * 4
+    assert sum(less.generation.prefix) / 12 == pytest.approx(less.generation.mean_prefix)
+    differences = agreement_differences(less, itself)
+    kl, top1, prefix = (differences[name] for name in (f"KL to dense ({text})", f"top-1 agreement with dense ({text})",
+                                                        "generation: matching prefix"))
+    assert kl[2].estimate == pytest.approx(mine.kl - found.kl) and kl[2].low > 0  # the cut model agrees less
+    assert top1[2].estimate < 0 and prefix[2].estimate < 0
+    assert all(d.tie and d.estimate == 0 for _, _, d in agreement_differences(itself, itself).values())
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])  # llama: an untied head; gemma2: tied, soft-capped

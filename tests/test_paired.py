@@ -163,3 +163,37 @@ def test_compare_pairs_every_method_with_the_first():
                                         zero_shot=rows[0].zero_shot), rows=rows, recipe={}, versions={}))
     assert "| angular |" in table and "worse (+0.525" in table and "worse (-0.500" in table
     assert table.count("unpaired") == 2
+
+
+def test_agreement_is_compared_window_by_window_and_prompt_by_prompt():
+    from layercut.report import paired_table
+
+    def with_agreement(kl: list[float], top1: list[float], prefix: list[int] | None, source: str = "m"):
+        texts = {"wiki": {"kl": sum(kl) / len(kl), "top1": sum(top1) / len(top1), "tokens": 64, "windows": len(kl),
+                          "seq_len": 16, "window_kl": kl, "window_top1": top1}}
+        generation = {"prompts": 3, "prompt_tokens": 8, "new_tokens": 8, "match_tokens": 4,
+                      "mean_prefix": sum(prefix) / 3 if prefix else 2.0, "share_matching": 0.0, "prefix": prefix}
+        return RunRecord.model_validate({"source": source, "metrics": {"agreement": {"texts": texts,
+                                                                                     "generation": generation}}})
+
+    a = with_agreement([0.1, 0.2, 0.3, 0.4], [0.9, 0.8, 0.9, 0.7], [8, 6, 7])
+    b = with_agreement([0.3, 0.5, 0.4, 0.6], [0.9, 0.8, 0.9, 0.7], [2, 1, 3])
+    rows = {row.measure: row for row in paired.compare_records(a, b)}
+    kl = rows["KL to dense (wiki)"]
+    assert kl.difference.estimate == pytest.approx(-0.2) and kl.difference.verdict(False) == "better"
+    assert rows["top-1 agreement with dense (wiki)"].difference.estimate == 0
+    assert rows["generation: matching prefix"].difference.estimate == pytest.approx(5.0)
+    assert rows["generation: matching prefix"].difference.verdict() == "better"
+    table = paired_table("A", "B", list(rows.values()))
+    assert "perplexity ratio" not in table  # KL is not a log perplexity
+    unpaired = {row.measure: row for row in paired.compare_records(a, with_agreement([0.1] * 4, [1.0] * 4, None))}
+    assert unpaired["generation: matching prefix"].difference is None
+    assert unpaired["generation: matching prefix"].reason.startswith("unpaired: no per-window or per-prompt")
+    other = {row.measure: row for row in paired.compare_records(a, with_agreement([0.1] * 4, [1.0] * 4, [1, 1, 1],
+                                                                                  source="x"))}
+    assert other["KL to dense (wiki)"].reason == "unpaired: other model"
+
+
+def test_mean_difference_is_the_log_perplexity_difference_of_nll():
+    a, b = [2.0, 2.5, 3.0, 2.2, 1.0], [2.1, 2.4, 3.3, 2.0, 1.5]
+    assert paired.mean_difference(a, b) == paired.log_perplexity_difference(a, b)

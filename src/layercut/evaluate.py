@@ -318,20 +318,24 @@ def text_agreement(model, reference: DenseReference, text: str, batch_size: int 
     from layercut.forward import final_hidden
 
     windows, dense_hidden, head = reference.windows[text], reference.hidden[text], model.get_output_embeddings()
-    kl, agreeing, count = 0.0, 0, 0
+    kl = torch.zeros(windows.shape[0], dtype=torch.float64)  # per window: sums over its positions
+    agreeing = torch.zeros(windows.shape[0], dtype=torch.float64)
     for start in range(0, windows.shape[0], batch_size):
         pruned_hidden = final_hidden(model, windows[start : start + batch_size])
         dense = dense_hidden[start : start + batch_size]
+        rows = slice(start, start + dense.shape[0])
         chunk = max(1, budget // (dense.shape[0] * reference.head.weight.shape[0]))
         for first in range(0, dense.shape[1], chunk):
             dense_log_probs = head_log_probs(reference.head, reference.softcap, dense[:, first : first + chunk])
             pruned_log_probs = head_log_probs(head, reference.softcap, pruned_hidden[:, first : first + chunk])
             pruned_log_probs = pruned_log_probs.to(dense_log_probs.device)
-            kl += token_kl_divergence(dense_log_probs, pruned_log_probs).sum().item()
-            agreeing += int(top1_agreement(dense_log_probs, pruned_log_probs).sum())
-            count += dense_log_probs.shape[0] * dense_log_probs.shape[1]
-    return TextAgreement(kl=kl / count, top1=agreeing / count, tokens=count, windows=int(windows.shape[0]),
-                         seq_len=int(windows.shape[1]))
+            kl[rows] += token_kl_divergence(dense_log_probs, pruned_log_probs).double().sum(-1).cpu()
+            agreeing[rows] += top1_agreement(dense_log_probs, pruned_log_probs).double().sum(-1).cpu()
+    positions = windows.shape[1]
+    count = windows.shape[0] * positions
+    return TextAgreement(kl=kl.sum().item() / count, top1=agreeing.sum().item() / count, tokens=count,
+                         windows=int(windows.shape[0]), seq_len=int(positions),
+                         window_kl=(kl / positions).tolist(), window_top1=(agreeing / positions).tolist())
 
 
 def generation_agreement(model, reference: DenseReference, batch_size: int = 32) -> GenerationAgreement:
@@ -342,7 +346,8 @@ def generation_agreement(model, reference: DenseReference, batch_size: int = 32)
     return GenerationAgreement(prompts=int(prefix.numel()), prompt_tokens=int(reference.prompts.shape[1]),
                                new_tokens=int(pruned.shape[1]), mean_prefix=prefix.float().mean().item(),
                                match_tokens=reference.match_tokens,
-                               share_matching=(prefix >= reference.match_tokens).float().mean().item())
+                               share_matching=(prefix >= reference.match_tokens).float().mean().item(),
+                               prefix=prefix.tolist())
 
 
 def agreement(model, reference: DenseReference, batch_size: int = 4, generation_batch: int = 32) -> Agreement:

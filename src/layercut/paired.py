@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from layercut.errors import LayercutError
-from layercut.record import Paired, RunRecord, ZeroShot
+from layercut.record import Agreement, Paired, RunRecord, ZeroShot
 
 RESAMPLES = 2000
 LEVEL = 0.95
@@ -106,17 +106,50 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
+def mean_difference(a: Sequence[float], b: Sequence[float], resamples: int = RESAMPLES, seed: int = 0,
+                    level: float = LEVEL, what: str = "items") -> Difference:
+    """Mean of A − mean of B over the same items (``[N]`` values each, item i of A paired with item i of B), with
+    its paired-bootstrap interval: resampling the items."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    _check_paired(a, b, what)
+    differences = a - b
+    generator = np.random.default_rng(seed)
+    draws = generator.integers(0, differences.size, size=(resamples, differences.size))
+    return _interval(differences[draws].mean(axis=1), differences.mean(), differences.size, level)
+
+
 def log_perplexity_difference(nll_a: np.ndarray, nll_b: np.ndarray, resamples: int = RESAMPLES, seed: int = 0,
                               level: float = LEVEL) -> Difference:
     """log perplexity of A − log perplexity of B from the mean next-token NLL per window, ``[N]`` each, on the same
     windows of equal length (so the perplexity is exp of the mean over windows). Paired bootstrap over windows;
     ``exp`` of the estimate and its bounds is the ratio of perplexities A / B and its interval."""
-    nll_a, nll_b = np.asarray(nll_a, dtype=np.float64), np.asarray(nll_b, dtype=np.float64)
-    _check_paired(nll_a, nll_b, "windows")
-    differences = nll_a - nll_b
-    generator = np.random.default_rng(seed)
-    draws = generator.integers(0, differences.size, size=(resamples, differences.size))
-    return _interval(differences[draws].mean(axis=1), differences.mean(), differences.size, level)
+    return mean_difference(nll_a, nll_b, resamples, seed, level, "windows")
+
+
+def agreement_differences(a: Agreement, b: Agreement, seed: int = 0) -> dict[str, tuple[float, float, Difference | None]]:
+    """Model A's agreement with the dense model against model B's, measure by measure (name → (A, B, paired
+    difference A − B or None)): per text the mean KL and top-1 agreement, paired over its test windows; in
+    generation the matching prefix, paired over the prompts. None where a side kept no per-window or per-prompt
+    values, or the two were measured on other windows or prompts."""
+    found = {}
+    for text, mine in a.texts.items():
+        theirs = b.texts.get(text)
+        if theirs is None:
+            continue
+        same = (mine.windows, mine.seq_len) == (theirs.windows, theirs.seq_len)
+        for name, left, right, value_a, value_b in (
+                (f"KL to dense ({text})", mine.window_kl, theirs.window_kl, mine.kl, theirs.kl),
+                (f"top-1 agreement with dense ({text})", mine.window_top1, theirs.window_top1, mine.top1, theirs.top1)):
+            paired = same and left is not None and right is not None
+            found[name] = (value_a, value_b, mean_difference(left, right, seed=seed, what="windows") if paired else None)
+    mine, theirs = a.generation, b.generation
+    if mine is not None and theirs is not None:
+        paired = (mine.prefix is not None and theirs.prefix is not None
+                  and (mine.prompts, mine.prompt_tokens, mine.new_tokens) == (theirs.prompts, theirs.prompt_tokens,
+                                                                             theirs.new_tokens))
+        found["generation: matching prefix"] = (mine.mean_prefix, theirs.mean_prefix, mean_difference(
+            mine.prefix, theirs.prefix, seed=seed, what="prompts") if paired else None)
+    return found
 
 
 def ratio(difference: Difference) -> tuple[float, float, float]:
@@ -203,4 +236,13 @@ def compare_records(a: RunRecord, b: RunRecord, seed: int = 0) -> list[PairedRow
                               higher_is_better=False))
     if a.metrics.zero_shot is not None and b.metrics.zero_shot is not None:
         rows += _zero_shot_rows(a.metrics.zero_shot.after, b.metrics.zero_shot.after, seed)
+    if a.metrics.agreement is not None and b.metrics.agreement is not None:
+        same_model = a.source == b.source
+        for name, (value_a, value_b, difference) in agreement_differences(a.metrics.agreement, b.metrics.agreement,
+                                                                          seed).items():
+            paired = same_model and difference is not None
+            reason = "" if paired else "unpaired: " + ("other model" if not same_model
+                                                       else "no per-window or per-prompt results on both sides")
+            rows.append(PairedRow(name, value_a, value_b, difference if paired else None, reason,
+                                  higher_is_better=name.startswith(("top-1", "generation"))))
     return rows

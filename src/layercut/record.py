@@ -142,6 +142,8 @@ class TextAgreement(Model):
     tokens: int
     windows: int
     seq_len: int
+    window_kl: list[float] | None = None  # per window: its mean KL over its positions (paired comparisons)
+    window_top1: list[float] | None = None  # per window: its share of agreeing positions
 
 
 class GenerationAgreement(Model):
@@ -155,6 +157,7 @@ class GenerationAgreement(Model):
     mean_prefix: float
     match_tokens: int
     share_matching: float
+    prefix: list[int] | None = None  # per prompt: the length of its matching prefix (paired comparisons)
 
 
 class Agreement(Model):

@@ -9,7 +9,6 @@ standard checkpoint. Indices of segments are the original model's, 0-based and h
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import time
 from collections.abc import Sequence
