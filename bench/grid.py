@@ -35,11 +35,17 @@ from layercut import heal, selection
 from layercut.config import DataOptions, EvalOptions, HealOptions, ModelOptions, SearchOptions
 from layercut.data import calibrate, evaluation_windows, load_text
 from layercut.errors import LayercutError
-from layercut.evaluate import evaluate, perplexity_of, window_nll
+from layercut.evaluate import agreement, dense_reference, evaluate, perplexity_of, window_nll
 from layercut.files import write_atomically
 from layercut.layers import cut
 from layercut.load import load_model
-from layercut.paired import Difference, accuracy_difference, log_perplexity_difference, task_strata
+from layercut.paired import (
+    Difference,
+    accuracy_difference,
+    log_perplexity_difference,
+    mean_difference,
+    task_strata,
+)
 from layercut.record import ZeroShot, library_versions
 from layercut.zeroshot import APART, CHANCE, TASKS, retention
 
@@ -112,7 +118,7 @@ def claim(out: Path, unit: tuple) -> bool:
 
 MEASURED = ("cut", "layers_after", "heal_seconds", "trainable_parameters", "perplexity_wiki", "perplexity_lee",
             "zero_shot")
-PER_WINDOW = ("window_nll_wiki", "window_nll_lee")  # in cells measured since per-window NLLs were kept
+PER_WINDOW = ("window_nll_wiki", "window_nll_lee", "agreement")  # in cells measured since per-item results were kept
 
 
 def twin(out: Path, model: str, remove: int, seed: int, heal_name: str, chosen: list) -> tuple[str, dict] | None:
@@ -130,7 +136,7 @@ def twin(out: Path, model: str, remove: int, seed: int, heal_name: str, chosen: 
 
 
 PROTOCOL = ("tasks", "limit", "dtype", "seq_len", "calib_windows", "ppl_windows", "heal_steps", "heal_batch",
-            "heal_windows")
+            "heal_windows", "agreement", "generation_prompts")
 
 
 def check_protocol(arguments, out: Path, protocol: tuple[str, ...] = PROTOCOL, units: str = "cells") -> None:
@@ -155,13 +161,17 @@ def heal_options(name: str, arguments) -> HealOptions:
                        heal_windows=arguments.heal_windows, **extra)
 
 
-def measure(handle, arguments, test_windows: dict, seed: int) -> dict:
-    """Held-out perplexity on each text and zero-shot accuracy of the handle's model. lm-eval's batch shrinks with
-    the vocabulary, as its log-probabilities over the vocabulary dominate the memory."""
+def measure(handle, arguments, test_windows: dict, seed: int, reference=None) -> dict:
+    """Held-out perplexity on each text, the agreement with the dense model (``reference``, a
+    :class:`layercut.evaluate.DenseReference`; none for the dense model itself) and zero-shot accuracy of the
+    handle's model. lm-eval's batch shrinks with the vocabulary, as its log-probabilities over the vocabulary
+    dominate the memory."""
     found = {}
     for text, windows in test_windows.items():
         nll = window_nll(handle.model, windows, arguments.batch_size)
         found[f"perplexity_{text}"], found[f"window_nll_{text}"] = perplexity_of(nll), nll.tolist()
+    if reference is not None:
+        found["agreement"] = agreement(handle.model, reference, arguments.batch_size).model_dump()
     vocabulary = handle.model.get_output_embeddings().weight.shape[0]
     batch = max(1, arguments.eval_batch_size * 50_000 // max(vocabulary, 50_000))
     zero_shot = evaluate(handle.model, handle.tokenizer, None, EvalOptions(tasks=arguments.tasks,
@@ -179,6 +189,24 @@ class Worker:
         self.arguments, self.out = arguments, out
         self.models: dict[str, tuple] = {}
         self.seeded: dict[tuple, tuple] = {}
+        self.references: dict = {}
+
+    def reference(self, name: str):
+        """The dense model's outputs for the agreement measures (once per model: its final hidden states on the test
+        windows, its greedy continuations of held-out prompts), or None without ``--agreement``."""
+        if not self.arguments.agreement:
+            return None
+        if name not in self.references:
+            self.references.clear()
+            dense, _ = self.model(name)
+            arguments = self.arguments
+            texts = getattr(arguments, "texts", ("wiki", "lee"))
+            self.references[name] = dense_reference(
+                dense.model, dense.tokenizer, EvalOptions(agreement=True, agreement_texts=",".join(texts),
+                                                          generation_prompts=arguments.generation_prompts),
+                DataOptions(seq_len=arguments.seq_len, ppl_windows=arguments.ppl_windows,
+                            batch_size=arguments.batch_size))
+        return self.references[name]
 
     def model(self, name: str):
         if name not in self.models:
@@ -240,7 +268,7 @@ class Worker:
             cell |= {"cut": [list(s) for s in removed.segments], "layers_after": removed.layers_after,
                      "heal_seconds": time.perf_counter() - healing,
                      "trainable_parameters": report.trainable_parameters,
-                     **measure(pruned, self.arguments, texts, seed)}
+                     **measure(pruned, self.arguments, texts, seed, self.reference(model_name))}
             write_atomically(cell_path(self.out, *key), json.dumps(cell, indent=1) + "\n")
             logger.info("%s: %s", key, {k: cell[k] for k in ("cut", "perplexity_wiki")})
             del pruned
@@ -409,6 +437,90 @@ def paired_perplexity(value: dict, reference: dict, text: str = "wiki") -> Diffe
     return log_perplexity_difference(left, right) if left else None
 
 
+def agreement_items(cell: dict, measure: str) -> list[float] | None:
+    """One cell's per-item values of an agreement measure: ``kl:TEXT`` and ``top1:TEXT`` per test window,
+    ``prefix`` per generation prompt; None when the cell kept none."""
+    found = cell.get("agreement") or {}
+    if measure == "prefix":
+        return (found.get("generation") or {}).get("prefix")
+    kind, text = measure.split(":")
+    return (found.get("texts", {}).get(text) or {}).get(f"window_{kind}")
+
+
+def paired_items(value: dict, reference: dict, items) -> Difference | None:
+    """Mean of ``items(cell)`` of ``value`` − of ``reference``, paired item by item over their common seeds (the
+    items of all seeds pooled); None when a side kept no per-item values."""
+    left, right = [], []
+    for a, b in pairs(value, reference):
+        mine, theirs = items(a), items(b)
+        if mine is None or theirs is None or len(mine) != len(theirs):
+            return None
+        left += mine
+        right += theirs
+    return mean_difference(left, right) if left else None
+
+
+def task_accuracy(value: dict, reference: dict, task: str) -> Difference | None:
+    """Accuracy on one task of ``value`` − ``reference``, paired over its items (seeds as strata); None when a side
+    kept no per-item correctness for it."""
+    strata = []
+    for left, right in pairs(value, reference):
+        if not left.get("zero_shot") or not right.get("zero_shot"):
+            return None
+        a, b = ZeroShot(**left["zero_shot"]), ZeroShot(**right["zero_shot"])
+        found = task_strata(a, b, [task]) if task in a.tasks and task in b.tasks else None
+        if found is None:
+            return None
+        strata += found
+    return accuracy_difference(strata) if strata else None
+
+
+SEPARATING = {  # measure → its paired difference of one summary against another (None: not paired)
+    "commonsense accuracy (7 tasks)": paired_accuracy,
+    "LAMBADA accuracy": lambda v, r: task_accuracy(v, r, "lambada_openai"),
+    "MMLU accuracy": lambda v, r: task_accuracy(v, r, "mmlu"),
+    "wiki log perplexity": lambda v, r: paired_perplexity(v, r, "wiki"),
+    "lee log perplexity": lambda v, r: paired_perplexity(v, r, "lee"),
+    **{f"{label} ({text})": (lambda v, r, m=f"{kind}:{text}": paired_items(v, r, lambda c: agreement_items(c, m)))
+       for text in ("wiki", "lee") for kind, label in (("kl", "KL to dense"), ("top1", "top-1 agreement"))},
+    "generation: matching prefix": lambda v, r: paired_items(v, r, lambda c: agreement_items(c, "prefix")),
+}
+
+
+def separations(table: dict[tuple, dict], cells: list[dict]) -> dict[str, tuple[int, int]]:
+    """For each measure of :data:`SEPARATING`: of the (method, model, rate) pairs that choose other layers than CLP
+    (each method's best heal against CLP's best heal), how many differ from CLP at 95 % (the paired interval holds
+    no 0), and how many could be compared (both sides kept per-item results)."""
+    found = {name: [0, 0] for name in SEPARATING}
+    for model, remove in sorted({(c["model"], c["remove"]) for c in cells}):
+        best = best_heals(table, model, remove)
+        if "clp" not in best:
+            continue
+        clp = best["clp"][1]
+        for name, (_, value) in best.items():
+            if name == "clp" or (value["cuts"] == clp["cuts"] and best[name][0] == best["clp"][0]):
+                continue  # the same model: nothing to separate
+            for measure, difference_of in SEPARATING.items():
+                difference = difference_of(value, clp)
+                if difference is not None:
+                    found[measure][1] += 1
+                    found[measure][0] += not difference.tie
+    return {name: (separated, compared) for name, (separated, compared) in found.items()}
+
+
+def separation_lines(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
+    counted = separations(table, cells)
+    if not any(compared for _, compared in counted.values()):
+        return []
+    lines = ["## Which measures separate methods", "",
+             ("Each method's best heal against CLP's, per model and rate, where the two are different models: how "
+              "many of those comparisons each measure separates at 95 % (paired interval without 0), of those it "
+              "could compare (both cells kept per-item results)."), "",
+             "| measure | separated | compared |", "|---|---|---|"]
+    lines += [f"| {name} | {separated} | {compared} |" for name, (separated, compared) in counted.items()]
+    return [*lines, ""]
+
+
 def unpaired_verdict(value: dict, reference: dict) -> str:
     """The verdict of cells without per-item results: a retention difference inside two standard errors (the
     larger of the two) is a tie."""
@@ -523,7 +635,7 @@ def report(out: Path) -> str:
             tasks = ", ".join(f"{task} {value['acc']:.3f}" for task, value in scores["tasks"].items())
             lines.append(f"Dense {model}: average acc {scores['average']['acc']:.4f} ({tasks}); perplexity wiki "
                          f"{dense[model]['perplexity_wiki']:.2f}, lee {dense[model]['perplexity_lee']:.2f}.")
-    lines += ["", *headline(table, cells)]
+    lines += ["", *headline(table, cells), *separation_lines(table, cells)]
     for model, remove in sorted({(c["model"], c["remove"]) for c in cells}):
         rows = {name: {key[3]: value for key, value in table.items() if key[:3] == (model, remove, name)}
                 for name in SELECTIONS}
@@ -687,6 +799,10 @@ def main() -> None:
     parser.add_argument("--heal-steps", type=int, default=200)
     parser.add_argument("--heal-batch", type=int, default=8)
     parser.add_argument("--heal-windows", type=int, default=1024)
+    parser.add_argument("--agreement", action=argparse.BooleanOptionalAction, default=True,
+                        help="each pruned model's agreement with the dense model (KL and top-1 on the test windows, "
+                        "greedy generation from held-out prompts)")
+    parser.add_argument("--generation-prompts", type=int, default=200, help="prompts of the generation agreement")
     parser.add_argument("--selections", default="", help="comma-separated part of the selections (default: all)")
     parser.add_argument("--heals", default="", help="comma-separated part of the heals (default: all)")
     parser.add_argument("--report", action="store_true", help="only write the tables and plots from the cells")

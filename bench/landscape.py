@@ -51,10 +51,10 @@ from pathlib import Path
 import torch
 
 from layercut import heal
-from layercut.config import DataOptions, EvalOptions, HealOptions, SearchOptions
+from layercut.config import DataOptions, HealOptions, SearchOptions
 from layercut.data import calibrate, held_out_windows, load_text
 from layercut.errors import LayercutError
-from layercut.evaluate import agreement, dense_reference, perplexity, perplexity_of, window_nll
+from layercut.evaluate import agreement, perplexity, perplexity_of, window_nll
 from layercut.files import write_atomically
 from layercut.gate import candidate_key, checked, cuts, exact_scorer, parse_key, search_gate
 from layercut.layers import cut
@@ -139,10 +139,6 @@ class Worker(grid.Worker):
     (model, seed) the calibration windows, the heal's windows with their teacher targets, and the held-out proxy
     windows with theirs."""
 
-    def __init__(self, arguments, out: Path):
-        super().__init__(arguments, out)
-        self.references: dict = {}
-
     def data(self, name: str, seed: int) -> dict:
         if (name, seed) not in self.seeded:
             dense, _ = self.model(name)
@@ -157,21 +153,6 @@ class Worker(grid.Worker):
             self.seeded[(name, seed)] = {"options": options, "calibration": calibration, "prepared": prepared,
                                          "proxy": proxy, "teacher": teacher, "reference": self.reference(name)}
         return self.seeded[(name, seed)]
-
-    def reference(self, name: str):
-        """The dense model's outputs for the agreement measures (once per model), or None without ``--agreement``."""
-        if not self.arguments.agreement:
-            return None
-        if name not in self.references:
-            self.references.clear()
-            dense, _ = self.model(name)
-            arguments = self.arguments
-            self.references[name] = dense_reference(
-                dense.model, dense.tokenizer, EvalOptions(agreement=True, agreement_texts=",".join(arguments.texts),
-                                                          generation_prompts=arguments.generation_prompts),
-                DataOptions(seq_len=arguments.seq_len, ppl_windows=arguments.ppl_windows,
-                            batch_size=arguments.batch_size))
-        return self.references[name]
 
     def candidates(self, model_name: str, remove: int, seed: int) -> None:
         """Exact KL of every contiguous cut and of the two-segment cuts the gate's search reads out (scoring every

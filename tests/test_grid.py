@@ -233,3 +233,56 @@ def test_a_section_between_the_markers_is_replaced_and_nothing_else(tmp_path):
     with pytest.raises(SystemExit, match="has no"):
         grid.into_section(page, "new\n")
     assert page.read_text() == "no markers\n"
+
+
+def test_the_report_counts_the_comparisons_each_measure_separates(tmp_path):
+    """tail chooses other layers than clp and is worse on wiki perplexity and KL to dense, equal in generation;
+    angular chooses clp's layers (the same model: not counted); lee has no per-window results (not compared)."""
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    write_dense_cell(cells)
+    rng = np.random.default_rng(1)
+    nll, kl = rng.random(16) + 3.0, rng.random(16) * 0.1 + 0.2
+    prefix = rng.integers(0, 64, 20).tolist()
+    for name, cut_, shift in (("clp", [[2, 4]], 0.0), ("tail", [[4, 6]], 0.3), ("angular", [[2, 4]], 0.0)):
+        agreement = {"texts": {"wiki": {"kl": float((kl + shift).mean()), "top1": 0.5, "tokens": 256, "windows": 16,
+                                        "seq_len": 16, "window_kl": (kl + shift).tolist(), "window_top1": [0.5] * 16}},
+                     "generation": {"prompts": 20, "prompt_tokens": 8, "new_tokens": 64, "mean_prefix": 1.0,
+                                    "match_tokens": 16, "share_matching": 0.0, "prefix": prefix}}
+        cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": name, "heal": "endpoints",
+                "chosen": cut_, "kl": 1.0, "cut": cut_, "layers_after": 4, "search_seconds": 1.0,
+                "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": float(np.exp((nll + shift).mean())),
+                "perplexity_lee": 30.0, "window_nll_wiki": (nll + shift).tolist(), "zero_shot": zero_shot(0.7),
+                "agreement": agreement}
+        (cells / f"m-n2-seed0-{name}-endpoints.json").write_text(json.dumps(cell))
+    text = grid.report(tmp_path)
+    table = text.split("## Which measures separate methods")[1].split("\n## ")[0]
+    assert "| wiki log perplexity | 1 | 1 |" in table and "| KL to dense (wiki) | 1 | 1 |" in table
+    assert "| generation: matching prefix | 0 | 1 |" in table and "| top-1 agreement (wiki) | 0 | 1 |" in table
+    assert "| lee log perplexity | 0 | 0 |" in table and "| KL to dense (lee) | 0 | 0 |" in table
+
+
+def test_a_tiny_grid_runs_end_to_end_with_the_agreement(tmp_path, monkeypatch):
+    import torch
+
+    from layercut.data import load_text
+
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("landscape", Path(__file__).parents[1] / "bench" / "landscape.py")
+    landscape = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(landscape)
+    model = landscape.smoke_model(tmp_path / "model", load_text("wiki", "calib"))
+    out = tmp_path / "grid"
+    monkeypatch.setattr(sys, "argv", ["grid.py", "--out", str(out), "--models", model, "--rates", "tiny",
+                                      "--seeds", "0", "--selections", "clp,tail", "--heals", "endpoints",
+                                      "--tasks", "", "--dtype", "float32", "--seq-len", "16", "--calib-windows", "4",
+                                      "--ppl-windows", "4", "--batch-size", "4", "--heal-steps", "2",
+                                      "--heal-batch", "2", "--heal-windows", "8", "--generation-prompts", "4"])
+    grid.main()
+    found = [json.loads(path.read_text()) for path in sorted((out / "cells").glob("*-endpoints.json"))]
+    assert len(found) == 4  # clp and tail at n = 2 and 3
+    for cell in found:
+        texts = cell["agreement"]["texts"]
+        assert set(texts) == {"wiki", "lee"} and len(texts["wiki"]["window_kl"]) == 4
+        assert texts["wiki"]["kl"] > 0 and len(cell["agreement"]["generation"]["prefix"]) == 4
+    assert "## model, 3 of 6 layers removed" in (out / "results.md").read_text()
