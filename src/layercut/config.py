@@ -159,7 +159,7 @@ class SearchOptions(Options):
     exact_cache_gib: float = option(4.0, "memory the exact scoring may keep (GiB): the dense model's hidden states "
                                     "between layers and its output log-probabilities, computed once for every cut "
                                     "scored", ge=0)
-    repair_candidates: int = option(4, "cuts the repair method repairs and scores, per number of segments: those of "
+    repair_candidates: int = option(1, "cuts the repair method repairs and scores, per number of segments: those of "
                                     "lowest exact KL (the tail cut is added)", ge=1)
     repair_proxy: Literal[REPAIR_PROXIES] = option(  # type: ignore[valid-type]
         "endpoints", "the repair method's cheap repair of each candidate: a short endpoints heal "
