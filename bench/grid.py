@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from layercut import heal, selection
+from layercut import heal, paired, selection
 from layercut.config import DataOptions, EvalOptions, HealOptions, ModelOptions, SearchOptions
 from layercut.data import calibrate, evaluation_windows, load_text
 from layercut.errors import LayercutError
@@ -39,14 +39,8 @@ from layercut.evaluate import agreement, dense_reference, evaluate, perplexity_o
 from layercut.files import write_atomically
 from layercut.layers import cut
 from layercut.load import load_model
-from layercut.paired import (
-    Difference,
-    accuracy_difference,
-    log_perplexity_difference,
-    mean_difference,
-    task_strata,
-)
-from layercut.record import ZeroShot, library_versions
+from layercut.paired import Difference, accuracy_difference, log_perplexity_difference, task_strata
+from layercut.record import Agreement, ZeroShot, library_versions
 from layercut.zeroshot import APART, CHANCE, TASKS, retention
 
 logger = logging.getLogger("bench.grid")
@@ -410,15 +404,17 @@ def pairs(value: dict, reference: dict) -> list[tuple[dict, dict]]:
     return [(left[seed], right[seed]) for seed in sorted(left) if seed in right]
 
 
-def paired_accuracy(value: dict, reference: dict) -> Difference | None:
+def paired_accuracy(value: dict, reference: dict, task: str | None = None) -> Difference | None:
     """Average zero-shot accuracy of ``value`` − ``reference`` over their common seeds (mean over seeds), paired
-    over the items of each task; None when a side kept no per-item correctness."""
+    over the items of each task; only ``task``'s accuracy when one is named. None when a side kept no per-item
+    correctness."""
     strata = []
     for left, right in pairs(value, reference):
         if not left.get("zero_shot") or not right.get("zero_shot"):
             return None
         a, b = ZeroShot(**left["zero_shot"]), ZeroShot(**right["zero_shot"])
-        found = task_strata(a, b, [task for task in (a.average_tasks or a.tasks) if task in b.tasks])
+        tasks = [task] if task is not None else (a.average_tasks or a.tasks)
+        found = task_strata(a, b, [name for name in tasks if name in a.tasks and name in b.tasks])
         if found is None:
             return None
         strata += found
@@ -438,52 +434,35 @@ def paired_perplexity(value: dict, reference: dict, text: str = "wiki") -> Diffe
 
 
 def agreement_items(cell: dict, measure: str) -> list[float] | None:
-    """One cell's per-item values of an agreement measure: ``kl:TEXT`` and ``top1:TEXT`` per test window,
-    ``prefix`` per generation prompt; None when the cell kept none."""
-    found = cell.get("agreement") or {}
-    if measure == "prefix":
-        return (found.get("generation") or {}).get("prefix")
-    kind, text = measure.split(":")
-    return (found.get("texts", {}).get(text) or {}).get(f"window_{kind}")
+    """One cell's per-item values of the agreement measure named as :func:`layercut.paired.agreement_items` names
+    it; None when the cell kept none."""
+    if not cell.get("agreement"):
+        return None
+    return paired.agreement_items(Agreement(**cell["agreement"])).get(measure, (None, None))[1]
 
 
-def paired_items(value: dict, reference: dict, items) -> Difference | None:
-    """Mean of ``items(cell)`` of ``value`` − of ``reference``, paired item by item over their common seeds (the
-    items of all seeds pooled); None when a side kept no per-item values."""
+def paired_items(value: dict, reference: dict, measure: str) -> Difference | None:
+    """Mean of the agreement ``measure``'s per-item values of ``value`` − of ``reference``, paired item by item over
+    their common seeds (the items of all seeds pooled); None when a side kept no per-item values."""
     left, right = [], []
     for a, b in pairs(value, reference):
-        mine, theirs = items(a), items(b)
+        mine, theirs = agreement_items(a, measure), agreement_items(b, measure)
         if mine is None or theirs is None or len(mine) != len(theirs):
             return None
         left += mine
         right += theirs
-    return mean_difference(left, right) if left else None
+    return paired.mean_difference(left, right) if left else None
 
 
-def task_accuracy(value: dict, reference: dict, task: str) -> Difference | None:
-    """Accuracy on one task of ``value`` − ``reference``, paired over its items (seeds as strata); None when a side
-    kept no per-item correctness for it."""
-    strata = []
-    for left, right in pairs(value, reference):
-        if not left.get("zero_shot") or not right.get("zero_shot"):
-            return None
-        a, b = ZeroShot(**left["zero_shot"]), ZeroShot(**right["zero_shot"])
-        found = task_strata(a, b, [task]) if task in a.tasks and task in b.tasks else None
-        if found is None:
-            return None
-        strata += found
-    return accuracy_difference(strata) if strata else None
-
-
+AGREEMENT = (*(f"{name} ({text})" for text in ("wiki", "lee") for name in ("KL to dense", "top-1 agreement with dense")),
+             "generation: matching prefix")
 SEPARATING = {  # measure → its paired difference of one summary against another (None: not paired)
     "commonsense accuracy (7 tasks)": paired_accuracy,
-    "LAMBADA accuracy": lambda v, r: task_accuracy(v, r, "lambada_openai"),
-    "MMLU accuracy": lambda v, r: task_accuracy(v, r, "mmlu"),
+    "LAMBADA accuracy": lambda v, r: paired_accuracy(v, r, "lambada_openai"),
+    "MMLU accuracy": lambda v, r: paired_accuracy(v, r, "mmlu"),
     "wiki log perplexity": lambda v, r: paired_perplexity(v, r, "wiki"),
     "lee log perplexity": lambda v, r: paired_perplexity(v, r, "lee"),
-    **{f"{label} ({text})": (lambda v, r, m=f"{kind}:{text}": paired_items(v, r, lambda c: agreement_items(c, m)))
-       for text in ("wiki", "lee") for kind, label in (("kl", "KL to dense"), ("top1", "top-1 agreement"))},
-    "generation: matching prefix": lambda v, r: paired_items(v, r, lambda c: agreement_items(c, "prefix")),
+    **{name: (lambda v, r, m=name: paired_items(v, r, m)) for name in AGREEMENT},
 }
 
 

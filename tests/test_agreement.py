@@ -120,7 +120,7 @@ def test_a_dense_model_agrees_with_itself_exactly_and_a_cut_one_less(family, tin
                                                         "generation: matching prefix"))
     assert kl[2].estimate == pytest.approx(mine.kl - found.kl) and kl[2].low > 0  # the cut model agrees less
     assert top1[2].estimate < 0 and prefix[2].estimate < 0
-    assert all(d.tie and d.estimate == 0 for _, _, d in agreement_differences(itself, itself).values())
+    assert all(d.tie and d.estimate == 0 for _, _, d, _ in agreement_differences(itself, itself).values())
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])  # llama: an untied head; gemma2: tied, soft-capped

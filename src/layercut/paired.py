@@ -126,29 +126,36 @@ def log_perplexity_difference(nll_a: np.ndarray, nll_b: np.ndarray, resamples: i
     return mean_difference(nll_a, nll_b, resamples, seed, level, "windows")
 
 
-def agreement_differences(a: Agreement, b: Agreement, seed: int = 0) -> dict[str, tuple[float, float, Difference | None]]:
-    """Model A's agreement with the dense model against model B's, measure by measure (name → (A, B, paired
-    difference A − B or None)): per text the mean KL and top-1 agreement, paired over its test windows; in
-    generation the matching prefix, paired over the prompts. None where a side kept no per-window or per-prompt
-    values, or the two were measured on other windows or prompts."""
+def agreement_items(agreement: Agreement) -> dict[str, tuple[float, list[float] | None, tuple, bool]]:
+    """Each agreement measure by name: (its value, its per-item values or None, what the items must match between
+    two models to be paired, whether higher is better). Per text the mean KL and top-1 agreement, per test window;
+    in generation the matching prefix, per prompt."""
     found = {}
-    for text, mine in a.texts.items():
-        theirs = b.texts.get(text)
-        if theirs is None:
+    for text, measured in agreement.texts.items():
+        shape = ("windows", measured.windows, measured.seq_len)
+        found[f"KL to dense ({text})"] = (measured.kl, measured.window_kl, shape, False)
+        found[f"top-1 agreement with dense ({text})"] = (measured.top1, measured.window_top1, shape, True)
+    generation = agreement.generation
+    if generation is not None:
+        shape = ("prompts", generation.prompts, generation.prompt_tokens, generation.new_tokens)
+        found["generation: matching prefix"] = (generation.mean_prefix, generation.prefix, shape, True)
+    return found
+
+
+def agreement_differences(a: Agreement, b: Agreement, seed: int = 0
+                          ) -> dict[str, tuple[float, float, Difference | None, bool]]:
+    """Model A's agreement with the dense model against model B's, measure by measure (:func:`agreement_items`;
+    name → (A, B, paired difference A − B or None, whether higher is better)), paired over the test windows or
+    prompts. None where a side kept no per-item values, or the two were measured on other windows or prompts."""
+    theirs = agreement_items(b)
+    found = {}
+    for name, (value_a, left, shape, higher_is_better) in agreement_items(a).items():
+        if name not in theirs:
             continue
-        same = (mine.windows, mine.seq_len) == (theirs.windows, theirs.seq_len)
-        for name, left, right, value_a, value_b in (
-                (f"KL to dense ({text})", mine.window_kl, theirs.window_kl, mine.kl, theirs.kl),
-                (f"top-1 agreement with dense ({text})", mine.window_top1, theirs.window_top1, mine.top1, theirs.top1)):
-            paired = same and left is not None and right is not None
-            found[name] = (value_a, value_b, mean_difference(left, right, seed=seed, what="windows") if paired else None)
-    mine, theirs = a.generation, b.generation
-    if mine is not None and theirs is not None:
-        paired = (mine.prefix is not None and theirs.prefix is not None
-                  and (mine.prompts, mine.prompt_tokens, mine.new_tokens) == (theirs.prompts, theirs.prompt_tokens,
-                                                                             theirs.new_tokens))
-        found["generation: matching prefix"] = (mine.mean_prefix, theirs.mean_prefix, mean_difference(
-            mine.prefix, theirs.prefix, seed=seed, what="prompts") if paired else None)
+        value_b, right, other_shape, _ = theirs[name]
+        paired = shape == other_shape and left is not None and right is not None
+        difference = mean_difference(left, right, seed=seed, what=shape[0]) if paired else None
+        found[name] = (value_a, value_b, difference, higher_is_better)
     return found
 
 
@@ -185,6 +192,7 @@ class PairedRow:
     difference: Difference | None
     reason: str = ""
     higher_is_better: bool = True
+    log_ratio: bool = False  # a difference of logs: exp of it is a ratio (perplexity)
 
 
 def against(a: ZeroShot | None, nll_a: list[float] | None, b: ZeroShot | None, nll_b: list[float] | None,
@@ -233,16 +241,15 @@ def compare_records(a: RunRecord, b: RunRecord, seed: int = 0) -> list[PairedRow
                                                     else "no per-window results on both sides"))
         rows.append(PairedRow(f"log perplexity ({ppl_a.text or '?'})", math.log(ppl_a.after), math.log(ppl_b.after),
                               log_perplexity_difference(nll_a, nll_b, seed=seed) if paired else None, reason,
-                              higher_is_better=False))
+                              higher_is_better=False, log_ratio=True))
     if a.metrics.zero_shot is not None and b.metrics.zero_shot is not None:
         rows += _zero_shot_rows(a.metrics.zero_shot.after, b.metrics.zero_shot.after, seed)
     if a.metrics.agreement is not None and b.metrics.agreement is not None:
         same_model = a.source == b.source
-        for name, (value_a, value_b, difference) in agreement_differences(a.metrics.agreement, b.metrics.agreement,
-                                                                          seed).items():
+        for name, (value_a, value_b, difference, higher_is_better) in agreement_differences(
+                a.metrics.agreement, b.metrics.agreement, seed).items():
             paired = same_model and difference is not None
             reason = "" if paired else "unpaired: " + ("other model" if not same_model
                                                        else "no per-window or per-prompt results on both sides")
-            rows.append(PairedRow(name, value_a, value_b, difference if paired else None, reason,
-                                  higher_is_better=name.startswith(("top-1", "generation"))))
+            rows.append(PairedRow(name, value_a, value_b, difference if paired else None, reason, higher_is_better))
     return rows

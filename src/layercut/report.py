@@ -260,7 +260,7 @@ def paired_table(name_a: str, name_b: str, rows: Sequence[PairedRow]) -> str:
              f"| measure | {name_a} | {name_b} | A − B [95 %] | verdict for {name_a} |", "|---|---|---|---|---|"]
     for row in rows:
         text = difference_text(row.difference, row.reason)
-        if row.difference is not None and row.measure.startswith("log perplexity"):
+        if row.difference is not None and row.log_ratio:
             low, high = math.exp(row.difference.low), math.exp(row.difference.high)
             text += f"; perplexity ratio {math.exp(row.difference.estimate):.3f} [{low:.3f}, {high:.3f}]"
         verdict = "-" if row.difference is None else row.difference.verdict(row.higher_is_better)
