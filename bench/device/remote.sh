@@ -40,11 +40,12 @@ gemma)
     rm -r ~/gg; sha256sum ~/lc/cache/gguf/gemma-3-270m-q4_k_m.gguf | cut -c1-16
     cd ~/code && python3 -c "$alias_check" gemma3-270m 2>&1 | tail -1 && touch ~/res/gemma.ready
   fi ;;
-workers)  # in the background: once Gemma-3 is in place (and the 70B shape's search, if started, is done),
-  # ${WORKERS:-8} grid workers on GPU $2
-  cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ] &&
+workers)  # in the background: once Gemma-3 is in place (unless MODELS leaves it out) and the 70B shape's search, if
+  # started, is done, ${WORKERS:-8} grid workers on GPU $2 for ${MODELS:-smollm2-135m,gemma3-270m}
+  models=${MODELS:-smollm2-135m,gemma3-270m}; ready=~/res/gemma.ready; [[ $models == *gemma* ]] || ready=~/res
+  cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -e $ready ] &&
     { [ ! -f ~/res/search.started ] || [ -f ~/res/big.done ]; }; do sleep 5; done;
-    $grid --models smollm2-135m,gemma3-270m --workers ${WORKERS:-8}" > ~/res/grid-gpu$2.log 2>&1 < /dev/null & ;;
+    $grid --models $models --workers ${WORKERS:-8}" > ~/res/grid-gpu$2-${models//,/-}.log 2>&1 < /dev/null & ;;
 search)  # in the background: the search costs of the 70B shape (both GPUs, before any grid worker starts), then on
   # GPU 1 those of the 8B shape, SmolLM2's single-segment benchmark and the shipped gate's two-segment regate on seed 1
   touch ~/res/search.started && cd ~/code && setsid nohup bash -c "python3 bench/big_model.py --shape llama3-70b \
