@@ -14,7 +14,8 @@ per-item results were kept are compared unpaired, and say so.
 
     python bench/grid.py --out bench/results/grid-h200               # the full grid (GPU; resumes the committed cells)
     python bench/grid.py --out bench/results/grid-h200 --report      # tables, plots and results.md from the cells
-    python bench/grid.py --out bench/results/grid-h200 --report --readme README.md --doc docs/results.md
+    python bench/grid.py --out bench/results/grid-h200 --report --doc docs/results.md  # docs' full tables
+    python bench/grid.py --out bench/results/grid-paired-h100 --report --readme README.md  # README's headline
     python bench/grid.py --out runs/grid-smoke --models /tmp/tiny --rates tiny --limit 4 --tasks piqa  # smoke
 """
 
@@ -464,13 +465,23 @@ SEPARATING = {  # measure → its paired difference of one summary against anoth
     "lee log perplexity": lambda v, r: paired_perplexity(v, r, "lee"),
     **{name: (lambda v, r, m=name: paired_items(v, r, m)) for name in AGREEMENT},
 }
+HIGHER_IS_BETTER = {"commonsense accuracy (7 tasks)": True, "LAMBADA accuracy": True, "MMLU accuracy": True,
+                    "wiki log perplexity": False, "lee log perplexity": False}  # the agreement's: paired.py's
 
 
-def separations(table: dict[tuple, dict], cells: list[dict]) -> dict[str, tuple[int, int]]:
-    """For each measure of :data:`SEPARATING`: of the (method, model, rate) pairs that choose other layers than CLP
-    (each method's best heal against CLP's best heal), how many differ from CLP at 95 % (the paired interval holds
-    no 0), and how many could be compared (both sides kept per-item results)."""
-    found = {name: [0, 0] for name in SEPARATING}
+def higher_is_better(measure: str, cell: dict) -> bool:
+    """Whether a higher value of ``measure`` is better: the agreement measures' direction is the one
+    :func:`layercut.paired.agreement_items` gives them (read from a cell that kept them)."""
+    if measure in HIGHER_IS_BETTER:
+        return HIGHER_IS_BETTER[measure]
+    return paired.agreement_items(Agreement(**cell["agreement"]))[measure][3]
+
+
+def comparisons(table: dict[tuple, dict], cells: list[dict]) -> list[tuple[tuple, dict[str, str]]]:
+    """Each (model, rate, method) whose best heal chooses another model than CLP's best heal, with its verdict
+    against CLP on every measure of :data:`SEPARATING` that both kept per-item results for: "better", "worse" or
+    "tie" (the paired 95 % interval holds 0)."""
+    found = []
     for model, remove in sorted({(c["model"], c["remove"]) for c in cells}):
         best = best_heals(table, model, remove)
         if "clp" not in best:
@@ -479,12 +490,21 @@ def separations(table: dict[tuple, dict], cells: list[dict]) -> dict[str, tuple[
         for name, (_, value) in best.items():
             if name == "clp" or (value["cuts"] == clp["cuts"] and best[name][0] == best["clp"][0]):
                 continue  # the same model: nothing to separate
+            verdicts = {}
             for measure, difference_of in SEPARATING.items():
                 difference = difference_of(value, clp)
                 if difference is not None:
-                    found[measure][1] += 1
-                    found[measure][0] += not difference.tie
-    return {name: (separated, compared) for name, (separated, compared) in found.items()}
+                    verdicts[measure] = difference.verdict(higher_is_better(measure, clp["cells"][0]))
+            found.append(((model, remove, name), verdicts))
+    return found
+
+
+def separations(table: dict[tuple, dict], cells: list[dict]) -> dict[str, tuple[int, int]]:
+    """For each measure of :data:`SEPARATING`: of the :func:`comparisons` with CLP, how many it separates at 95 %
+    and how many it could compare (both sides kept per-item results)."""
+    found = comparisons(table, cells)
+    return {measure: (sum(verdicts.get(measure, "tie") != "tie" for _, verdicts in found),
+                      sum(measure in verdicts for _, verdicts in found)) for measure in SEPARATING}
 
 
 def separation_lines(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
@@ -497,6 +517,14 @@ def separation_lines(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
               "could compare (both cells kept per-item results)."), "",
              "| measure | separated | compared |", "|---|---|---|"]
     lines += [f"| {name} | {separated} | {compared} |" for name, (separated, compared) in counted.items()]
+    measures = [name for name, (_, compared) in counted.items() if compared]
+    mark = {"better": "+", "worse": "−", "tie": "="}
+    lines += ["", ("The same comparisons measure by measure: + the method is better than CLP, − worse, = a tie "
+                   "(perplexity and KL: lower is better)."), "",
+              "| model | n | method | " + " | ".join(measures) + " |", "|---|---|---|" + "---|" * len(measures)]
+    lines += [f"| {model} | {remove} | {name} | " + " | ".join(mark[verdicts[m]] if m in verdicts else "·"
+                                                             for m in measures) + " |"
+              for (model, remove, name), verdicts in comparisons(table, cells)]
     return [*lines, ""]
 
 
@@ -824,7 +852,8 @@ START, END = "<!-- grid results: start -->", "<!-- grid results: end -->"
 def compact_headline(out: Path) -> str:
     """One table for a README: per case (model, layers removed) a column, per selection method a row, each entry
     the method's retention with its best heal and whether CLP (one segment, its own best heal) wins, ties or loses
-    against it (:func:`clp_verdict`), and a last row counting the three."""
+    against it (:func:`clp_verdict`); where both kept per-window results, also the method's wiki perplexity as a
+    multiple of CLP's and CLP's verdict on it (paired over the test windows). The last rows count the verdicts."""
     cells, _, _ = read_cells(out)
     table = summaries(cells)
     shape = {c["model"]: c["layers"] for c in cells}
@@ -832,7 +861,8 @@ def compact_headline(out: Path) -> str:
     best = {case: best_heals(table, *case) for case in cases}
     lines = ["| selection (best heal) | " + " | ".join(f"{m}, {n} of {shape[m]} cut" for m, n in cases) + " |",
              "|---|" + "---|" * len(cases)]
-    counts = {case: {"clp wins": 0, "tie": 0, "clp loses": 0} for case in cases}
+    words = ("clp wins", "tie", "clp loses")
+    counts = {measure: {case: dict.fromkeys(words, 0) for case in cases} for measure in ("accuracy", "perplexity")}
     unpaired = {case: 0 for case in cases}
     for name in SELECTIONS:
         entries = []
@@ -845,13 +875,23 @@ def compact_headline(out: Path) -> str:
             else:
                 said = clp_verdict(clp[1], found[1])
                 word = said.split(" (")[0].removesuffix(", unpaired")
-                counts[case][word] += 1
+                counts["accuracy"][case][word] += 1
                 unpaired[case] += said.endswith("unpaired")
-                entries.append(f"{found[1]['retention']:.3f} ({word}{', unpaired' * said.endswith('unpaired')})")
+                entry = f"{found[1]['retention']:.3f} ({word}{', unpaired' * said.endswith('unpaired')})"
+                ratio = paired_perplexity(found[1], clp[1])
+                if ratio is not None:
+                    word = {"better": "clp loses", "worse": "clp wins", "tie": "tie"}[
+                        ratio.verdict(higher_is_better=False)]
+                    counts["perplexity"][case][word] += 1
+                    entry += f"; wiki ppl x{math.exp(ratio.estimate):.2f} ({word})"
+                entries.append(entry)
         lines.append(f"| {name} | " + " | ".join(entries) + " |")
-    lines.append("| **CLP wins / ties / loses** | " + " | ".join(
-        "{} / {} / {}".format(*counts[case].values()) + (f" ({unpaired[case]} unpaired)" if unpaired[case] else "")
-        for case in cases) + " |")
+    lines.append("| **CLP wins / ties / loses, accuracy** | " + " | ".join(
+        "{} / {} / {}".format(*counts["accuracy"][case].values())
+        + (f" ({unpaired[case]} unpaired)" if unpaired[case] else "") for case in cases) + " |")
+    if any(sum(found.values()) for found in counts["perplexity"].values()):
+        lines.append("| **CLP wins / ties / loses, wiki perplexity** | " + " | ".join(
+            "{} / {} / {}".format(*counts["perplexity"][case].values()) for case in cases) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -221,7 +221,31 @@ def test_the_compact_headline_counts_where_clp_wins_ties_and_loses(tmp_path):
     assert rows["tail"] == "| tail | 0.750 (clp wins, unpaired) |"
     assert rows["sleb"] == "| sleb | 0.887 (tie, unpaired) |"
     assert rows["ppl"] == "| ppl | 1.000 (clp loses, unpaired) |" and rows["angular"] == "| angular | — |"
-    assert rows["CLP wins / ties / loses"] == "| **CLP wins / ties / loses** | 1 / 1 / 1 (3 unpaired) |"
+    assert rows["CLP wins / ties / loses, accuracy"] == ("| **CLP wins / ties / loses, accuracy** | 1 / 1 / 1 "
+                                                         "(3 unpaired) |")
+    assert not any("perplexity" in line for line in lines)  # no per-window results: no perplexity verdicts
+
+
+def test_the_compact_headline_pairs_wiki_perplexity_window_by_window(tmp_path):
+    """tail's windows are all 0.3 nats worse than CLP's (x1.35), ppl's the same as CLP's plus noise around 0."""
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    write_dense_cell(cells)
+    rng = np.random.default_rng(2)
+    nll = rng.random(32) + 3.0
+    shifts = {"clp": np.zeros(32), "tail": np.full(32, 0.3), "ppl": rng.normal(0, 0.01, 32)}
+    for name, cut_ in (("clp", [[2, 4]]), ("tail", [[4, 6]]), ("ppl", [[1, 3]])):
+        windows = nll + shifts[name]
+        cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": name, "heal": "endpoints",
+                "chosen": cut_, "kl": 1.0, "cut": cut_, "layers_after": 4, "search_seconds": 1.0,
+                "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": float(np.exp(windows.mean())),
+                "perplexity_lee": 30.0, "window_nll_wiki": windows.tolist(), "zero_shot": zero_shot(0.7)}
+        (cells / f"m-n2-seed0-{name}-endpoints.json").write_text(json.dumps(cell))
+    rows = {line.split(" | ")[0].strip("| *"): line for line in grid.compact_headline(tmp_path).splitlines()[2:]}
+    assert rows["tail"].endswith(f"; wiki ppl x{np.exp(0.3):.2f} (clp wins) |")
+    assert rows["ppl"].endswith("; wiki ppl x1.00 (tie) |")
+    assert rows["CLP wins / ties / loses, wiki perplexity"] == ("| **CLP wins / ties / loses, wiki perplexity** | "
+                                                                "1 / 1 / 0 |")
 
 
 def test_a_section_between_the_markers_is_replaced_and_nothing_else(tmp_path):
@@ -260,6 +284,13 @@ def test_the_report_counts_the_comparisons_each_measure_separates(tmp_path):
     assert "| wiki log perplexity | 1 | 1 |" in table and "| KL to dense (wiki) | 1 | 1 |" in table
     assert "| generation: matching prefix | 0 | 1 |" in table and "| top-1 agreement with dense (wiki) | 0 | 1 |" in table
     assert "| lee log perplexity | 0 | 0 |" in table and "| KL to dense (lee) | 0 | 0 |" in table
+    rows = [[part.strip() for part in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith(("| model |", "| m |"))]
+    by_measure = dict(zip(rows[0], rows[1], strict=True))  # one comparison: tail (angular is CLP's own model)
+    assert len(rows) == 2 and by_measure["method"] == "tail"
+    # worse means higher perplexity and KL (lower is better there) and a tie on the unchanged generation
+    assert by_measure["wiki log perplexity"] == "−" and by_measure["KL to dense (wiki)"] == "−"
+    assert by_measure["generation: matching prefix"] == "=" and "lee log perplexity" not in by_measure
 
 
 def test_a_tiny_grid_runs_end_to_end_with_the_agreement(tmp_path, monkeypatch):
