@@ -317,3 +317,11 @@ def test_a_tiny_grid_runs_end_to_end_with_the_agreement(tmp_path, monkeypatch):
         assert set(texts) == {"wiki", "lee"} and len(texts["wiki"]["window_kl"]) == 4
         assert texts["wiki"]["kl"] > 0 and len(cell["agreement"]["generation"]["prefix"]) == 4
     assert "## model, 3 of 6 layers removed" in (out / "results.md").read_text()
+    # a second launch into the same folder (here with nothing left to do) is listed beside the first
+    first = "python " + " ".join(sys.argv)
+    monkeypatch.setattr(sys, "argv", [*sys.argv[:sys.argv.index("--selections")], "--selections", "clp",
+                                      *sys.argv[sys.argv.index("--heals"):]])
+    grid.main()
+    second = "python " + " ".join(sys.argv)
+    assert json.loads((out / "grid.json").read_text())["commands"] == [first, second]
+    assert grid.generated_by(out, SimpleNamespace(readme="", doc="")).endswith(f"made by `{first}` and `{second}`._\n")
