@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from layercut import selection
+from layercut import repair, selection
 from layercut.config import DataOptions, ModelOptions, SearchOptions
 from layercut.data import calibrate
 from layercut.files import write_atomically
@@ -67,6 +67,28 @@ def pick(model: str, remove: int, seed: int, config: dict, arguments) -> dict:
             "candidates": found.trajectory}
 
 
+def score(model: str, remove: int, seed: int, config: dict, cuts: list, arguments, known: dict) -> dict:
+    """``--score``: the given ``cuts`` scored by the repair selection's own proxy (``repair.repaired_kls``, the
+    options of ``config``) on the same windows as :func:`pick`, without its search; each with its worth looked up."""
+    handle = load_model(model, ModelOptions(dtype="float32"))
+    data = DataOptions(seq_len=arguments.seq_len, calib_windows=arguments.calib_windows, seed=seed,
+                       batch_size=arguments.batch_size)
+    windows = calibrate(handle.tokenizer, data, test=False).calibration
+    options = SearchOptions(remove=remove, method="repair", **config)
+    candidates = [tuple(tuple(segment) for segment in cut) for cut in cuts]
+    wrong = [cut for cut in candidates if sum(end - start for start, end in cut) != remove]
+    if wrong:
+        raise SystemExit(f"--score: {wrong} do not remove {remove} layers")
+    started = time.perf_counter()
+    scores = repair.repaired_kls(handle, windows, candidates, options, arguments.batch_size, seed)
+    rows = [{"cut": [list(s) for s in cut], "repaired_kl": value,
+             "worth": known.get((Path(model).name, remove, seed, json.dumps([list(s) for s in cut])))}
+            for cut, value in scores.items()]
+    best = min(rows, key=lambda row: row["repaired_kl"])
+    return {"model": Path(model).name, "remove": remove, "seed": seed, "config": config, "scored": rows,
+            "lowest": best["cut"], "seconds": time.perf_counter() - started}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -74,6 +96,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--config", default='{"segments": 2}', help="the repair selection's options, as JSON")
     parser.add_argument("--lookup", action="store_true", help="only look up again what the recorded picks are worth")
+    parser.add_argument("--score", default="", help="instead of the search, score these cuts (a JSON list of cuts, "
+                        "each a list of [start, end)) with the selection's proxy, in every cell of --cells")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -97,8 +121,15 @@ def main(argv=None) -> None:
     for cell in arguments.cells.split(","):
         model, remove = cell.split(":")
         for seed in map(int, arguments.seeds.split(",")):
-            path = out / f"{Path(model).name}-n{remove}-seed{seed}-{label}.json"
+            path = out / f"{Path(model).name}-n{remove}-seed{seed}-{'scored-' * bool(arguments.score)}{label}.json"
             if path.is_file():
+                continue
+            if arguments.score:
+                result = score(model, int(remove), seed, config, json.loads(arguments.score), arguments, known)
+                result["command"] = "python " + " ".join(sys.argv)
+                result["versions"] = library_versions()
+                write_atomically(path, json.dumps(result, indent=1) + "\n")
+                logger.info("%s: lowest repaired KL %s, of %s", path.stem, result["lowest"], result["scored"])
                 continue
             result = pick(model, int(remove), seed, config, arguments)
             result["worth"] = known.get((result["model"], result["remove"], seed, json.dumps(result["chosen"])))

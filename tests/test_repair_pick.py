@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from layercut.data import load_text
@@ -40,3 +41,26 @@ def test_the_pick_is_recorded_and_priced_from_a_landscape_that_holds_it(tmp_path
     (tmp_path / "landscape" / "cuts" / "one.json").write_text(json.dumps(cut))
     picks.main([*arguments, "--lookup"])
     assert json.loads(path.read_text())["worth"]["wiki"] == 12.5
+
+
+def test_given_cuts_are_scored_as_the_selection_scores_its_candidates(tmp_path):
+    torch.set_num_threads(1)
+    model = load("landscape").smoke_model(tmp_path / "model", load_text("wiki", "calib"))
+    picks, out = load("repair_pick"), tmp_path / "picks"
+    arguments = ["--out", str(out), "--cells", f"{model}:2", "--seeds", "0", "--seq-len", "16",
+                 "--calib-windows", "8", "--batch-size", "4", "--config", '{"repair_steps": 2}',
+                 "--landscape", str(tmp_path / "landscape"), "--grid", str(tmp_path / "grid")]
+    picks.main(arguments)
+    [picked] = [json.loads(path.read_text()) for path in out.glob("*.json")]
+    selection = {row["cut"]: row["repaired_kl"] for row in picked["candidates"]}
+    cuts = [[[int(i) for i in cut.split(":")]] for cut in selection]
+    picks.main([*arguments, "--score", json.dumps(cuts)])
+    [scored] = [json.loads(path.read_text()) for path in out.glob("*-scored-*.json")]
+    found = {f"{row['cut'][0][0]}:{row['cut'][0][1]}": row["repaired_kl"] for row in scored["scored"]}
+    assert found.keys() == selection.keys()
+    for cut, value in selection.items():  # the same windows, seed and proxy: the same score
+        assert abs(found[cut] - value) <= 1e-6 * abs(value)
+    assert scored["lowest"] == picked["chosen"]
+    with pytest.raises(SystemExit, match="do not remove 2 layers"):
+        picks.main([*arguments, "--out", str(tmp_path / "wrong"), "--score", "[[[0, 3]]]"])
+    assert not list((tmp_path / "wrong").glob("*.json"))

@@ -171,6 +171,27 @@ def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
     return {parse_key(key): value for key, value in found.landscape.items()}, found.evaluations
 
 
+def repaired_kls(handle: Handle, windows: torch.Tensor, candidates: Sequence[Candidate], options: SearchOptions,
+                 batch_size: int = 4, seed: int = 0, progress=None, kl: dict | None = None) -> dict[Candidate, float]:
+    """Each of ``candidates`` scored as the repair-aware selection scores it: repaired cheaply on the first half of
+    the calibration ``windows`` and measured by its KL to the dense model on the held-out half
+    (:func:`split_windows`, :func:`repaired_kl`). ``kl`` (optional) holds their exact KL before repair, for the log."""
+    train, held = split_windows(windows)
+    top_k = min(64, handle.model.get_output_embeddings().weight.shape[0])
+    data = {"train": train, "held": held, "tuple": returns_tuple(handle, windows),
+            "teacher_train": heal.teacher_targets(handle.model, train, top_k, batch_size),
+            "teacher_held": heal.teacher_targets(handle.model, held, top_k, batch_size)}
+    scores = {}
+    for candidate in candidates:
+        scores[candidate] = repaired_kl(handle, candidate, data, options, batch_size, seed)
+        before = f"KL {kl[candidate]:.4f} before repair, " if kl and candidate in kl else ""
+        logger.info("repair: %s, %s%.4f after (%s)", candidate_key(candidate), before, scores[candidate],
+                    options.repair_proxy)
+        if progress is not None:
+            progress(1)
+    return scores
+
+
 def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int = 4,
                   seed: int = 0, progress=None) -> SearchResult:
     """The repair-aware selection on calibration ``windows`` ``[N, T]``: the exact KL of the cuts of ``remove``
@@ -181,18 +202,7 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
     started = time.perf_counter()
     kl, evaluations = scored_cuts(handle, windows, remove, options, batch_size, seed)
     chosen = candidate_cuts(kl, handle.num_layers, remove, options.repair_candidates)
-    train, held = split_windows(windows)
-    top_k = min(64, handle.model.get_output_embeddings().weight.shape[0])
-    data = {"train": train, "held": held, "tuple": returns_tuple(handle, windows),
-            "teacher_train": heal.teacher_targets(handle.model, train, top_k, batch_size),
-            "teacher_held": heal.teacher_targets(handle.model, held, top_k, batch_size)}
-    scores = {}
-    for candidate in chosen:
-        scores[candidate] = repaired_kl(handle, candidate, data, options, batch_size, seed)
-        logger.info("repair: %s, KL %.4f before repair, %.4f after (%s)", candidate_key(candidate), kl[candidate],
-                    scores[candidate], options.repair_proxy)
-        if progress is not None:
-            progress(1)
+    scores = repaired_kls(handle, windows, chosen, options, batch_size, seed, progress, kl)
     best = min(chosen, key=scores.__getitem__)
     rows = [{"cut": candidate_key(c), "kl": kl[c], "repaired_kl": scores[c]} for c in chosen]
     return SearchResult("repair", list(best), kl[best], time.perf_counter() - started, evaluations + len(chosen),
