@@ -10,6 +10,10 @@ so the looked-up value is the pick's value on the machine that measured it.
 
     python bench/repair_pick.py --out ~/res/repair-pick --seeds 0        # on the GPU: bench/device/remote.sh picks
     python bench/repair_pick.py --out bench/results/repair-pick-h100 --lookup   # here, once more cells are measured
+    python bench/repair_pick.py --out DIR --cells gemma3-270m:6 --score '[[[7,13]],[[12,18]]]'  # given cuts only
+
+``--score`` skips the search: the given cuts are scored by the selection's own proxy on the same windows (what the
+selection would do with them as its candidates), each with its worth looked up; the file says which scored lowest.
 
 On the CPU it is too slow to be useful at these sizes: the two-segment gate (60 steps at full context) had not
 finished on SmolLM2 n = 10 after 15 minutes on 2 cores, and each candidate's 25-step short heal costs minutes more.
