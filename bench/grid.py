@@ -499,16 +499,16 @@ def comparisons(table: dict[tuple, dict], cells: list[dict]) -> list[tuple[tuple
     return found
 
 
-def separations(table: dict[tuple, dict], cells: list[dict]) -> dict[str, tuple[int, int]]:
-    """For each measure of :data:`SEPARATING`: of the :func:`comparisons` with CLP, how many it separates at 95 %
-    and how many it could compare (both sides kept per-item results)."""
-    found = comparisons(table, cells)
+def separations(found: list[tuple[tuple, dict[str, str]]]) -> dict[str, tuple[int, int]]:
+    """For each measure of :data:`SEPARATING`: of the :func:`comparisons` with CLP (``found``), how many it
+    separates at 95 % and how many it could compare (both sides kept per-item results)."""
     return {measure: (sum(verdicts.get(measure, "tie") != "tie" for _, verdicts in found),
                       sum(measure in verdicts for _, verdicts in found)) for measure in SEPARATING}
 
 
 def separation_lines(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
-    counted = separations(table, cells)
+    found = comparisons(table, cells)
+    counted = separations(found)
     if not any(compared for _, compared in counted.values()):
         return []
     lines = ["## Which measures separate methods", "",
@@ -524,7 +524,7 @@ def separation_lines(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
               "| model | n | method | " + " | ".join(measures) + " |", "|---|---|---|" + "---|" * len(measures)]
     lines += [f"| {model} | {remove} | {name} | " + " | ".join(mark[verdicts[m]] if m in verdicts else "·"
                                                              for m in measures) + " |"
-              for (model, remove, name), verdicts in comparisons(table, cells)]
+              for (model, remove, name), verdicts in found]
     return [*lines, ""]
 
 

@@ -58,31 +58,33 @@ def measured_values(landscape: Path, grid: Path) -> dict[tuple, dict]:
     return found
 
 
-def pick(model: str, remove: int, seed: int, config: dict, arguments) -> dict:
+def prepared(model: str, remove: int, seed: int, config: dict, arguments) -> tuple:
+    """The model, the grid's calibration windows for ``seed`` and the repair selection's options of ``config``."""
     handle = load_model(model, ModelOptions(dtype="float32"))
     data = DataOptions(seq_len=arguments.seq_len, calib_windows=arguments.calib_windows, seed=seed,
                        batch_size=arguments.batch_size)
     windows = calibrate(handle.tokenizer, data, test=False).calibration
-    options = SearchOptions(remove=remove, method="repair", **config)
+    return handle, windows, SearchOptions(remove=remove, method="repair", **config)
+
+
+def pick(model: str, remove: int, seed: int, config: dict, arguments, known: dict) -> dict:
+    handle, windows, options = prepared(model, remove, seed, config, arguments)
     started = time.perf_counter()
     found = selection.search(handle, windows, options, arguments.batch_size, seed)
-    return {"model": Path(model).name, "remove": remove, "seed": seed, "config": config,
-            "chosen": [list(s) for s in found.segments], "kl": found.kl, "seconds": time.perf_counter() - started,
-            "candidates": found.trajectory}
+    chosen = [list(s) for s in found.segments]
+    return {"model": Path(model).name, "remove": remove, "seed": seed, "config": config, "chosen": chosen,
+            "kl": found.kl, "seconds": time.perf_counter() - started, "candidates": found.trajectory,
+            "worth": known.get((Path(model).name, remove, seed, json.dumps(chosen)))}
 
 
 def score(model: str, remove: int, seed: int, config: dict, cuts: list, arguments, known: dict) -> dict:
     """``--score``: the given ``cuts`` scored by the repair selection's own proxy (``repair.repaired_kls``, the
     options of ``config``) on the same windows as :func:`pick`, without its search; each with its worth looked up."""
-    handle = load_model(model, ModelOptions(dtype="float32"))
-    data = DataOptions(seq_len=arguments.seq_len, calib_windows=arguments.calib_windows, seed=seed,
-                       batch_size=arguments.batch_size)
-    windows = calibrate(handle.tokenizer, data, test=False).calibration
-    options = SearchOptions(remove=remove, method="repair", **config)
     candidates = [tuple(tuple(segment) for segment in cut) for cut in cuts]
     wrong = [cut for cut in candidates if sum(end - start for start, end in cut) != remove]
     if wrong:
         raise SystemExit(f"--score: {wrong} do not remove {remove} layers")
+    handle, windows, options = prepared(model, remove, seed, config, arguments)
     started = time.perf_counter()
     scores = repair.repaired_kls(handle, windows, candidates, options, arguments.batch_size, seed)
     rows = [{"cut": [list(s) for s in cut], "repaired_kl": value,
@@ -130,18 +132,15 @@ def main(argv=None) -> None:
                 continue
             if arguments.score:
                 result = score(model, int(remove), seed, config, json.loads(arguments.score), arguments, known)
-                result["command"] = "python " + " ".join(sys.argv)
-                result["versions"] = library_versions()
-                write_atomically(path, json.dumps(result, indent=1) + "\n")
-                logger.info("%s: lowest repaired KL %s, of %s", path.stem, result["lowest"], result["scored"])
-                continue
-            result = pick(model, int(remove), seed, config, arguments)
-            result["worth"] = known.get((result["model"], result["remove"], seed, json.dumps(result["chosen"])))
-            result["command"] = "python " + " ".join(sys.argv)
-            result["versions"] = library_versions()
+            else:
+                result = pick(model, int(remove), seed, config, arguments, known)
+            result |= {"command": "python " + " ".join(sys.argv), "versions": library_versions()}
             write_atomically(path, json.dumps(result, indent=1) + "\n")
-            logger.info("%s: picked %s in %.0f s, worth %s", path.stem, result["chosen"], result["seconds"],
-                        result["worth"])
+            if arguments.score:
+                logger.info("%s: lowest repaired KL %s, of %s", path.stem, result["lowest"], result["scored"])
+            else:
+                logger.info("%s: picked %s in %.0f s, worth %s", path.stem, result["chosen"], result["seconds"],
+                            result["worth"])
 
 
 if __name__ == "__main__":

@@ -22,13 +22,18 @@ def load(name: str):
     return module
 
 
-def test_the_pick_is_recorded_and_priced_from_a_landscape_that_holds_it(tmp_path):
+def tiny_run(tmp_path: Path) -> tuple:
+    """The script, its --out and its arguments for one cell (n = 2) of a tiny model, with 2-step short heals."""
     torch.set_num_threads(1)
     model = load("landscape").smoke_model(tmp_path / "model", load_text("wiki", "calib"))
-    picks, out = load("repair_pick"), tmp_path / "picks"
-    arguments = ["--out", str(out), "--cells", f"{model}:2", "--seeds", "0", "--seq-len", "16",
-                 "--calib-windows", "8", "--batch-size", "4", "--config", '{"repair_steps": 2}',
-                 "--landscape", str(tmp_path / "landscape"), "--grid", str(tmp_path / "grid")]
+    out = tmp_path / "picks"
+    return load("repair_pick"), out, ["--out", str(out), "--cells", f"{model}:2", "--seeds", "0", "--seq-len", "16",
+                                      "--calib-windows", "8", "--batch-size", "4", "--config", '{"repair_steps": 2}',
+                                      "--landscape", str(tmp_path / "landscape"), "--grid", str(tmp_path / "grid")]
+
+
+def test_the_pick_is_recorded_and_priced_from_a_landscape_that_holds_it(tmp_path):
+    picks, out, arguments = tiny_run(tmp_path)
     picks.main(arguments)
     [path] = out.glob("*.json")
     result = json.loads(path.read_text())
@@ -44,12 +49,7 @@ def test_the_pick_is_recorded_and_priced_from_a_landscape_that_holds_it(tmp_path
 
 
 def test_given_cuts_are_scored_as_the_selection_scores_its_candidates(tmp_path):
-    torch.set_num_threads(1)
-    model = load("landscape").smoke_model(tmp_path / "model", load_text("wiki", "calib"))
-    picks, out = load("repair_pick"), tmp_path / "picks"
-    arguments = ["--out", str(out), "--cells", f"{model}:2", "--seeds", "0", "--seq-len", "16",
-                 "--calib-windows", "8", "--batch-size", "4", "--config", '{"repair_steps": 2}',
-                 "--landscape", str(tmp_path / "landscape"), "--grid", str(tmp_path / "grid")]
+    picks, out, arguments = tiny_run(tmp_path)
     picks.main(arguments)
     [picked] = [json.loads(path.read_text()) for path in out.glob("*.json")]
     selection = {row["cut"]: row["repaired_kl"] for row in picked["candidates"]}
