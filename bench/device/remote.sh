@@ -41,11 +41,12 @@ gemma)
     cd ~/code && python3 -c "$alias_check" gemma3-270m 2>&1 | tail -1 && touch ~/res/gemma.ready
   fi ;;
 workers)  # in the background: once Gemma-3 is in place (unless MODELS leaves it out) and the 70B shape's search, if
-  # started, is done, ${WORKERS:-8} grid workers on GPU $2 for ${MODELS:-smollm2-135m,gemma3-270m}
+  # started, is done, ${WORKERS:-8} grid workers on GPU $2 for ${MODELS:-smollm2-135m,gemma3-270m} (TAG names a
+  # second group of the same models, e.g. one with another --out in GRID_ARGS, so that their logs stay apart)
   models=${MODELS:-smollm2-135m,gemma3-270m}; ready=~/res/gemma.ready; [[ $models == *gemma* ]] || ready=~/res
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -e $ready ] &&
     { [ ! -f ~/res/search.started ] || [ -f ~/res/big.done ]; }; do sleep 5; done;
-    $grid --models $models --workers ${WORKERS:-8}" > ~/res/grid-gpu$2-${models//,/-}.log 2>&1 < /dev/null & ;;
+    $grid --models $models --workers ${WORKERS:-8}" > ~/res/grid-gpu$2-${models//,/-}${TAG:+-$TAG}.log 2>&1 < /dev/null & ;;
 search)  # in the background: the search costs of the 70B shape (both GPUs, before any grid worker starts), then on
   # GPU 1 those of the 8B shape, SmolLM2's single-segment benchmark and the shipped gate's two-segment regate on seed 1
   touch ~/res/search.started && cd ~/code && setsid nohup bash -c "python3 bench/big_model.py --shape llama3-70b \
@@ -75,6 +76,7 @@ record)  # in the background on GPU $2: SmolLM2's 12 single-segment cases record
 status)
   sleep "${2:-0}"
   ls ~/res/grid/cells | wc -l; ls ~/res/grid/cells | sed 's/-seed.*//' | sort | uniq -c
+  for d in ~/res/grid-*/cells; do [ -d "$d" ] && echo "$d: $(ls "$d" | wc -l) cells"; done
   grep -l Traceback ~/res/grid/logs/*.log 2>/dev/null | head -5
   ls ~/res | grep -E "done|ready"; tail -qn 2 ~/res/search-*.log 2>/dev/null | cut -c1-300
   [ -d ~/res/landscape/cuts ] && echo "landscape: $(ls ~/res/landscape/cuts | wc -l) cuts" && \
