@@ -44,7 +44,6 @@ import importlib.util
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -58,7 +57,6 @@ from layercut.evaluate import agreement, perplexity, perplexity_of, window_nll
 from layercut.files import write_atomically
 from layercut.gate import candidate_key, checked, cuts, exact_scorer, parse_key, search_gate
 from layercut.layers import cut
-from layercut.record import library_versions
 
 _spec = importlib.util.spec_from_file_location("grid", Path(__file__).with_name("grid.py"))
 grid = importlib.util.module_from_spec(_spec)
@@ -641,9 +639,8 @@ def main(argv=None) -> None:
         check_protocol(arguments, out)
         if arguments.as_worker:
             return run(arguments, out)
-        meta = {"command": "python " + " ".join(sys.argv), "versions": library_versions(),
-                "settings": {k: v for k, v in vars(arguments).items() if k not in ("out", "cells")}}
-        write_atomically(out / "landscape-run.json", json.dumps(meta, indent=1, default=str) + "\n")
+        grid.record_launch(out / "landscape-run.json",
+                           {"settings": {k: v for k, v in vars(arguments).items() if k not in ("out", "cells")}})
         grid.launch(arguments, out) if arguments.workers else run(arguments, out)
     print(report(out, Path(arguments.grid) if arguments.grid else None, arguments.heal_steps))
 

@@ -325,3 +325,11 @@ def test_a_tiny_grid_runs_end_to_end_with_the_agreement(tmp_path, monkeypatch):
     second = "python " + " ".join(sys.argv)
     assert json.loads((out / "grid.json").read_text())["commands"] == [first, second]
     assert grid.generated_by(out, SimpleNamespace(readme="", doc="")).endswith(f"made by `{first}` and `{second}`._\n")
+
+
+def test_generated_line_names_many_launches_by_their_list(tmp_path):
+    commands = [f"python bench/grid.py --out x --workers {n}" for n in (3, 4, 1)]
+    (tmp_path / "grid.json").write_text(json.dumps({"command": commands[-1], "commands": commands}))
+    line = grid.generated_by(tmp_path, SimpleNamespace(readme="README.md", doc=""))
+    assert f"made by the 3 launches that `{tmp_path}/grid.json` lists, the last `{commands[-1]}`._" in line
+    assert "--readme README.md" in line and commands[0] not in line

@@ -84,7 +84,8 @@ status)
   ps aux | grep -c "[b]ench/grid.py"; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
 collect)
   sleep "${2:-0}"
-  cd ~/res && tar czf "$OUT/grid.tgz" --warning=no-file-changed grid grid-*.log search-* 2>&1 | tail -3
+  # every grid folder (a second --out such as ~/res/grid-repair included), the workers' logs and the search results
+  cd ~/res && tar czf "$OUT/grid.tgz" --warning=no-file-changed $(ls -d grid grid-* search-* 2>/dev/null) 2>&1 | tail -3
   [ -d landscape ] && tar czf "$OUT/landscape.tgz" --warning=no-file-changed landscape landscape-*.log 2>&1 | tail -3
   [ -d repair-pick ] && tar czf "$OUT/repair-pick.tgz" --warning=no-file-changed repair-pick repair-pick.log 2>&1 | tail -3
   ls -la "$OUT" ;;
