@@ -848,11 +848,54 @@ def main() -> None:
 START, END = "<!-- grid results: start -->", "<!-- grid results: end -->"
 
 
-def compact_headline(out: Path) -> str:
+def against(found: dict, reference: dict, name: str) -> tuple[str, bool, str | None, float | None]:
+    """``found`` (a method's best heal) against ``reference``'s, in the words of a README row named after the
+    reference (``name``): its verdict on accuracy ("NAME wins", "tie", "NAME loses"), whether that verdict is
+    unpaired, and where both kept per-window results the verdict on wiki perplexity and the perplexity ratio."""
+    said = clp_verdict(reference, found)
+    word = said.split(" (")[0].removesuffix(", unpaired").replace("clp", name)
+    ratio = paired_perplexity(found, reference)
+    if ratio is None:
+        return word, said.endswith("unpaired"), None, None
+    ppl_word = {"better": f"{name} loses", "worse": f"{name} wins", "tie": "tie"}[ratio.verdict(higher_is_better=False)]
+    return word, said.endswith("unpaired"), ppl_word, math.exp(ratio.estimate)
+
+
+def tally_rows(best: dict, cases: list, reference: str) -> list[str]:
+    """The rows that count, per case, how often ``reference``'s best heal wins, ties or loses against every other
+    method's, on accuracy and (where paired) on wiki perplexity; none where ``reference`` was not run."""
+    if not any(reference in best[case] for case in cases):
+        return []
+    words = (f"{reference} wins", "tie", f"{reference} loses")
+    counts = {measure: {case: dict.fromkeys(words, 0) for case in cases} for measure in ("accuracy", "perplexity")}
+    unpaired = {case: 0 for case in cases}
+    for case in cases:
+        if reference not in best[case]:
+            continue
+        for name, found in best[case].items():
+            if name == reference:
+                continue
+            word, alone, ppl_word, _ = against(found[1], best[case][reference][1], reference)
+            counts["accuracy"][case][word] += 1
+            unpaired[case] += alone
+            if ppl_word is not None:
+                counts["perplexity"][case][ppl_word] += 1
+    rows = [f"| **{reference.upper() if reference == 'clp' else reference} wins / ties / loses, accuracy** | "
+            + " | ".join("{} / {} / {}".format(*counts["accuracy"][case].values())
+                         + (f" ({unpaired[case]} unpaired)" if unpaired[case] else "") for case in cases) + " |"]
+    if any(sum(found.values()) for found in counts["perplexity"].values()):
+        rows.append(f"| **{reference.upper() if reference == 'clp' else reference} wins / ties / loses, wiki "
+                    "perplexity** | " + " | ".join("{} / {} / {}".format(*counts["perplexity"][case].values())
+                                                  for case in cases) + " |")
+    return rows
+
+
+def compact_headline(out: Path, references: tuple[str, ...] = ("clp", "repair")) -> str:
     """One table for a README: per case (model, layers removed) a column, per selection method a row, each entry
     the method's retention with its best heal and whether CLP (one segment, its own best heal) wins, ties or loses
     against it (:func:`clp_verdict`); where both kept per-window results, also the method's wiki perplexity as a
-    multiple of CLP's and CLP's verdict on it (paired over the test windows). The last rows count the verdicts."""
+    multiple of CLP's and CLP's verdict on it (paired over the test windows). The last rows count the verdicts, for
+    CLP and for each other selection of ``references`` (the same comparisons made against it)."""
     cells, _, _ = read_cells(out)
     table = summaries(cells)
     shape = {c["model"]: c["layers"] for c in cells}
@@ -860,9 +903,6 @@ def compact_headline(out: Path) -> str:
     best = {case: best_heals(table, *case) for case in cases}
     lines = ["| selection (best heal) | " + " | ".join(f"{m}, {n} of {shape[m]} cut" for m, n in cases) + " |",
              "|---|" + "---|" * len(cases)]
-    words = ("clp wins", "tie", "clp loses")
-    counts = {measure: {case: dict.fromkeys(words, 0) for case in cases} for measure in ("accuracy", "perplexity")}
-    unpaired = {case: 0 for case in cases}
     for name in SELECTIONS:
         entries = []
         for case in cases:
@@ -872,25 +912,14 @@ def compact_headline(out: Path) -> str:
             elif name == "clp" or clp is None:
                 entries.append(f"**{found[1]['retention']:.3f} ± {2 * found[1]['stderr']:.3f}**")
             else:
-                said = clp_verdict(clp[1], found[1])
-                word = said.split(" (")[0].removesuffix(", unpaired")
-                counts["accuracy"][case][word] += 1
-                unpaired[case] += said.endswith("unpaired")
-                entry = f"{found[1]['retention']:.3f} ({word}{', unpaired' * said.endswith('unpaired')})"
-                ratio = paired_perplexity(found[1], clp[1])
-                if ratio is not None:
-                    word = {"better": "clp loses", "worse": "clp wins", "tie": "tie"}[
-                        ratio.verdict(higher_is_better=False)]
-                    counts["perplexity"][case][word] += 1
-                    entry += f"; wiki ppl x{math.exp(ratio.estimate):.2f} ({word})"
+                word, alone, ppl_word, ratio = against(found[1], clp[1], "clp")
+                entry = f"{found[1]['retention']:.3f} ({word}{', unpaired' * alone})"
+                if ppl_word is not None:
+                    entry += f"; wiki ppl x{ratio:.2f} ({ppl_word})"
                 entries.append(entry)
         lines.append(f"| {name} | " + " | ".join(entries) + " |")
-    lines.append("| **CLP wins / ties / loses, accuracy** | " + " | ".join(
-        "{} / {} / {}".format(*counts["accuracy"][case].values())
-        + (f" ({unpaired[case]} unpaired)" if unpaired[case] else "") for case in cases) + " |")
-    if any(sum(found.values()) for found in counts["perplexity"].values()):
-        lines.append("| **CLP wins / ties / loses, wiki perplexity** | " + " | ".join(
-            "{} / {} / {}".format(*counts["perplexity"][case].values()) for case in cases) + " |")
+    for reference in references:
+        lines += tally_rows(best, cases, reference)
     return "\n".join(lines) + "\n"
 
 
