@@ -1,0 +1,141 @@
+"""What the repair-aware selection adds to a prune, as a user meets it: the default selection against ``--method
+repair --segments 2``, on random-init model shapes (bench/timing.py's SHAPES).
+
+* COLD: per method, ``--repeats`` fresh processes of ``python -m layercut prune FOLDER --remove n --method M
+  --output TMP --no-eval --no-speed`` with the default heal (200 endpoint-tuning steps), timed from launch to exit;
+  from each run's ``layercut.json``, the search and heal stages' seconds.
+* MEMORY (on a GPU): in this process, the same command line's model and calibration, each method's search with
+  the peak of allocated GPU memory reset before it, against the bytes of the model's weights.
+
+The added cost of the repair selection is (its search − the default's search) / the default's heal seconds, both
+cold means; the target of issue 27 is at most 1 at the 8B shape, and the search's peak memory at most 1.25× the
+weights. Random weights make the chosen cut meaningless and may change how soon the gate's profiles settle, so
+the cost on a trained model can differ. Writes ``repair_cost.json`` and ``README.md`` into ``--out``.
+
+    python bench/repair_cost.py --shapes llama3-8b --out bench/results/repair-cost-h200 --models ~/tm
+    python bench/repair_cost.py --shapes tiny --repeats 1 --out /tmp/rc --extra "--calib-windows 8 --heal-steps 4"
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from layercut import selection
+from layercut.record import library_versions
+
+_spec = importlib.util.spec_from_file_location("timing", Path(__file__).with_name("timing.py"))
+timing = sys.modules.setdefault("timing", importlib.util.module_from_spec(_spec))  # its dataclasses look it up
+_spec.loader.exec_module(timing)
+
+METHODS = {"clp": [], "repair": ["--segments", "2"]}  # the default selection, and the repair selection
+
+
+def prune_arguments(name: str, folder: Path, method: str, output: Path, extra: list[str]) -> list[str]:
+    """The ``layercut prune`` arguments timed for shape ``name`` and ``method`` (after ``python -m layercut``)."""
+    return ["prune", str(folder), "--remove", str(timing.SHAPES[name].remove), "--method", method, *METHODS[method],
+            "--output", str(output), "--overwrite", "--no-eval", "--no-speed", *timing.SHAPES[name].flags, *extra]
+
+
+def cold_prune(arguments: list[str], output: Path) -> dict:
+    """One fresh ``layercut prune`` process: seconds from launch to exit, and its record's stage seconds."""
+    started = time.perf_counter()
+    finished = subprocess.run([sys.executable, "-m", "layercut", *arguments], capture_output=True, text=True,
+                              check=False)
+    wall = time.perf_counter() - started
+    if finished.returncode != 0:
+        raise SystemExit(f"layercut {shlex.join(arguments)} failed ({finished.returncode}):\n{finished.stderr[-3000:]}")
+    record = json.loads((output / "layercut.json").read_text())
+    return {"wall_s": wall, "search_s": record["search"]["seconds"], "heal_s": record["healing"]["seconds"],
+            "segments": record["segments"]}
+
+
+def search_peak(arguments: list[str]) -> dict | None:
+    """On a GPU: the peak allocated memory of the search alone (bytes) and the weights' bytes, in this process."""
+    if not torch.cuda.is_available():
+        return None
+    handle, windows, recipe = timing.prepared(arguments)
+    weights = sum(p.numel() * p.element_size() for p in handle.model.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    selection.search(handle, windows, recipe.search, recipe.data.batch_size, recipe.data.seed)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del handle, windows
+    torch.cuda.empty_cache()
+    return {"peak_bytes": peak, "weight_bytes": weights, "peak_over_weights": peak / weights}
+
+
+def measure(name: str, folder: Path, extra: list[str], repeats: int) -> dict:
+    """Cold prunes and the search's peak memory of both methods on shape ``name``, and the repair selection's
+    added cost over the default's heal."""
+    rows = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "pruned"
+        for method in METHODS:
+            arguments = prune_arguments(name, folder, method, output, extra)
+            cold = [cold_prune(arguments, output) for _ in range(repeats)]
+            rows[method] = {"command": "layercut " + shlex.join(arguments).replace(str(output), "OUT"),
+                            **{key: timing.spread([c[key] for c in cold]) for key in ("wall_s", "search_s", "heal_s")},
+                            "segments": [c["segments"] for c in cold], "memory": search_peak(arguments)}
+            print(name, method, json.dumps({k: v for k, v in rows[method].items() if k != "command"}), flush=True)
+    added = rows["repair"]["search_s"]["mean"] - rows["clp"]["search_s"]["mean"]
+    return {"remove": timing.SHAPES[name].remove, "methods": rows, "added_search_s": added,
+            "added_over_heal": added / rows["clp"]["heal_s"]["mean"]}
+
+
+def table(results: dict) -> str:
+    lines = [("| shape | n | method | cold prune, launch to exit (s) | search stage (s) | heal stage (s) | "
+              "search peak / weights | cut |"), "|---|---|---|---|---|---|---|---|"]
+    ratios = ["", "| shape | repair's added search (s) | over the default's heal |", "|---|---|---|"]
+    for name, shape in results["shapes"].items():
+        for method, row in shape["methods"].items():
+            memory = row["memory"]
+            cells = [f"{row[key]['mean']:.2f} ± {row[key]['spread']:.2f}" for key in ("wall_s", "search_s", "heal_s")]
+            lines.append(f"| {name} | {shape['remove']} | {method} | {' | '.join(cells)} | "
+                         f"{'—' if memory is None else format(memory['peak_over_weights'], '.2f') + '×'} | "
+                         f"{row['segments'][-1]} |")
+        ratios.append(f"| {name} | {shape['added_search_s']:.2f} | {shape['added_over_heal']:.2f}× |")
+    return "\n".join(lines + ratios)
+
+
+def write(results: dict, out: Path) -> None:
+    (out / "repair_cost.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "README.md").write_text(
+        f"# What the repair selection adds to `layercut prune`, on {results['device']}\n\n```sh\n"
+        f"{results['command']}\n```\n\nCold: {results['repeats']} fresh `layercut prune` process(es) per method, "
+        "timed from launch to exit, with the default heal; the search and heal stages' seconds are those of each "
+        "run's `layercut.json`. Search peak: the search alone in one process, peak allocated GPU memory over the "
+        "weights' bytes (— on a CPU). Mean ± half the range. Random-init weights: the cut is meaningless, only cost "
+        f"is measured.\n\n{table(results)}\n\nVersions: {results['versions']}\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="smollm2-135m,gemma3-270m,llama3-8b", help=f"of {', '.join(timing.SHAPES)}")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", default="runs/timing-models", help="folder the built models are saved in")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--extra", default="", help="more `layercut prune` flags, e.g. '--calib-windows 16'")
+    arguments = parser.parse_args(argv)
+    out, extra = Path(arguments.out), shlex.split(arguments.extra)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"device": timing.device_name(), "command": "python " + shlex.join([sys.argv[0], *(argv or sys.argv[1:])]),
+               "repeats": arguments.repeats, "versions": library_versions(), "shapes": {}}
+    for name in arguments.shapes.split(","):
+        folder = timing.build_folder(name, Path(arguments.models))
+        results["shapes"][name] = measure(name, folder, extra, arguments.repeats)
+        write(results, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""bench/repair_cost.py: the command lines it times are ones `layercut prune` accepts, and the repair selection's
+added cost is its search over the default's, divided by the default's heal."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from layercut import cli, config
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("repair_cost", BENCH / "repair_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_timed_command_lines_parse_as_prune_with_each_method(tmp_path):
+    repair_cost = load()
+    for method, segments in (("clp", 1), ("repair", 2)):
+        arguments = repair_cost.prune_arguments("tiny", tmp_path / "model", method, tmp_path / "out",
+                                                ["--heal-steps", "4"])
+        parsed = cli.build_parser().parse_args(arguments)
+        recipe = config.recipe_from_arguments(parsed, parsed.recipe)
+        assert (parsed.command, recipe.search.method, recipe.search.segments) == ("prune", method, segments)
+        assert recipe.search.remove == 2 and recipe.heal.heal == "endpoints" and recipe.heal.heal_steps == 4
+        assert not recipe.evaluation.eval and not recipe.evaluation.speed and parsed.overwrite
+
+
+def test_the_added_cost_is_the_extra_search_over_the_default_heal(tmp_path, monkeypatch):
+    repair_cost = load()
+    stages = {"clp": (2.0, 10.0), "repair": (7.0, 10.5)}  # search, heal seconds of each cold prune
+
+    def fake_prune(arguments, output):
+        search, heal = stages[arguments[arguments.index("--method") + 1]]
+        return {"wall_s": search + heal + 5.0, "search_s": search, "heal_s": heal, "segments": [[6, 8]]}
+
+    monkeypatch.setattr(repair_cost, "cold_prune", fake_prune)
+    monkeypatch.setattr(repair_cost, "search_peak", lambda arguments: {"peak_bytes": 110, "weight_bytes": 100,
+                                                                         "peak_over_weights": 1.1})
+    monkeypatch.setattr(repair_cost.timing, "build_folder", lambda name, root: tmp_path / name)
+    monkeypatch.setattr(sys, "argv", ["bench/repair_cost.py"])
+    repair_cost.main(["--shapes", "tiny", "--repeats", "2", "--out", str(tmp_path / "out")])
+    found = json.loads((tmp_path / "out" / "repair_cost.json").read_text())["shapes"]["tiny"]
+    assert found["added_search_s"] == 5.0 and found["added_over_heal"] == 0.5
+    assert found["methods"]["repair"]["search_s"] == {"mean": 7.0, "spread": 0.0, "values": [7.0, 7.0]}
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "| tiny | 2 | repair | 22.50 ± 0.00 | 7.00 ± 0.00 | 10.50 ± 0.00 | 1.10× | [[6, 8]] |" in readme
+    assert "| tiny | 5.00 | 0.50× |" in readme
