@@ -560,9 +560,10 @@ def perplexity_verdict(value: dict, reference: dict, text: str = "wiki") -> str:
             f"{math.exp(difference.high):.3f}])")
 
 
-def clp_verdict(clp: dict, value: dict) -> str:
-    """CLP's summary against another method's: "clp wins", "clp loses" or "tie" (see :func:`verdict`)."""
-    return verdict(clp, value).replace("better", "clp wins").replace("worse", "clp loses")
+def clp_verdict(clp: dict, value: dict, name: str = "clp") -> str:
+    """CLP's summary (or that of the selection ``name``) against another method's: "clp wins", "clp loses" or
+    "tie" (see :func:`verdict`)."""
+    return verdict(clp, value).replace("better", f"{name} wins").replace("worse", f"{name} loses")
 
 
 def best_heals(table: dict[tuple, dict], model: str, remove: int) -> dict[str, tuple[str, dict]]:
@@ -852,8 +853,8 @@ def against(found: dict, reference: dict, name: str) -> tuple[str, bool, str | N
     """``found`` (a method's best heal) against ``reference``'s, in the words of a README row named after the
     reference (``name``): its verdict on accuracy ("NAME wins", "tie", "NAME loses"), whether that verdict is
     unpaired, and where both kept per-window results the verdict on wiki perplexity and the perplexity ratio."""
-    said = clp_verdict(reference, found)
-    word = said.split(" (")[0].removesuffix(", unpaired").replace("clp", name)
+    said = clp_verdict(reference, found, name)
+    word = said.split(" (")[0].removesuffix(", unpaired")
     ratio = paired_perplexity(found, reference)
     if ratio is None:
         return word, said.endswith("unpaired"), None, None
@@ -880,13 +881,13 @@ def tally_rows(best: dict, cases: list, reference: str) -> list[str]:
             unpaired[case] += alone
             if ppl_word is not None:
                 counts["perplexity"][case][ppl_word] += 1
-    rows = [f"| **{reference.upper() if reference == 'clp' else reference} wins / ties / loses, accuracy** | "
+    label = "CLP" if reference == "clp" else reference
+    rows = [f"| **{label} wins / ties / loses, accuracy** | "
             + " | ".join("{} / {} / {}".format(*counts["accuracy"][case].values())
                          + (f" ({unpaired[case]} unpaired)" if unpaired[case] else "") for case in cases) + " |"]
     if any(sum(found.values()) for found in counts["perplexity"].values()):
-        rows.append(f"| **{reference.upper() if reference == 'clp' else reference} wins / ties / loses, wiki "
-                    "perplexity** | " + " | ".join("{} / {} / {}".format(*counts["perplexity"][case].values())
-                                                  for case in cases) + " |")
+        rows.append(f"| **{label} wins / ties / loses, wiki perplexity** | " + " | ".join(
+            "{} / {} / {}".format(*counts["perplexity"][case].values()) for case in cases) + " |")
     return rows
 
 

@@ -18,14 +18,11 @@ the cost on a trained model can differ. Writes ``repair_cost.json`` and ``README
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -48,12 +45,7 @@ def prune_arguments(name: str, folder: Path, method: str, output: Path, extra: l
 
 def cold_prune(arguments: list[str], output: Path) -> dict:
     """One fresh ``layercut prune`` process: seconds from launch to exit, and its record's stage seconds."""
-    started = time.perf_counter()
-    finished = subprocess.run([sys.executable, "-m", "layercut", *arguments], capture_output=True, text=True,
-                              check=False)
-    wall = time.perf_counter() - started
-    if finished.returncode != 0:
-        raise SystemExit(f"layercut {shlex.join(arguments)} failed ({finished.returncode}):\n{finished.stderr[-3000:]}")
+    wall, _ = timing.fresh_process(arguments)
     record = json.loads((output / "layercut.json").read_text())
     return {"wall_s": wall, "search_s": record["search"]["seconds"], "heal_s": record["healing"]["seconds"],
             "segments": record["segments"]}
@@ -120,13 +112,7 @@ def write(results: dict, out: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="smollm2-135m,gemma3-270m,llama3-8b", help=f"of {', '.join(timing.SHAPES)}")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--models", default="runs/timing-models", help="folder the built models are saved in")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--extra", default="", help="more `layercut prune` flags, e.g. '--calib-windows 16'")
-    arguments = parser.parse_args(argv)
+    arguments = timing.shape_parser(__doc__, "smollm2-135m,gemma3-270m,llama3-8b", "prune").parse_args(argv)
     out, extra = Path(arguments.out), shlex.split(arguments.extra)
     out.mkdir(parents=True, exist_ok=True)
     results = {"device": timing.device_name(), "command": "python " + shlex.join([sys.argv[0], *(argv or sys.argv[1:])]),

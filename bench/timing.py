@@ -146,15 +146,24 @@ def command(name: str, folder: Path, method: str, extra: list[str]) -> list[str]
             *SHAPES[name].flags, *extra]
 
 
+def fresh_process(arguments: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    """``python -m layercut ARGUMENTS`` in a fresh process: its seconds from launch to exit and what it printed;
+    SystemExit with its error output when it fails."""
+    started = time.perf_counter()
+    finished = subprocess.run([sys.executable, "-m", "layercut", *arguments], capture_output=True, text=True,
+                              check=False)
+    wall = time.perf_counter() - started
+    if finished.returncode != 0:
+        raise SystemExit(f"layercut {shlex.join(arguments)} failed ({finished.returncode}):\n{finished.stderr[-3000:]}")
+    return wall, finished
+
+
 def cold_run(arguments: list[str]) -> dict:
     """One fresh process: seconds from launch to exit, its CPU seconds (every thread, user and system), and the
     search stage's seconds it reported."""
-    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    finished = subprocess.run([sys.executable, "-m", "layercut", *arguments], capture_output=True, text=True,
-                              check=False)
-    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
-    if finished.returncode != 0:
-        raise SystemExit(f"layercut {shlex.join(arguments)} failed ({finished.returncode}):\n{finished.stderr[-3000:]}")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, finished = fresh_process(arguments)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     found = json.loads(finished.stdout.strip().splitlines()[-1])
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return {"wall_s": wall, "cpu_s": cpu, "search_s": found["seconds"], "segments": found["segments"],
@@ -280,14 +289,20 @@ def measure(name: str, folder: Path, extra: list[str], repeats: int) -> dict:
     return {"remove": SHAPES[name].remove, "config": SHAPES[name].config, "methods": rows}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="smollm2-135m,gemma3-270m", help=f"of {', '.join(SHAPES)}")
+def shape_parser(doc: str, shapes: str, command: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that times ``layercut COMMAND`` on the model shapes of :data:`SHAPES`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--shapes", default=shapes, help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--out", required=True)
     parser.add_argument("--models", default="runs/timing-models", help="folder the built models are saved in")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--extra", default="", help=f"more `layercut {command}` flags, e.g. '--calib-windows 16'")
+    return parser
+
+
+def main() -> None:
+    parser = shape_parser(__doc__, "smollm2-135m,gemma3-270m", "search")
     parser.add_argument("--profile", action="store_true", help="profile the first and second search instead")
-    parser.add_argument("--extra", default="", help="more `layercut search` flags, e.g. '--calib-windows 16'")
     arguments = parser.parse_args()
     out, extra = Path(arguments.out), shlex.split(arguments.extra)
     out.mkdir(parents=True, exist_ok=True)
