@@ -82,9 +82,10 @@ def test_prune_with_gate_search_and_endpoint_healing(workspace, tmp_path):
 
 
 def test_prune_with_the_repair_method_a_patch_and_a_heal_from_a_patch(workspace, tmp_path):
-    runs = {"init": ["--method", "repair", "--repair-steps", "2", "--repair-candidates", "2", "--heal-init",
-                     "linearpatch", "--heal-steps", "2"],
-            "lsq": ["--method", "repair", "--repair-proxy", "lsq", "--heal", "lsq"]}
+    # two candidates and the tail (one and the tail for lsq), which a patch can fold into on this model
+    runs = {"init": ["--method", "repair", "--repair-screen-steps", "2", "--repair-steps", "2", "--repair-candidates",
+                     "2", "--heal-init", "linearpatch", "--heal-steps", "2"],
+            "lsq": ["--method", "repair", "--repair-proxy", "lsq", "--repair-candidates", "1", "--heal", "lsq"]}
     for name, flags in runs.items():
         out = tmp_path / name
         code = main(["prune", str(workspace / "tiny"), "--remove", "2", "--output", str(out), "--heal-batch", "2",

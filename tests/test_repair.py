@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import build_tiny, random_ids
-from layercut import heal, selection
+from layercut import heal, repair, selection
 from layercut.config import HealOptions, SearchOptions
 from layercut.errors import LayercutError
 from layercut.gate import cuts
 from layercut.layers import Handle, cut
-from layercut.repair import candidate_cuts, endpoint_layers, split_windows
+from layercut.repair import candidate_cuts, endpoint_layers, finalists, split_windows
 
 
 def test_candidates_are_the_lowest_kl_cuts_per_number_of_segments_plus_the_tail():
@@ -22,6 +22,17 @@ def test_candidates_are_the_lowest_kl_cuts_per_number_of_segments_plus_the_tail(
           ((0, 1), (3, 4)): 0.05, ((1, 2), (4, 5)): 0.4, ((0, 1), (2, 3)): 0.01}
     assert candidate_cuts(kl, 6, 2, 2) == [((1, 3),), ((3, 5),), ((0, 1), (2, 3)), ((0, 1), (3, 4)), ((4, 6),)]
     assert candidate_cuts({c: v for c, v in kl.items() if len(c) == 1}, 6, 2, 5)[-1] == ((4, 6),)  # already in
+    # the default: every contiguous cut, and the lowest few of several segments
+    many = {**kl, **{((0, 1), (k, k + 1)): 0.5 + k for k in range(4, 6)}}
+    assert candidate_cuts(many, 6, 2, None) == [((1, 3),), ((3, 5),), ((2, 4),), ((0, 2),), ((4, 6),),
+                                               ((0, 1), (2, 3)), ((0, 1), (3, 4)), ((1, 2), (4, 5)),
+                                               ((0, 1), (4, 5))]
+
+
+def test_the_finalists_are_the_lowest_screened_candidates():
+    screened = {((0, 2),): 0.4, ((1, 3),): 0.1, ((2, 4),): 0.3, ((4, 6),): 0.2}
+    assert finalists(screened, 2) == [((1, 3),), ((4, 6),)]
+    assert finalists(screened, 9) == [((1, 3),), ((4, 6),), ((2, 4),), ((0, 2),)]
 
 
 def test_endpoint_layers_are_the_kept_neighbours_of_each_segment():
@@ -122,17 +133,25 @@ def test_repair_picks_the_cut_that_repairs_best_where_the_lowest_kl_cut_does_not
     assert exhaustive.segments == [(4, 6)]  # the lowest KL on these windows, as computed independently
 
 
-def test_the_short_heal_proxy_scores_every_candidate_and_puts_the_weights_back():
+def test_the_short_heal_proxy_screens_every_candidate_heals_the_best_again_and_puts_the_weights_back():
     handle = Handle.of(build_tiny("llama"))
     windows = random_ids(batch=8, length=12, seed=2)
     before = {name: p.detach().clone() for name, p in handle.model.named_parameters()}
-    found = selection.search(handle, windows, SearchOptions(remove=2, method="repair", repair_steps=3,
-                                                            repair_candidates=2))
-    lowest = sorted(found.landscape, key=found.landscape.get)[:2]
+    options = SearchOptions(remove=2, method="repair", repair_screen_steps=2, repair_steps=3, repair_candidates=3,
+                            repair_finalists=2)
+    found = selection.search(handle, windows, options)
+    lowest = sorted(found.landscape, key=found.landscape.get)[:3]
     assert [row["cut"] for row in found.trajectory] == lowest + ["4:6"] * ("4:6" not in lowest)
-    assert found.segments in [[tuple(int(i) for i in row["cut"].split(":"))] for row in found.trajectory]
+    screened = sorted(found.trajectory, key=lambda row: row["screened_kl"])
+    assert all(row["repaired_kl"] is not None for row in screened[:2])  # the two finalists, healed again
+    assert all(row["repaired_kl"] is None for row in screened[2:])
+    best = min(screened[:2], key=lambda row: row["repaired_kl"])
+    assert found.segments == [tuple(int(i) for i in best["cut"].split(":"))]
     assert all(torch.equal(before[name], p) for name, p in handle.model.named_parameters())
     assert not any(p.requires_grad for p in handle.model.parameters())
+    # a finalist's longer heal starts again from the dense weights: its score is the one a lone 3-step heal gives
+    again = repair.repaired_kls(handle, windows, [tuple(found.segments)], options)
+    assert again[tuple(found.segments)] == pytest.approx(best["repaired_kl"], rel=1e-5)
 
 
 def test_several_segments_take_their_candidates_from_the_gate_not_from_every_cut():
@@ -141,11 +160,14 @@ def test_several_segments_take_their_candidates_from_the_gate_not_from_every_cut
     options = SearchOptions(remove=4, method="repair", segments=2, repair_steps=2, repair_candidates=2)
     gate = selection.search(handle, windows, options.replace(method="clp"), seed=0)
     found = selection.search(handle, windows, options, seed=0)
-    assert found.landscape == gate.landscape  # the cuts the gate scored exactly, with the same KL
+    contiguous = selection.search(handle, windows, options.replace(method="exhaustive", segments=1))
+    assert found.landscape == {**contiguous.landscape, **gate.landscape}  # every contiguous cut, the gate's read-outs
+    assert all(found.landscape[key] == value for key, value in contiguous.landscape.items())  # the same KL
     assert len(found.landscape) < len(cuts(handle.num_layers, 4, 2))  # not every two-segment cut
     assert any(len(key.split()) == 2 for key in found.landscape)
     per_count = {1: [], 2: []}
     for row in found.trajectory:
         per_count[len(row["cut"].split())].append(row["cut"])
-    lowest = {n: sorted((k for k in gate.landscape if len(k.split()) == n), key=gate.landscape.get)[:2] for n in (1, 2)}
+    lowest = {n: sorted((k for k in found.landscape if len(k.split()) == n), key=found.landscape.get)[:2]
+              for n in (1, 2)}
     assert per_count[2] == lowest[2] and per_count[1][:2] == lowest[1]

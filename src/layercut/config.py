@@ -159,12 +159,17 @@ class SearchOptions(Options):
     exact_cache_gib: float = option(4.0, "memory the exact scoring may keep (GiB): the dense model's hidden states "
                                     "between layers and its output log-probabilities, computed once for every cut "
                                     "scored", ge=0)
-    repair_candidates: int = option(1, "cuts the repair method repairs and scores, per number of segments: those of "
-                                    "lowest exact KL (the tail cut is added)", ge=1)
+    repair_candidates: int | None = option(
+        None, "cuts of each number of segments the repair method screens, those of lowest exact KL, plus the tail "
+        "cut; default every contiguous cut and the 4 lowest of each larger number", ge=1)
     repair_proxy: Literal[REPAIR_PROXIES] = option(  # type: ignore[valid-type]
         "endpoints", "the repair method's cheap repair of each candidate: a short endpoints heal "
-        "(--repair-steps), or a training-free linear patch")
-    repair_steps: int = option(25, "steps of the repair method's short endpoints heal", ge=1)
+        "(--repair-screen-steps, then --repair-steps for the finalists), or a training-free linear patch")
+    repair_screen_steps: int = option(10, "steps of the short endpoints heal that screens every candidate (repair)",
+                                      ge=1)
+    repair_finalists: int = option(4, "candidates of lowest KL after the screen that are healed again for "
+                                      "--repair-steps steps (repair)", ge=1)
+    repair_steps: int = option(50, "steps of the finalists' short endpoints heal (repair)", ge=1)
     keep_period: bool = option(
         False, "only cuts after which the kept layers' attention types (config.layer_types) are the original's first "
         "ones, so that loaders deriving them from a fixed period (llama.cpp) run the cut model right; the cut is "

@@ -29,17 +29,25 @@ if TYPE_CHECKING:
     from layercut.config import SearchOptions
 
 logger = logging.getLogger(__name__)
+SEVERAL_SEGMENTS = 4  # cuts of each number of segments above one that the repair method screens by default
 
 
-def candidate_cuts(kl: dict[Candidate, float], num_layers: int, remove: int, top: int) -> list[Candidate]:
-    """The cuts the repair method scores, from the exact KL of every cut considered (``kl``): for each number of
-    segments among them, the ``top`` with the lowest KL, then the tail cut ``[L − n, L)`` when it is not one of
+def candidate_cuts(kl: dict[Candidate, float], num_layers: int, remove: int, top: int | None) -> list[Candidate]:
+    """The cuts the repair method screens, from the exact KL of every cut considered (``kl``): for each number of
+    segments among them, the ``top`` with the lowest KL (``None``: every contiguous cut and the
+    :data:`SEVERAL_SEGMENTS` lowest of each larger number), then the tail cut ``[L − n, L)`` when it is not one of
     them. Order: by number of segments, then by KL."""
     chosen: list[Candidate] = []
     for count in sorted({len(c) for c in kl}):
-        chosen += sorted((c for c in kl if len(c) == count), key=kl.__getitem__)[:top]
+        keep = top if top is not None else (None if count == 1 else SEVERAL_SEGMENTS)
+        chosen += sorted((c for c in kl if len(c) == count), key=kl.__getitem__)[:keep]
     tail = ((num_layers - remove, num_layers),)
     return chosen if tail in chosen else [*chosen, tail]
+
+
+def finalists(screened: dict[Candidate, float], count: int) -> list[Candidate]:
+    """The ``count`` candidates of lowest screened score (all of them when there are no more), in that order."""
+    return sorted(screened, key=screened.__getitem__)[:count]
 
 
 def endpoint_layers(candidate: Candidate, num_layers: int) -> list[int]:
@@ -143,9 +151,9 @@ def fold_patch(handle: Handle, candidate: Candidate, windows: torch.Tensor, prox
 
 
 def repaired_kl(handle: Handle, candidate: Candidate, data: dict, options: SearchOptions, batch_size: int,
-                seed: int) -> float:
-    """The held-out KL of ``candidate`` after its cheap repair (``options.repair_proxy``); the model is unchanged
-    afterwards."""
+                seed: int, steps: int) -> float:
+    """The held-out KL of ``candidate`` after its cheap repair (``options.repair_proxy``; ``steps`` of the short
+    heal for ``endpoints``); the model is unchanged afterwards."""
     removed = {i for start, end in candidate for i in range(start, end)}
     ends = endpoint_layers(candidate, handle.num_layers)
     with restored([handle.layers[i] for i in ends]):
@@ -153,7 +161,7 @@ def repaired_kl(handle: Handle, candidate: Candidate, data: dict, options: Searc
             fold_patch(handle, candidate, data["train"], options.repair_proxy, batch_size)
         with replaced_layers(handle.layers, removed, tuple_output=data["tuple"]):
             if options.repair_proxy == "endpoints" and not short_heal(
-                    handle, ends, data["train"], data["teacher_train"], options.repair_steps,
+                    handle, ends, data["train"], data["teacher_train"], steps,
                     heal.HEALS["endpoints"].learning_rate, min(8, data["train"].shape[0]), seed):
                 return math.inf
             return held_out_kl(handle, data["held"], data["teacher_held"], batch_size)
@@ -164,29 +172,40 @@ def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
     """The exact KL of the cuts the repair method chooses among, and how many cuts were scored: every contiguous
     cut (exhaustive), and with ``options.segments`` above 1 every cut the concave gate's search reads out exactly on
     its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …)."""
+    every = cuts(handle.num_layers, remove, 1)
+    kl = dict(zip(every, checked(exact_scorer(handle, windows, options, batch_size))(every)))
     if options.segments == 1:
-        every = cuts(handle.num_layers, remove, 1)
-        return dict(zip(every, checked(exact_scorer(handle, windows, options, batch_size))(every))), len(every)
+        return kl, len(every)
     found = search_gate(handle, windows, remove, options, batch_size, seed)
-    return {parse_key(key): value for key, value in found.landscape.items()}, found.evaluations
+    read_out = {parse_key(key): value for key, value in found.landscape.items()}
+    return {**kl, **read_out}, len(every) + found.evaluations
 
 
-def repaired_kls(handle: Handle, windows: torch.Tensor, candidates: Sequence[Candidate], options: SearchOptions,
-                 batch_size: int = 4, seed: int = 0, progress=None, kl: dict | None = None) -> dict[Candidate, float]:
-    """Each of ``candidates`` scored as the repair-aware selection scores it: repaired cheaply on the first half of
-    the calibration ``windows`` and measured by its KL to the dense model on the held-out half
-    (:func:`split_windows`, :func:`repaired_kl`). ``kl`` (optional) holds their exact KL before repair, for the log."""
+def repair_data(handle: Handle, windows: torch.Tensor, batch_size: int) -> dict:
+    """What scoring candidates needs, once: the calibration ``windows`` split (:func:`split_windows`) and the dense
+    model's top-k targets on both halves."""
     train, held = split_windows(windows)
     top_k = min(64, handle.model.get_output_embeddings().weight.shape[0])
-    data = {"train": train, "held": held, "tuple": returns_tuple(handle, windows),
+    return {"train": train, "held": held, "tuple": returns_tuple(handle, windows),
             "teacher_train": heal.teacher_targets(handle.model, train, top_k, batch_size),
             "teacher_held": heal.teacher_targets(handle.model, held, top_k, batch_size)}
+
+
+def repaired_kls(handle: Handle, windows: torch.Tensor | dict, candidates: Sequence[Candidate],
+                 options: SearchOptions, batch_size: int = 4, seed: int = 0, progress=None, kl: dict | None = None,
+                 steps: int | None = None) -> dict[Candidate, float]:
+    """Each of ``candidates`` scored as the repair-aware selection scores it: repaired cheaply on the first half of
+    the calibration ``windows`` (or their :func:`repair_data`) for ``steps`` short-heal steps (default
+    ``options.repair_steps``) and measured by its KL to the dense model on the held-out half
+    (:func:`repaired_kl`). ``kl`` (optional) holds their exact KL before repair, for the log."""
+    data = windows if isinstance(windows, dict) else repair_data(handle, windows, batch_size)
+    steps = options.repair_steps if steps is None else steps
     scores = {}
     for candidate in candidates:
-        scores[candidate] = repaired_kl(handle, candidate, data, options, batch_size, seed)
+        scores[candidate] = repaired_kl(handle, candidate, data, options, batch_size, seed, steps)
         before = f"KL {kl[candidate]:.4f} before repair, " if kl and candidate in kl else ""
-        logger.info("repair: %s, %s%.4f after (%s)", candidate_key(candidate), before, scores[candidate],
-                    options.repair_proxy)
+        how = f"{steps} steps" if options.repair_proxy == "endpoints" else options.repair_proxy
+        logger.info("repair: %s, %s%.4f after (%s)", candidate_key(candidate), before, scores[candidate], how)
         if progress is not None:
             progress(1)
     return scores
@@ -194,16 +213,26 @@ def repaired_kls(handle: Handle, windows: torch.Tensor, candidates: Sequence[Can
 
 def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int = 4,
                   seed: int = 0, progress=None) -> SearchResult:
-    """The repair-aware selection on calibration ``windows`` ``[N, T]``: the exact KL of the cuts of ``remove``
-    layers that :func:`scored_cuts` considers (on all windows), :func:`candidate_cuts` of them, each scored by
-    its KL to the dense model on the held-out half of the windows after the cheap repair (:func:`repaired_kl`); the
-    lowest wins. ``progress`` (optional) is called with 1 per candidate scored. ``landscape`` holds the exact KL of
-    every cut; ``trajectory`` one row per candidate with its repaired KL."""
+    """The repair-aware selection on calibration ``windows`` ``[N, T]``, by successive halving: the exact KL of the
+    cuts of ``remove`` layers that :func:`scored_cuts` considers (on all windows); :func:`candidate_cuts` of them,
+    each scored by its KL to the dense model on the held-out half of the windows after a short repair
+    (:func:`repaired_kl`, ``options.repair_screen_steps`` steps); the ``options.repair_finalists`` lowest repaired
+    again from the start for ``options.repair_steps`` steps; the lowest of those wins. A linear-patch proxy has no
+    steps: every candidate is patched once and the lowest wins. ``progress`` (optional) is called with 1 per
+    repair. ``landscape`` holds the exact KL of every cut; ``trajectory`` one row per candidate with its screened
+    and (finalists) repaired KL."""
     started = time.perf_counter()
     kl, evaluations = scored_cuts(handle, windows, remove, options, batch_size, seed)
     chosen = candidate_cuts(kl, handle.num_layers, remove, options.repair_candidates)
-    scores = repaired_kls(handle, windows, chosen, options, batch_size, seed, progress, kl)
-    best = min(chosen, key=scores.__getitem__)
-    rows = [{"cut": candidate_key(c), "kl": kl[c], "repaired_kl": scores[c]} for c in chosen]
-    return SearchResult("repair", list(best), kl[best], time.perf_counter() - started, evaluations + len(chosen),
-                        rows, {candidate_key(c): value for c, value in kl.items()})
+    data = repair_data(handle, windows, batch_size)
+    stepped = options.repair_proxy == "endpoints"
+    screened = repaired_kls(handle, data, chosen, options, batch_size, seed, progress, kl,
+                            steps=options.repair_screen_steps if stepped else None)
+    final = (repaired_kls(handle, data, finalists(screened, options.repair_finalists), options, batch_size, seed,
+                          progress, kl) if stepped else screened)
+    best = min(final, key=final.__getitem__)
+    rows = [{"cut": candidate_key(c), "kl": kl[c], "screened_kl": screened[c], "repaired_kl": final.get(c)}
+            for c in chosen]
+    return SearchResult("repair", list(best), kl[best], time.perf_counter() - started,
+                        evaluations + len(chosen) + len(final) * stepped, rows,
+                        {candidate_key(c): value for c, value in kl.items()})

@@ -62,9 +62,9 @@ METHODS: dict[str, Method] = {
     "clp": Method(search_gate, "the concave gate: a soft notch whose position is learned by minimising the KL "
                                "between the dense and the gated model"),
     "exhaustive": Method(search_exhaustive, "the exact oracle: the hard-cut KL of every window of n layers"),
-    "repair": Method(repair.search_repair, "by what survives the repair: the --repair-candidates cuts of lowest exact "
-                                           "KL and the tail cut, each repaired cheaply (--repair-proxy) and scored "
-                                           "on held-out calibration windows"),
+    "repair": Method(repair.search_repair, "by what survives the repair: every contiguous cut (and with --segments "
+                                           "the gate's best cuts of several), each repaired briefly (--repair-proxy) "
+                                           "and scored on held-out calibration windows; the best few repaired longer"),
     **{name: Method(_criterion(name), criterion.help) for name, criterion in CRITERIA.items()},
 }
 GATE_METHODS = ("clp",)  # the methods that train the gate (and take the gate options)
