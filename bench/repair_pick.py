@@ -86,7 +86,8 @@ def score(model: str, remove: int, seed: int, config: dict, cuts: list, argument
         raise SystemExit(f"--score: {wrong} do not remove {remove} layers")
     handle, windows, options = prepared(model, remove, seed, config, arguments)
     started = time.perf_counter()
-    scores = repair.repaired_kls(handle, windows, candidates, options, arguments.batch_size, seed)
+    scores = repair.repaired_kls(handle, repair.repair_data(handle, windows, arguments.batch_size), candidates, options,
+                                 arguments.batch_size, seed)
     rows = [{"cut": [list(s) for s in cut], "repaired_kl": value,
              "worth": known.get((Path(model).name, remove, seed, json.dumps([list(s) for s in cut])))}
             for cut, value in scores.items()]

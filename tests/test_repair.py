@@ -12,7 +12,7 @@ from conftest import build_tiny, random_ids
 from layercut import heal, repair, selection
 from layercut.config import HealOptions, SearchOptions
 from layercut.errors import LayercutError
-from layercut.gate import cuts
+from layercut.gate import cuts, exact_scorer
 from layercut.layers import Handle, cut
 from layercut.repair import candidate_cuts, endpoint_layers, finalists, split_windows
 
@@ -150,7 +150,7 @@ def test_the_short_heal_proxy_screens_every_candidate_heals_the_best_again_and_p
     assert all(torch.equal(before[name], p) for name, p in handle.model.named_parameters())
     assert not any(p.requires_grad for p in handle.model.parameters())
     # a finalist's longer heal starts again from the dense weights: its score is the one a lone 3-step heal gives
-    again = repair.repaired_kls(handle, windows, [tuple(found.segments)], options)
+    again = repair.repaired_kls(handle, repair.repair_data(handle, windows, 4), [tuple(found.segments)], options)
     assert again[tuple(found.segments)] == pytest.approx(best["repaired_kl"], rel=1e-5)
 
 
@@ -171,3 +171,16 @@ def test_several_segments_take_their_candidates_from_the_gate_not_from_every_cut
     lowest = {n: sorted((k for k in found.landscape if len(k.split()) == n), key=found.landscape.get)[:2]
               for n in (1, 2)}
     assert per_count[2] == lowest[2] and per_count[1][:2] == lowest[1]
+
+
+def test_a_shared_exact_scorer_gives_the_same_selection():
+    """``layercut sweep`` hands the search one exact scorer for all sizes; the repair method takes it and, with
+    several segments, its gate uses the same one."""
+    handle = Handle.of(build_tiny("llama", layers=8))
+    windows = random_ids(batch=8, length=12, seed=5)
+    options = SearchOptions(remove=2, method="repair", segments=2, repair_screen_steps=1, repair_steps=2,
+                            repair_candidates=1, repair_finalists=2)
+    alone = selection.search(handle, windows, options, seed=0)
+    shared = selection.search(handle, windows, options, seed=0, scorer=exact_scorer(handle, windows, options))
+    assert shared.segments == alone.segments and shared.landscape == alone.landscape
+    assert shared.trajectory == alone.trajectory

@@ -21,7 +21,7 @@ import torch
 from layercut import heal, replacement
 from layercut.data import shares_no_run
 from layercut.errors import LayercutError
-from layercut.forward import batches, model_device, replaced_layers
+from layercut.forward import ExactKL, batches, model_device, replaced_layers
 from layercut.gate import SearchResult, candidate_key, checked, cuts, exact_scorer, parse_key, search_gate
 from layercut.layers import Candidate, Handle, kept_layers
 
@@ -168,15 +168,17 @@ def repaired_kl(handle: Handle, candidate: Candidate, data: dict, options: Searc
 
 
 def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int,
-                seed: int) -> tuple[dict[Candidate, float], int]:
+                seed: int, scorer: ExactKL | None = None) -> tuple[dict[Candidate, float], int]:
     """The exact KL of the cuts the repair method chooses among, and how many cuts were scored: every contiguous
     cut (exhaustive), and with ``options.segments`` above 1 every cut the concave gate's search reads out exactly on
-    its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …)."""
+    its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …).
+    Both use one exact scorer (``scorer``, or one made here): the dense model runs once over ``windows``."""
+    scorer = scorer or exact_scorer(handle, windows, options, batch_size)
     every = cuts(handle.num_layers, remove, 1)
-    kl = dict(zip(every, checked(exact_scorer(handle, windows, options, batch_size))(every)))
+    kl = dict(zip(every, checked(scorer)(every)))
     if options.segments == 1:
         return kl, len(every)
-    found = search_gate(handle, windows, remove, options, batch_size, seed)
+    found = search_gate(handle, windows, remove, options, batch_size, seed, scorer=scorer)
     read_out = {parse_key(key): value for key, value in found.landscape.items()}
     return {**kl, **read_out}, len(every) + found.evaluations
 
@@ -191,14 +193,13 @@ def repair_data(handle: Handle, windows: torch.Tensor, batch_size: int) -> dict:
             "teacher_held": heal.teacher_targets(handle.model, held, top_k, batch_size)}
 
 
-def repaired_kls(handle: Handle, windows: torch.Tensor | dict, candidates: Sequence[Candidate],
-                 options: SearchOptions, batch_size: int = 4, seed: int = 0, progress=None, kl: dict | None = None,
+def repaired_kls(handle: Handle, data: dict, candidates: Sequence[Candidate], options: SearchOptions,
+                 batch_size: int = 4, seed: int = 0, progress=None, kl: dict | None = None,
                  steps: int | None = None) -> dict[Candidate, float]:
     """Each of ``candidates`` scored as the repair-aware selection scores it: repaired cheaply on the first half of
-    the calibration ``windows`` (or their :func:`repair_data`) for ``steps`` short-heal steps (default
+    the calibration windows (their :func:`repair_data`) for ``steps`` short-heal steps (default
     ``options.repair_steps``) and measured by its KL to the dense model on the held-out half
     (:func:`repaired_kl`). ``kl`` (optional) holds their exact KL before repair, for the log."""
-    data = windows if isinstance(windows, dict) else repair_data(handle, windows, batch_size)
     steps = options.repair_steps if steps is None else steps
     scores = {}
     for candidate in candidates:
@@ -212,8 +213,9 @@ def repaired_kls(handle: Handle, windows: torch.Tensor | dict, candidates: Seque
 
 
 def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int = 4,
-                  seed: int = 0, progress=None) -> SearchResult:
-    """The repair-aware selection on calibration ``windows`` ``[N, T]``, by successive halving: the exact KL of the
+                  seed: int = 0, progress=None, scorer: ExactKL | None = None) -> SearchResult:
+    """The repair-aware selection on calibration ``windows`` ``[N, T]``, by successive halving (``scorer``: the
+    exact scorer of the same windows, when a caller shares one between searches): the exact KL of the
     cuts of ``remove`` layers that :func:`scored_cuts` considers (on all windows); :func:`candidate_cuts` of them,
     each scored by its KL to the dense model on the held-out half of the windows after a short repair
     (:func:`repaired_kl`, ``options.repair_screen_steps`` steps); the ``options.repair_finalists`` lowest repaired
@@ -222,7 +224,7 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
     repair. ``landscape`` holds the exact KL of every cut; ``trajectory`` one row per candidate with its screened
     and (finalists) repaired KL."""
     started = time.perf_counter()
-    kl, evaluations = scored_cuts(handle, windows, remove, options, batch_size, seed)
+    kl, evaluations = scored_cuts(handle, windows, remove, options, batch_size, seed, scorer)
     chosen = candidate_cuts(kl, handle.num_layers, remove, options.repair_candidates)
     data = repair_data(handle, windows, batch_size)
     stepped = options.repair_proxy == "endpoints"
