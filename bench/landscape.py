@@ -172,6 +172,10 @@ class Worker(grid.Worker):
         if self.arguments.limit_cuts:
             one = sorted(one, key=lambda pair: pair[1])[:self.arguments.limit_cuts]
         measure = [*one, *two[:self.arguments.two_segment]]
+        given = self.arguments.cuts.get(f"{Path(model_name).name}:{remove}")
+        if given is not None:  # --cuts: only these, scored exactly like the rest
+            given = [tuple(tuple(s) for s in cut) for cut in given]
+            measure = list(zip(given, checked(scorer)(given)))
         result = {"model": Path(model_name).name, "layers": dense.num_layers, "remove": remove, "seed": seed,
                   "two_segment": self.arguments.two_segment,
                   "measure": [{"cut": [list(s) for s in c], "kl": kl} for c, kl in measure],
@@ -582,6 +586,11 @@ def smoke(arguments, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------- main
 
 
+def json_or_file(value: str):
+    """``value`` parsed as JSON, or the JSON file it names."""
+    return json.loads(Path(value).read_text() if Path(value).is_file() else value)
+
+
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -603,6 +612,9 @@ def parse(argv=None):
                         help="heal steps at which the cut is measured, inside one run of --heal-steps")
     parser.add_argument("--two-segment", type=int, default=10, help="best two-segment cuts by exact KL (of those the gate reads out) to measure")
     parser.add_argument("--limit-cuts", type=int, default=0, help="only the best contiguous cuts by KL (0: all)")
+    parser.add_argument("--cuts", type=json_or_file, default={},
+                        help='only these cuts in the cells named, at every seed: JSON text or a JSON file, '
+                        '{"gemma3-270m:6": [[[5, 11]], [[4, 10]]], …} (a cell not named: as the other options say)')
     parser.add_argument("--test-at-checkpoints", action="store_true",
                         help="also measure the test texts at every checkpoint (default: proxies only before the last)")
     parser.add_argument("--agreement", action=argparse.BooleanOptionalAction, default=True,

@@ -117,6 +117,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads(arguments.config)
     label = "-".join(f"{k}{v}" for k, v in sorted(config.items())) or "default"
+    label += f"-calib{arguments.calib_windows}" * (arguments.calib_windows != 32)
     known = measured_values(Path(arguments.landscape), Path(arguments.grid))
     if arguments.lookup:
         for path in sorted(out.glob("*.json")):

@@ -67,8 +67,10 @@ landscape)  # in the background on GPU $2, once Gemma-3 is in place: ${WORKERS:-
     python3 bench/landscape.py --out ~/res/landscape --dtype float32 --batch-size 8 --workers ${WORKERS:-6} \
     ${LANDSCAPE_ARGS:---patches= --no-agreement}" > ~/res/landscape-gpu$2.log 2>&1 < /dev/null & ;;
 picks)  # in the background on GPU $2, once Gemma-3 is in place: the repair selection's pick in each headline cell
+  # (CELLS: fewer, e.g. one per process; PICK_ARGS: more options, e.g. --calib-windows 128; TAG: the log's name)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
-    python3 bench/repair_pick.py --out ~/res/repair-pick --seeds ${PICK_SEEDS:-0}" > ~/res/repair-pick.log 2>&1 < /dev/null & ;;
+    python3 bench/repair_pick.py --out ~/res/repair-pick --seeds ${PICK_SEEDS:-0} \
+    ${CELLS:+--cells $CELLS} ${PICK_ARGS:-}" > ~/res/repair-pick${TAG:+-$TAG}.log 2>&1 < /dev/null & ;;
 repaircost)  # in the background on GPU $2, after smol2 (SmolLM2's tokenizer): what the repair selection adds to a
   # cold `layercut prune` at the shapes of ${SHAPES:-llama3-8b}, ${REPEATS:-1} run(s) each (bench/repair_cost.py)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup python3 bench/repair_cost.py --shapes ${SHAPES:-llama3-8b} \
@@ -85,13 +87,14 @@ status)
   ls ~/res | grep -E "done|ready"; tail -qn 2 ~/res/search-*.log ~/res/repair-cost.log 2>/dev/null | cut -c1-300
   [ -d ~/res/landscape/cuts ] && echo "landscape: $(ls ~/res/landscape/cuts | wc -l) cuts" && \
     grep -l Traceback ~/res/landscape/logs/*.log 2>/dev/null | head -3
+  [ -d ~/res/repair-pick ] && ls ~/res/repair-pick && grep -h -E "Error|picked" ~/res/repair-pick*.log | cut -c1-300
   ps aux | grep -c "[b]ench/grid.py"; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
 collect)
   sleep "${2:-0}"
   # every grid folder (a second --out such as ~/res/grid-repair included), the workers' logs and the search results
   cd ~/res && tar czf "$OUT/grid.tgz" --warning=no-file-changed $(ls -d grid grid-* search-* 2>/dev/null) 2>&1 | tail -3
   [ -d landscape ] && tar czf "$OUT/landscape.tgz" --warning=no-file-changed landscape landscape-*.log 2>&1 | tail -3
-  [ -d repair-pick ] && tar czf "$OUT/repair-pick.tgz" --warning=no-file-changed repair-pick repair-pick.log 2>&1 | tail -3
+  [ -d repair-pick ] && tar czf "$OUT/repair-pick.tgz" --warning=no-file-changed repair-pick repair-pick*.log 2>&1 | tail -3
   [ -d repair-cost ] && tar czf "$OUT/repair-cost.tgz" --warning=no-file-changed repair-cost repair-cost.log 2>&1 | tail -3
   ls -la "$OUT" ;;
 *)
