@@ -91,6 +91,12 @@ def cut_path(out: Path, model: str, remove: int, seed: int, candidate) -> Path:
     return out / "cuts" / f"{cell_stem(model, remove, seed)}-{cut_name(candidate)}.json"
 
 
+def given_cuts(arguments, model: str, remove: int) -> list[tuple] | None:
+    """The cuts ``--cuts`` names for the cell (None: it names none, and the cell measures what the options say)."""
+    given = arguments.cuts.get(f"{Path(model).name}:{remove}")
+    return None if given is None else [tuple(tuple(s) for s in cut) for cut in given]
+
+
 def units(out: Path, arguments) -> tuple[list[tuple], int]:
     """The units not done yet, in order: per (model, n, seed) first its candidates (the cuts and their exact KL),
     then one unit per cut once the candidates are written; and how many cells still wait for their candidates."""
@@ -104,12 +110,14 @@ def units(out: Path, arguments) -> tuple[list[tuple], int]:
                     waiting += 1
                     continue
                 listed = json.loads(path.read_text())
-                if listed.get("two_segment", 0) < arguments.two_segment:  # written for fewer two-segment cuts
+                known = [tuple(tuple(s) for s in entry["cut"]) for entry in listed["measure"]]
+                given = given_cuts(arguments, model, remove)
+                if (listed.get("two_segment", 0) < arguments.two_segment and given is None  # fewer two-segment cuts
+                        or given is not None and not set(given) <= set(known)):  # --cuts names cuts not listed
                     found.append(("candidates", model, remove, seed))
                     waiting += 1
                     continue
-                for entry in listed["measure"]:
-                    candidate = tuple(tuple(s) for s in entry["cut"])
+                for candidate in known if given is None else given:
                     if not cut_path(out, model, remove, seed, candidate).is_file():
                         found.append(("cut", model, remove, seed, candidate))
     return found, waiting
@@ -172,16 +180,18 @@ class Worker(grid.Worker):
         if self.arguments.limit_cuts:
             one = sorted(one, key=lambda pair: pair[1])[:self.arguments.limit_cuts]
         measure = [*one, *two[:self.arguments.two_segment]]
-        given = self.arguments.cuts.get(f"{Path(model_name).name}:{remove}")
-        if given is not None:  # --cuts: only these, scored exactly like the rest
-            given = [tuple(tuple(s) for s in cut) for cut in given]
+        given = given_cuts(self.arguments, model_name, remove)
+        path = candidates_path(self.out, model_name, remove, seed)
+        if given is not None:  # --cuts: these, scored exactly like the rest, beside any listed before
+            before = json.loads(path.read_text())["measure"] if path.is_file() else []
             measure = list(zip(given, checked(scorer)(given)))
+            measure += [(c, e["kl"]) for e in before if (c := tuple(tuple(s) for s in e["cut"])) not in given]
         result = {"model": Path(model_name).name, "layers": dense.num_layers, "remove": remove, "seed": seed,
                   "two_segment": self.arguments.two_segment,
                   "measure": [{"cut": [list(s) for s in c], "kl": kl} for c, kl in measure],
                   "two_segment_cuts": len(two), "kl_seconds": time.perf_counter() - started,
                   "two_segment_kl": {candidate_key(c): kl for c, kl in two}}
-        write_atomically(candidates_path(self.out, model_name, remove, seed), json.dumps(result) + "\n")
+        write_atomically(path, json.dumps(result) + "\n")
         logger.info("%s: %d cuts to measure (%d two-segment cuts scored)", cell_stem(model_name, remove, seed),
                     len(measure), len(two))
 
@@ -336,12 +346,20 @@ def proxies(cell: dict, steps: int) -> dict[str, float]:
     return found
 
 
+def complete(cells: list[dict]) -> bool:
+    """Whether every contiguous cut of the cell is among the measured ``cells`` (of one seed)."""
+    return bool(cells) and sum(c["segments"] == 1 for c in cells) == cells[0]["layers"] - cells[0]["remove"] + 1
+
+
 def correlations(landscape: dict[tuple, list[dict]], steps: int) -> dict[tuple, dict[str, float]]:
-    """Spearman's rank correlation of each proxy with the cut's repaired wiki perplexity, per (model, n, seed)."""
+    """Spearman's rank correlation of each proxy with the cut's repaired wiki perplexity, per (model, n, seed)
+    whose contiguous cuts are all measured (:func:`complete`)."""
     from scipy.stats import spearmanr
 
     found = {}
     for key, cells in landscape.items():
+        if not complete(cells):
+            continue
         rows = [(proxies(c, steps), repaired(c, steps)) for c in cells if repaired(c, steps) is not None]
         names = sorted({name for row, _ in rows for name in row})
         found[key] = {}
@@ -491,8 +509,14 @@ def report(out: Path, grid_out: Path | None, steps: int) -> str:
             best = min(measured, key=lambda c: repaired(c, steps))
             contiguous = min((c for c in measured if c["segments"] == 1), key=lambda c: repaired(c, steps),
                              default=best)
-            lines.append(f"| {seed} | {best['cut']} | {repaired(best, steps):.2f} | {contiguous['cut']} | "
+            some = "" if complete(measured) else f" (of {len(measured)} measured cuts)"
+            lines.append(f"| {seed}{some} | {best['cut']} | {repaired(best, steps):.2f} | {contiguous['cut']} | "
                          f"{repaired(contiguous, steps):.2f} |")
+        partial = [seed for seed in seeds if not complete(landscape[(model, remove, seed)])]
+        seeds = [seed for seed in seeds if seed not in partial]
+        if partial:
+            lines += ["", (f"Seed(s) {', '.join(map(str, partial))}: only some cuts measured (`--cuts`), so they are "
+                           "left out of the correlations and of the tables below.")]
         lines += ["", ("Selecting by one proxy among the measured cuts (the lowest wins), per seed: the pick's repaired "
                   "wiki perplexity and its regret; and where the repaired best stands in the exact-KL order:"), "",
                   "| seed | proxy | pick | wiki | regret |", "|---|---|---|---|---|"]

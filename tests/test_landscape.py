@@ -80,3 +80,23 @@ def test_a_cell_listed_for_fewer_two_segment_cuts_is_listed_again(tmp_path):
     assert landscape.units(out, arguments) == ([("cut", "m", 2, 0, ((1, 3),))], 0)
     arguments.two_segment = 3
     assert landscape.units(out, arguments) == ([("candidates", "m", 2, 0)], 1)
+
+
+def test_given_cuts_are_measured_beside_those_listed(tmp_path):
+    """``--cuts`` adds the cuts it names to a cell already planned (its earlier plan kept), and a rerun with them
+    measures nothing again."""
+    torch.set_num_threads(1)
+    out = tmp_path / "landscape"
+    landscape.main(["--out", str(out), "--smoke", "--grid", ""])
+    listed = json.loads(next((out / "candidates").glob("*.json")).read_text())["measure"]
+    planned = [tuple(tuple(s) for s in e["cut"]) for e in listed]
+    new = next(c for c in [((0, 2),), ((1, 3),), ((2, 4),)] if c not in planned)
+    given = json.dumps({"model:2": [[list(s) for s in new]]})
+    landscape.main(["--out", str(out), "--smoke", "--grid", "", "--cuts", given])
+    after = json.loads(next((out / "candidates").glob("*.json")).read_text())["measure"]
+    assert [tuple(tuple(s) for s in e["cut"]) for e in after] == [new, *planned]
+    files = sorted((out / "cuts").glob("*.json"))
+    assert len(files) == 3 and any(landscape.cut_name(new) in path.name for path in files)
+    stamps = {path: path.stat().st_mtime_ns for path in files}
+    landscape.main(["--out", str(out), "--smoke", "--grid", "", "--cuts", given])
+    assert {path: path.stat().st_mtime_ns for path in sorted((out / "cuts").glob("*.json"))} == stamps
