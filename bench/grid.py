@@ -33,7 +33,14 @@ import time
 from pathlib import Path
 
 from layercut import heal, paired, selection
-from layercut.config import DataOptions, EvalOptions, HealOptions, ModelOptions, SearchOptions
+from layercut.config import (
+    REPAIR_CALIB_WINDOWS,
+    DataOptions,
+    EvalOptions,
+    HealOptions,
+    ModelOptions,
+    SearchOptions,
+)
 from layercut.data import calibrate, evaluation_windows, load_text
 from layercut.errors import LayercutError
 from layercut.evaluate import agreement, dense_reference, evaluate, perplexity_of, window_nll
@@ -224,6 +231,15 @@ class Worker:
                 heal_windows=self.arguments.heal_windows), data)
         return self.seeded[(name, seed)]
 
+    def repair_windows(self, name: str, seed: int):
+        """The calibration windows ``layercut prune --method repair`` draws (REPAIR_CALIB_WINDOWS of them)."""
+        if (name, seed, "repair") not in self.seeded:
+            dense, _ = self.model(name)
+            data = DataOptions(seq_len=self.arguments.seq_len, calib_windows=REPAIR_CALIB_WINDOWS, seed=seed,
+                               batch_size=self.arguments.batch_size)
+            self.seeded[(name, seed, "repair")] = calibrate(dense.tokenizer, data, test=False).calibration
+        return self.seeded[(name, seed, "repair")]
+
     def run(self, unit: tuple, todo: list[tuple]) -> None:
         if unit[0] == "dense":
             dense, texts = self.model(unit[1])
@@ -233,6 +249,8 @@ class Worker:
         model_name, remove, seed, name = unit
         dense, texts = self.model(model_name)
         windows, prepared = self.calibration(model_name, seed)
+        if name == "repair":  # the repair selection on the calibration windows it draws by default
+            windows = self.repair_windows(model_name, seed)
         options = SearchOptions(remove=remove, **{"method": name, **SELECTIONS[name]})
         started = time.perf_counter()
         found = selection.search(dense, windows, options, self.arguments.batch_size, seed)
@@ -242,7 +260,8 @@ class Worker:
             healing = time.perf_counter()
             cell = {"model": Path(model_name).name, "layers": dense.num_layers, "remove": remove,
                     "seed": seed, "selection": name, "heal": key[4],
-                    "chosen": [list(s) for s in found.segments], "kl": found.kl, "search_seconds": search_seconds}
+                    "chosen": [list(s) for s in found.segments], "kl": found.kl, "search_seconds": search_seconds,
+                    "search_calib_windows": windows.shape[0]}
             shared = twin(self.out, model_name, remove, seed, key[4], cell["chosen"])
             if shared is not None:
                 source, measured = shared

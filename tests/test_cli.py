@@ -130,6 +130,25 @@ def test_recipe_file_sets_options_and_flags_override_it(workspace):
     assert (recipe.search.remove, recipe.search.method, recipe.heal.heal_steps) == (2, "exhaustive", 7)
 
 
+def test_the_repair_method_draws_more_calibration_windows_unless_given(workspace):
+    from layercut.cli import build_parser
+    from layercut.config import REPAIR_CALIB_WINDOWS, DataOptions, Recipe, SearchOptions, recipe_from_arguments
+
+    def windows(*flags):
+        arguments = build_parser().parse_args(["prune", "m", "--output", "o", "--remove", "2", *flags])
+        return recipe_from_arguments(arguments, None).data.calib_windows
+
+    default = DataOptions().calib_windows
+    assert REPAIR_CALIB_WINDOWS > default
+    assert windows() == default and windows("--method", "repair") == REPAIR_CALIB_WINDOWS
+    assert windows("--method", "repair", "--calib-windows", str(default)) == default  # given: kept
+    assert windows("--method", "exhaustive", "--calib-windows", "7") == 7
+    # the value stays a default: the same recipe with another method draws that method's
+    recipe = Recipe(search=SearchOptions(remove=2, method="repair"))
+    assert recipe.data.calib_windows == REPAIR_CALIB_WINDOWS
+    assert recipe.replace(search=SearchOptions(remove=2)).data.calib_windows == default
+
+
 @pytest.fixture(scope="module")
 def encoder_only(workspace):
     path = workspace / "bert"
