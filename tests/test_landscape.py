@@ -55,7 +55,8 @@ def test_smoke_run_measures_every_cut_resumes_and_reports(tmp_path):
 def fake_cut(cut, kl, wiki, proxy):
     steps = {"0": {"perplexity_wiki": 2 * wiki, "proxy_kl": proxy, "proxy_perplexity": proxy + 1},
              "200": {"perplexity_wiki": wiki, "proxy_kl": 0.0, "proxy_perplexity": 1.0}}
-    return {"cut": cut, "segments": len(cut), "kl": kl, "heal": {"steps": steps}, "patches": {}}
+    return {"cut": cut, "segments": len(cut), "kl": kl, "heal": {"steps": steps}, "patches": {}, "layers": 4,
+            "remove": 2}
 
 
 def test_correlations_and_regrets_against_the_landscape():
@@ -65,6 +66,7 @@ def test_correlations_and_regrets_against_the_landscape():
     rho = landscape.correlations({key: cells}, 200)[key]
     assert rho["calib KL after 0 steps"] == 1.0  # the proxy orders the cuts as the repaired perplexity does
     assert abs(rho["exact KL (pre-repair)"] + 0.4) < 1e-9  # ranks 3,1,2,4 against 4,3,2,1: 1 - 6*14/60
+    assert landscape.correlations({key: cells[1:]}, 200) == {}  # a contiguous cut missing: no correlation
     found = landscape.regrets({key: cells}, {key: {"clp": [[1, 3]], "other": [[5, 7]]}}, 200)
     assert found[("m", 2, 0, "clp")]["regret"] == 3.0 and found[("m", 2, 0, "clp")]["regret_contiguous"] == 1.5
     assert found[("m", 2, 0, "other")]["regret"] is None  # its pick is not in the landscape
