@@ -132,7 +132,13 @@ def test_recipe_file_sets_options_and_flags_override_it(workspace):
 
 def test_the_repair_method_draws_more_calibration_windows_unless_given(workspace):
     from layercut.cli import build_parser
-    from layercut.config import REPAIR_CALIB_WINDOWS, DataOptions, Recipe, SearchOptions, recipe_from_arguments
+    from layercut.config import (
+        REPAIR_CALIB_WINDOWS,
+        DataOptions,
+        Recipe,
+        SearchOptions,
+        recipe_from_arguments,
+    )
 
     def windows(*flags):
         arguments = build_parser().parse_args(["prune", "m", "--output", "o", "--remove", "2", *flags])
