@@ -1,8 +1,8 @@
 """Which cut the repair-aware selection picks in the headline cells, and what that pick is worth after the full heal.
 
-For each (model, n, seed): the grid's calibration windows (bench/grid.py's), the selection run as ``layercut prune
---method repair`` runs it (``--config`` sets its options as JSON: segments, repair_candidates, repair_steps,
-repair_proxy), its pick and search time recorded with every candidate's exact and repaired KL. The pick's worth is
+For each (model, n, seed): the calibration windows ``--method repair`` draws (128; ``--calib-windows`` sets
+others), the selection run as ``layercut prune --method repair`` runs it (``--config`` sets its options as JSON:
+segments, repair_candidates, repair_steps, repair_proxy), its pick and search time recorded with every candidate's exact and repaired KL. The pick's worth is
 looked up, not recomputed: its held-out wiki perplexity after the grid protocol's 200-step endpoints heal, same
 seed, from the landscape (bench/results/landscape-h100) or from any grid cell that healed the same cut
 (bench/results/grid-h200); "unmeasured" when neither holds it. The same cut, heal and seed is the same computation,
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from layercut import repair, selection
-from layercut.config import DataOptions, ModelOptions, SearchOptions
+from layercut.config import REPAIR_CALIB_WINDOWS, DataOptions, ModelOptions, SearchOptions
 from layercut.data import calibrate
 from layercut.files import write_atomically
 from layercut.load import load_model
@@ -106,7 +106,8 @@ def main(argv=None) -> None:
     parser.add_argument("--score", default="", help="instead of the search, score these cuts (a JSON list of cuts, "
                         "each a list of [start, end)) with the selection's proxy, in every cell of --cells")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--calib-windows", type=int, default=32)
+    parser.add_argument("--calib-windows", type=int, default=REPAIR_CALIB_WINDOWS,
+                        help="calibration windows (default: those layercut prune --method repair draws)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--landscape", default=str(RESULTS / "landscape-h100"))
     parser.add_argument("--grid", default=str(RESULTS / "grid-h200"))
