@@ -221,24 +221,27 @@ class Worker:
             self.models[name] = dense, texts
         return self.models[name]
 
+    def data_options(self, seed: int, count: int) -> DataOptions:
+        return DataOptions(seq_len=self.arguments.seq_len, calib_windows=count, seed=seed,
+                           batch_size=self.arguments.batch_size)
+
+    def calibration_windows(self, name: str, seed: int, count: int):
+        """``count`` calibration windows of ``seed``: the grid's ``--calib-windows``, or the REPAIR_CALIB_WINDOWS
+        that ``layercut prune --method repair`` draws."""
+        if (name, seed, count) not in self.seeded:
+            dense, _ = self.model(name)
+            self.seeded[(name, seed, count)] = calibrate(dense.tokenizer, self.data_options(seed, count),
+                                                         test=False).calibration
+        return self.seeded[(name, seed, count)]
+
     def calibration(self, name: str, seed: int):
+        """The grid's calibration windows of ``seed`` and the heal's prepared data."""
+        count = self.arguments.calib_windows
         if (name, seed) not in self.seeded:
             dense, _ = self.model(name)
-            data = DataOptions(seq_len=self.arguments.seq_len, calib_windows=self.arguments.calib_windows,
-                               seed=seed, batch_size=self.arguments.batch_size)
-            windows = calibrate(dense.tokenizer, data, test=False).calibration
-            self.seeded[(name, seed)] = windows, heal.prepare(dense, HealOptions(
-                heal_windows=self.arguments.heal_windows), data)
-        return self.seeded[(name, seed)]
-
-    def repair_windows(self, name: str, seed: int):
-        """The calibration windows ``layercut prune --method repair`` draws (REPAIR_CALIB_WINDOWS of them)."""
-        if (name, seed, "repair") not in self.seeded:
-            dense, _ = self.model(name)
-            data = DataOptions(seq_len=self.arguments.seq_len, calib_windows=REPAIR_CALIB_WINDOWS, seed=seed,
-                               batch_size=self.arguments.batch_size)
-            self.seeded[(name, seed, "repair")] = calibrate(dense.tokenizer, data, test=False).calibration
-        return self.seeded[(name, seed, "repair")]
+            self.seeded[(name, seed)] = heal.prepare(dense, HealOptions(heal_windows=self.arguments.heal_windows),
+                                                     self.data_options(seed, count))
+        return self.calibration_windows(name, seed, count), self.seeded[(name, seed)]
 
     def run(self, unit: tuple, todo: list[tuple]) -> None:
         if unit[0] == "dense":
@@ -250,7 +253,7 @@ class Worker:
         dense, texts = self.model(model_name)
         windows, prepared = self.calibration(model_name, seed)
         if name == "repair":  # the repair selection on the calibration windows it draws by default
-            windows = self.repair_windows(model_name, seed)
+            windows = self.calibration_windows(model_name, seed, REPAIR_CALIB_WINDOWS)
         options = SearchOptions(remove=remove, **{"method": name, **SELECTIONS[name]})
         started = time.perf_counter()
         found = selection.search(dense, windows, options, self.arguments.batch_size, seed)

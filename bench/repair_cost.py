@@ -1,5 +1,5 @@
 """What the repair-aware selection adds to a prune, as a user meets it: the default selection against ``--method
-repair --segments 2 --calib-windows 128``, on random-init model shapes (bench/timing.py's SHAPES).
+repair --segments 2`` (128 calibration windows, its default), on random-init model shapes (bench/timing.py's SHAPES).
 
 * COLD: per method, ``--repeats`` fresh processes of ``python -m layercut prune FOLDER --remove n --method M
   --output TMP --no-eval --no-speed`` with the default heal (200 endpoint-tuning steps), timed from launch to exit;
@@ -34,9 +34,8 @@ _spec = importlib.util.spec_from_file_location("timing", Path(__file__).with_nam
 timing = sys.modules.setdefault("timing", importlib.util.module_from_spec(_spec))  # its dataclasses look it up
 _spec.loader.exec_module(timing)
 
-# the default selection, and the repair selection on the 128 calibration windows its proxy needs to separate close
-# cuts (bench/results/repair-pick-cpu)
-METHODS = {"clp": [], "repair": ["--segments", "2", "--calib-windows", "128"]}
+# the default selection, and the repair selection (on the 128 calibration windows it draws by default)
+METHODS = {"clp": [], "repair": ["--segments", "2"]}
 
 
 def prune_arguments(name: str, folder: Path, method: str, output: Path, extra: list[str]) -> list[str]:
