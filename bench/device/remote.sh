@@ -61,11 +61,11 @@ search)  # in the background: the search costs of the 70B shape (both GPUs, befo
     touch ~/res/search.done" > /dev/null 2>&1 < /dev/null & ;;
 landscape)  # in the background on GPU $2, once Gemma-3 is in place: ${WORKERS:-6} workers of the repair landscape;
   # the cuts committed under bench/results/landscape-h100/cuts are copied in first and skipped (LANDSCAPE_ARGS
-  # defaults to their protocol: no patches, no agreement; seeds 0, 1, 2 in turn)
+  # defaults to their protocol: no patches, no agreement; seeds 0, 1, 2 in turn; TAG: the log's name)
   mkdir -p ~/res/landscape && { [ ! -d bench/results/landscape-h100 ] || cp -rn bench/results/landscape-h100/. ~/res/landscape/; }
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
     python3 bench/landscape.py --out ~/res/landscape --dtype float32 --batch-size 8 --workers ${WORKERS:-6} \
-    ${LANDSCAPE_ARGS:---patches= --no-agreement}" > ~/res/landscape-gpu$2.log 2>&1 < /dev/null & ;;
+    ${LANDSCAPE_ARGS:---patches= --no-agreement}" > ~/res/landscape-gpu$2${TAG:+-$TAG}.log 2>&1 < /dev/null & ;;
 picks)  # in the background on GPU $2, once Gemma-3 is in place: the repair selection's pick in each headline cell
   # (CELLS: fewer, e.g. one per process; PICK_ARGS: more options, e.g. --calib-windows 128; TAG: the log's name)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
