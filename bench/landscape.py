@@ -620,6 +620,8 @@ def parse(argv=None):
     parser.add_argument("--out", required=True)
     parser.add_argument("--models", default=",".join(CELLS))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--remove", default="", help="only cells with these numbers of layers removed, e.g. 6 "
+                        "(default: each model's headline cells)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--calib", default="wiki", help="calibration text (the heal's and the proxies')")
     parser.add_argument("--texts", default="wiki,lee", help="held-out test texts for perplexity")
@@ -654,7 +656,8 @@ def parse(argv=None):
                         help="the grid whose methods' picks the report scores")
     arguments = parser.parse_args(argv)
     arguments.models = [m for m in arguments.models.split(",") if m]
-    arguments.cells = {m: CELLS.get(m, (2,)) for m in arguments.models}
+    only = {int(n) for n in arguments.remove.split(",") if n}
+    arguments.cells = {m: tuple(n for n in CELLS.get(m, (2,)) if not only or n in only) for m in arguments.models}
     arguments.seeds = [int(s) for s in arguments.seeds.split(",") if s]
     arguments.texts = [t for t in arguments.texts.split(",") if t]
     arguments.checkpoints = [int(s) for s in arguments.checkpoints.split(",") if s]

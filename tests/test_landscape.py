@@ -102,3 +102,9 @@ def test_given_cuts_are_measured_beside_those_listed(tmp_path):
     stamps = {path: path.stat().st_mtime_ns for path in files}
     landscape.main(["--out", str(out), "--smoke", "--grid", "", "--cuts", given])
     assert {path: path.stat().st_mtime_ns for path in sorted((out / "cuts").glob("*.json"))} == stamps
+
+
+def test_remove_keeps_only_the_named_cells():
+    """``--remove 6`` keeps Gemma-3's n = 6 cell and drops its n = 4 one (the default keeps both)."""
+    assert landscape.parse(["--out", "x", "--models", "gemma3-270m"]).cells == {"gemma3-270m": (4, 6)}
+    assert landscape.parse(["--out", "x", "--models", "gemma3-270m", "--remove", "6"]).cells == {"gemma3-270m": (6,)}
