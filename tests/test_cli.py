@@ -155,6 +155,22 @@ def test_the_repair_method_draws_more_calibration_windows_unless_given(workspace
     assert recipe.replace(search=SearchOptions(remove=2)).data.calib_windows == default
 
 
+def test_the_repair_method_extrapolates_to_the_heals_steps_unless_told(workspace):
+    from layercut.cli import build_parser
+    from layercut.config import HEAL_STEPS, HealOptions, Recipe, SearchOptions, recipe_from_arguments
+
+    def horizon(*flags):
+        arguments = build_parser().parse_args(["prune", "m", "--output", "o", "--remove", "2", "--method", "repair",
+                                               *flags])
+        return recipe_from_arguments(arguments, None).search.repair_horizon
+
+    assert horizon() == HEAL_STEPS and horizon("--heal-steps", "500") == 500
+    assert horizon("--heal-steps", "500", "--repair-horizon", "300") == 300  # given: kept
+    recipe = Recipe(search=SearchOptions(remove=2, method="repair"), heal=HealOptions(heal_steps=80))
+    assert recipe.search.repair_horizon == 80
+    assert recipe.replace(heal=HealOptions()).search.repair_horizon == HEAL_STEPS  # still a default
+
+
 @pytest.fixture(scope="module")
 def encoder_only(workspace):
     path = workspace / "bert"

@@ -14,7 +14,7 @@ from layercut.config import HealOptions, SearchOptions
 from layercut.errors import LayercutError
 from layercut.gate import cuts, exact_scorer
 from layercut.layers import Handle, cut
-from layercut.repair import candidate_cuts, endpoint_layers, finalists, split_windows
+from layercut.repair import candidate_cuts, endpoint_layers, extrapolated, finalists, split_windows
 
 
 def test_candidates_are_the_lowest_kl_cuts_per_number_of_segments_plus_the_tail():
@@ -29,10 +29,23 @@ def test_candidates_are_the_lowest_kl_cuts_per_number_of_segments_plus_the_tail(
                                                ((0, 1), (4, 5))]
 
 
-def test_the_finalists_are_the_lowest_screened_candidates():
+def test_the_finalists_are_the_lowest_screened_candidates_of_each_number_of_segments():
     screened = {((0, 2),): 0.4, ((1, 3),): 0.1, ((2, 4),): 0.3, ((4, 6),): 0.2}
     assert finalists(screened, 2) == [((1, 3),), ((4, 6),)]
     assert finalists(screened, 9) == [((1, 3),), ((4, 6),), ((2, 4),), ((0, 2),)]
+    # two-segment cuts that lead the screen do not crowd out the best contiguous ones
+    several = {**screened, ((0, 1), (3, 4)): 0.01, ((1, 2), (4, 5)): 0.02, ((0, 1), (4, 5)): 0.03}
+    assert finalists(several, 2) == [((0, 1), (3, 4)), ((1, 2), (4, 5)), ((1, 3),), ((4, 6),)]
+
+
+def test_extrapolation_follows_the_power_law_through_two_points():
+    law = lambda steps: 3.0 * steps ** -0.25
+    assert extrapolated((10, law(10)), (50, law(50)), 200) == pytest.approx(law(200))
+    assert extrapolated((10, 2.0), (50, 1.0), 50) == 1.0  # not beyond the second point
+    assert extrapolated((10, float("inf")), (50, 1.0), 200) == 1.0
+    assert extrapolated((50, 2.0), (50, 1.0), 200) == 1.0
+    # the cut that falls faster between the points is ahead at the horizon, though behind at the second point
+    assert extrapolated((10, 1.9), (50, 1.25), 200) < extrapolated((10, 1.6), (50, 1.22), 200)
 
 
 def test_endpoint_layers_are_the_kept_neighbours_of_each_segment():
@@ -145,7 +158,9 @@ def test_the_short_heal_proxy_screens_every_candidate_heals_the_best_again_and_p
     screened = sorted(found.trajectory, key=lambda row: row["screened_kl"])
     assert all(row["repaired_kl"] is not None for row in screened[:2])  # the two finalists, healed again
     assert all(row["repaired_kl"] is None for row in screened[2:])
-    best = min(screened[:2], key=lambda row: row["repaired_kl"])
+    for row in screened[:2]:  # each finalist's KL after the 200-step heal, on the law through its two points
+        assert row["extrapolated_kl"] == extrapolated((2, row["screened_kl"]), (3, row["repaired_kl"]), 200)
+    best = min(screened[:2], key=lambda row: row["extrapolated_kl"])
     assert found.segments == [tuple(int(i) for i in best["cut"].split(":"))]
     assert all(torch.equal(before[name], p) for name, p in handle.model.named_parameters())
     assert not any(p.requires_grad for p in handle.model.parameters())

@@ -34,6 +34,7 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # --method repair's calibration windows when none are given: on 32, its 50-step proxy left Gemma-3 n = 6's two best
 # cuts 0.12 % apart; on 128, 3.2 % apart in the full heal's order (bench/results/repair-pick-cpu)
 REPAIR_CALIB_WINDOWS = 128
+HEAL_STEPS = 200  # the heal's default steps, and the horizon --method repair extrapolates its finalists to
 
 
 def option(default: Any, help: str, aliases: tuple[str, ...] = (), **constraints: Any) -> Any:
@@ -171,9 +172,13 @@ class SearchOptions(Options):
         "(--repair-screen-steps, then --repair-steps for the finalists), or a training-free linear patch")
     repair_screen_steps: int = option(10, "steps of the short endpoints heal that screens every candidate (repair)",
                                       ge=1)
-    repair_finalists: int = option(4, "candidates of lowest KL after the screen that are healed again for "
-                                      "--repair-steps steps (repair)", ge=1)
+    repair_finalists: int = option(4, "candidates of each number of segments, those of lowest KL after the "
+                                      "screen, that are healed again for --repair-steps steps (repair)", ge=1)
     repair_steps: int = option(50, "steps of the finalists' short endpoints heal (repair)", ge=1)
+    repair_horizon: int = option(
+        HEAL_STEPS, "heal steps to which each finalist's held-out KL is extrapolated, on the power law through its "
+        "KL after --repair-screen-steps and after --repair-steps, before the lowest wins (repair); follows "
+        "--heal-steps unless given", ge=1)
     keep_period: bool = option(
         False, "only cuts after which the kept layers' attention types (config.layer_types) are the original's first "
         "ones, so that loaders deriving them from a fixed period (llama.cpp) run the cut model right; the cut is "
@@ -220,7 +225,7 @@ class HealOptions(Options):
     """How to heal the cut."""
 
     heal: Literal[HEALS] = option("endpoints", "what to train after the cut")  # type: ignore[valid-type]
-    heal_steps: int = option(200, "optimizer steps of the heal", ge=1)
+    heal_steps: int = option(HEAL_STEPS, "optimizer steps of the heal", ge=1)
     heal_lr: float | None = option(
         None, "learning rate of the heal (AdamW); default by heal: endpoints 1e-3, last-k 1e-4, lora 2e-4", gt=0)
     heal_batch: int = option(8, "windows per heal step", ge=1)
@@ -366,6 +371,16 @@ class Recipe(BaseModel):
             data = self.data.model_copy(update={"calib_windows": wanted})
             data.model_fields_set.discard("calib_windows")
             object.__setattr__(self, "data", data)  # the recipe is frozen; this is its own validation
+        return self
+
+    @model_validator(mode="after")
+    def _repair_looks_as_far_as_the_heal(self):
+        """``--method repair`` extrapolates its finalists to the heal's steps unless ``repair_horizon`` is given.
+        The value stays a default, like the calibration windows above."""
+        if "repair_horizon" not in self.search.model_fields_set and self.search.repair_horizon != self.heal.heal_steps:
+            search = self.search.model_copy(update={"repair_horizon": self.heal.heal_steps})
+            search.model_fields_set.discard("repair_horizon")
+            object.__setattr__(self, "search", search)  # the recipe is frozen; this is its own validation
         return self
 
     def replace(self, **sections: Options) -> Recipe:

@@ -46,8 +46,24 @@ def candidate_cuts(kl: dict[Candidate, float], num_layers: int, remove: int, top
 
 
 def finalists(screened: dict[Candidate, float], count: int) -> list[Candidate]:
-    """The ``count`` candidates of lowest screened score (all of them when there are no more), in that order."""
-    return sorted(screened, key=screened.__getitem__)[:count]
+    """The ``count`` candidates of lowest screened score of each number of segments (all of them when there are no
+    more), in order of score. Per number: a short heal trains two endpoint layers per segment, so cuts of more
+    segments lead after the screen even where they heal worse in full (bench/results/repair-pick-h100)."""
+    chosen = [c for number in sorted({len(c) for c in screened})
+              for c in sorted((c for c in screened if len(c) == number), key=screened.__getitem__)[:count]]
+    return sorted(chosen, key=screened.__getitem__)
+
+
+def extrapolated(first: tuple[int, float], second: tuple[int, float], horizon: int) -> float:
+    """The held-out KL after ``horizon`` heal steps on the power law through two (steps, KL) points, ``first``
+    before ``second``: ``kl₂ · (horizon / steps₂) ** (log(kl₂ / kl₁) / log(steps₂ / steps₁))``. The second KL
+    itself when ``horizon`` is not beyond it or the points do not define a law (equal steps, a KL that is not
+    finite and positive)."""
+    (steps_1, kl_1), (steps_2, kl_2) = first, second
+    if horizon <= steps_2 or steps_2 <= steps_1 or not all(math.isfinite(k) and k > 0 for k in (kl_1, kl_2)):
+        return kl_2
+    slope = math.log(kl_2 / kl_1) / math.log(steps_2 / steps_1)
+    return kl_2 * (horizon / steps_2) ** slope
 
 
 def endpoint_layers(candidate: Candidate, num_layers: int) -> list[int]:
@@ -218,11 +234,12 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
     exact scorer of the same windows, when a caller shares one between searches): the exact KL of the
     cuts of ``remove`` layers that :func:`scored_cuts` considers (on all windows); :func:`candidate_cuts` of them,
     each scored by its KL to the dense model on the held-out half of the windows after a short repair
-    (:func:`repaired_kl`, ``options.repair_screen_steps`` steps); the ``options.repair_finalists`` lowest repaired
-    again from the start for ``options.repair_steps`` steps; the lowest of those wins. A linear-patch proxy has no
+    (:func:`repaired_kl`, ``options.repair_screen_steps`` steps); the ``options.repair_finalists`` lowest of each
+    number of segments (:func:`finalists`) repaired again from the start for ``options.repair_steps`` steps; the
+    lowest of those after ``options.repair_horizon`` steps, extrapolated from the two (:func:`extrapolated`), wins. A linear-patch proxy has no
     steps: every candidate is patched once and the lowest wins. ``progress`` (optional) is called with 1 per
     repair. ``landscape`` holds the exact KL of every cut; ``trajectory`` one row per candidate with its screened
-    and (finalists) repaired KL."""
+    and (finalists) repaired and extrapolated KL."""
     started = time.perf_counter()
     kl, evaluations = scored_cuts(handle, windows, remove, options, batch_size, seed, scorer)
     chosen = candidate_cuts(kl, handle.num_layers, remove, options.repair_candidates)
@@ -232,9 +249,11 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
                             steps=options.repair_screen_steps if stepped else None)
     final = (repaired_kls(handle, data, finalists(screened, options.repair_finalists), options, batch_size, seed,
                           progress, kl) if stepped else screened)
-    best = min(final, key=final.__getitem__)
+    ahead = ({c: extrapolated((options.repair_screen_steps, screened[c]), (options.repair_steps, value),
+                              options.repair_horizon) for c, value in final.items()} if stepped else final)
+    best = min(ahead, key=ahead.__getitem__)
     rows = [{"cut": candidate_key(c), "kl": kl[c], "screened_kl": screened[c], "repaired_kl": final.get(c)}
-            for c in chosen]
+            | ({"extrapolated_kl": ahead.get(c)} if stepped else {}) for c in chosen]
     return SearchResult("repair", list(best), kl[best], time.perf_counter() - started,
                         evaluations + len(chosen) + len(final) * stepped, rows,
                         {candidate_key(c): value for c, value in kl.items()})
