@@ -78,20 +78,26 @@ def pick(model: str, remove: int, seed: int, config: dict, arguments, known: dic
 
 
 def score(model: str, remove: int, seed: int, config: dict, cuts: list, arguments, known: dict) -> dict:
-    """``--score``: the given ``cuts`` scored by the repair selection's own proxy (``repair.repaired_kls``, the
-    options of ``config``) on the same windows as :func:`pick`, without its search; each with its worth looked up."""
+    """``--score``: the given ``cuts`` scored by the repair selection's own proxy (the options of ``config``) on the
+    same windows as :func:`pick`, without its search, each as if it were a finalist: its held-out KL after the
+    screen's steps and after the finalists' (``repair.repaired_kls``), and the two extrapolated to the horizon
+    (``repair.extrapolated``), the value the selection ranks finalists by; each with its worth looked up."""
     candidates = [tuple(tuple(segment) for segment in cut) for cut in cuts]
     wrong = [cut for cut in candidates if sum(end - start for start, end in cut) != remove]
     if wrong:
         raise SystemExit(f"--score: {wrong} do not remove {remove} layers")
     handle, windows, options = prepared(model, remove, seed, config, arguments)
     started = time.perf_counter()
-    scores = repair.repaired_kls(handle, repair.repair_data(handle, windows, arguments.batch_size), candidates, options,
-                                 arguments.batch_size, seed)
-    rows = [{"cut": [list(s) for s in cut], "repaired_kl": value,
+    data = repair.repair_data(handle, windows, arguments.batch_size)
+    screened = repair.repaired_kls(handle, data, candidates, options, arguments.batch_size, seed,
+                                   steps=options.repair_screen_steps)
+    scores = repair.repaired_kls(handle, data, candidates, options, arguments.batch_size, seed)
+    rows = [{"cut": [list(s) for s in cut], "screened_kl": screened[cut], "repaired_kl": value,
+             "extrapolated_kl": repair.extrapolated((options.repair_screen_steps, screened[cut]),
+                                                    (options.repair_steps, value), options.repair_horizon),
              "worth": known.get((Path(model).name, remove, seed, json.dumps([list(s) for s in cut])))}
             for cut, value in scores.items()]
-    best = min(rows, key=lambda row: row["repaired_kl"])
+    best = min(rows, key=lambda row: row["extrapolated_kl"])
     return {"model": Path(model).name, "remove": remove, "seed": seed, "config": config, "scored": rows,
             "lowest": best["cut"], "seconds": time.perf_counter() - started}
 
@@ -140,7 +146,7 @@ def main(argv=None) -> None:
             result |= {"command": "python " + " ".join(sys.argv), "versions": library_versions()}
             write_atomically(path, json.dumps(result, indent=1) + "\n")
             if arguments.score:
-                logger.info("%s: lowest repaired KL %s, of %s", path.stem, result["lowest"], result["scored"])
+                logger.info("%s: lowest extrapolated KL %s, of %s", path.stem, result["lowest"], result["scored"])
             else:
                 logger.info("%s: picked %s in %.0f s, worth %s", path.stem, result["chosen"], result["seconds"],
                             result["worth"])

@@ -28,7 +28,7 @@ def tiny_run(tmp_path: Path) -> tuple:
     model = load("landscape").smoke_model(tmp_path / "model", load_text("wiki", "calib"))
     out = tmp_path / "picks"
     return load("repair_pick"), out, ["--out", str(out), "--cells", f"{model}:2", "--seeds", "0", "--seq-len", "16",
-                                      "--calib-windows", "8", "--batch-size", "4", "--config", '{"repair_steps": 2}',
+                                      "--calib-windows", "8", "--batch-size", "4", "--config", '{"repair_screen_steps": 1, "repair_steps": 2}',
                                       "--landscape", str(tmp_path / "landscape"), "--grid", str(tmp_path / "grid")]
 
 
@@ -37,7 +37,7 @@ def test_the_pick_is_recorded_and_priced_from_a_landscape_that_holds_it(tmp_path
     picks.main(arguments)
     [path] = out.glob("*.json")
     result = json.loads(path.read_text())
-    assert result["worth"] is None and len(result["chosen"]) == 1 and result["config"] == {"repair_steps": 2}
+    assert result["worth"] is None and len(result["chosen"]) == 1 and result["config"] == {"repair_screen_steps": 1, "repair_steps": 2}
     listed = [row["cut"] for row in result["candidates"]]
     assert "4:6" in listed and result["chosen"] in [[[int(i) for i in cut.split(":")]] for cut in listed]
     cut = {"model": "model", "remove": 2, "seed": 0, "cut": result["chosen"],
@@ -52,14 +52,16 @@ def test_given_cuts_are_scored_as_the_selection_scores_its_candidates(tmp_path):
     picks, out, arguments = tiny_run(tmp_path)
     picks.main(arguments)
     [picked] = [json.loads(path.read_text()) for path in out.glob("*.json")]
-    selection = {row["cut"]: row["repaired_kl"] for row in picked["candidates"] if row["repaired_kl"] is not None}
+    names = ("screened_kl", "repaired_kl", "extrapolated_kl")
+    selection = {row["cut"]: [row[n] for n in names] for row in picked["candidates"] if row["repaired_kl"] is not None}
     cuts = [[[int(i) for i in cut.split(":")]] for cut in selection]
     picks.main([*arguments, "--score", json.dumps(cuts)])
     [scored] = [json.loads(path.read_text()) for path in out.glob("*-scored-*.json")]
-    found = {f"{row['cut'][0][0]}:{row['cut'][0][1]}": row["repaired_kl"] for row in scored["scored"]}
+    found = {f"{row['cut'][0][0]}:{row['cut'][0][1]}": [row[n] for n in names] for row in scored["scored"]}
     assert found.keys() == selection.keys()
-    for cut, value in selection.items():  # the finalists: the same windows, seed and steps, the same score
-        assert abs(found[cut] - value) <= 1e-6 * abs(value)
+    for cut, values in selection.items():  # the finalists: the same windows, seed and steps, the same scores
+        assert found[cut] == pytest.approx(values, rel=1e-6)
+        assert values[2] != values[1]  # extrapolated beyond the finalists' steps
     assert scored["lowest"] == picked["chosen"]
     with pytest.raises(SystemExit, match="do not remove 2 layers"):
         picks.main([*arguments, "--out", str(tmp_path / "wrong"), "--score", "[[[0, 3]]]"])
