@@ -102,6 +102,72 @@ def score(model: str, remove: int, seed: int, config: dict, cuts: list, argument
             "lowest": best["cut"], "seconds": time.perf_counter() - started}
 
 
+def recorded_finalist(model: str, remove: int, seed: int, cut: str, sources: list[Path]) -> dict | None:
+    """The repaired KL (the finalists' steps) of ``cut`` from a ``--score`` file of the same cell and seed among
+    ``sources``, and which file and machine measured it; None when none holds it."""
+    for path in sorted(p for source in sources for p in source.glob(f"{model}-n{remove}-seed{seed}-scored-*.json")):
+        result = json.loads(path.read_text())
+        if result["config"].get("repair_steps", 50) != 50 or "calib128" not in path.name:
+            continue
+        for row in result["scored"]:
+            if " ".join(f"{a}:{b}" for a, b in row["cut"]) == cut:
+                return {"repaired_kl": row["repaired_kl"], "source": f"{path.parent.name}/{path.name}",
+                        "torch": result["versions"]["torch"]}
+    return None
+
+
+def replay(sources: list[Path], known: dict) -> list[dict]:
+    """``--replay``: the selection's last stage run again on recorded measurements, for each recorded pick among
+    ``sources`` (a search's candidates with their screened KL, and the repaired KL of the finalists it healed): the
+    finalists the selection heals now (``repair.finalists``: the best 4 of each number of segments) and the
+    winner by KL extrapolated to the 200-step heal (``repair.extrapolated``). A finalist the recorded search did
+    not heal takes its repaired KL from a ``--score`` file of the same cell and seed (the same windows, seed and
+    steps: the same computation, on the machine named). A cell where one is missing is reported incomplete."""
+    rows = []
+    for path in sorted(p for source in sources for p in source.glob("*-calib128.json") if "-scored-" not in p.name):
+        result = json.loads(path.read_text())
+        model, remove, seed = result["model"], result["remove"], result["seed"]
+        screened = {row["cut"]: row["screened_kl"] for row in result["candidates"]}
+        keys = {tuple(tuple(int(i) for i in part.split(":")) for part in cut.split()): cut for cut in screened}
+        chosen = repair.finalists({c: screened[k] for c, k in keys.items()}, 4)
+        finals, missing = [], []
+        for candidate in chosen:
+            cut = keys[candidate]
+            row = next(r for r in result["candidates"] if r["cut"] == cut)
+            found = ({"repaired_kl": row["repaired_kl"], "source": path.name, "torch": result["versions"]["torch"]}
+                     if row["repaired_kl"] is not None else recorded_finalist(model, remove, seed, cut, sources))
+            if found is None:
+                missing.append(cut)
+                continue
+            ahead = repair.extrapolated((10, screened[cut]), (50, found["repaired_kl"]), 200)
+            finals.append({"cut": cut, "screened_kl": screened[cut], **found, "extrapolated_kl": ahead})
+        pick = min(finals, key=lambda row: row["extrapolated_kl"]) if finals else None
+        as_list = (lambda cut: json.dumps([[int(i) for i in part.split(":")] for part in cut.split()]))
+        rows.append({"model": model, "remove": remove, "seed": seed, "recorded": path.name,
+                     "recorded_pick": result["chosen"], "recorded_worth": result["worth"], "finalists": finals,
+                     "missing": missing, "pick": pick and pick["cut"],
+                     "worth": pick and known.get((model, remove, seed, as_list(pick["cut"])))})
+    return rows
+
+
+def replay_table(rows: list[dict]) -> str:
+    lines = ["| cell | seed | recorded pick → wiki | replayed pick → wiki | finalists (screened → 50 steps → at 200) |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        def worth(value):
+            return f"{value['wiki']:.2f}" if value else "not healed"
+        recorded = " + ".join(f"[{a}, {b})" for a, b in row["recorded_pick"])
+        picked = (" + ".join(f"[{c.replace(':', ', ')})" for c in row["pick"].split()) if row["pick"] else "—")
+        finals = "; ".join(f"{r['cut']} {r['screened_kl']:.4f} → {r['repaired_kl']:.4f} → {r['extrapolated_kl']:.4f}"
+                           + ("" if r["source"] == row["recorded"] else f" ({r['torch']})") for r in row["finalists"])
+        if row["missing"]:
+            finals += f"; not measured: {', '.join(row['missing'])}"
+        lines.append(f"| {row['model']} n = {row['remove']} | {row['seed']} | {recorded} → "
+                     f"{worth(row['recorded_worth'])} | {picked} → {worth(row['worth'])}"
+                     f"{' (incomplete)' if row['missing'] else ''} | {finals} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -111,6 +177,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lookup", action="store_true", help="only look up again what the recorded picks are worth")
     parser.add_argument("--score", default="", help="instead of the search, score these cuts (a JSON list of cuts, "
                         "each a list of [start, end)) with the selection's proxy, in every cell of --cells")
+    parser.add_argument("--replay", default="", help="instead of searching, replay the selection's last stage on "
+                        "the recorded picks and --score files in these folders (comma-separated) into --out")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--calib-windows", type=int, default=REPAIR_CALIB_WINDOWS,
                         help="calibration windows (default: those layercut prune --method repair draws)")
@@ -126,6 +194,13 @@ def main(argv=None) -> None:
     label = "-".join(f"{k}{v}" for k, v in sorted(config.items())) or "default"
     label += f"-calib{arguments.calib_windows}" * (arguments.calib_windows != 32)
     known = measured_values(Path(arguments.landscape), Path(arguments.grid))
+    if arguments.replay:
+        rows = replay([Path(p) for p in arguments.replay.split(",")], known)
+        command = "python " + " ".join(sys.argv)
+        write_atomically(out / "replay.json", json.dumps({"rows": rows, "command": command}, indent=1) + "\n")
+        write_atomically(out / "replay.md", f"    {command}\n\n" + replay_table(rows))
+        print(replay_table(rows))
+        return
     if arguments.lookup:
         for path in sorted(out.glob("*.json")):
             result = json.loads(path.read_text())

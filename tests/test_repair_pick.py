@@ -66,3 +66,27 @@ def test_given_cuts_are_scored_as_the_selection_scores_its_candidates(tmp_path):
     with pytest.raises(SystemExit, match="do not remove 2 layers"):
         picks.main([*arguments, "--out", str(tmp_path / "wrong"), "--score", "[[[0, 3]]]"])
     assert not list((tmp_path / "wrong").glob("*.json"))
+
+
+def test_the_replay_reranks_recorded_finalists_and_fills_them_from_scored_files(tmp_path):
+    """A recorded search whose two-segment finalists crowded out a contiguous cut: the replay heals the best of
+    each number of segments, takes the missing one's repaired KL from a --score file of the same cell and seed,
+    and picks by KL extrapolated to 200 steps; a finalist measured nowhere marks the cell incomplete."""
+    picks = load("repair_pick")
+    rows = [{"cut": "1:2 4:5", "screened_kl": 1.5, "repaired_kl": 1.2},
+            {"cut": "2:4", "screened_kl": 1.8, "repaired_kl": 1.3},
+            {"cut": "1:3", "screened_kl": 1.9, "repaired_kl": None},
+            {"cut": "3:5", "screened_kl": 2.5, "repaired_kl": None}]
+    versions = {"torch": "2.x"}
+    recorded = {"model": "m", "remove": 2, "seed": 0, "chosen": [[1, 2], [4, 5]], "worth": None,
+                "candidates": rows, "versions": versions}
+    (tmp_path / "m-n2-seed0-segments2-calib128.json").write_text(json.dumps(recorded))
+    scored = {"config": {}, "versions": versions, "scored": [{"cut": [[1, 3]], "repaired_kl": 1.25}]}
+    (tmp_path / "m-n2-seed0-scored-default-calib128.json").write_text(json.dumps(scored))
+    known = {("m", 2, 0, json.dumps([[1, 3]])): {"wiki": 9.0, "source": "landscape"}}
+    [row] = picks.replay([tmp_path], known)
+    assert row["missing"] == ["3:5"] and row["pick"] == "1:3" and row["worth"]["wiki"] == 9.0
+    ahead = {r["cut"]: r["extrapolated_kl"] for r in row["finalists"]}
+    assert ahead["1:3"] == pytest.approx(picks.repair.extrapolated((10, 1.9), (50, 1.25), 200))
+    assert ahead["1:2 4:5"] > ahead["1:3"]  # the two-segment cut led at 50 steps (1.2 against 1.25)
+    assert "(incomplete)" in picks.replay_table([row])
