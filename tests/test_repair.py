@@ -135,8 +135,8 @@ def test_repair_picks_the_cut_that_repairs_best_where_the_lowest_kl_cut_does_not
     assert lowest_kl == ((4, 6),) and best_repaired == ((2, 4),)  # the construction holds
     assert repaired[best_repaired] < 1e-6 < plain[best_repaired]
     before = {name: p.detach().clone() for name, p in handle.model.named_parameters()}
-    found = selection.search(handle, windows, SearchOptions(remove=2, method="repair", repair_proxy="lsq",
-                                                            repair_candidates=5))
+    found = selection.search(handle, windows, SearchOptions(remove=2, method="repair", segments=1,
+                                                            repair_proxy="lsq", repair_candidates=5))
     assert found.segments == [(2, 4)] and found.method == "repair"
     assert len(found.trajectory) == 5 and len(found.landscape) == 5
     scored = {row["cut"]: row["repaired_kl"] for row in found.trajectory}
@@ -150,8 +150,8 @@ def test_the_short_heal_proxy_screens_every_candidate_heals_the_best_again_and_p
     handle = Handle.of(build_tiny("llama"))
     windows = random_ids(batch=8, length=12, seed=2)
     before = {name: p.detach().clone() for name, p in handle.model.named_parameters()}
-    options = SearchOptions(remove=2, method="repair", repair_screen_steps=2, repair_steps=3, repair_candidates=3,
-                            repair_finalists=2)
+    options = SearchOptions(remove=2, method="repair", segments=1, repair_screen_steps=2, repair_steps=3,
+                            repair_candidates=3, repair_finalists=2)
     found = selection.search(handle, windows, options)
     lowest = sorted(found.landscape, key=found.landscape.get)[:3]
     assert [row["cut"] for row in found.trajectory] == lowest + ["4:6"] * ("4:6" not in lowest)
@@ -199,3 +199,26 @@ def test_a_shared_exact_scorer_gives_the_same_selection():
     shared = selection.search(handle, windows, options, seed=0, scorer=exact_scorer(handle, windows, options))
     assert shared.segments == alone.segments and shared.landscape == alone.landscape
     assert shared.trajectory == alone.trajectory
+
+
+def test_the_repair_method_weighs_two_segments_unless_told():
+    """``--method repair`` chooses among cuts of one and two segments by default; a given ``--segments``, a
+    ``--segment``, one removed layer or another method keep one."""
+    assert SearchOptions(remove=6, method="repair").segments == 2
+    assert SearchOptions(ratio=0.3, method="repair").segments == 2
+    assert SearchOptions(remove=6, method="repair", segments=1).segments == 1
+    assert SearchOptions(remove=1, method="repair").segments == 1
+    assert SearchOptions(segment=("2:4",), method="repair").segments == 1
+    assert SearchOptions(remove=6, method="repair").replace(method="clp").segments == 1
+    assert SearchOptions(remove=6).segments == 1
+
+
+def test_a_ratio_of_one_layer_searches_one_segment_under_the_repair_default():
+    handle = Handle.of(build_tiny("llama"))
+    windows = random_ids(batch=8, length=12, seed=3)
+    options = SearchOptions(ratio=0.17, method="repair", repair_screen_steps=1, repair_steps=2)
+    assert options.segments == 2  # a default: the layer count is not known yet
+    found = selection.search(handle, windows, options)
+    assert len(found.segments) == 1 and found.segments[0][1] - found.segments[0][0] == 1
+    with pytest.raises(LayercutError, match="cannot split 1 removed layers into 2 segments"):
+        selection.search(handle, windows, options.replace(segments=2))

@@ -35,6 +35,9 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # cuts 0.12 % apart; on 128, 3.2 % apart in the full heal's order (bench/results/repair-pick-cpu)
 REPAIR_CALIB_WINDOWS = 128
 HEAL_STEPS = 200  # the heal's default steps, and the horizon --method repair extrapolates its finalists to
+# --method repair's segments when none are given: it weighs one against two itself, ranking the best cuts of each
+# by their KL extrapolated to the full heal, and picked right in every cell replayed (bench/results/repair-replay-h100)
+REPAIR_SEGMENTS = 2
 
 
 def option(default: Any, help: str, aliases: tuple[str, ...] = (), **constraints: Any) -> Any:
@@ -136,7 +139,8 @@ class SearchOptions(Options):
     remove: int | None = option(None, "number of layers to remove", ge=1)
     ratio: float | None = option(None, "fraction of layers to remove (rounded to whole layers)", gt=0, lt=1)
     method: Literal[METHODS] = option("clp", "how to choose the layers to remove")  # type: ignore[valid-type]
-    segments: int = option(1, "at most this many separate contiguous segments (clp, exhaustive, repair)", ge=1)
+    segments: int = option(1, "at most this many separate contiguous segments (clp, exhaustive, repair); default 1, "
+                           f"{REPAIR_SEGMENTS} with --method repair", ge=1)
     gate_steps: int | None = option(None, "optimisation steps of the concave gate (clp); default 5 for one segment, "
                                     "60 for several", ge=1)
     gate_lr: float | None = option(None, "learning rate of the gate position (clp); default 0.4 for one segment, 0.2 "
@@ -207,6 +211,17 @@ class SearchOptions(Options):
                 raise ValueError(f"segment {text} must have 0 <= START < END (END is exclusive: {start}:{start + 1} "
                                  f"removes layer {start})")
         return segments
+
+    @model_validator(mode="after")
+    def _repair_weighs_several_segments(self):
+        """``--method repair`` chooses among cuts of up to :data:`REPAIR_SEGMENTS` segments unless ``--segments`` is
+        given (or ``--segment``, or fewer layers removed). The value stays a default: a copy with another method
+        gets 1 again."""
+        wanted = (REPAIR_SEGMENTS if self.method == "repair" and not self.segment
+                  and (self.remove is None or self.remove >= REPAIR_SEGMENTS) else 1)
+        if "segments" not in self.model_fields_set and self.segments != wanted:
+            object.__setattr__(self, "segments", wanted)  # the options are frozen; this is their own validation
+        return self
 
     @model_validator(mode="after")
     def _one_way_to_say_what_to_remove(self):

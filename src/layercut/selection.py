@@ -62,9 +62,11 @@ METHODS: dict[str, Method] = {
     "clp": Method(search_gate, "the concave gate: a soft notch whose position is learned by minimising the KL "
                                "between the dense and the gated model"),
     "exhaustive": Method(search_exhaustive, "the exact oracle: the hard-cut KL of every window of n layers"),
-    "repair": Method(repair.search_repair, "by what survives the repair: every contiguous cut (and with --segments "
-                                           "the gate's best cuts of several), each repaired briefly (--repair-proxy) "
-                                           "and scored on held-out calibration windows; the best few repaired longer"),
+    "repair": Method(repair.search_repair, "by what survives the repair: every contiguous cut and the gate's best "
+                                           "cuts of two segments (--segments 1: contiguous only), each repaired "
+                                           "briefly (--repair-proxy) and scored on held-out calibration windows; the "
+                                           "best few of each number repaired longer and ranked by their KL "
+                                           "extrapolated to the full heal"),
     **{name: Method(_criterion(name), criterion.help) for name, criterion in CRITERIA.items()},
 }
 GATE_METHODS = ("clp",)  # the methods that train the gate (and take the gate options)
@@ -85,7 +87,7 @@ def removal_count(options: SearchOptions, total: int) -> int:
         raise LayercutError("say how much to remove: --remove N, --ratio R or --segment START:END")
     if not 0 < count < total:
         raise LayercutError(f"cannot remove {count} of {total} layers; choose between 1 and {total - 1}")
-    if count < options.segments:
+    if count < options.segments and "segments" in options.model_fields_set:
         raise LayercutError(f"cannot split {count} removed layers into {options.segments} segments")
     return count
 
@@ -121,6 +123,8 @@ def search(handle: Handle, windows: torch.Tensor, options: SearchOptions, batch_
                                 "(config.layer_types), which --keep-period forbids; give a segment whose length is a "
                                 "multiple of the pattern's period, or drop --keep-period")
         return SearchResult("given", planned, float("nan"), 0.0)
+    if planned < options.segments:  # a default of several segments (--method repair) and a --ratio of one layer
+        options = options.model_copy(update={"segments": planned})
     if types:
         return search_keeping_pattern(handle, windows, planned, types, options, batch_size)
     if scorer is not None and options.method in SEGMENTED_METHODS:
