@@ -12,8 +12,10 @@ so the looked-up value is the pick's value on the machine that measured it.
     python bench/repair_pick.py --out bench/results/repair-pick-h100 --lookup   # here, once more cells are measured
     python bench/repair_pick.py --out DIR --cells gemma3-270m:6 --score '[[[7,13]],[[12,18]]]'  # given cuts only
 
-``--score`` skips the search: the given cuts are scored by the selection's own proxy on the same windows (what the
-selection would do with them as its candidates), each with its worth looked up; the file says which scored lowest.
+``--score`` skips the search: the given cuts are scored by the selection's own proxy on the same windows, as it
+scores its finalists (KL after the screen's steps, after the finalists' steps, and extrapolated to the full heal),
+each with its worth looked up; the file says which is lowest. ``--replay DIRS`` runs the selection's last stage
+again on the searches and ``--score`` files recorded there (``replay.md``, ``replay.json`` in ``--out``).
 
 On the CPU it is too slow to be useful at these sizes: the two-segment gate (60 steps at full context) had not
 finished on SmolLM2 n = 10 after 15 minutes on 2 cores, and each candidate's 25-step short heal costs minutes more.
