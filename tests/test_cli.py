@@ -95,7 +95,8 @@ def test_prune_with_the_repair_method_a_patch_and_a_heal_from_a_patch(workspace,
         assert record["method"] == "repair" and record["search"]["evaluations"] > 5  # 5 cuts scored, then the repairs
         assert record["healing"]["name"] == ("endpoints" if name == "init" else "lsq")
         assert transformers.AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == LAYERS - 2
-    assert "heal_init: linearpatch" in (tmp_path / "init" / "recipe.yaml").read_text()
+    recipe = (tmp_path / "init" / "recipe.yaml").read_text()
+    assert "heal_init: linearpatch" in recipe and "segments: 2" in recipe  # the repair method weighs two segments
 
 
 def test_search_json_for_gate_and_exhaustive(workspace, capsys):
