@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from layercut import heal
+from layercut import heal, repair
 from layercut.config import DataOptions, HealOptions, SearchOptions
 from layercut.data import calibrate, held_out_windows, load_text
 from layercut.errors import LayercutError
@@ -339,6 +339,10 @@ def proxies(cell: dict, steps: int) -> dict[str, float]:
         found[f"calib ppl after {step} steps"] = measured["proxy_perplexity"]
         if "perplexity_wiki" in measured:
             found[f"(test) wiki ppl after {step} steps"] = measured["perplexity_wiki"]
+    measured = cell["heal"]["steps"]
+    if "10" in measured and "50" in measured and steps > 50:  # what --method repair ranks its finalists by
+        found[f"calib KL from 10 and 50 steps, extrapolated to {steps}"] = repair.extrapolated(
+            (10, measured["10"]["proxy_kl"]), (50, measured["50"]["proxy_kl"]), steps)
     for name, measured in cell["patches"].items():
         if "refused" not in measured:
             found[f"calib KL after {name}"] = measured["proxy_kl"]
