@@ -146,7 +146,8 @@ def replay(sources: list[Path], known: dict) -> list[dict]:
         pick = min(finals, key=lambda row: row["extrapolated_kl"]) if finals else None
         as_list = (lambda cut: json.dumps([[int(i) for i in part.split(":")] for part in cut.split()]))
         rows.append({"model": model, "remove": remove, "seed": seed, "recorded": path.name,
-                     "recorded_pick": result["chosen"], "recorded_worth": result["worth"], "finalists": finals,
+                     "recorded_pick": result["chosen"],
+                     "recorded_worth": known.get((model, remove, seed, json.dumps(result["chosen"]))), "finalists": finals,
                      "missing": missing, "pick": pick and pick["cut"],
                      "worth": pick and known.get((model, remove, seed, as_list(pick["cut"])))})
     return rows
