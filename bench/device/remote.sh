@@ -66,9 +66,10 @@ landscape)  # in the background on GPU $2, once Gemma-3 is in place: ${WORKERS:-
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
     python3 bench/landscape.py --out ~/res/landscape --dtype float32 --batch-size 8 --workers ${WORKERS:-6} \
     ${LANDSCAPE_ARGS:---patches= --no-agreement}" > ~/res/landscape-gpu$2${TAG:+-$TAG}.log 2>&1 < /dev/null & ;;
-picks)  # in the background on GPU $2, once Gemma-3 is in place: the repair selection's pick in each headline cell
-  # (CELLS: fewer, e.g. one per process; PICK_ARGS: more options, e.g. --calib-windows 128; TAG: the log's name)
-  cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
+picks)  # in the background on GPU $2, once Gemma-3 is in place (unless CELLS leaves it out): the repair selection's
+  # pick in each headline cell (CELLS: fewer, e.g. one per process; PICK_ARGS: more options; TAG: the log's name)
+  ready=~/res/gemma.ready; [ -n "${CELLS:-}" ] && [[ $CELLS != *gemma* ]] && ready=~/res
+  cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -e $ready ]; do sleep 5; done;
     python3 bench/repair_pick.py --out ~/res/repair-pick --seeds ${PICK_SEEDS:-0} \
     ${CELLS:+--cells $CELLS} ${PICK_ARGS:-}" > ~/res/repair-pick${TAG:+-$TAG}.log 2>&1 < /dev/null & ;;
 repaircost)  # in the background on GPU $2, after smol2 (SmolLM2's tokenizer): what the repair selection adds to a
