@@ -2,8 +2,8 @@
 
 For each (model, n, seed): the calibration windows ``--method repair`` draws (128; ``--calib-windows`` sets
 others), the selection run as ``layercut prune --method repair`` runs it (``--config`` sets its options as JSON:
-segments, repair_candidates, repair_steps, repair_proxy), its pick and search time recorded with every candidate's exact and repaired KL. The pick's worth is
-looked up, not recomputed: its held-out wiki perplexity after the grid protocol's 200-step endpoints heal, same
+segments, repair_candidates, repair_steps, repair_proxy), its pick and search time recorded with every candidate's
+exact and repaired KL. The pick's worth is looked up, not recomputed: its held-out wiki perplexity after the grid protocol's 200-step endpoints heal, same
 seed, from the landscape (bench/results/landscape-h100) or from any grid cell that healed the same cut
 (bench/results/grid-h200); "unmeasured" when neither holds it. The same cut, heal and seed is the same computation,
 so the looked-up value is the pick's value on the machine that measured it.
@@ -104,12 +104,14 @@ def score(model: str, remove: int, seed: int, config: dict, cuts: list, argument
             "lowest": best["cut"], "seconds": time.perf_counter() - started}
 
 
-def recorded_finalist(model: str, remove: int, seed: int, cut: str, sources: list[Path]) -> dict | None:
-    """The repaired KL (the finalists' steps) of ``cut`` from a ``--score`` file of the same cell and seed among
-    ``sources``, and which file and machine measured it; None when none holds it."""
+def recorded_finalist(model: str, remove: int, seed: int, cut: str, steps: int,
+                      sources: list[Path]) -> dict | None:
+    """The repaired KL after ``steps`` (the finalists' steps) of ``cut`` from a ``--score`` file of the same cell
+    and seed on 128 windows among ``sources``, and which file and machine measured it; None when none holds it."""
     for path in sorted(p for source in sources for p in source.glob(f"{model}-n{remove}-seed{seed}-scored-*.json")):
         result = json.loads(path.read_text())
-        if result["config"].get("repair_steps", 50) != 50 or "calib128" not in path.name:
+        scored_steps = SearchOptions(remove=remove, method="repair", **result["config"]).repair_steps
+        if scored_steps != steps or "calib128" not in path.name:
             continue
         for row in result["scored"]:
             if " ".join(f"{a}:{b}" for a, b in row["cut"]) == cut:
@@ -121,33 +123,38 @@ def recorded_finalist(model: str, remove: int, seed: int, cut: str, sources: lis
 def replay(sources: list[Path], known: dict) -> list[dict]:
     """``--replay``: the selection's last stage run again on recorded measurements, for each recorded pick among
     ``sources`` (a search's candidates with their screened KL, and the repaired KL of the finalists it healed): the
-    finalists the selection heals now (``repair.finalists``: the best 4 of each number of segments) and the
-    winner by KL extrapolated to the 200-step heal (``repair.extrapolated``). A finalist the recorded search did
+    finalists the selection heals now (``repair.finalists``: the best ``repair_finalists`` of each number of
+    segments) and the winner by KL extrapolated to the horizon (``repair.extrapolated``), the recorded search's
+    options throughout. A finalist the recorded search did
     not heal takes its repaired KL from a ``--score`` file of the same cell and seed (the same windows, seed and
     steps: the same computation, on the machine named). A cell where one is missing is reported incomplete."""
     rows = []
     for path in sorted(p for source in sources for p in source.glob("*-calib128.json") if "-scored-" not in p.name):
         result = json.loads(path.read_text())
         model, remove, seed = result["model"], result["remove"], result["seed"]
+        options = SearchOptions(remove=remove, method="repair", **result["config"])
         screened = {row["cut"]: row["screened_kl"] for row in result["candidates"]}
         keys = {tuple(tuple(int(i) for i in part.split(":")) for part in cut.split()): cut for cut in screened}
-        chosen = repair.finalists({c: screened[k] for c, k in keys.items()}, 4)
+        chosen = repair.finalists({c: screened[k] for c, k in keys.items()}, options.repair_finalists)
         finals, missing = [], []
         for candidate in chosen:
             cut = keys[candidate]
             row = next(r for r in result["candidates"] if r["cut"] == cut)
             found = ({"repaired_kl": row["repaired_kl"], "source": path.name, "torch": result["versions"]["torch"]}
-                     if row["repaired_kl"] is not None else recorded_finalist(model, remove, seed, cut, sources))
+                     if row["repaired_kl"] is not None
+                     else recorded_finalist(model, remove, seed, cut, options.repair_steps, sources))
             if found is None:
                 missing.append(cut)
                 continue
-            ahead = repair.extrapolated((10, screened[cut]), (50, found["repaired_kl"]), 200)
+            ahead = repair.extrapolated((options.repair_screen_steps, screened[cut]),
+                                        (options.repair_steps, found["repaired_kl"]), options.repair_horizon)
             finals.append({"cut": cut, "screened_kl": screened[cut], **found, "extrapolated_kl": ahead})
         pick = min(finals, key=lambda row: row["extrapolated_kl"]) if finals else None
         as_list = (lambda cut: json.dumps([[int(i) for i in part.split(":")] for part in cut.split()]))
         rows.append({"model": model, "remove": remove, "seed": seed, "recorded": path.name,
                      "recorded_pick": result["chosen"],
-                     "recorded_worth": known.get((model, remove, seed, json.dumps(result["chosen"]))), "finalists": finals,
+                     "recorded_worth": known.get((model, remove, seed, json.dumps(result["chosen"]))),
+                     "finalists": finals,
                      "missing": missing, "pick": pick and pick["cut"],
                      "worth": pick and known.get((model, remove, seed, as_list(pick["cut"])))})
     return rows

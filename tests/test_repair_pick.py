@@ -79,8 +79,8 @@ def test_the_replay_reranks_recorded_finalists_and_fills_them_from_scored_files(
             {"cut": "1:3", "screened_kl": 1.9, "repaired_kl": None},
             {"cut": "3:5", "screened_kl": 2.5, "repaired_kl": None}]
     versions = {"torch": "2.x"}
-    recorded = {"model": "m", "remove": 2, "seed": 0, "chosen": [[1, 2], [4, 5]], "worth": None,
-                "candidates": rows, "versions": versions}
+    recorded = {"model": "m", "remove": 2, "seed": 0, "config": {"segments": 2}, "chosen": [[1, 2], [4, 5]],
+                "worth": None, "candidates": rows, "versions": versions}
     (tmp_path / "m-n2-seed0-segments2-calib128.json").write_text(json.dumps(recorded))
     scored = {"config": {}, "versions": versions, "scored": [{"cut": [[1, 3]], "repaired_kl": 1.25}]}
     (tmp_path / "m-n2-seed0-scored-default-calib128.json").write_text(json.dumps(scored))

@@ -63,6 +63,15 @@ class Options(BaseModel):
         """A validated copy with ``changes``."""
         return type(self)(**{**self.model_dump(exclude_unset=True), **changes})
 
+    def defaulted(self, name: str, value: Any):
+        """These options with ``name`` at ``value`` unless it was given, and still counted as not given: a default
+        that depends on another section. A copy, so that options shared with another recipe keep theirs."""
+        if name in self.model_fields_set or getattr(self, name) == value:
+            return self
+        copy = self.model_copy(update={name: value})
+        copy.model_fields_set.discard(name)
+        return copy
+
 
 class ModelOptions(Options):
     """How to load the model."""
@@ -376,26 +385,16 @@ class Recipe(BaseModel):
     export: ExportOptions = Field(default_factory=ExportOptions)
 
     @model_validator(mode="after")
-    def _repair_calibrates_on_more_windows(self):
-        """``--method repair`` draws :data:`REPAIR_CALIB_WINDOWS` calibration windows unless they are given: its
-        short heals train on half of them and are scored on the other half. The value stays a default, so a copy
-        with another method gets that method's."""
-        wanted = (REPAIR_CALIB_WINDOWS if self.search.method == "repair"
-                  else DataOptions.model_fields["calib_windows"].default)
-        if "calib_windows" not in self.data.model_fields_set and self.data.calib_windows != wanted:
-            data = self.data.model_copy(update={"calib_windows": wanted})
-            data.model_fields_set.discard("calib_windows")
-            object.__setattr__(self, "data", data)  # the recipe is frozen; this is its own validation
-        return self
-
-    @model_validator(mode="after")
-    def _repair_looks_as_far_as_the_heal(self):
-        """``--method repair`` extrapolates its finalists to the heal's steps unless ``repair_horizon`` is given.
-        The value stays a default, like the calibration windows above."""
-        if "repair_horizon" not in self.search.model_fields_set and self.search.repair_horizon != self.heal.heal_steps:
-            search = self.search.model_copy(update={"repair_horizon": self.heal.heal_steps})
-            search.model_fields_set.discard("repair_horizon")
-            object.__setattr__(self, "search", search)  # the recipe is frozen; this is its own validation
+    def _repair_defaults(self):
+        """Defaults that depend on another section, kept defaults (a copy with another method or heal gets that
+        one's): ``--method repair`` draws :data:`REPAIR_CALIB_WINDOWS` calibration windows, since its short heals
+        train on half of them and are scored on the other half; and it extrapolates its finalists to the heal's
+        steps (``repair_horizon``)."""
+        windows = (REPAIR_CALIB_WINDOWS if self.search.method == "repair"
+                   else DataOptions.model_fields["calib_windows"].default)
+        # the recipe is frozen; this is its own validation
+        object.__setattr__(self, "data", self.data.defaulted("calib_windows", windows))
+        object.__setattr__(self, "search", self.search.defaulted("repair_horizon", self.heal.heal_steps))
         return self
 
     def replace(self, **sections: Options) -> Recipe:

@@ -236,8 +236,8 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
     each scored by its KL to the dense model on the held-out half of the windows after a short repair
     (:func:`repaired_kl`, ``options.repair_screen_steps`` steps); the ``options.repair_finalists`` lowest of each
     number of segments (:func:`finalists`) repaired again from the start for ``options.repair_steps`` steps; the
-    lowest of those after ``options.repair_horizon`` steps, extrapolated from the two (:func:`extrapolated`), wins. A linear-patch proxy has no
-    steps: every candidate is patched once and the lowest wins. ``progress`` (optional) is called with 1 per
+    lowest of those after ``options.repair_horizon`` steps, extrapolated from the two (:func:`extrapolated`),
+    wins. A linear-patch proxy has no steps: every candidate is patched once and the lowest wins. ``progress`` (optional) is called with 1 per
     repair. ``landscape`` holds the exact KL of every cut; ``trajectory`` one row per candidate with its screened
     and (finalists) repaired and extrapolated KL."""
     started = time.perf_counter()
