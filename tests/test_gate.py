@@ -26,6 +26,8 @@ from layercut.gate import (
     exhaustive,
     neighbours,
     notch_mask,
+    refine,
+    refine_beam,
     round_widths,
     search_exhaustive,
     search_gate,
@@ -144,6 +146,27 @@ def test_round_widths_and_neighbours():
     assert sum(round_widths([0.1, 0.2, 5.7], 6)) == 6
     assert set(neighbours(((3, 6),), 10)) == {((2, 5),), ((4, 7),)}
     assert neighbours(((0, 3),), 3) == []
+
+
+def test_refine_beam_reaches_a_cut_that_one_climb_misses():
+    # SmolLM2-135M, 10 of 30 layers, calibration seed 1 (128 windows): the gate's four lowest two-segment read-outs
+    # and their exact KL; [4, 8) + [13, 19) is two steps from the lowest and one from the third and fourth
+    read = {((3, 6), (12, 19)): 1.5289, ((3, 7), (13, 19)): 1.5469, ((4, 6), (12, 20)): 1.5503,
+            ((4, 7), (12, 19)): 1.5755}
+    best = ((4, 8), (13, 19))
+    assert best in neighbours(((3, 7), (13, 19)), 30) and best not in neighbours(((3, 6), (12, 19)), 30)
+    calls = []
+
+    def exact(candidates):
+        calls.append(list(candidates))
+        return [1.5014 if c == best else read.get(c, 1.6 + 0.001 * sum(s for s, _ in c)) for c in candidates]
+
+    assert refine(read, exact, 30, dict(read))[0] == ((3, 6), (12, 19))  # one climb stops at its local optimum
+    known, calls[:] = dict(read), []
+    scored = refine_beam(known, exact, 30, segments=2, width=4)
+    lowest = sorted((c for c in known if len(c) == 2), key=known.get)
+    assert lowest[0] == best and scored == sum(map(len, calls)) == len(known) - len(read)
+    assert refine_beam(known, exact, 30, segments=2, width=4) == 0  # settled: no neighbour of the four is new
 
 
 @pytest.mark.parametrize(

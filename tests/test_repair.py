@@ -12,7 +12,7 @@ from conftest import build_tiny, random_ids
 from layercut import heal, repair, selection
 from layercut.config import HealOptions, SearchOptions
 from layercut.errors import LayercutError
-from layercut.gate import cuts, exact_scorer
+from layercut.gate import candidate_key, cuts, exact_scorer, neighbours, parse_key
 from layercut.layers import Handle, cut
 from layercut.repair import candidate_cuts, endpoint_layers, extrapolated, finalists, split_windows
 
@@ -176,8 +176,13 @@ def test_several_segments_take_their_candidates_from_the_gate_not_from_every_cut
     gate = selection.search(handle, windows, options.replace(method="clp"), seed=0)
     found = selection.search(handle, windows, options, seed=0)
     contiguous = selection.search(handle, windows, options.replace(method="exhaustive", segments=1))
-    assert found.landscape == {**contiguous.landscape, **gate.landscape}  # every contiguous cut, the gate's read-outs
-    assert all(found.landscape[key] == value for key, value in contiguous.landscape.items())  # the same KL
+    read = {**contiguous.landscape, **gate.landscape}  # every contiguous cut and the gate's read-outs, the same KL
+    assert all(found.landscape[key] == value for key, value in read.items())
+    # widened by the beam: every neighbour of the two lowest two-segment cuts is scored, and nothing else is added
+    two = sorted((k for k in found.landscape if len(k.split()) == 2), key=found.landscape.get)[:2]
+    near = {k: {candidate_key(n) for n in neighbours(parse_key(k), handle.num_layers)} for k in found.landscape}
+    assert set().union(*(near[k] for k in two)) <= set(found.landscape)
+    assert set(found.landscape) - set(read) <= set().union(*(near[k] for k in found.landscape if len(k.split()) == 2))
     assert len(found.landscape) < len(cuts(handle.num_layers, 4, 2))  # not every two-segment cut
     assert any(len(key.split()) == 2 for key in found.landscape)
     per_count = {1: [], 2: []}

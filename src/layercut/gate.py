@@ -217,6 +217,31 @@ def refine(candidates: Iterable[Candidate], exact: Callable[[list[Candidate]], l
     return best, known[best]
 
 
+def refine_beam(known: dict[Candidate, float], exact: Callable[[list[Candidate]], list[float]], num_layers: int,
+                segments: int, width: int, max_rounds: int = 64) -> int:
+    """Hill-climb the ``width`` lowest cuts of ``segments`` segments in ``known`` together: score exactly (into
+    ``known``) every :func:`neighbours` cut of theirs not scored yet, and repeat until those ``width`` stop
+    changing. :func:`refine` climbs from the best cut alone and stops at its local optimum, where a cut two steps
+    away can be lower: on SmolLM2-135M, 10 of 30 at calibration seed 1, the gate's read-outs end at
+    [3, 6) + [12, 19) (KL 1.5289) while [4, 8) + [13, 19), a neighbour of the third and fourth lowest, has 1.5014.
+    Returns how many cuts it scored."""
+
+    def lowest() -> list[Candidate]:
+        return sorted((c for c in known if len(c) == segments), key=known.__getitem__)[:width]
+
+    scored, current = 0, lowest()
+    for _ in range(max_rounds):
+        new = list(dict.fromkeys(n for c in current for n in neighbours(c, num_layers) if n not in known))
+        if new:
+            known.update(zip(new, exact(new)))
+            scored += len(new)
+        following = lowest()
+        if following == current:
+            break
+        current = following
+    return scored
+
+
 SCREENED = 3  # read-out cuts scored exactly after screening
 
 # The gate's settings by the number of segments, where the --gate-* options are not given. Measured on SmolLM2-135M,

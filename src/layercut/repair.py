@@ -22,7 +22,16 @@ from layercut import heal, replacement
 from layercut.data import shares_no_run
 from layercut.errors import LayercutError
 from layercut.forward import ExactKL, batches, model_device, replaced_layers
-from layercut.gate import SearchResult, candidate_key, checked, cuts, exact_scorer, parse_key, search_gate
+from layercut.gate import (
+    SearchResult,
+    candidate_key,
+    checked,
+    cuts,
+    exact_scorer,
+    parse_key,
+    refine_beam,
+    search_gate,
+)
 from layercut.layers import Candidate, Handle, kept_layers
 
 if TYPE_CHECKING:
@@ -187,16 +196,21 @@ def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
                 seed: int, scorer: ExactKL | None = None) -> tuple[dict[Candidate, float], int]:
     """The exact KL of the cuts the repair method chooses among, and how many cuts were scored: every contiguous
     cut (exhaustive), and with ``options.segments`` above 1 every cut the concave gate's search reads out exactly on
-    its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …).
-    Both use one exact scorer (``scorer``, or one made here): the dense model runs once over ``windows``."""
+    its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …),
+    widened for each number of segments by a hill-climb of the candidates it screens together
+    (:func:`layercut.gate.refine_beam`). All use one exact scorer (``scorer``, or one made here): the dense model
+    runs once over ``windows``."""
     scorer = scorer or exact_scorer(handle, windows, options, batch_size)
+    exact = checked(scorer)
     every = cuts(handle.num_layers, remove, 1)
-    kl = dict(zip(every, checked(scorer)(every)))
+    kl = dict(zip(every, exact(every)))
     if options.segments == 1:
         return kl, len(every)
     found = search_gate(handle, windows, remove, options, batch_size, seed, scorer=scorer)
-    read_out = {parse_key(key): value for key, value in found.landscape.items()}
-    return {**kl, **read_out}, len(every) + found.evaluations
+    kl.update({parse_key(key): value for key, value in found.landscape.items()})
+    width = SEVERAL_SEGMENTS if options.repair_candidates is None else options.repair_candidates
+    widened = sum(refine_beam(kl, exact, handle.num_layers, count, width) for count in range(2, options.segments + 1))
+    return kl, len(every) + found.evaluations + widened
 
 
 def repair_data(handle: Handle, windows: torch.Tensor, batch_size: int) -> dict:
