@@ -41,6 +41,12 @@ logger = logging.getLogger(__name__)
 SEVERAL_SEGMENTS = 4  # cuts of each number of segments above one that the repair method screens by default
 
 
+def screened_per_number(segments: int, top: int | None) -> int | None:
+    """How many cuts of ``segments`` segments the repair method screens, those of lowest exact KL: ``top`` when
+    given, else every contiguous cut (``None``) and :data:`SEVERAL_SEGMENTS` of each larger number."""
+    return top if top is not None else (None if segments == 1 else SEVERAL_SEGMENTS)
+
+
 def candidate_cuts(kl: dict[Candidate, float], num_layers: int, remove: int, top: int | None) -> list[Candidate]:
     """The cuts the repair method screens, from the exact KL of every cut considered (``kl``): for each number of
     segments among them, the ``top`` with the lowest KL (``None``: every contiguous cut and the
@@ -48,8 +54,7 @@ def candidate_cuts(kl: dict[Candidate, float], num_layers: int, remove: int, top
     them. Order: by number of segments, then by KL."""
     chosen: list[Candidate] = []
     for count in sorted({len(c) for c in kl}):
-        keep = top if top is not None else (None if count == 1 else SEVERAL_SEGMENTS)
-        chosen += sorted((c for c in kl if len(c) == count), key=kl.__getitem__)[:keep]
+        chosen += sorted((c for c in kl if len(c) == count), key=kl.__getitem__)[:screened_per_number(count, top)]
     tail = ((num_layers - remove, num_layers),)
     return chosen if tail in chosen else [*chosen, tail]
 
@@ -197,8 +202,8 @@ def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
     """The exact KL of the cuts the repair method chooses among, and how many cuts were scored: every contiguous
     cut (exhaustive), and with ``options.segments`` above 1 every cut the concave gate's search reads out exactly on
     its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …),
-    widened for each number of segments by a hill-climb of the candidates it screens together
-    (:func:`layercut.gate.refine_beam`). All use one exact scorer (``scorer``, or one made here): the dense model
+    widened for each number of segments by a hill-climb of the candidates it screens (:func:`screened_per_number`)
+    together (:func:`layercut.gate.refine_beam`). All use one exact scorer (``scorer``, or one made here): the dense model
     runs once over ``windows``."""
     scorer = scorer or exact_scorer(handle, windows, options, batch_size)
     exact = checked(scorer)
@@ -208,8 +213,8 @@ def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
         return kl, len(every)
     found = search_gate(handle, windows, remove, options, batch_size, seed, scorer=scorer)
     kl.update({parse_key(key): value for key, value in found.landscape.items()})
-    width = SEVERAL_SEGMENTS if options.repair_candidates is None else options.repair_candidates
-    widened = sum(refine_beam(kl, exact, handle.num_layers, count, width) for count in range(2, options.segments + 1))
+    widened = sum(refine_beam(kl, exact, handle.num_layers, count, screened_per_number(count, options.repair_candidates))
+                  for count in range(2, options.segments + 1))
     return kl, len(every) + found.evaluations + widened
 
 
