@@ -3,9 +3,9 @@
 For each (model, n, seed): the calibration windows ``--method repair`` draws (128; ``--calib-windows`` sets
 others), the selection run as ``layercut prune --method repair`` runs it (``--config`` sets its options as JSON:
 segments, repair_candidates, repair_steps, repair_proxy), its pick and search time recorded with every candidate's
-exact and repaired KL. The pick's worth is looked up, not recomputed: its held-out wiki perplexity after the grid protocol's 200-step endpoints heal, same
-seed, from the landscape (bench/results/landscape-h100) or from any grid cell that healed the same cut
-(bench/results/grid-h200); "unmeasured" when neither holds it. The same cut, heal and seed is the same computation,
+exact and repaired KL. The pick's worth is looked up, not recomputed: its held-out wiki perplexity after the grid
+protocol's 200-step endpoints heal, same seed, from the landscape (bench/results/landscape-h100) or from any grid
+cell that healed the same cut (bench/results/grid-h200); "unmeasured" when neither holds it. The same cut, heal and seed is the same computation,
 so the looked-up value is the pick's value on the machine that measured it.
 
     python bench/repair_pick.py --out ~/res/repair-pick --seeds 0        # on the GPU: bench/device/remote.sh picks

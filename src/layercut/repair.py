@@ -203,8 +203,8 @@ def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
     cut (exhaustive), and with ``options.segments`` above 1 every cut the concave gate's search reads out exactly on
     its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …),
     widened for each number of segments by a hill-climb of the candidates it screens (:func:`screened_per_number`)
-    together (:func:`layercut.gate.refine_beam`). All use one exact scorer (``scorer``, or one made here): the dense model
-    runs once over ``windows``."""
+    together (:func:`layercut.gate.refine_beam`). All use one exact scorer (``scorer``, or one made here): the
+    dense model runs once over ``windows``."""
     scorer = scorer or exact_scorer(handle, windows, options, batch_size)
     exact = checked(scorer)
     every = cuts(handle.num_layers, remove, 1)
@@ -213,7 +213,8 @@ def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
         return kl, len(every)
     found = search_gate(handle, windows, remove, options, batch_size, seed, scorer=scorer)
     kl.update({parse_key(key): value for key, value in found.landscape.items()})
-    widened = sum(refine_beam(kl, exact, handle.num_layers, count, screened_per_number(count, options.repair_candidates))
+    widened = sum(refine_beam(kl, exact, handle.num_layers, count,
+                              screened_per_number(count, options.repair_candidates))
                   for count in range(2, options.segments + 1))
     return kl, len(every) + found.evaluations + widened
 
@@ -256,9 +257,9 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
     (:func:`repaired_kl`, ``options.repair_screen_steps`` steps); the ``options.repair_finalists`` lowest of each
     number of segments (:func:`finalists`) repaired again from the start for ``options.repair_steps`` steps; the
     lowest of those after ``options.repair_horizon`` steps, extrapolated from the two (:func:`extrapolated`),
-    wins. A linear-patch proxy has no steps: every candidate is patched once and the lowest wins. ``progress`` (optional) is called with 1 per
-    repair. ``landscape`` holds the exact KL of every cut; ``trajectory`` one row per candidate with its screened
-    and (finalists) repaired and extrapolated KL."""
+    wins. A linear-patch proxy has no steps: every candidate is patched once and the lowest wins. ``progress``
+    (optional) is called with 1 per repair. ``landscape`` holds the exact KL of every cut; ``trajectory`` one row
+    per candidate with its screened and (finalists) repaired and extrapolated KL."""
     started = time.perf_counter()
     kl, evaluations = scored_cuts(handle, windows, remove, options, batch_size, seed, scorer)
     chosen = candidate_cuts(kl, handle.num_layers, remove, options.repair_candidates)
