@@ -64,6 +64,19 @@ ON_CLP_AND_TAIL = {"replaceme": {"heal": "replaceme"}, "streamline": {"heal": "s
                    "endpoints+lsq": {"heal": "endpoints", "heal_init": "lsq"}}
 
 
+def parse_rates(text: str, models: list[str]) -> dict[str, tuple[int, ...]]:
+    """``--rates``: "tiny" (the tiny counts for every model) or "MODEL:N[:N],..." (those counts for those models)."""
+    if text == "tiny":
+        return {model: RATES["tiny"] for model in models}
+    rates = {}
+    for part in filter(None, text.split(",")):
+        model, *counts = part.split(":")
+        if not counts or not all(count.isdigit() and int(count) > 0 for count in counts):
+            raise SystemExit(f"--rates {part!r}: give MODEL:N[:N] with positive layer counts, e.g. smollm2-135m:7")
+        rates[model] = tuple(int(count) for count in counts)
+    return rates
+
+
 def plan(models: list[str], rates: dict, seeds: list[int], selections=None, heals=None) -> list[tuple]:
     """Every cell of the grid, in the order it runs: (model, n, seed, selection, heal); ``selections`` and
     ``heals`` keep a part of it. Seeds are outermost, so a run stopped early has whole seeds. The tail cut without
@@ -606,6 +619,8 @@ def headline(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
     models = sorted(shape)
     lines = []
     for index, label in enumerate(("about 20 %", "about 33 %")):
+        if any(len(RATES.get(model, RATES["tiny"])) <= index for model in models):  # a --rates of one count
+            continue
         rates = {model: RATES.get(model, RATES["tiny"])[index] for model in models}
         best = {model: best_heals(table, model, rates[model]) for model in models}
         if not any(best.values()):
@@ -813,7 +828,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
-    parser.add_argument("--rates", default="", help="'tiny' to use the tiny removal counts for every model")
+    parser.add_argument("--rates", default="", help="'tiny' to use the tiny removal counts for every model; or "
+                        "MODEL:N[:N],... for other counts (e.g. smollm2-135m:7: a streamline heal then cuts 6 layers, "
+                        "as the other heals do at n = 6)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", default=",".join((*TASKS, *APART)))
     parser.add_argument("--limit", type=int, default=None, help="items per task (default: the full local sets)")
@@ -848,9 +865,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(arguments.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    if arguments.rates == "tiny":
-        for model in arguments.models:
-            RATES[model] = RATES["tiny"]
+    RATES.update(parse_rates(arguments.rates, arguments.models))
     if not arguments.report:
         (out / "claims").mkdir(exist_ok=True)
         check_protocol(arguments, out)

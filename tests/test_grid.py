@@ -29,6 +29,31 @@ def test_plan_runs_seeds_outermost_and_the_seedless_tail_cell_once():
     assert per_seed == 2 * (11 * 2 + 2 * 7)  # 11 selections × (none, endpoints); clp and tail × 7 more heals
 
 
+def test_rates_name_other_counts_per_model_and_refuse_a_malformed_one():
+    assert grid.parse_rates("tiny", ["a", "b"]) == {"a": (2, 3), "b": (2, 3)}
+    assert grid.parse_rates("smollm2-135m:7,m:2:5", ["x"]) == {"smollm2-135m": (7,), "m": (2, 5)}
+    assert grid.parse_rates("", ["x"]) == {}
+    assert [key[1] for key in grid.plan(["m"], {"m": (7,)}, [0], ["clp"], ["streamline"])] == [7]
+    for bad in ("smollm2-135m", "m:0", "m:seven"):
+        with pytest.raises(SystemExit, match="MODEL:N"):
+            grid.parse_rates(bad, ["m"])
+
+
+def test_a_rate_of_one_count_reports_only_its_headline(tmp_path, monkeypatch):
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    write_dense_cell(cells)
+    cell = {"model": "m", "layers": 6, "remove": 3, "seed": 0, "selection": "clp", "heal": "streamline",
+            "chosen": [[1, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": 4, "search_seconds": 1.0,
+            "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": 20.0, "perplexity_lee": 30.0,
+            "zero_shot": zero_shot(0.7)}
+    (cells / "m-n3-seed0-clp-streamline.json").write_text(json.dumps(cell))
+    monkeypatch.setitem(grid.RATES, "m", (3,))
+    text = grid.report(tmp_path)
+    assert "about 33 %" not in text and "## m, 3 of 6 layers removed" in text
+    assert "| clp | 0.875 ± 0.025 (streamline; 1 seed) |" in text
+
+
 def test_units_put_dense_first_and_group_cells_sharing_a_search():
     cells = grid.plan(["a", "b"], {"a": (2,), "b": (3,)}, [0], selections=["clp", "tail"])
     found = grid.units(cells)
