@@ -76,6 +76,10 @@ repaircost)  # in the background on GPU $2, after smol2 (SmolLM2's tokenizer): w
   # cold `layercut prune` at the shapes of ${SHAPES:-llama3-8b}, ${REPEATS:-1} run(s) each (bench/repair_cost.py)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup python3 bench/repair_cost.py --shapes ${SHAPES:-llama3-8b} \
     --repeats ${REPEATS:-1} --models ~/tm --out ~/res/repair-cost > ~/res/repair-cost.log 2>&1 < /dev/null & ;;
+standin)  # in the background on GPU $2, once Gemma-3 is in place: the linear stand-in proxy of every cut the committed
+  # landscape healed (bench/standin_proxy.py; STANDIN_ARGS: more options, e.g. --seeds 0,1,2)
+  cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
+    python3 bench/standin_proxy.py --out ~/res/standin ${STANDIN_ARGS:-}" > ~/res/standin.log 2>&1 < /dev/null & ;;
 record)  # in the background on GPU $2: SmolLM2's 12 single-segment cases recorded for bench/gate_replay.py, and the
   # default schedule's first 10 and 12 steps run for real (the replay's stop-after-10 and -12 rules)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup python3 bench/search.py --out ~/res/search-record --parts single \
@@ -85,7 +89,7 @@ status)
   ls ~/res/grid/cells | wc -l; ls ~/res/grid/cells | sed 's/-seed.*//' | sort | uniq -c
   for d in ~/res/grid-*/cells; do [ -d "$d" ] && echo "$d: $(ls "$d" | wc -l) cells"; done
   grep -l Traceback ~/res/grid/logs/*.log 2>/dev/null | head -5
-  ls ~/res | grep -E "done|ready"; tail -qn 2 ~/res/search-*.log ~/res/repair-cost.log 2>/dev/null | cut -c1-300
+  ls ~/res | grep -E "done|ready"; tail -qn 2 ~/res/search-*.log ~/res/repair-cost.log ~/res/standin.log 2>/dev/null | cut -c1-300
   [ -d ~/res/landscape/cuts ] && echo "landscape: $(ls ~/res/landscape/cuts | wc -l) cuts" && \
     grep -l Traceback ~/res/landscape/logs/*.log 2>/dev/null | head -3
   [ -d ~/res/repair-pick ] && ls ~/res/repair-pick && grep -h -E "Error|picked" ~/res/repair-pick*.log | cut -c1-300
@@ -96,9 +100,10 @@ collect)
   cd ~/res && tar czf "$OUT/grid.tgz" --warning=no-file-changed $(ls -d grid grid-* search-* 2>/dev/null) 2>&1 | tail -3
   [ -d landscape ] && tar czf "$OUT/landscape.tgz" --warning=no-file-changed landscape landscape-*.log 2>&1 | tail -3
   [ -d repair-pick ] && tar czf "$OUT/repair-pick.tgz" --warning=no-file-changed repair-pick repair-pick*.log 2>&1 | tail -3
+  [ -d standin ] && tar czf "$OUT/standin.tgz" --warning=no-file-changed standin standin.log 2>&1 | tail -3
   [ -d repair-cost ] && tar czf "$OUT/repair-cost.tgz" --warning=no-file-changed repair-cost repair-cost.log 2>&1 | tail -3
   ls -la "$OUT" ;;
 *)
-  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|landscape GPU|picks GPU|repaircost GPU|search|record GPU|status [SLEEP]|collect [SLEEP]"
+  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|landscape GPU|picks GPU|repaircost GPU|standin GPU|search|record GPU|status [SLEEP]|collect [SLEEP]"
   exit 2 ;;
 esac
