@@ -406,7 +406,8 @@ def summary(group: list[dict]) -> dict:
     scored = [c for c in group if c.get("retention")]
     found = {"seeds": len(group), "wiki": mean(c["perplexity_wiki"] for c in group),
              "lee": mean(c["perplexity_lee"] for c in group), "cuts": sorted({str(c["cut"]) for c in group}),
-             "trainable": group[0]["trainable_parameters"], "cells": group}
+             "trainable": group[0]["trainable_parameters"], "layers_after": group[0].get("layers_after"),
+             "cells": group}
     for task, key in (("mmlu", "acc"), ("lambada_openai", "acc"), ("lambada_openai", "perplexity")):
         found[f"{task}_{key}"] = mean(((c.get("zero_shot") or {}).get("tasks", {}).get(task) or {}).get(key)
                                       for c in group)
@@ -707,12 +708,14 @@ def report(out: Path) -> str:
             if len(heals) <= 2:
                 continue
             reference = heals.get("endpoints")
-            lines += [f"Heals on the {base} cut:", "", ("| heal | trainable parameters | retention ± 2 se | above chance | "
-                      "vs endpoints | wiki ppl | lee ppl |"), "|---|---|---|---|---|---|---|"]
+            lines += [(f"Heals on the {base} cut (a heal that keeps a layer of the block, as `streamline` does, "
+                      "leaves more layers than the others):"), "",
+                      ("| heal | layers kept | trainable parameters | retention ± 2 se | above chance | "
+                       "vs endpoints | wiki ppl | lee ppl |"), "|---|---|---|---|---|---|---|---|"]
             for heal_name, value in sorted(heals.items(), key=lambda item: item[1]["trainable"]):
                 against = ("—" if heal_name == "endpoints" or "retention" not in value or not reference
                            or "retention" not in reference else verdict(value, reference))
-                lines.append(f"| {heal_name} | {value['trainable']:,} | "
+                lines.append(f"| {heal_name} | {value['layers_after'] or '—'} | {value['trainable']:,} | "
                              f"{fmt(value.get('retention'))} ± {fmt(2 * value['stderr'] if 'stderr' in value else None)} "
                              f"| {fmt(value.get('above_chance'))} | {against} | {value['wiki']:.2f} | {value['lee']:.2f} |")
             lines.append("")

@@ -48,10 +48,14 @@ def test_a_rate_of_one_count_reports_only_its_headline(tmp_path, monkeypatch):
             "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": 20.0, "perplexity_lee": 30.0,
             "zero_shot": zero_shot(0.7)}
     (cells / "m-n3-seed0-clp-streamline.json").write_text(json.dumps(cell))
+    ends = {**cell, "heal": "endpoints", "cut": [[1, 4]], "layers_after": 3, "trainable_parameters": 20}
+    (cells / "m-n3-seed0-clp-endpoints.json").write_text(json.dumps(ends))
+    (cells / "m-n3-seed0-clp-none.json").write_text(json.dumps({**ends, "heal": "none", "trainable_parameters": 0}))
     monkeypatch.setitem(grid.RATES, "m", (3,))
     text = grid.report(tmp_path)
     assert "about 33 %" not in text and "## m, 3 of 6 layers removed" in text
-    assert "| clp | 0.875 ± 0.025 (streamline; 1 seed) |" in text
+    assert "| clp | 0.875 ± 0.025 (endpoints; 1 seed) |" in text
+    assert "| streamline | 4 | 10 | 0.875 ± 0.025 |" in text and "| endpoints | 3 | 20 |" in text  # the heal table names the layers each heal keeps
 
 
 def test_units_put_dense_first_and_group_cells_sharing_a_search():
