@@ -205,7 +205,8 @@ def report(landscape_out: Path, out: Path, steps: int = 200) -> str:
                       f"steps (the cut model): {len(agree)} cuts, largest relative difference {worst:.2e}.")]
     costs = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     lines += ["", "Cost per cell (this run's machine): " + "; ".join(
-        f"{c['model']} n = {c['remove']}: states {c.get('states_seconds', math.nan):.0f} s, "
+        f"{c['model']} n = {c['remove']} seed {c['seed']} ({len(c['cuts'])} cuts): states "
+        f"{c.get('states_seconds', math.nan):.0f} s, "
         f"{statistics_mean([v['lsq']['seconds'] for v in c['cuts'].values() if 'lsq' in v]):.1f} s per cut per map"
         for c in costs)]
     write_atomically(out / "standin.json", json.dumps(summary, indent=1) + "\n")
@@ -223,6 +224,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--landscape", default=str(LANDSCAPE), help="the landscape whose measured cuts are scored")
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    parser.add_argument("--remove", default="", help="only these numbers of removed layers (default: every cell)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--fit-windows", type=int, default=64, help="heal windows the stand-in is fitted on")
     parser.add_argument("--maps", default=",".join(MAPS))
@@ -244,7 +246,8 @@ def main(argv=None) -> None:
         measured = landscape.read_cuts(landscape_out)
         for seed in [int(s) for s in arguments.seeds.split(",") if s]:
             for model in arguments.models.split(","):
-                for remove in landscape.CELLS[model]:
+                for remove in [n for n in landscape.CELLS[model] if str(n) in arguments.remove.split(",")
+                               or not arguments.remove]:
                     cuts = [tuple(tuple(s) for s in c["cut"]) for c in measured.get((model, remove, seed), [])]
                     path = out / "cells" / f"{landscape.cell_stem(model, remove, seed)}.json"
                     score_cell(worker, model, remove, seed, sorted(cuts, key=lambda c: (len(c), c)), arguments, path)
