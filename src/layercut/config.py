@@ -185,7 +185,7 @@ class SearchOptions(Options):
         "(--repair-screen-steps, then --repair-steps for the finalists), or a training-free linear patch")
     repair_screen_steps: int = option(10, "steps of the short endpoints heal that screens every candidate (repair)",
                                       ge=1)
-    repair_finalists: int = option(4, "candidates of each number of segments, those of lowest KL after the "
+    repair_finalists: int = option(3, "candidates of each number of segments, those of lowest KL after the "
                                       "screen, that are healed again for --repair-steps steps (repair)", ge=1)
     repair_steps: int = option(50, "steps of the finalists' short endpoints heal (repair)", ge=1)
     repair_horizon: int = option(
