@@ -32,15 +32,16 @@ import logging
 import math
 import time
 from pathlib import Path
+from statistics import fmean
 
 import torch
 
 from layercut import heal
-from layercut.config import HealOptions
-from layercut.data import calibration_windows, held_out_windows, load_text
+from layercut.config import DataOptions, HealOptions
+from layercut.data import held_out_windows, load_text
 from layercut.files import write_atomically
-from layercut.forward import batches, final_hidden, replaced_layers
-from layercut.replacement import least_squares_map, relative_weights, weighted_moments
+from layercut.forward import replaced_layers
+from layercut.replacement import dense_states, least_squares_map, relative_weights, weighted_moments
 
 _spec = importlib.util.spec_from_file_location("landscape", Path(__file__).with_name("landscape.py"))
 landscape = importlib.util.module_from_spec(_spec)
@@ -55,30 +56,14 @@ LANDSCAPE = Path(__file__).parent / "results" / "landscape-h100"
 # ----------------------------------------------------------------------------------------------- measure
 
 
-@torch.no_grad()
 def boundary_states(handle, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """The dense states at every layer boundary over ``windows``: entry ``b`` ``[tokens, H]`` (float32, CPU) is the
     input of layer ``b`` (``b = L``: the output of the last layer)."""
-    found: list[list[torch.Tensor]] = [[] for _ in range(handle.num_layers + 1)]
-
-    def keep(index: int):
-        def hook(module, args, kwargs, output):
-            state = output[0] if isinstance(output, tuple) else output
-            found[index].append(state.flatten(0, 1).float().cpu())
-        return hook
-
-    def keep_input(module, args, kwargs):
-        state = args[0] if args else kwargs["hidden_states"]
-        found[0].append(state.flatten(0, 1).float().cpu())
-
-    hooks = [handle.layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
-    hooks += [layer.register_forward_hook(keep(index + 1), with_kwargs=True) for index, layer in enumerate(handle.layers)]
-    try:
-        for batch in batches(windows, batch_size):
-            final_hidden(handle.model, batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    wanted = {"0": (handle.layers[0], True)} | {str(i + 1): (layer, False) for i, layer in enumerate(handle.layers)}
+    found: list[list[torch.Tensor]] = [[] for _ in wanted]
+    for states in dense_states(handle, windows, wanted, batch_size):
+        for name, state in states.items():
+            found[int(name)].append(state.flatten(0, 1).float().cpu())
     return [torch.cat(parts) for parts in found]
 
 
@@ -120,10 +105,12 @@ def standing_in(handle, maps: dict[tuple[int, int], torch.Tensor | None]):
 
 def proxy_data(dense, settings, seed: int) -> dict:
     """The landscape's heal windows and held-out proxy windows with their dense top-k targets, drawn as its worker
-    draws them (:meth:`landscape.Worker.data`), without the heal's teacher targets, which no stand-in reads."""
-    text = load_text(settings.calib, "calib")
-    windows = calibration_windows(dense.tokenizer, text, settings.seq_len, settings.heal_windows, seed + 1)
-    proxy = held_out_windows(dense.tokenizer, text, settings.seq_len, settings.proxy_windows, seed + 2, windows)
+    draws them (:meth:`landscape.Worker.data`), without the heal's teacher targets (the ``lm`` loss needs none),
+    which no stand-in reads."""
+    options = DataOptions(calib=settings.calib, seq_len=settings.seq_len, seed=seed, batch_size=settings.batch_size)
+    windows = heal.prepare(dense, HealOptions(heal_windows=settings.heal_windows, heal_loss="lm"), options).windows
+    proxy = held_out_windows(dense.tokenizer, load_text(settings.calib, "calib"), settings.seq_len,
+                             settings.proxy_windows, seed + 2, windows)
     teacher = heal.teacher_targets(dense.model, proxy, HealOptions().heal_top_k, settings.batch_size)
     return {"heal_windows": windows, "proxy": proxy, "teacher": teacher}
 
@@ -207,16 +194,12 @@ def report(landscape_out: Path, out: Path, steps: int = 200) -> str:
     lines += ["", "Cost per cell (this run's machine): " + "; ".join(
         f"{c['model']} n = {c['remove']} seed {c['seed']} ({len(c['cuts'])} cuts): states "
         f"{c.get('states_seconds', math.nan):.0f} s, "
-        f"{statistics_mean([v['lsq']['seconds'] for v in c['cuts'].values() if 'lsq' in v]):.1f} s per cut per map"
+        f"{fmean([v['lsq']['seconds'] for v in c['cuts'].values() if 'lsq' in v] or [math.nan]):.1f} s per cut per map"
         for c in costs)]
     write_atomically(out / "standin.json", json.dumps(summary, indent=1) + "\n")
     text = "\n".join(lines) + "\n"
     write_atomically(out / "results.md", text)
     return text
-
-
-def statistics_mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
 
 
 def main(argv=None) -> None:

@@ -57,11 +57,11 @@ def worth(model: str, remove: int, seed: int, cut: list[list[int]]) -> float | N
     return json.loads(path.read_text())["heal"]["steps"]["200"]["perplexity_wiki"] if path.is_file() else None
 
 
-def replayed(search: dict, finalists: int) -> str:
-    by_count: dict[int, list[str]] = {}
-    for cut, kl in sorted(search["screen"].items(), key=lambda pair: pair[1]):
-        by_count.setdefault(len(cut.split()), []).append(cut)
-    chosen = [cut for cuts in by_count.values() for cut in cuts[:finalists]]
+def replayed(search: dict, count: int) -> str:
+    """The pick of the search's last stage with ``count`` finalists of each number of segments
+    (:func:`repair.finalists`), ranked by KL extrapolated from 10 and 50 steps to 200."""
+    screened = {tuple(tuple(int(i) for i in part.split(":")) for part in cut.split()): cut for cut in search["screen"]}
+    chosen = [screened[c] for c in repair.finalists({c: search["screen"][k] for c, k in screened.items()}, count)]
     missing = [cut for cut in chosen if cut not in search["finalists"]]
     if missing:
         raise SystemExit(f"finalists {missing} have no 50-step KL in the log")
