@@ -4,8 +4,9 @@ repair --segments 2`` (128 calibration windows, its default), on random-init mod
 * COLD: per method, ``--repeats`` fresh processes of ``python -m layercut prune FOLDER --remove n --method M
   --output TMP --no-eval --no-speed`` with the default heal (200 endpoint-tuning steps), timed from launch to exit;
   from each run's ``layercut.json``, the search and heal stages' seconds.
-* MEMORY (on a GPU): in this process, the same command line's model and calibration, each method's search with
-  the peak of allocated GPU memory reset before it, against the bytes of the model's weights.
+* PROFILE: in this process, the same command line's model and calibration, each method's search again: on a GPU
+  with the peak of allocated GPU memory reset before it, against the bytes of the model's weights; for the repair
+  selection, its stages' seconds (before the screen, each screen, each finalist's heal) from its log lines.
 
 The added cost of the repair selection is (its search − the default's search) / the default's heal seconds, both
 cold means; the target of issue 27 is at most 1 at the 8B shape, and the search's peak memory at most 1.25× the
@@ -20,9 +21,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -52,20 +55,59 @@ def cold_prune(arguments: list[str], output: Path) -> dict:
             "segments": record["segments"]}
 
 
-def search_peak(arguments: list[str]) -> dict | None:
-    """On a GPU: the peak allocated memory of the search alone (bytes) and the weights' bytes, in this process."""
-    if not torch.cuda.is_available():
-        return None
+def stage_seconds(started: float, stamps: list[tuple[float, str]], ended: float) -> dict:
+    """Where the repair selection's search spent its time, from the ``(perf_counter, message)`` of its
+    ``layercut.repair`` log lines between ``started`` and ``ended``: the seconds before the screen (exact KL, gate,
+    teacher targets), and the count and mean seconds of the screens and of the finalists' heals (each line ends one
+    of them; the message's step count tells which), then the seconds after the last. Empty without a screen line."""
+    marks = [index for index, (_, message) in enumerate(stamps) if "; screening " in message]
+    if not marks:
+        return {}
+    rows = stamps[marks[0]:]
+    steps = [message.rsplit("(", 1)[-1].split()[0] if message.endswith("steps)") else None for _, message in rows]
+    found: dict[str, list[float]] = {}
+    for (before, _), (now, _), count in zip(rows, rows[1:], steps[1:]):
+        if count is not None:
+            found.setdefault(count, []).append(now - before)
+    kinds = sorted(found, key=int)
+    stage = {"before_screen_s": rows[0][0] - started, "after_s": ended - rows[-1][0]}
+    for name, count in zip(("screen", "finalist"), kinds):
+        stage |= {f"{name}_steps": int(count), f"{name}s": len(found[count]),
+                  f"{name}_s_each": sum(found[count]) / len(found[count])}
+    return stage
+
+
+def search_profile(arguments: list[str]) -> dict:
+    """The search alone, in this process: its stages' seconds (:func:`stage_seconds`, repair only) and, on a GPU,
+    the peak allocated memory (bytes) against the weights' bytes."""
     handle, windows, recipe = timing.prepared(arguments)
     weights = sum(p.numel() * p.element_size() for p in handle.model.parameters())
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    selection.search(handle, windows, recipe.search, recipe.data.batch_size, recipe.data.seed)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    stamps: list[tuple[float, str]] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: stamps.append((time.perf_counter(), record.getMessage()))
+    log = logging.getLogger("layercut.repair")
+    level, started = log.level, time.perf_counter()
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        selection.search(handle, windows, recipe.search, recipe.data.batch_size, recipe.data.seed)
+        if cuda:
+            torch.cuda.synchronize()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    found = {"stages": stage_seconds(started, stamps, time.perf_counter())}
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        found |= {"peak_bytes": peak, "weight_bytes": weights, "peak_over_weights": peak / weights}
     del handle, windows
-    torch.cuda.empty_cache()
-    return {"peak_bytes": peak, "weight_bytes": weights, "peak_over_weights": peak / weights}
+    if cuda:
+        torch.cuda.empty_cache()
+    return found
 
 
 def measure(name: str, folder: Path, extra: list[str], repeats: int) -> dict:
@@ -77,9 +119,11 @@ def measure(name: str, folder: Path, extra: list[str], repeats: int) -> dict:
         for method in METHODS:
             arguments = prune_arguments(name, folder, method, output, extra)
             cold = [cold_prune(arguments, output) for _ in range(repeats)]
+            profile = search_profile(arguments)
             rows[method] = {"command": "layercut " + shlex.join(arguments).replace(str(output), "OUT"),
                             **{key: timing.spread([c[key] for c in cold]) for key in ("wall_s", "search_s", "heal_s")},
-                            "segments": [c["segments"] for c in cold], "memory": search_peak(arguments)}
+                            "segments": [c["segments"] for c in cold], "stages": profile.pop("stages"),
+                            "memory": profile or None}
             print(name, method, json.dumps({k: v for k, v in rows[method].items() if k != "command"}), flush=True)
     added = rows["repair"]["search_s"]["mean"] - rows["clp"]["search_s"]["mean"]
     return {"remove": timing.SHAPES[name].remove, "methods": rows, "added_search_s": added,
@@ -92,13 +136,23 @@ def table(results: dict) -> str:
     ratios = ["", "| shape | repair's added search (s) | over the default's heal |", "|---|---|---|"]
     for name, shape in results["shapes"].items():
         for method, row in shape["methods"].items():
-            memory = row["memory"]
+            memory = row["memory"] or {}
             cells = [f"{row[key]['mean']:.2f} ± {row[key]['spread']:.2f}" for key in ("wall_s", "search_s", "heal_s")]
             lines.append(f"| {name} | {shape['remove']} | {method} | {' | '.join(cells)} | "
-                         f"{'—' if memory is None else format(memory['peak_over_weights'], '.2f') + '×'} | "
+                         f"{format(memory['peak_over_weights'], '.2f') + '×' if memory else '—'} | "
                          f"{row['segments'][-1]} |")
         ratios.append(f"| {name} | {shape['added_search_s']:.2f} | {shape['added_over_heal']:.2f}× |")
-    return "\n".join(lines + ratios)
+    stages = ["", ("| shape | before the screen (s) | screens × s each | finalists × s each | after (s) | "
+                   "of the search, in one warm process (s) |"), "|---|---|---|---|---|---|"]
+    for name, shape in results["shapes"].items():
+        if stage := shape["methods"]["repair"].get("stages"):
+            total = (stage["before_screen_s"] + stage["after_s"] + stage.get("screens", 0) * stage.get("screen_s_each", 0)
+                     + stage.get("finalists", 0) * stage.get("finalist_s_each", 0))
+            each = [f"{stage[f'{k}s']} × {stage[f'{k}_s_each']:.2f} ({stage[f'{k}_steps']} steps)" if f"{k}s" in stage
+                    else "—" for k in ("screen", "finalist")]
+            stages.append(f"| {name} | {stage['before_screen_s']:.2f} | {' | '.join(each)} | {stage['after_s']:.2f} | "
+                          f"{total:.2f} |")
+    return "\n".join(lines + ratios + (stages if len(stages) > 3 else []))
 
 
 def write(results: dict, out: Path) -> None:

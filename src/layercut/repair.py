@@ -265,6 +265,7 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
     chosen = candidate_cuts(kl, handle.num_layers, remove, options.repair_candidates)
     data = repair_data(handle, windows, batch_size)
     stepped = options.repair_proxy == "endpoints"
+    logger.info("repair: exact KL of %d cuts; screening %d of them", len(kl), len(chosen))
     screened = repaired_kls(handle, data, chosen, options, batch_size, seed, progress, kl,
                             steps=options.repair_screen_steps if stepped else None)
     final = (repaired_kls(handle, data, finalists(screened, options.repair_finalists), options, batch_size, seed,
