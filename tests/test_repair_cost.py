@@ -59,9 +59,9 @@ def test_the_added_cost_is_the_extra_search_over_the_default_heal(tmp_path, monk
 
 def test_the_stages_are_timed_from_the_log_lines_that_end_them():
     repair_cost = load()
-    stamps = [(10.0, "repair: exact KL of 9 cuts; screening 3 of them"), (10.5, "repair: 0:2, KL 1.0 before repair, "
-              "0.5 after (10 steps)"), (11.5, "repair: 1:3, 0.4 after (10 steps)"), (12.0, "repair: 2:4, 0.3 after "
-              "(10 steps)"), (14.0, "repair: 2:4, 0.2 after (50 steps)")]
+    stamps = [(10.0, "repair: exact KL of 9 cuts; screening 3 of them"), (10.5, ("repair: 0:2, KL 1.0 before repair, "
+              "0.5 after (10 steps)")), (11.5, "repair: 1:3, 0.4 after (10 steps)"), (12.0, ("repair: 2:4, 0.3 after "
+              "(10 steps)")), (14.0, "repair: 2:4, 0.2 after (50 steps)")]
     stage = repair_cost.stage_seconds(4.0, stamps, 14.5)
     assert stage["before_screen_s"] == 6.0 and stage["after_s"] == 0.5
     assert (stage["screen_steps"], stage["screens"], stage["finalist_steps"], stage["finalists"]) == (10, 3, 50, 1)

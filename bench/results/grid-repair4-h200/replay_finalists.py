@@ -23,28 +23,36 @@ from layercut import repair
 
 HERE = Path(__file__).parent
 LANDSCAPE = Path("bench/results/landscape-h100/cuts")
-LINE = re.compile(r"repair: ([\d: ]+), KL [\d.]+ before repair, ([\d.]+) after \((\d+) steps\)")
+LINE = re.compile(r"repair: ([\d: ]+), KL ([\d.]+) before repair, ([\d.]+) after \((\d+) steps\)")
 DONE = re.compile(r"bench\.grid: (\('[^)]*'repair', 'endpoints'\)): (\{.*\})$")
 
 
 def searches() -> dict[tuple, dict]:
-    """Per (model, n, seed): the 10-step and 50-step KLs by cut, and the pick the run made."""
+    """Per (model, n, seed): the 10-step and 50-step KLs by cut, the exact KL before repair of the screened cuts,
+    and the pick the run made."""
     found = {}
     for log in sorted((HERE / "logs").glob("worker-*.log")):
         steps: dict[int, dict[str, float]] = {10: {}, 50: {}}
+        exact: dict[str, float] = {}
         for text in log.read_text(errors="replace").splitlines():
             if match := LINE.search(text):
-                steps[int(match[3])][match[1].strip()] = float(match[2])
+                steps[int(match[4])][match[1].strip()] = float(match[3])
+                exact[match[1].strip()] = float(match[2])
             elif match := DONE.search(text):
                 model, remove, seed, *_ = ast.literal_eval(match[1])
-                found[(model, remove, seed)] = {"screen": steps[10], "finalists": steps[50],
+                found[(model, remove, seed)] = {"screen": steps[10], "finalists": steps[50], "kl": exact,
                                                 "pick": ast.literal_eval(match[2])["cut"]}
-                steps = {10: {}, 50: {}}
+                steps, exact = {10: {}, 50: {}}, {}
     return found
 
 
 def as_cut(text: str) -> list[list[int]]:
     return [[int(i) for i in part.split(":")] for part in text.split()]
+
+
+def as_key(text: str) -> tuple[tuple[int, int], ...]:
+    """A logged cut ("6:10 15:17") as the selection's candidate key."""
+    return tuple(tuple(pair) for pair in as_cut(text))
 
 
 def worth(model: str, remove: int, seed: int, cut: list[list[int]]) -> float | None:
@@ -60,7 +68,7 @@ def worth(model: str, remove: int, seed: int, cut: list[list[int]]) -> float | N
 def replayed(search: dict, count: int) -> str:
     """The pick of the search's last stage with ``count`` finalists of each number of segments
     (:func:`repair.finalists`), ranked by KL extrapolated from 10 and 50 steps to 200."""
-    screened = {tuple(tuple(int(i) for i in part.split(":")) for part in cut.split()): cut for cut in search["screen"]}
+    screened = {as_key(cut): cut for cut in search["screen"]}
     chosen = [screened[c] for c in repair.finalists({c: search["screen"][k] for c, k in screened.items()}, count)]
     missing = [cut for cut in chosen if cut not in search["finalists"]]
     if missing:

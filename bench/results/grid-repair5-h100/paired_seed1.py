@@ -22,8 +22,8 @@ def main() -> None:
     a = json.loads((HERE / "cells" / NAME).read_text())
     b = json.loads((HERE.parent / "grid-repair4-h200" / "cells" / NAME).read_text())
     lines = [f"# {a['cut']} (3 finalists) against {b['cut']} (4 finalists): Gemma-3-270M, 6 of 18, seed 1", "",
-             "A − B with its 95 % paired-bootstrap interval (perplexity: the ratio A / B); a tie when it holds 0 "
-             "(ratio 1).", "", "| measure | A | B | A − B [95 %] | verdict |", "|---|---|---|---|---|"]
+             ("A − B with its 95 % paired-bootstrap interval (perplexity: the ratio A / B); a tie when it holds 0 "
+             "(ratio 1)."), "", "| measure | A | B | A − B [95 %] | verdict |", "|---|---|---|---|---|"]
 
     def row(name, value_a, value_b, difference, higher_is_better, as_ratio=False):
         low, high = difference.low, difference.high

@@ -1,0 +1,125 @@
+"""Cheaper settings of the repair selection, replayed on this run's logged searches, against what each would cost at
+the 8B shape.
+
+A setting is (``--segments`` S, ``--repair-candidates`` K, ``--repair-finalists`` F). Its screen is the K cuts of
+lowest exact KL of each number of segments up to S (every contiguous cut and the 4 best two-segment ones when K is
+unset; `repair.candidate_cuts`), with the tail; its finalists the F best of each number after the screen
+(`repair.finalists`); the winner the lowest KL extrapolated to the 200-step heal. Every screen and finalist heal
+starts from the same weights with the same seed, so a setting whose screened cuts and finalists are all in the log
+replays exactly (replay_finalists.py parses the log); a setting that needs a heal the run did not make is left out.
+The pick's wiki perplexity after the 200-step heal comes from this grid's cells or the landscape, as in
+replay_finalists.py.
+
+The cost is modelled at the 8B shape (25 contiguous cuts of 8 layers) from one timed search on an H100
+(bench/results/repair-cost-finalists3-h100): the seconds before the first two-segment gate step (the exact scorer's
+dense states and the 25 contiguous cuts), the two-segment search after it, the mean seconds of a 10-step screen and
+of a 50-step finalist, less the default search, over the default's heal. Writes replay-budget.md beside this script:
+
+    python bench/results/grid-repair4-h200/replay_budget.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import statistics
+from datetime import datetime
+from pathlib import Path
+
+from layercut import repair
+
+HERE = Path(__file__).parent
+COST = HERE.parent / "repair-cost-finalists3-h100"
+_spec = importlib.util.spec_from_file_location("replay_finalists", HERE / "replay_finalists.py")
+replay = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(replay)
+
+SETTINGS = [(2, None, 3), (2, None, 2), (2, 2, 2), (1, None, 3), (1, None, 2), (1, None, 1), (1, 8, 2), (1, 6, 2),
+            (1, 4, 2), (1, 4, 1)]
+CONTIGUOUS_8B, TWO_SEGMENT_SCREENS = 25, 4
+
+
+def stage_seconds() -> dict[str, float]:
+    """From the timestamped 8B search (profile-8b.log): the one-segment part before the gate, the two-segment part
+    up to the screen, and the mean screen and finalist seconds; the default's search and heal from repair_cost.json."""
+    stamps = []
+    for line in (COST / "profile-8b.log").read_text().splitlines():
+        try:
+            stamps.append((datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp(), line[24:]))
+        except ValueError:
+            continue
+    first = stamps[0][0]
+    gate = next(t for t, text in stamps if "gate step 0 " in text)
+    screen = next(t for t, text in stamps if "; screening " in text)
+    beats = {"(10 steps)": [], "(50 steps)": []}
+    for (before, _), (now, text) in itertools.pairwise(stamps):
+        for key, found in beats.items():
+            if text.endswith(key):
+                found.append(now - before)
+    clp = json.loads((COST / "repair_cost.json").read_text())["shapes"]["llama3-8b"]["methods"]["clp"]
+    return {"one": gate - first, "two": screen - gate, "screen": statistics.fmean(beats["(10 steps)"]),
+            "finalist": statistics.fmean(beats["(50 steps)"]), "default_search": clp["search_s"]["mean"],
+            "heal": clp["heal_s"]["mean"]}
+
+
+def cost_8b(setting: tuple, stage: dict[str, float]) -> float:
+    """The setting's added search at the 8B shape over the default's heal (a model: see the module's text)."""
+    segments, top, count = setting
+    one = CONTIGUOUS_8B if top is None else top + 1  # with K set the tail is screened besides, unless among them
+    two = 0 if segments == 1 else (TWO_SEGMENT_SCREENS if top is None else min(top, TWO_SEGMENT_SCREENS))
+    seconds = (stage["one"] + (stage["two"] if segments > 1 else 0.0) + (one + two) * stage["screen"]
+               + (count + (min(count, two) if two else 0)) * stage["finalist"])
+    return (seconds - stage["default_search"]) / stage["heal"]
+
+
+def pick(search: dict, remove: int, layers: int, setting: tuple) -> str | None:
+    """The setting's pick on a logged search, or None when it needs a heal the run did not make."""
+    segments, top, count = setting
+    kl = {replay.as_key(cut): value for cut, value in search["kl"].items() if cut.count(":") <= segments}
+    chosen = repair.candidate_cuts(kl, layers, remove, top)
+    if any(c not in kl for c in chosen):
+        return None
+    text = {replay.as_key(cut): cut for cut in search["kl"]}
+    screened = {c: search["screen"][text[c]] for c in chosen}
+    final = [text[c] for c in repair.finalists(screened, count)]
+    if any(cut not in search["finalists"] for cut in final):
+        return None
+    return min(final, key=lambda cut: repair.extrapolated((10, search["screen"][cut]), (50, search["finalists"][cut]),
+                                                          200))
+
+
+def name(setting: tuple) -> str:
+    segments, top, count = setting
+    return f"S = {segments}, K = {'all' if top is None else top}, F = {count}"
+
+
+def main() -> None:
+    found, stage = replay.searches(), stage_seconds()
+    layers = {"gemma3-270m": 18, "smollm2-135m": 30}
+    cells = sorted({(model, remove) for model, remove, _ in found})
+    lines = ["# Cheaper settings of the repair selection, replayed, against their cost at 8B", "",
+             ("S: `--segments`, K: `--repair-candidates` (all: every contiguous cut and the 4 best two-segment cuts), "
+             "F: `--repair-finalists`. The shipped setting is S = 2, K = all, F = 3. Per cell, the mean over seeds "
+             "0, 1, 2 of the pick's wiki perplexity after the 200-step endpoint heal (— where a pick was not healed "
+             "at some seed, or the setting needs a screen the run did not make). Cost: the added search at the 8B "
+             f"shape over the default's heal, modelled from {COST.name} (before the gate {stage['one']:.1f} s, "
+             f"two-segment search {stage['two']:.1f} s, a screen {stage['screen']:.2f} s, a finalist "
+             f"{stage['finalist']:.2f} s; default search {stage['default_search']:.2f} s, heal {stage['heal']:.2f} s)."),
+             "", "| setting | cost at 8B | " + " | ".join(f"{m} n = {n}" for m, n in cells) + " |",
+             "|---|---|" + "---|" * len(cells)]
+    for setting in SETTINGS:
+        row = []
+        for model, remove in cells:
+            values = []
+            for seed in (0, 1, 2):
+                cut = pick(found[(model, remove, seed)], remove, layers[model], setting)
+                values.append(None if cut is None else replay.worth(model, remove, seed, replay.as_cut(cut)))
+            row.append("—" if None in values else f"{statistics.fmean(values):.2f}")
+        lines.append(f"| {name(setting)} | {cost_8b(setting, stage):.1f}× | " + " | ".join(row) + " |")
+    (HERE / "replay-budget.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
