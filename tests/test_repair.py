@@ -193,6 +193,32 @@ def test_several_segments_take_their_candidates_from_the_gate_not_from_every_cut
     assert per_count[2] == lowest[2] and per_count[1][:2] == lowest[1]
 
 
+class _Counting:
+    """An exact scorer that records the cuts scored on all its windows (the screen's partial passes apart)."""
+
+    def __init__(self, scorer):
+        self.scorer, self.full = scorer, []
+
+    def __call__(self, candidates, windows=None):
+        self.full.extend(candidates if windows is None else [])
+        return self.scorer(candidates, windows)
+
+    def __getattr__(self, name):
+        return getattr(self.scorer, name)
+
+
+def test_with_several_segments_no_cut_is_scored_twice_on_all_windows():
+    """The gate's search scores every contiguous cut (its search for one segment fewer); the selection takes those
+    values instead of scoring the cuts a second time, and the count of cuts scored says so."""
+    handle = Handle.of(build_tiny("llama", layers=10))
+    windows = random_ids(batch=8, length=12, seed=4)
+    options = SearchOptions(remove=4, method="repair", segments=2, repair_candidates=2)
+    scorer = _Counting(exact_scorer(handle, windows, options))
+    kl, scored = repair.scored_cuts(handle, windows, 4, options, 4, 0, scorer=scorer)
+    assert len(scorer.full) == len(set(scorer.full)) == len(kl) == scored
+    assert set(cuts(handle.num_layers, 4, 1)) <= set(kl)
+
+
 def test_a_shared_exact_scorer_gives_the_same_selection():
     """``layercut sweep`` hands the search one exact scorer for all sizes; the repair method takes it and, with
     several segments, its gate uses the same one."""

@@ -204,19 +204,21 @@ def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
     its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …),
     widened for each number of segments by a hill-climb of the candidates it screens (:func:`screened_per_number`)
     together (:func:`layercut.gate.refine_beam`). All use one exact scorer (``scorer``, or one made here): the
-    dense model runs once over ``windows``."""
+    dense model runs once over ``windows``. The gate's search scores every contiguous cut itself (its search for one
+    segment fewer), so only those it did not are scored here."""
     scorer = scorer or exact_scorer(handle, windows, options, batch_size)
     exact = checked(scorer)
     every = cuts(handle.num_layers, remove, 1)
-    kl = dict(zip(every, exact(every)))
     if options.segments == 1:
-        return kl, len(every)
+        return dict(zip(every, exact(every))), len(every)
     found = search_gate(handle, windows, remove, options, batch_size, seed, scorer=scorer)
-    kl.update({parse_key(key): value for key, value in found.landscape.items()})
+    kl = {parse_key(key): value for key, value in found.landscape.items()}
+    missing = [cut for cut in every if cut not in kl]
+    kl.update(zip(missing, exact(missing)))
     widened = sum(refine_beam(kl, exact, handle.num_layers, count,
                               screened_per_number(count, options.repair_candidates))
                   for count in range(2, options.segments + 1))
-    return kl, len(every) + found.evaluations + widened
+    return kl, found.evaluations + len(missing) + widened
 
 
 def repair_data(handle: Handle, windows: torch.Tensor, batch_size: int) -> dict:
