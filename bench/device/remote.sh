@@ -73,9 +73,11 @@ picks)  # in the background on GPU $2, once Gemma-3 is in place (unless CELLS le
     python3 bench/repair_pick.py --out ~/res/repair-pick --seeds ${PICK_SEEDS:-0} \
     ${CELLS:+--cells $CELLS} ${PICK_ARGS:-}" > ~/res/repair-pick${TAG:+-$TAG}.log 2>&1 < /dev/null & ;;
 repaircost)  # in the background on GPU $2, after smol2 (SmolLM2's tokenizer): what the repair selection adds to a
-  # cold `layercut prune` at the shapes of ${SHAPES:-llama3-8b}, ${REPEATS:-1} run(s) each (bench/repair_cost.py)
+  # cold `layercut prune` at the shapes of ${SHAPES:-llama3-8b}, ${REPEATS:-1} run(s) each (bench/repair_cost.py;
+  # COST_EXTRA: prune options added to both methods, e.g. "--segments 1"; COST_TAG: another output folder and log)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup python3 bench/repair_cost.py --shapes ${SHAPES:-llama3-8b} \
-    --repeats ${REPEATS:-1} --models ~/tm --out ~/res/repair-cost > ~/res/repair-cost.log 2>&1 < /dev/null & ;;
+    --repeats ${REPEATS:-1} --models ~/tm --out ~/res/repair-cost${COST_TAG:+-$COST_TAG} ${COST_EXTRA:+--extra "$COST_EXTRA"} \
+    > ~/res/repair-cost${COST_TAG:+-$COST_TAG}.log 2>&1 < /dev/null & ;;
 standin)  # in the background on GPU $2, once Gemma-3 is in place: the linear stand-in proxy of every cut the committed
   # landscape healed (bench/standin_proxy.py; STANDIN_ARGS: more options, e.g. --seeds 0,1,2)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
@@ -101,7 +103,7 @@ collect)
   [ -d landscape ] && tar czf "$OUT/landscape.tgz" --warning=no-file-changed landscape landscape-*.log 2>&1 | tail -3
   [ -d repair-pick ] && tar czf "$OUT/repair-pick.tgz" --warning=no-file-changed repair-pick repair-pick*.log 2>&1 | tail -3
   [ -d standin ] && tar czf "$OUT/standin.tgz" --warning=no-file-changed standin standin.log 2>&1 | tail -3
-  [ -d repair-cost ] && tar czf "$OUT/repair-cost.tgz" --warning=no-file-changed repair-cost repair-cost.log 2>&1 | tail -3
+  ls -d repair-cost* > /dev/null 2>&1 && tar czf "$OUT/repair-cost.tgz" --warning=no-file-changed repair-cost* 2>&1 | tail -3
   ls -la "$OUT" ;;
 *)
   echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|landscape GPU|picks GPU|repaircost GPU|standin GPU|search|record GPU|status [SLEEP]|collect [SLEEP]"
