@@ -21,9 +21,9 @@ of a 50-step finalist, less the default search, over the default's heal. Writes 
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import json
 import statistics
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -31,9 +31,17 @@ from layercut import repair
 
 HERE = Path(__file__).parent
 COST = HERE.parent / "repair-cost-finalists3-h100"
-_spec = importlib.util.spec_from_file_location("replay_finalists", HERE / "replay_finalists.py")
-replay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(replay)
+
+
+def _script(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules.setdefault(name, importlib.util.module_from_spec(spec))  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+replay = _script("replay_finalists", HERE / "replay_finalists.py")
+repair_cost = _script("repair_cost", Path(__file__).parents[2] / "repair_cost.py")
 
 SETTINGS = [(2, None, 3), (2, None, 2), (2, 2, 2), (1, None, 3), (1, None, 2), (1, None, 1), (1, 8, 2), (1, 6, 2),
             (1, 4, 2), (1, 4, 1)]
@@ -55,14 +63,10 @@ def stage_seconds() -> dict[str, float]:
     exhaustive = next(t for t, text in stamps if "exhaustive: " in text)
     gate = next(t for t, text in stamps if "gate step 0 " in text)
     screen = next(t for t, text in stamps if "; screening " in text)
-    beats = {"(10 steps)": [], "(50 steps)": []}
-    for (before, _), (now, text) in itertools.pairwise(stamps):
-        for key, found in beats.items():
-            if text.endswith(key):
-                found.append(now - before)
+    timed = repair_cost.stage_seconds(stamps[0][0], stamps, stamps[-1][0])
     clp = json.loads((COST / "repair_cost.json").read_text())["shapes"]["llama3-8b"]["methods"]["clp"]
     return {"twice": exhaustive - stamps[0][0], "one": gate - exhaustive, "two": screen - gate,
-            "screen": statistics.fmean(beats["(10 steps)"]), "finalist": statistics.fmean(beats["(50 steps)"]),
+            "screen": timed["screen_s_each"], "finalist": timed["finalist_s_each"],
             "default_search": clp["search_s"]["mean"], "heal": clp["heal_s"]["mean"]}
 
 

@@ -9,10 +9,10 @@ script. Run from the repository root:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from layercut import paired
+from layercut.record import Agreement, ZeroShot
 
 HERE = Path(__file__).parent
 NAME = "gemma3-270m-n6-seed1-repair-endpoints.json"
@@ -23,33 +23,24 @@ def main() -> None:
     b = json.loads((HERE.parent / "grid-repair4-h200" / "cells" / NAME).read_text())
     lines = [f"# {a['cut']} (3 finalists) against {b['cut']} (4 finalists): Gemma-3-270M, 6 of 18, seed 1", "",
              ("A − B with its 95 % paired-bootstrap interval (perplexity: the ratio A / B); a tie when it holds 0 "
-             "(ratio 1)."), "", "| measure | A | B | A − B [95 %] | verdict |", "|---|---|---|---|---|"]
+              "(ratio 1)."), "", "| measure | A | B | A − B [95 %] | verdict |", "|---|---|---|---|---|"]
 
     def row(name, value_a, value_b, difference, higher_is_better, as_ratio=False):
-        low, high = difference.low, difference.high
-        if as_ratio:
-            text = "×{:.3f} [{:.3f}, {:.3f}]".format(*paired.ratio(difference))
-        else:
-            text = f"{difference.estimate:+.4f} [{low:+.4f}, {high:+.4f}]"
-        better = (low > 0) == higher_is_better
-        verdict = "tie" if low <= 0 <= high else ("A better" if better else "A worse")
-        lines.append(f"| {name} | {value_a:.4f} | {value_b:.4f} | {text} | {verdict} |")
+        text = ("×{:.3f} [{:.3f}, {:.3f}]".format(*paired.ratio(difference)) if as_ratio
+                else f"{difference.estimate:+.4f} [{difference.low:+.4f}, {difference.high:+.4f}]")
+        verdict = difference.verdict(higher_is_better)
+        lines.append(f"| {name} | {value_a:.4f} | {value_b:.4f} | {text} | "
+                     f"{verdict if verdict == 'tie' else 'A ' + verdict} |")
 
     for text in ("wiki", "lee"):
         row(f"{text} perplexity", a[f"perplexity_{text}"], b[f"perplexity_{text}"],
             paired.log_perplexity_difference(a[f"window_nll_{text}"], b[f"window_nll_{text}"]), False, True)
-    task_a, task_b = a["zero_shot"]["tasks"]["lambada_openai"], b["zero_shot"]["tasks"]["lambada_openai"]
-    row("LAMBADA acc", task_a["acc"], task_b["acc"], paired.accuracy_difference(
-        [(paired.unpack(task_a["correct"]), paired.unpack(task_b["correct"]))]), True)
-    for text in ("wiki", "lee"):
-        ta, tb = a["agreement"]["texts"][text], b["agreement"]["texts"][text]
-        row(f"KL to dense ({text})", ta["kl"], tb["kl"], paired.mean_difference(ta["window_kl"], tb["window_kl"]), False)
-        row(f"top-1 agreement ({text})", ta["top1"], tb["top1"],
-            paired.mean_difference(ta["window_top1"], tb["window_top1"]), True)
-    ga, gb = a["agreement"]["generation"], b["agreement"]["generation"]
-    row("generation: matching prefix", ga["mean_prefix"], gb["mean_prefix"],
-        paired.mean_difference(ga["prefix"], gb["prefix"]), True)
-    assert all(math.isfinite(x) for x in (a["perplexity_wiki"], b["perplexity_wiki"]))
+    za, zb = ZeroShot(**a["zero_shot"]), ZeroShot(**b["zero_shot"])
+    row("LAMBADA acc", za.tasks["lambada_openai"].acc, zb.tasks["lambada_openai"].acc,
+        paired.accuracy_difference(paired.task_strata(za, zb, ["lambada_openai"])), True)
+    for name, (value_a, value_b, difference, higher) in paired.agreement_differences(
+            Agreement(**a["agreement"]), Agreement(**b["agreement"])).items():
+        row(name, value_a, value_b, difference, higher)
     (HERE / "paired-seed1.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
