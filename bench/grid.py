@@ -247,14 +247,19 @@ class Worker:
                                                          test=False).calibration
         return self.seeded[(name, seed, count)]
 
-    def calibration(self, name: str, seed: int):
-        """The grid's calibration windows of ``seed`` and the heal's prepared data."""
-        count = self.arguments.calib_windows
-        if (name, seed) not in self.seeded:
+    def prepared(self, name: str, seed: int, options: HealOptions):
+        """The heal's prepared data for a cell healed with ``options`` (:func:`layercut.heal.prepare`): the dense
+        model's targets only when that heal trains on them, and once per model and seed; data with them serves
+        the heals that need none."""
+        if options.heal == "none":
+            return None
+        teacher = heal.uses_teacher(options)
+        found = self.seeded.get(("heal", name, seed, True)) or self.seeded.get(("heal", name, seed, teacher))
+        if found is None:
             dense, _ = self.model(name)
-            self.seeded[(name, seed)] = heal.prepare(dense, HealOptions(heal_windows=self.arguments.heal_windows),
-                                                     self.data_options(seed, count))
-        return self.calibration_windows(name, seed, count), self.seeded[(name, seed)]
+            found = self.seeded[("heal", name, seed, teacher)] = heal.prepare(
+                dense, options, self.data_options(seed, self.arguments.calib_windows))
+        return found
 
     def run(self, unit: tuple, todo: list[tuple]) -> None:
         if unit[0] == "dense":
@@ -264,9 +269,9 @@ class Worker:
             return
         model_name, remove, seed, name = unit
         dense, texts = self.model(model_name)
-        windows, prepared = self.calibration(model_name, seed)
-        if name == "repair":  # the repair selection on the calibration windows it draws by default
-            windows = self.calibration_windows(model_name, seed, REPAIR_CALIB_WINDOWS)
+        # the repair selection on the calibration windows it draws by default
+        windows = self.calibration_windows(model_name, seed, REPAIR_CALIB_WINDOWS if name == "repair"
+                                           else self.arguments.calib_windows)
         options = SearchOptions(remove=remove, **{"method": name, **SELECTIONS[name]})
         started = time.perf_counter()
         found = selection.search(dense, windows, options, self.arguments.batch_size, seed)
@@ -287,7 +292,8 @@ class Worker:
                 logger.info("%s: same model as %s", key, source)
                 continue
             try:
-                collected = heal.before_cut(dense, found.segments, prepared, options_heal)
+                collected = heal.before_cut(dense, found.segments, self.prepared(model_name, seed, options_heal),
+                                            options_heal)
             except LayercutError as error:  # a heal that does not apply to this model: recorded, not measured
                 write_atomically(cell_path(self.out, *key), json.dumps({**cell, "refused": str(error)}) + "\n")
                 logger.info("%s: refused (%s)", key, error)

@@ -342,7 +342,7 @@ def test_a_tiny_grid_runs_end_to_end_with_the_agreement(tmp_path, monkeypatch):
     model = landscape.smoke_model(tmp_path / "model", load_text("wiki", "calib"))
     out = tmp_path / "grid"
     monkeypatch.setattr(sys, "argv", ["grid.py", "--out", str(out), "--models", model, "--rates", "tiny",
-                                      "--seeds", "0", "--selections", "clp,tail,repair", "--heals", "endpoints",
+                                      "--seeds", "0", "--selections", "clp,tail,repair", "--heals", "lsq,endpoints",
                                       "--tasks", "", "--dtype", "float32", "--seq-len", "16", "--calib-windows", "4",
                                       "--ppl-windows", "4", "--batch-size", "4", "--heal-steps", "2",
                                       "--heal-batch", "2", "--heal-windows", "8", "--generation-prompts", "4"])
@@ -356,6 +356,11 @@ def test_a_tiny_grid_runs_end_to_end_with_the_agreement(tmp_path, monkeypatch):
         texts = cell["agreement"]["texts"]
         assert set(texts) == {"wiki", "lee"} and len(texts["wiki"]["window_kl"]) == 4
         assert texts["wiki"]["kl"] > 0 and len(cell["agreement"]["generation"]["prefix"]) == 4
+    # a training-free patch fits on the heal's windows; the heals share them, and the dense targets only train
+    patched = [json.loads(path.read_text()) for path in sorted((out / "cells").glob("*-lsq.json"))]
+    assert len(patched) == 4
+    for cell in patched:  # refused only where no layer precedes the cut to fold the patch into
+        assert ("refused" in cell) == (cell["chosen"][0][0] == 0) and cell.get("perplexity_wiki", 1) > 0
     assert "## model, 3 of 6 layers removed" in (out / "results.md").read_text()
     # a second launch into the same folder (here with nothing left to do) is listed beside the first
     first = "python " + " ".join(sys.argv)

@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from conftest import build_tiny, random_ids
-from layercut.config import HealOptions
-from layercut.heal import HEALS, HealData, endpoint_layers, heal, teacher_targets, top_k_kl
+from layercut.config import DataOptions, HealOptions
+from layercut.heal import (
+    HEALS,
+    HealData,
+    endpoint_layers,
+    heal,
+    prepare,
+    teacher_targets,
+    top_k_kl,
+    uses_teacher,
+)
 from layercut.layers import Handle, cut, find_decoder_layers
 
 
@@ -91,3 +100,23 @@ def test_last_k_trains_tail_and_keeps_tied_embeddings_frozen():
     assert "model.norm.weight" in touched
     assert not any("embed" in n for n in touched)
     assert not any(n.startswith(("model.layers.0.", "model.layers.2.")) for n in touched)
+
+
+def test_only_a_heal_that_trains_on_the_kl_computes_the_dense_targets(monkeypatch, tiny_tokenizer):
+    import layercut.heal as heal_module
+
+    handle = Handle.of(build_tiny("llama"), tiny_tokenizer)
+    data = DataOptions(seq_len=8, calib_windows=2, batch_size=2)
+    computed = []
+    monkeypatch.setattr(heal_module, "teacher_targets",
+                        lambda *args, **kwargs: computed.append(args) or teacher_targets(*args, **kwargs))
+    training = {"endpoints": {}, "all": {}, "last-k": {}, "endpoints+lsq": {"heal": "endpoints", "heal_init": "lsq"}}
+    free = {"lsq": {}, "linearpatch": {}, "replaceme": {}, "streamline": {}, "lm loss": {"heal": "endpoints",
+                                                                                        "heal_loss": "lm"}}
+    for name, extra in {**training, **free}.items():
+        options = HealOptions(**{"heal": name, "heal_windows": 4, **extra})
+        prepared = prepare(handle, options, data)
+        assert prepared.windows.shape == (4, 8)  # the same windows whichever heal
+        assert uses_teacher(options) == (name in training) == (prepared.teacher is not None), name
+    assert len(computed) == len(training)
+    assert prepare(handle, HealOptions(heal="none"), data) is None

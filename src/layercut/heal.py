@@ -160,16 +160,23 @@ def before_cut(handle: Handle, segments: list[Segment], prepared: HealData | Non
     return dataclasses.replace(prepared, collected=spec.collect(handle, segments, prepared, options))
 
 
+def uses_teacher(options: HealOptions) -> bool:
+    """Whether the heal trains on the dense model's top-k targets: a heal that trains (no patch or replacement of
+    its own kind) with the kl loss. A heal that starts from a patch (``heal_init``) still trains."""
+    return options.heal != "none" and HEALS[options.heal].apply is None and options.heal_loss == "kl"
+
+
 def prepare(handle: Handle, options: HealOptions, data_options: DataOptions) -> HealData | None:
-    """Training windows from the calibration text (seed + 1, so they differ from the search windows) and, for the
-    kl loss, the dense model's top-k targets; call before the cut. None when the heal trains nothing."""
+    """Training windows from the calibration text (seed + 1, so they differ from the search windows) and, when the
+    heal trains on them with the kl loss (:func:`uses_teacher`), the dense model's top-k targets; call before the
+    cut. None when the heal reads no data. A training-free patch fits on the same windows, without the targets."""
     if options.heal == "none":
         return None
     text = data.load_text(data_options.calib, "calib")
     windows = data.calibration_windows(handle.tokenizer, text, data_options.seq_len, options.heal_windows,
                                        data_options.seed + 1)
     teacher = None
-    if options.heal_loss == "kl":
+    if uses_teacher(options):
         teacher = teacher_targets(handle.model, windows, options.heal_top_k, data_options.batch_size)
     return HealData(windows, teacher)
 
