@@ -711,19 +711,21 @@ def report(out: Path) -> str:
             lines.append("")
         for base in ("clp", "tail"):
             heals = rows.get(base, {})
-            if len(heals) <= 2:
-                continue
             reference = heals.get("endpoints")
+            if len(heals) < 2 or reference is None:
+                continue
             lines += [(f"Heals on the {base} cut (a heal that keeps a layer of the block, as `streamline` does, "
-                      "leaves more layers than the others):"), "",
+                      "leaves more layers than the others), each against endpoint tuning of the same cut:"), "",
                       ("| heal | layers kept | trainable parameters | retention ± 2 se | above chance | "
-                       "vs endpoints | wiki ppl | lee ppl |"), "|---|---|---|---|---|---|---|---|"]
+                       "vs endpoints | wiki ppl | wiki ppl vs endpoints | lee ppl |"), "|---|---|---|---|---|---|---|---|---|"]
             for heal_name, value in sorted(heals.items(), key=lambda item: item[1]["trainable"]):
-                against = ("—" if heal_name == "endpoints" or "retention" not in value or not reference
+                against = ("—" if heal_name == "endpoints" or "retention" not in value
                            or "retention" not in reference else verdict(value, reference))
+                ppl = "—" if heal_name == "endpoints" else perplexity_verdict(value, reference)
                 lines.append(f"| {heal_name} | {value['layers_after'] or '—'} | {value['trainable']:,} | "
                              f"{fmt(value.get('retention'))} ± {fmt(2 * value['stderr'] if 'stderr' in value else None)} "
-                             f"| {fmt(value.get('above_chance'))} | {against} | {value['wiki']:.2f} | {value['lee']:.2f} |")
+                             f"| {fmt(value.get('above_chance'))} | {against} | {value['wiki']:.2f} | {ppl} | "
+                             f"{value['lee']:.2f} |")
             lines.append("")
         if rows.get("clp") and rows.get("clp-2"):
             lines += ["One segment against at most two (same heal):", "",

@@ -135,7 +135,8 @@ def test_unpaired_a_difference_inside_two_standard_errors_is_a_tie(value, refere
 
 def test_the_report_compares_with_clp_item_by_item_where_cells_kept_the_items(tmp_path):
     """Two seeds; tail gets 40 more of 200 piqa items right than clp under each seed, and its windows have a
-    lower NLL; angular is clp's model (the same items right, the same windows): an exact tie."""
+    lower NLL; angular is clp's model (the same items right, the same windows): an exact tie. On clp's cut the
+    lsq heal gets 20 fewer items right than endpoint tuning, and its windows a higher NLL."""
     cells = tmp_path / "cells"
     cells.mkdir()
     rng = np.random.default_rng(0)
@@ -154,15 +155,20 @@ def test_the_report_compares_with_clp_item_by_item_where_cells_kept_the_items(tm
     nll = rng.random(16) + 3.0
     tail_bits = clp_bits.copy()
     tail_bits[np.flatnonzero(~clp_bits)[:40]] = True
+    lsq_bits = clp_bits.copy()
+    lsq_bits[np.flatnonzero(clp_bits)[:20]] = False
     for seed in (0, 1):
-        for name, bits, windows in (("clp", clp_bits, nll), ("tail", tail_bits, nll - 0.2), ("angular", clp_bits, nll)):
-            cell = {"model": "m", "layers": 6, "remove": 2, "seed": seed, "selection": name, "heal": "endpoints",
+        for name, bits, windows, heal_name in (("clp", clp_bits, nll, "endpoints"), ("tail", tail_bits, nll - 0.2, "endpoints"),
+                                               ("angular", clp_bits, nll, "endpoints"), ("clp", lsq_bits, nll + 0.5, "lsq")):
+            cell = {"model": "m", "layers": 6, "remove": 2, "seed": seed, "selection": name, "heal": heal_name,
                     "chosen": [[2, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": 4, "search_seconds": 1.0,
                     "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": float(np.exp(windows.mean())),
                     "perplexity_lee": 30.0, "window_nll_wiki": windows.tolist(), "zero_shot": zero_shot(bits)}
-            (cells / f"m-n2-seed{seed}-{name}-endpoints.json").write_text(json.dumps(cell))
+            (cells / f"m-n2-seed{seed}-{name}-{heal_name}.json").write_text(json.dumps(cell))
     text = grid.report(tmp_path)
     detail = text.split("## m, 2 of 6 layers removed")[1].splitlines()
+    lsq_row = next(line for line in detail if line.startswith("| lsq |"))  # the heals on clp's cut, paired
+    assert "| worse (-0.100 [" in lsq_row and f"| higher (x{np.exp(0.5):.3f} [" in lsq_row
     tail_row = next(line for line in detail if line.startswith("| tail |"))
     angular_row = next(line for line in detail if line.startswith("| angular |"))
     assert "| clp loses (-0.200 [" in tail_row  # 40 of 200 items: 0.2 of the dense accuracy 1.0
