@@ -532,41 +532,70 @@ def comparisons(table: dict[tuple, dict], cells: list[dict]) -> list[tuple[tuple
         for name, (_, value) in best.items():
             if name == "clp" or (value["cuts"] == clp["cuts"] and best[name][0] == best["clp"][0]):
                 continue  # the same model: nothing to separate
-            verdicts = {}
-            for measure, difference_of in SEPARATING.items():
-                difference = difference_of(value, clp)
-                if difference is not None:
-                    verdicts[measure] = difference.verdict(higher_is_better(measure, clp["cells"][0]))
-            found.append(((model, remove, name), verdicts))
+            found.append(((model, remove, name), verdicts_against(value, clp)))
     return found
 
 
+def verdicts_against(value: dict, reference: dict) -> dict[str, str]:
+    """``value``'s verdict against ``reference`` on every measure of :data:`SEPARATING` that both kept per-item
+    results for: "better", "worse" or "tie" (the paired 95 % interval holds 0)."""
+    verdicts = {}
+    for measure, difference_of in SEPARATING.items():
+        difference = difference_of(value, reference)
+        if difference is not None:
+            verdicts[measure] = difference.verdict(higher_is_better(measure, reference["cells"][0]))
+    return verdicts
+
+
+def heal_comparisons(table: dict[tuple, dict]) -> list[tuple[tuple, dict[str, str]]]:
+    """Each heal other than endpoint tuning on a cut that endpoint tuning also healed (same model, rate and
+    selection), with its :func:`verdicts_against` endpoint tuning of that cut."""
+    return [((model, remove, selection, heal_), verdicts_against(value, table[(model, remove, selection, "endpoints")]))
+            for (model, remove, selection, heal_), value in sorted(table.items())
+            if heal_ != "endpoints" and (model, remove, selection, "endpoints") in table]
+
+
 def separations(found: list[tuple[tuple, dict[str, str]]]) -> dict[str, tuple[int, int]]:
-    """For each measure of :data:`SEPARATING`: of the :func:`comparisons` with CLP (``found``), how many it
-    separates at 95 % and how many it could compare (both sides kept per-item results)."""
+    """For each measure of :data:`SEPARATING`: of the comparisons ``found`` (:func:`comparisons` or
+    :func:`heal_comparisons`), how many it separates at 95 % and how many it could compare (both sides kept per-item
+    results)."""
     return {measure: (sum(verdicts.get(measure, "tie") != "tie" for _, verdicts in found),
                       sum(measure in verdicts for _, verdicts in found)) for measure in SEPARATING}
 
 
 def separation_lines(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
-    found = comparisons(table, cells)
+    """The report's counts of what each measure separates: the methods against CLP (:func:`comparisons`) and the
+    heals against endpoint tuning of the same cut (:func:`heal_comparisons`), each where any was compared."""
+    methods = separation_table(
+        comparisons(table, cells), "methods", ["model", "n", "method"], "the method is better than CLP",
+        ("Each method's best heal against CLP's, per model and rate, where the two are different models: how "
+         "many of those comparisons each measure separates at 95 % (paired interval without 0), of those it "
+         "could compare (both cells kept per-item results)."))
+    heals = separation_table(
+        heal_comparisons(table), "heals", ["model", "n", "cut", "heal"], "the heal is better than endpoint tuning",
+        ("Each heal against endpoint tuning of the same cut (the same model, rate, seed and selection): how many "
+         "of those comparisons each measure separates at 95 % (paired interval without 0), of those it could "
+         "compare (both cells kept per-item results)."))
+    return [*methods, *heals]
+
+
+def separation_table(found: list[tuple[tuple, dict[str, str]]], what: str, columns: list[str], better: str,
+                     intro: str) -> list[str]:
+    """One "Which measures separate ..." section: :func:`separations` of ``found`` counted per measure, then each
+    comparison measure by measure (``columns`` name its key's parts); nothing when no measure compared any."""
     counted = separations(found)
     if not any(compared for _, compared in counted.values()):
         return []
-    lines = ["## Which measures separate methods", "",
-             ("Each method's best heal against CLP's, per model and rate, where the two are different models: how "
-              "many of those comparisons each measure separates at 95 % (paired interval without 0), of those it "
-              "could compare (both cells kept per-item results)."), "",
+    lines = [f"## Which measures separate {what}", "", intro, "",
              "| measure | separated | compared |", "|---|---|---|"]
     lines += [f"| {name} | {separated} | {compared} |" for name, (separated, compared) in counted.items()]
     measures = [name for name, (_, compared) in counted.items() if compared]
     mark = {"better": "+", "worse": "−", "tie": "="}
-    lines += ["", ("The same comparisons measure by measure: + the method is better than CLP, − worse, = a tie "
-                   "(perplexity and KL: lower is better)."), "",
-              "| model | n | method | " + " | ".join(measures) + " |", "|---|---|---|" + "---|" * len(measures)]
-    lines += [f"| {model} | {remove} | {name} | " + " | ".join(mark[verdicts[m]] if m in verdicts else "·"
-                                                             for m in measures) + " |"
-              for (model, remove, name), verdicts in found]
+    lines += ["", (f"The same comparisons measure by measure: + {better}, − worse, = a tie (perplexity and KL: "
+                   "lower is better)."), "",
+              "| " + " | ".join([*columns, *measures]) + " |", "|" + "---|" * (len(columns) + len(measures))]
+    lines += ["| " + " | ".join([*map(str, key), *(mark[verdicts[m]] if m in verdicts else "·" for m in measures)])
+              + " |" for key, verdicts in found]
     return [*lines, ""]
 
 

@@ -336,6 +336,31 @@ def test_the_report_counts_the_comparisons_each_measure_separates(tmp_path):
     assert by_measure["generation: matching prefix"] == "=" and "lee log perplexity" not in by_measure
 
 
+def test_the_report_counts_what_separates_each_heal_from_endpoint_tuning_of_the_same_cut(tmp_path):
+    """On clp's cut, no heal is 0.5 nats worse than endpoint tuning on every wiki window and lsq equal to it up to
+    noise; tail has no endpoint-tuned cell, so its heal is not compared."""
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    write_dense_cell(cells)
+    rng = np.random.default_rng(3)
+    nll = rng.random(16) + 3.0
+    for name, heal_name, shift in (("clp", "endpoints", np.zeros(16)), ("clp", "none", np.full(16, 0.5)),
+                                   ("clp", "lsq", rng.normal(0, 0.01, 16)), ("tail", "none", np.full(16, 0.9))):
+        cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": name, "heal": heal_name,
+                "chosen": [[2, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": 4, "search_seconds": 1.0,
+                "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": float(np.exp((nll + shift).mean())),
+                "perplexity_lee": 30.0, "window_nll_wiki": (nll + shift).tolist(), "zero_shot": zero_shot(0.7)}
+        (cells / f"m-n2-seed0-{name}-{heal_name}.json").write_text(json.dumps(cell))
+    found = dict(grid.heal_comparisons(grid.summaries(grid.read_cells(tmp_path)[0])))
+    assert set(found) == {("m", 2, "clp", "none"), ("m", 2, "clp", "lsq")}
+    assert found[("m", 2, "clp", "none")]["wiki log perplexity"] == "worse"
+    assert found[("m", 2, "clp", "lsq")]["wiki log perplexity"] == "tie"
+    assert "lee log perplexity" not in found[("m", 2, "clp", "none")]  # no per-window lee results: not compared
+    table = grid.report(tmp_path).split("## Which measures separate heals")[1].split("\n## ")[0]
+    assert "| wiki log perplexity | 1 | 2 |" in table and "| lee log perplexity | 0 | 0 |" in table
+    assert "| m | 2 | clp | none | − |" in table and "| m | 2 | clp | lsq | = |" in table
+
+
 def test_a_tiny_grid_runs_end_to_end_with_the_agreement(tmp_path, monkeypatch):
     import torch
 
