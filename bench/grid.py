@@ -638,13 +638,20 @@ def clp_verdict(clp: dict, value: dict, name: str = "clp") -> str:
 
 
 def best_heals(table: dict[tuple, dict], model: str, remove: int) -> dict[str, tuple[str, dict]]:
-    """Per selection method at one model and rate, its heal with the highest retention and that heal's summary."""
+    """Per selection method at one model and rate, its best heal and that heal's summary: the lowest mean wiki
+    perplexity among its heals that leave ``remove`` layers out (one that keeps a layer of the cut, as
+    ``streamline`` does, only where no other was measured), ties broken by the higher retention. Perplexity, not
+    retention: accuracy ties nearly every heal with every other, so it would choose by noise, down to no heal at
+    all (bench/results/grid-heals-h200)."""
     found = {}
     for name in SELECTIONS:
         scored = [(key[3], value) for key, value in table.items() if key[:3] == (model, remove, name)
                   and "retention" in value]
+        full = [(heal_, value) for heal_, value in scored
+                if value["layers_after"] is None or value["cells"][0]["layers"] - value["layers_after"] >= remove]
         if scored:
-            found[name] = max(scored, key=lambda heal_value: heal_value[1]["retention"])
+            found[name] = min(full or scored, key=lambda heal_value: (
+                math.inf if heal_value[1]["wiki"] is None else heal_value[1]["wiki"], -heal_value[1]["retention"]))
     return found
 
 
@@ -662,7 +669,8 @@ def headline(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
         if not any(best.values()):
             continue
         tally = []
-        lines += [f"## Headline, {label} of the layers removed: each method with its best heal", "",
+        lines += [(f"## Headline, {label} of the layers removed: each method with its best heal (lowest wiki "
+                   "perplexity)"), "",
                   "| selection | " + " | ".join(f"{m} (n = {rates[m]} of {shape[m]})" for m in models) + " |",
                   "|---|" + "---|" * len(models)]
         for name in SELECTIONS:

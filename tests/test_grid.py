@@ -291,6 +291,25 @@ def test_the_compact_headline_pairs_wiki_perplexity_window_by_window(tmp_path):
     assert rows["repair wins / ties / loses, accuracy"].endswith("| 0 / 3 / 0 (3 unpaired) |")
 
 
+def test_a_methods_best_heal_is_its_lowest_wiki_perplexity_at_the_full_cut_not_its_highest_accuracy(tmp_path):
+    """No heal has the highest accuracy and 5 times the perplexity; streamline the lowest perplexity with one more
+    layer kept; endpoint tuning is the best heal that removes both layers."""
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    write_dense_cell(cells)
+    for heal_name, acc, wiki, after in (("none", 0.75, 100.0, 4), ("endpoints", 0.7, 20.0, 4),
+                                        ("streamline", 0.72, 15.0, 5), ("all", 0.7, 25.0, 4)):
+        cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": "clp", "heal": heal_name,
+                "chosen": [[2, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": after, "search_seconds": 1.0,
+                "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": wiki, "perplexity_lee": 30.0,
+                "zero_shot": zero_shot(acc)}
+        (cells / f"m-n2-seed0-clp-{heal_name}.json").write_text(json.dumps(cell))
+    table = grid.summaries(grid.read_cells(tmp_path)[0])
+    assert grid.best_heals(table, "m", 2)["clp"][0] == "endpoints"
+    del table[("m", 2, "clp", "endpoints")], table[("m", 2, "clp", "all")], table[("m", 2, "clp", "none")]
+    assert grid.best_heals(table, "m", 2)["clp"][0] == "streamline"  # the only heal measured
+
+
 def test_a_section_between_the_markers_is_replaced_and_nothing_else(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(f"before\n{grid.START}\nold\n{grid.END}\nafter\n")
