@@ -93,17 +93,23 @@ def write_dense_cell(cells):
                                                     "zero_shot": zero_shot(0.8)}))
 
 
+def write_cell(cells, selection, heal_name, accuracy=0.7, seed=0, cut_=([2, 4],), **fields):
+    """One cell of model m (6 layers, 2 removed) under ``cells``: ``selection``'s cut ``cut_`` healed with
+    ``heal_name``, its zero-shot entry at ``accuracy``; ``fields`` set or override the rest."""
+    cell = {"model": "m", "layers": 6, "remove": 2, "seed": seed, "selection": selection, "heal": heal_name,
+            "chosen": list(cut_), "kl": 1.0, "cut": list(cut_), "layers_after": 4, "search_seconds": 1.0,
+            "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": 20.0, "perplexity_lee": 30.0,
+            "zero_shot": zero_shot(accuracy), **fields}
+    (cells / f"m-n2-seed{seed}-{selection}-{heal_name}.json").write_text(json.dumps(cell))
+
+
 def test_report_computes_retention_against_the_dense_model_and_lists_refusals(tmp_path):
     cells = tmp_path / "cells"
     cells.mkdir()
 
     write_dense_cell(cells)
     for name, acc in (("clp", 0.7), ("tail", 0.6)):
-        cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": name, "heal": "endpoints",
-                "chosen": [[2, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": 4, "search_seconds": 1.0,
-                "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": 20.0, "perplexity_lee": 30.0,
-                "zero_shot": zero_shot(acc)}
-        (cells / f"m-n2-seed0-{name}-endpoints.json").write_text(json.dumps(cell))
+        write_cell(cells, name, "endpoints", acc)
     (cells / "m-n2-seed0-clp-replaceme.json").write_text(json.dumps({"model": "m", "heal": "replaceme",
                                                                      "refused": "cannot fold"}))
     text = grid.report(tmp_path)
@@ -160,11 +166,8 @@ def test_the_report_compares_with_clp_item_by_item_where_cells_kept_the_items(tm
     for seed in (0, 1):
         for name, bits, windows, heal_name in (("clp", clp_bits, nll, "endpoints"), ("tail", tail_bits, nll - 0.2, "endpoints"),
                                                ("angular", clp_bits, nll, "endpoints"), ("clp", lsq_bits, nll + 0.5, "lsq")):
-            cell = {"model": "m", "layers": 6, "remove": 2, "seed": seed, "selection": name, "heal": heal_name,
-                    "chosen": [[2, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": 4, "search_seconds": 1.0,
-                    "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": float(np.exp(windows.mean())),
-                    "perplexity_lee": 30.0, "window_nll_wiki": windows.tolist(), "zero_shot": zero_shot(bits)}
-            (cells / f"m-n2-seed{seed}-{name}-{heal_name}.json").write_text(json.dumps(cell))
+            write_cell(cells, name, heal_name, seed=seed, perplexity_wiki=float(np.exp(windows.mean())),
+                       window_nll_wiki=windows.tolist(), zero_shot=zero_shot(bits))
     text = grid.report(tmp_path)
     detail = text.split("## m, 2 of 6 layers removed")[1].splitlines()
     lsq_row = next(line for line in detail if line.startswith("| lsq |"))  # the heals on clp's cut, paired
@@ -245,11 +248,7 @@ def test_the_compact_headline_counts_where_clp_wins_ties_and_loses(tmp_path):
     write_dense_cell(cells)
     for name, heal_name, acc in (("clp", "none", 0.6), ("clp", "endpoints", 0.7), ("tail", "endpoints", 0.6),
                                  ("sleb", "endpoints", 0.71), ("ppl", "endpoints", 0.8)):
-        cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": name, "heal": heal_name,
-                "chosen": [[2, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": 4, "search_seconds": 1.0,
-                "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": 20.0, "perplexity_lee": 30.0,
-                "zero_shot": zero_shot(acc)}
-        (cells / f"m-n2-seed0-{name}-{heal_name}.json").write_text(json.dumps(cell))
+        write_cell(cells, name, heal_name, acc)
     lines = grid.compact_headline(tmp_path).splitlines()
     assert lines[0] == "| selection (best heal) | m, 2 of 6 cut |"
     rows = {line.split(" | ")[0].strip("| *"): line for line in lines[2:]}
@@ -275,11 +274,8 @@ def test_the_compact_headline_pairs_wiki_perplexity_window_by_window(tmp_path):
               "repair": np.full(32, -0.1)}
     for name, cut_ in (("clp", [[2, 4]]), ("tail", [[4, 6]]), ("ppl", [[1, 3]]), ("repair", [[0, 1], [3, 4]])):
         windows = nll + shifts[name]
-        cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": name, "heal": "endpoints",
-                "chosen": cut_, "kl": 1.0, "cut": cut_, "layers_after": 4, "search_seconds": 1.0,
-                "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": float(np.exp(windows.mean())),
-                "perplexity_lee": 30.0, "window_nll_wiki": windows.tolist(), "zero_shot": zero_shot(0.7)}
-        (cells / f"m-n2-seed0-{name}-endpoints.json").write_text(json.dumps(cell))
+        write_cell(cells, name, "endpoints", cut_=cut_, perplexity_wiki=float(np.exp(windows.mean())),
+                   window_nll_wiki=windows.tolist())
     rows = {line.split(" | ")[0].strip("| *"): line for line in grid.compact_headline(tmp_path).splitlines()[2:]}
     assert rows["tail"].endswith(f"; wiki ppl x{np.exp(0.3):.2f} (clp wins) |")
     assert rows["ppl"].endswith("; wiki ppl x1.00 (tie) |")
@@ -299,11 +295,7 @@ def test_a_methods_best_heal_is_its_lowest_wiki_perplexity_at_the_full_cut_not_i
     write_dense_cell(cells)
     for heal_name, acc, wiki, after in (("none", 0.75, 100.0, 4), ("endpoints", 0.7, 20.0, 4),
                                         ("streamline", 0.72, 15.0, 5), ("all", 0.7, 25.0, 4)):
-        cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": "clp", "heal": heal_name,
-                "chosen": [[2, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": after, "search_seconds": 1.0,
-                "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": wiki, "perplexity_lee": 30.0,
-                "zero_shot": zero_shot(acc)}
-        (cells / f"m-n2-seed0-clp-{heal_name}.json").write_text(json.dumps(cell))
+        write_cell(cells, "clp", heal_name, acc, layers_after=after, perplexity_wiki=wiki)
     table = grid.summaries(grid.read_cells(tmp_path)[0])
     assert grid.best_heals(table, "m", 2)["clp"][0] == "endpoints"
     del table[("m", 2, "clp", "endpoints")], table[("m", 2, "clp", "all")], table[("m", 2, "clp", "none")]
@@ -335,12 +327,8 @@ def test_the_report_counts_the_comparisons_each_measure_separates(tmp_path):
                                         "seq_len": 16, "window_kl": (kl + shift).tolist(), "window_top1": [0.5] * 16}},
                      "generation": {"prompts": 20, "prompt_tokens": 8, "new_tokens": 64, "mean_prefix": 1.0,
                                     "match_tokens": 16, "share_matching": 0.0, "prefix": prefix}}
-        cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": name, "heal": "endpoints",
-                "chosen": cut_, "kl": 1.0, "cut": cut_, "layers_after": 4, "search_seconds": 1.0,
-                "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": float(np.exp((nll + shift).mean())),
-                "perplexity_lee": 30.0, "window_nll_wiki": (nll + shift).tolist(), "zero_shot": zero_shot(0.7),
-                "agreement": agreement}
-        (cells / f"m-n2-seed0-{name}-endpoints.json").write_text(json.dumps(cell))
+        write_cell(cells, name, "endpoints", cut_=cut_, perplexity_wiki=float(np.exp((nll + shift).mean())),
+                   window_nll_wiki=(nll + shift).tolist(), agreement=agreement)
     text = grid.report(tmp_path)
     table = text.split("## Which measures separate methods")[1].split("\n## ")[0]
     assert "| wiki log perplexity | 1 | 1 |" in table and "| KL to dense (wiki) | 1 | 1 |" in table
@@ -365,11 +353,8 @@ def test_the_report_counts_what_separates_each_heal_from_endpoint_tuning_of_the_
     nll = rng.random(16) + 3.0
     for name, heal_name, shift in (("clp", "endpoints", np.zeros(16)), ("clp", "none", np.full(16, 0.5)),
                                    ("clp", "lsq", rng.normal(0, 0.01, 16)), ("tail", "none", np.full(16, 0.9))):
-        cell = {"model": "m", "layers": 6, "remove": 2, "seed": 0, "selection": name, "heal": heal_name,
-                "chosen": [[2, 4]], "kl": 1.0, "cut": [[2, 4]], "layers_after": 4, "search_seconds": 1.0,
-                "heal_seconds": 1.0, "trainable_parameters": 10, "perplexity_wiki": float(np.exp((nll + shift).mean())),
-                "perplexity_lee": 30.0, "window_nll_wiki": (nll + shift).tolist(), "zero_shot": zero_shot(0.7)}
-        (cells / f"m-n2-seed0-{name}-{heal_name}.json").write_text(json.dumps(cell))
+        write_cell(cells, name, heal_name, perplexity_wiki=float(np.exp((nll + shift).mean())),
+                   window_nll_wiki=(nll + shift).tolist())
     found = dict(grid.heal_comparisons(grid.summaries(grid.read_cells(tmp_path)[0])))
     assert set(found) == {("m", 2, "clp", "none"), ("m", 2, "clp", "lsq")}
     assert found[("m", 2, "clp", "none")]["wiki log perplexity"] == "worse"
