@@ -253,3 +253,38 @@ def test_a_ratio_of_one_layer_searches_one_segment_under_the_repair_default():
     assert len(found.segments) == 1 and found.segments[0][1] - found.segments[0][0] == 1
     with pytest.raises(LayercutError, match="cannot split 1 removed layers into 2 segments"):
         selection.search(handle, windows, options.replace(segments=2))
+
+
+def test_with_one_segment_and_k_candidates_only_those_are_scored_on_every_window():
+    """Every contiguous cut is ranked on the first --gate-screen windows; only the K lowest and the tail are scored
+    on all, with the KL any other method reports for them."""
+    handle = Handle.of(build_tiny("llama", layers=8))
+    windows = random_ids(batch=8, length=12, seed=6)
+    options = SearchOptions(remove=2, method="repair", segments=1, repair_candidates=2, gate_screen=2)
+    scorer = _Counting(exact_scorer(handle, windows, options))
+    kl, scored = repair.scored_cuts(handle, windows, 2, options, 4, 0, scorer=scorer)
+    every = cuts(handle.num_layers, 2, 1)
+    rough = dict(zip(every, exact_scorer(handle, windows, options)(every, 2)))
+    lowest = sorted(every, key=rough.get)[:2]
+    assert scorer.full == lowest + [((6, 8),)] * (((6, 8),) not in lowest) == list(kl)
+    assert scored == len(every) + len(kl)
+    exhaustive = selection.search(handle, windows, SearchOptions(remove=2, method="exhaustive"))
+    assert all(exhaustive.landscape[candidate_key(c)] == value for c, value in kl.items())
+    whole = _Counting(exact_scorer(handle, windows, options))
+    assert list(repair.scored_cuts(handle, windows, 2, options.replace(gate_screen=0), 4, 0, scorer=whole)[0]) == every
+    assert whole.full == every
+
+
+def test_a_lone_finalist_wins_without_a_longer_heal(monkeypatch):
+    handle = Handle.of(build_tiny("llama"))
+    windows = random_ids(batch=8, length=12, seed=2)
+    heals = []
+    short_heal = repair.short_heal
+    monkeypatch.setattr(repair, "short_heal", lambda *args: heals.append(args[4]) or short_heal(*args))
+    options = SearchOptions(remove=2, method="repair", segments=1, repair_screen_steps=2, repair_steps=3,
+                            repair_candidates=3, repair_finalists=1)
+    found = selection.search(handle, windows, options)
+    assert heals == [2] * len(found.trajectory)  # the screens only
+    assert all(row["repaired_kl"] is None and row["extrapolated_kl"] is None for row in found.trajectory)
+    best = min(found.trajectory, key=lambda row: row["screened_kl"])
+    assert [candidate_key(tuple(found.segments))] == [best["cut"]]

@@ -171,15 +171,17 @@ class SearchOptions(Options):
                                         "those run (clp); 0 = all; default 64 for one segment, 0 for several", ge=0)
     gate_patience: int = option(0, "stop the gate once every profile's rounding has stayed the same for this many "
                                 "steps (clp); 0 = run all steps", ge=0)
-    gate_screen: int | None = option(None, "calibration windows on which the read-out's cuts are screened before the "
-                                     "best three are scored on all (clp); 0 = score every read-out cut on all; "
-                                     "default 4 for one segment, 0 for several", ge=0)
+    gate_screen: int | None = option(None, "calibration windows on which cuts are screened before the best are scored "
+                                     "on all: the gate's read-out cuts, the best three (clp), and with one segment "
+                                     "and --repair-candidates every contiguous cut, the best K (repair); 0 = score "
+                                     "every such cut on all; default 4 for one segment, 0 for several", ge=0)
     exact_cache_gib: float = option(4.0, "memory the exact scoring may keep (GiB): the dense model's hidden states "
                                     "between layers and its output log-probabilities, computed once for every cut "
                                     "scored", ge=0)
     repair_candidates: int | None = option(
-        None, "cuts of each number of segments the repair method screens, those of lowest exact KL, plus the tail "
-        "cut; default every contiguous cut and the 4 lowest of each larger number", ge=1)
+        None, "cuts of each number of segments the repair method screens, those of lowest KL (on --gate-screen's "
+        "windows with one segment), plus the tail cut; default every contiguous cut and the 4 lowest of each larger "
+        "number", ge=1)
     repair_proxy: Literal[REPAIR_PROXIES] = option(  # type: ignore[valid-type]
         "endpoints", "the repair method's cheap repair of each candidate: a short endpoints heal "
         "(--repair-screen-steps, then --repair-steps for the finalists), or a training-free linear patch")

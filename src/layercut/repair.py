@@ -28,6 +28,7 @@ from layercut.gate import (
     checked,
     cuts,
     exact_scorer,
+    gate_settings,
     parse_key,
     refine_beam,
     search_gate,
@@ -197,10 +198,19 @@ def repaired_kl(handle: Handle, candidate: Candidate, data: dict, options: Searc
             return held_out_kl(handle, data["held"], data["teacher_held"], batch_size)
 
 
+def ranked(rough: dict[Candidate, float], top: int, tail: Candidate) -> list[Candidate]:
+    """The ``top`` cuts of lowest ``rough`` KL (the KL on a few calibration windows), and the ``tail`` cut when it
+    is not one of them: with one segment and ``--repair-candidates``, the only cuts scored on every window."""
+    chosen = sorted(rough, key=rough.__getitem__)[:top]
+    return chosen if tail in chosen else [*chosen, tail]
+
+
 def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int,
                 seed: int, scorer: ExactKL | None = None) -> tuple[dict[Candidate, float], int]:
     """The exact KL of the cuts the repair method chooses among, and how many cuts were scored: every contiguous
-    cut (exhaustive), and with ``options.segments`` above 1 every cut the concave gate's search reads out exactly on
+    cut (exhaustive) or, with one segment and ``options.repair_candidates`` set, only the :func:`ranked` few
+    of them on the first ``--gate-screen`` windows (every cut's pass on all windows is what the selection costs
+    most at 8B, bench/results/grid-repair4-h200/replay-budget.md); with ``options.segments`` above 1 every cut the concave gate's search reads out exactly on
     its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …),
     widened for each number of segments by a hill-climb of the candidates it screens (:func:`screened_per_number`)
     together (:func:`layercut.gate.refine_beam`). All use one exact scorer (``scorer``, or one made here): the
@@ -210,7 +220,12 @@ def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
     exact = checked(scorer)
     every = cuts(handle.num_layers, remove, 1)
     if options.segments == 1:
-        return dict(zip(every, exact(every))), len(every)
+        screen = gate_settings(options).gate_screen
+        if options.repair_candidates is None or not 0 < screen < windows.shape[0]:
+            return dict(zip(every, exact(every))), len(every)
+        rough = dict(zip(every, checked(lambda batch: scorer(batch, screen))(every)))
+        chosen = ranked(rough, options.repair_candidates, ((handle.num_layers - remove, handle.num_layers),))
+        return dict(zip(chosen, exact(chosen))), len(every) + len(chosen)
     found = search_gate(handle, windows, remove, options, batch_size, seed, scorer=scorer)
     kl = {parse_key(key): value for key, value in found.landscape.items()}
     missing = [cut for cut in every if cut not in kl]
@@ -259,7 +274,7 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
     (:func:`repaired_kl`, ``options.repair_screen_steps`` steps); the ``options.repair_finalists`` lowest of each
     number of segments (:func:`finalists`) repaired again from the start for ``options.repair_steps`` steps; the
     lowest of those after ``options.repair_horizon`` steps, extrapolated from the two (:func:`extrapolated`),
-    wins. A linear-patch proxy has no steps: every candidate is patched once and the lowest wins. ``progress``
+    wins (a lone finalist wins unhealed again). A linear-patch proxy has no steps: every candidate is patched once and the lowest wins. ``progress``
     (optional) is called with 1 per repair. ``landscape`` holds the exact KL of every cut; ``trajectory`` one row
     per candidate with its screened and (finalists) repaired and extrapolated KL."""
     started = time.perf_counter()
@@ -270,13 +285,18 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
     logger.info("repair: exact KL of %d cuts; screening %d of them", len(kl), len(chosen))
     screened = repaired_kls(handle, data, chosen, options, batch_size, seed, progress, kl,
                             steps=options.repair_screen_steps if stepped else None)
-    final = (repaired_kls(handle, data, finalists(screened, options.repair_finalists), options, batch_size, seed,
-                          progress, kl) if stepped else screened)
-    ahead = ({c: extrapolated((options.repair_screen_steps, screened[c]), (options.repair_steps, value),
-                              options.repair_horizon) for c, value in final.items()} if stepped else final)
+    if stepped:
+        leading = finalists(screened, options.repair_finalists)
+        # a lone finalist wins whatever its longer heal gives: it is not healed again
+        final = repaired_kls(handle, data, leading, options, batch_size, seed, progress, kl) if leading[1:] else {}
+        ahead = ({c: extrapolated((options.repair_screen_steps, screened[c]), (options.repair_steps, value),
+                                  options.repair_horizon) for c, value in final.items()} if final
+                 else {leading[0]: screened[leading[0]]})
+    else:  # a patch is fitted once: its screen is its score
+        final = ahead = screened
     best = min(ahead, key=ahead.__getitem__)
     rows = [{"cut": candidate_key(c), "kl": kl[c], "screened_kl": screened[c], "repaired_kl": final.get(c)}
-            | ({"extrapolated_kl": ahead.get(c)} if stepped else {}) for c in chosen]
+            | ({"extrapolated_kl": ahead.get(c) if final else None} if stepped else {}) for c in chosen]
     return SearchResult("repair", list(best), kl[best], time.perf_counter() - started,
                         evaluations + len(chosen) + len(final) * stepped, rows,
                         {candidate_key(c): value for c, value in kl.items()})
