@@ -198,20 +198,13 @@ def repaired_kl(handle: Handle, candidate: Candidate, data: dict, options: Searc
             return held_out_kl(handle, data["held"], data["teacher_held"], batch_size)
 
 
-def ranked(rough: dict[Candidate, float], top: int, tail: Candidate) -> list[Candidate]:
-    """The ``top`` cuts of lowest ``rough`` KL (the KL on a few calibration windows), and the ``tail`` cut when it
-    is not one of them: with one segment and ``--repair-candidates``, the only cuts scored on every window."""
-    chosen = sorted(rough, key=rough.__getitem__)[:top]
-    return chosen if tail in chosen else [*chosen, tail]
-
-
 def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: SearchOptions, batch_size: int,
                 seed: int, scorer: ExactKL | None = None) -> tuple[dict[Candidate, float], int]:
     """The exact KL of the cuts the repair method chooses among, and how many cuts were scored: every contiguous
-    cut (exhaustive) or, with one segment and ``options.repair_candidates`` set, only the :func:`ranked` few
-    of them on the first ``--gate-screen`` windows (every cut's pass on all windows is what the selection costs
-    most at 8B, bench/results/grid-repair4-h200/replay-budget.md); with ``options.segments`` above 1 every cut the concave gate's search reads out exactly on
-    its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …),
+    cut (exhaustive) or, with one segment and ``options.repair_candidates`` set, only its :func:`candidate_cuts`
+    by their KL on the first ``--gate-screen`` windows (every cut's pass on all windows is what the one-segment
+    selection costs most at 8B, bench/results/grid-repair4-h200/replay-budget.md); with ``options.segments`` above
+    1 every cut the concave gate's search reads out exactly on its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …),
     widened for each number of segments by a hill-climb of the candidates it screens (:func:`screened_per_number`)
     together (:func:`layercut.gate.refine_beam`). All use one exact scorer (``scorer``, or one made here): the
     dense model runs once over ``windows``. The gate's search scores every contiguous cut itself (its search for one
@@ -224,7 +217,7 @@ def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
         if options.repair_candidates is None or not 0 < screen < windows.shape[0]:
             return dict(zip(every, exact(every))), len(every)
         rough = dict(zip(every, checked(lambda batch: scorer(batch, screen))(every)))
-        chosen = ranked(rough, options.repair_candidates, ((handle.num_layers - remove, handle.num_layers),))
+        chosen = candidate_cuts(rough, handle.num_layers, remove, options.repair_candidates)
         return dict(zip(chosen, exact(chosen))), len(every) + len(chosen)
     found = search_gate(handle, windows, remove, options, batch_size, seed, scorer=scorer)
     kl = {parse_key(key): value for key, value in found.landscape.items()}
@@ -274,8 +267,8 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
     (:func:`repaired_kl`, ``options.repair_screen_steps`` steps); the ``options.repair_finalists`` lowest of each
     number of segments (:func:`finalists`) repaired again from the start for ``options.repair_steps`` steps; the
     lowest of those after ``options.repair_horizon`` steps, extrapolated from the two (:func:`extrapolated`),
-    wins (a lone finalist wins unhealed again). A linear-patch proxy has no steps: every candidate is patched once and the lowest wins. ``progress``
-    (optional) is called with 1 per repair. ``landscape`` holds the exact KL of every cut; ``trajectory`` one row
+    wins (a lone finalist wins unhealed again). A linear-patch proxy has no steps: every candidate is patched once
+    and the lowest wins. ``progress`` (optional) is called with 1 per repair. ``landscape`` holds the exact KL of every cut; ``trajectory`` one row
     per candidate with its screened and (finalists) repaired and extrapolated KL."""
     started = time.perf_counter()
     kl, evaluations = scored_cuts(handle, windows, remove, options, batch_size, seed, scorer)

@@ -4,8 +4,8 @@ With one segment and ``--repair-candidates K``, ``--method repair`` ranks every 
 first ``--gate-screen`` calibration windows (4 by default) and scores only the K lowest and the tail on all 128
 (`repair.scored_cuts`). This script recomputes, on the CPU, each logged search's contiguous cuts on the first 1, 2,
 4 and 8 of its 128 calibration windows (the grid's seeded windows, `--method repair`'s count) and compares their K
-lowest with the K lowest on all 128 (the KLs the run logged). It also scores the tail cut on all 128 windows here, once per model, to
-check that the windows are the run's. Writes rank-windows.json (after each search; a rerun skips those done) and
+lowest with the K lowest on all 128 (the KLs the run logged). It also scores the tail cut on all 128 windows here,
+once per model, to check that the windows are the run's. Writes rank-windows.json (after each search; a rerun skips those done) and
 rank-windows.md beside this script; run from the repository root. With every count and the check, Gemma-3 took
 about 6 minutes a search on 2 CPU cores (its output head), 15 for the first; that run was stopped by a time limit
 after 7 of the 12 searches, before it wrote its JSON (its table rows are in rank-windows-run1.log). The committed

@@ -17,7 +17,8 @@ The cost is modelled at the 8B shape (25 contiguous cuts of 8 layers) from one t
 (bench/results/repair-cost-finalists3-h100): the seconds before the first two-segment gate step (the exact scorer's
 dense states and the 25 contiguous cuts), the two-segment search after it, the mean seconds of a 10-step screen and
 of a 50-step finalist, less the default search, over the default's heal; with W, the contiguous cuts' share is
-taken as W / 128 of their pass on every window plus that pass's share per candidate scored on all. Writes replay-budget.md beside this script:
+taken as W / 128 of their pass on every window plus that pass's share per candidate scored on all. Writes
+replay-budget.md beside this script:
 
     python bench/results/grid-repair4-h200/replay_budget.py
 """
