@@ -56,7 +56,9 @@ logger = logging.getLogger("bench.grid")
 RATES = {"smollm2-135m": (6, 10), "gemma3-270m": (4, 6), "tiny": (2, 3)}  # about 20 % and 33 % of the layers
 SELECTIONS = {"clp": {}, "clp-2": {"method": "clp", "segments": 2}, "exhaustive": {}, "tail": {},
               "block-influence": {}, "angular": {}, "cosine-block": {}, "sleb": {}, "ppl": {}, "taylor": {},
-              "repair": {"segments": 2}}
+              "repair": {"segments": 2},
+              # the one-segment repair selection: contiguous cuts ranked on 4 windows, 4 candidates, 1 finalist
+              "repair-1": {"method": "repair", "segments": 1, "repair_candidates": 4, "repair_finalists": 1}}
 EVERYWHERE = ("none", "endpoints")
 ON_CLP_AND_TAIL = {"replaceme": {"heal": "replaceme"}, "streamline": {"heal": "streamline"},
                    "last-k": {"heal": "last-k", "last_k": 3}, "all": {"heal": "all"},
@@ -270,7 +272,8 @@ class Worker:
         model_name, remove, seed, name = unit
         dense, texts = self.model(model_name)
         # the repair selection on the calibration windows it draws by default
-        windows = self.calibration_windows(model_name, seed, REPAIR_CALIB_WINDOWS if name == "repair"
+        windows = self.calibration_windows(model_name, seed, REPAIR_CALIB_WINDOWS
+                                           if SELECTIONS[name].get("method", name) == "repair"
                                            else self.arguments.calib_windows)
         options = SearchOptions(remove=remove, **{"method": name, **SELECTIONS[name]})
         started = time.perf_counter()

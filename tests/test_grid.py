@@ -377,16 +377,17 @@ def test_a_tiny_grid_runs_end_to_end_with_the_agreement(tmp_path, monkeypatch):
     model = landscape.smoke_model(tmp_path / "model", load_text("wiki", "calib"))
     out = tmp_path / "grid"
     monkeypatch.setattr(sys, "argv", ["grid.py", "--out", str(out), "--models", model, "--rates", "tiny",
-                                      "--seeds", "0", "--selections", "clp,tail,repair", "--heals", "lsq,endpoints",
+                                      "--seeds", "0", "--selections", "clp,tail,repair,repair-1", "--heals", "lsq,endpoints",
                                       "--tasks", "", "--dtype", "float32", "--seq-len", "16", "--calib-windows", "4",
                                       "--ppl-windows", "4", "--batch-size", "4", "--heal-steps", "2",
                                       "--heal-batch", "2", "--heal-windows", "8", "--generation-prompts", "4"])
     grid.main()
     found = [json.loads(path.read_text()) for path in sorted((out / "cells").glob("*-endpoints.json"))]
-    assert len(found) == 6  # clp, tail and repair at n = 2 and 3
-    # the repair selection searches on the windows `layercut prune --method repair` draws; the others on the grid's
-    assert {c["selection"]: c["search_calib_windows"] for c in found} == {"clp": 4, "tail": 4,
-                                                                           "repair": REPAIR_CALIB_WINDOWS}
+    assert len(found) == 8  # clp, tail, repair and repair-1 at n = 2 and 3
+    # the repair selections search on the windows `layercut prune --method repair` draws; the others on the grid's
+    assert {c["selection"]: c["search_calib_windows"] for c in found} == {
+        "clp": 4, "tail": 4, "repair": REPAIR_CALIB_WINDOWS, "repair-1": REPAIR_CALIB_WINDOWS}
+    assert all(len(c["chosen"]) == 1 for c in found if c["selection"] == "repair-1")
     for cell in found:
         texts = cell["agreement"]["texts"]
         assert set(texts) == {"wiki", "lee"} and len(texts["wiki"]["window_kl"]) == 4
