@@ -26,7 +26,7 @@ def test_plan_runs_seeds_outermost_and_the_seedless_tail_cell_once():
     assert ("m", 2, 1, "tail", "endpoints") in cells and ("m", 3, 1, "clp", "streamline") in cells
     assert not any(key[3] == "angular" and key[4] == "replaceme" for key in cells)
     per_seed = len([key for key in cells if key[2] == 0])
-    assert per_seed == 2 * (11 * 2 + 2 * 7)  # 11 selections × (none, endpoints); clp and tail × 7 more heals
+    assert per_seed == 2 * (12 * 2 + 2 * 7)  # 12 selections × (none, endpoints); clp and tail × 7 more heals
 
 
 def test_rates_name_other_counts_per_model_and_refuse_a_malformed_one():
