@@ -271,11 +271,10 @@ class Worker:
             return
         model_name, remove, seed, name = unit
         dense, texts = self.model(model_name)
-        # the repair selection on the calibration windows it draws by default
-        windows = self.calibration_windows(model_name, seed, REPAIR_CALIB_WINDOWS
-                                           if SELECTIONS[name].get("method", name) == "repair"
-                                           else self.arguments.calib_windows)
         options = SearchOptions(remove=remove, **{"method": name, **SELECTIONS[name]})
+        # the repair selections on the calibration windows `--method repair` draws by default
+        windows = self.calibration_windows(model_name, seed, REPAIR_CALIB_WINDOWS if options.method == "repair"
+                                           else self.arguments.calib_windows)
         started = time.perf_counter()
         found = selection.search(dense, windows, options, self.arguments.batch_size, seed)
         search_seconds = time.perf_counter() - started

@@ -377,7 +377,8 @@ def test_a_tiny_grid_runs_end_to_end_with_the_agreement(tmp_path, monkeypatch):
     model = landscape.smoke_model(tmp_path / "model", load_text("wiki", "calib"))
     out = tmp_path / "grid"
     monkeypatch.setattr(sys, "argv", ["grid.py", "--out", str(out), "--models", model, "--rates", "tiny",
-                                      "--seeds", "0", "--selections", "clp,tail,repair,repair-1", "--heals", "lsq,endpoints",
+                                      "--seeds", "0", "--selections", "clp,tail,repair,repair-1",
+                                      "--heals", "lsq,endpoints",
                                       "--tasks", "", "--dtype", "float32", "--seq-len", "16", "--calib-windows", "4",
                                       "--ppl-windows", "4", "--batch-size", "4", "--heal-steps", "2",
                                       "--heal-batch", "2", "--heal-windows", "8", "--generation-prompts", "4"])

@@ -204,9 +204,9 @@ def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
     cut (exhaustive) or, with one segment and ``options.repair_candidates`` set, only its :func:`candidate_cuts`
     by their KL on the first ``--gate-screen`` windows (every cut's pass on all windows is what the one-segment
     selection costs most at 8B, bench/results/grid-repair4-h200/replay-budget.md); with ``options.segments`` above
-    1 every cut the concave gate's search reads out exactly on its way (:func:`layercut.gate.search_gate`; enumerating every cut of several segments grows as L², L³, …),
-    widened for each number of segments by a hill-climb of the candidates it screens (:func:`screened_per_number`)
-    together (:func:`layercut.gate.refine_beam`). All use one exact scorer (``scorer``, or one made here): the
+    1 every cut the concave gate's search reads out exactly on its way (:func:`layercut.gate.search_gate`;
+    enumerating every cut of several segments grows as L², L³, …), widened for each number of segments by a
+    hill-climb of the candidates it screens (:func:`screened_per_number`) together (:func:`layercut.gate.refine_beam`). All use one exact scorer (``scorer``, or one made here): the
     dense model runs once over ``windows``. The gate's search scores every contiguous cut itself (its search for one
     segment fewer), so only those it did not are scored here."""
     scorer = scorer or exact_scorer(handle, windows, options, batch_size)
@@ -268,8 +268,8 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
     number of segments (:func:`finalists`) repaired again from the start for ``options.repair_steps`` steps; the
     lowest of those after ``options.repair_horizon`` steps, extrapolated from the two (:func:`extrapolated`),
     wins (a lone finalist wins unhealed again). A linear-patch proxy has no steps: every candidate is patched once
-    and the lowest wins. ``progress`` (optional) is called with 1 per repair. ``landscape`` holds the exact KL of every cut; ``trajectory`` one row
-    per candidate with its screened and (finalists) repaired and extrapolated KL."""
+    and the lowest wins. ``progress`` (optional) is called with 1 per repair. ``landscape`` holds the exact KL of
+    every cut; ``trajectory`` one row per candidate with its screened and (finalists) repaired and extrapolated KL."""
     started = time.perf_counter()
     kl, evaluations = scored_cuts(handle, windows, remove, options, batch_size, seed, scorer)
     chosen = candidate_cuts(kl, handle.num_layers, remove, options.repair_candidates)
