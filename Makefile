@@ -58,7 +58,6 @@ test-fast: $(STAMP)
 demo: $(ASSETS)
 	$(BIN)/layercut prune smollm2-135m --ratio 0.2 --output $(DEMO_OUT) --overwrite \
 		--seq-len 128 --calib-windows 8 --ppl-windows 32 \
-		--gate-profiles 4 --gate-windows 1 --gate-steps 20 \
 		--heal-steps 60 --heal-batch 4 --heal-windows 96
 
 clean:

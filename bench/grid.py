@@ -978,7 +978,7 @@ def tally_rows(best: dict, cases: list, reference: str) -> list[str]:
     return rows
 
 
-def compact_headline(out: Path, references: tuple[str, ...] = ("clp", "repair")) -> str:
+def compact_headline(out: Path, references: tuple[str, ...] = ("clp", "repair-1")) -> str:
     """One table for a README: per case (model, layers removed) a column, per selection method a row, each entry
     the method's retention with its best heal and whether CLP (one segment, its own best heal) wins, ties or loses
     against it (:func:`clp_verdict`); where both kept per-window results, also the method's wiki perplexity as a

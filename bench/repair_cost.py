@@ -1,5 +1,6 @@
-"""What the repair-aware selection adds to a prune, as a user meets it: the default selection against ``--method
-repair --segments 2`` (128 calibration windows, its default), on random-init model shapes (bench/timing.py's SHAPES).
+"""What the repair-aware selection adds to a prune, as a user meets it: ``--method clp`` against ``--method repair
+--segments 2`` (128 calibration windows, its default), on random-init model shapes (bench/timing.py's SHAPES);
+``--extra "--segments 1"`` times the default instead (the repair method with one segment; later flags win).
 
 * COLD: per method, ``--repeats`` fresh processes of ``python -m layercut prune FOLDER --remove n --method M
   --output TMP --no-eval --no-speed`` with the default heal (200 endpoint-tuning steps), timed from launch to exit;
@@ -37,7 +38,7 @@ _spec = importlib.util.spec_from_file_location("timing", Path(__file__).with_nam
 timing = sys.modules.setdefault("timing", importlib.util.module_from_spec(_spec))  # its dataclasses look it up
 _spec.loader.exec_module(timing)
 
-# the default selection, and the repair selection (on the 128 calibration windows it draws by default)
+# the concave gate alone, and the repair selection with two segments (on the 128 calibration windows it draws)
 METHODS = {"clp": [], "repair": ["--segments", "2"]}
 
 

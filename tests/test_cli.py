@@ -70,9 +70,9 @@ def test_prune_prints_an_aligned_summary_table(workspace, tmp_path, capsys):
 
 def test_prune_with_gate_search_and_endpoint_healing(workspace, tmp_path):
     out = tmp_path / "healed"
-    code = main(["prune", str(workspace / "tiny"), "--remove", "2", "--output", str(out), "--gate-steps", "4",
-                 "--heal-steps", "2", "--heal-batch", "2", "--heal-windows", "4", "--heal-top-k", "8",
-                 *common(workspace)])
+    code = main(["prune", str(workspace / "tiny"), "--remove", "2", "--output", str(out), "--method", "clp",
+                 "--gate-steps", "4", "--heal-steps", "2", "--heal-batch", "2", "--heal-windows", "4",
+                 "--heal-top-k", "8", *common(workspace)])
     assert code == 0
     record = json.loads((out / "layercut.json").read_text())
     assert record["method"] == "clp" and record["healing"]["trainable_parameters"] > 0
@@ -83,7 +83,7 @@ def test_prune_with_gate_search_and_endpoint_healing(workspace, tmp_path):
 
 def test_prune_with_the_repair_method_a_patch_and_a_heal_from_a_patch(workspace, tmp_path):
     # two candidates and the tail (one and the tail for lsq), which a patch can fold into on this model
-    runs = {"init": ["--method", "repair", "--repair-screen-steps", "2", "--repair-steps", "2", "--repair-candidates",
+    runs = {"init": ["--segments", "2", "--repair-screen-steps", "2", "--repair-steps", "2", "--repair-candidates",
                      "2", "--heal-init", "linearpatch", "--heal-steps", "2"],
             "lsq": ["--method", "repair", "--repair-proxy", "lsq", "--repair-candidates", "1", "--heal", "lsq"]}
     for name, flags in runs.items():
@@ -96,7 +96,7 @@ def test_prune_with_the_repair_method_a_patch_and_a_heal_from_a_patch(workspace,
         assert record["healing"]["name"] == ("endpoints" if name == "init" else "lsq")
         assert transformers.AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == LAYERS - 2
     recipe = (tmp_path / "init" / "recipe.yaml").read_text()
-    assert "heal_init: linearpatch" in recipe and "segments: 2" in recipe  # the repair method weighs two segments
+    assert "heal_init: linearpatch" in recipe and "segments: 2" in recipe and "repair_finalists: 3" in recipe
 
 
 def test_search_json_for_gate_and_exhaustive(workspace, capsys):
@@ -147,13 +147,14 @@ def test_the_repair_method_draws_more_calibration_windows_unless_given(workspace
 
     default = DataOptions().calib_windows
     assert REPAIR_CALIB_WINDOWS > default
-    assert windows() == default and windows("--method", "repair") == REPAIR_CALIB_WINDOWS
+    assert windows() == REPAIR_CALIB_WINDOWS == windows("--method", "repair")  # the default method
+    assert windows("--method", "clp") == default
     assert windows("--method", "repair", "--calib-windows", str(default)) == default  # given: kept
     assert windows("--method", "exhaustive", "--calib-windows", "7") == 7
     # the value stays a default: the same recipe with another method draws that method's
     recipe = Recipe(search=SearchOptions(remove=2, method="repair"))
     assert recipe.data.calib_windows == REPAIR_CALIB_WINDOWS
-    assert recipe.replace(search=SearchOptions(remove=2)).data.calib_windows == default
+    assert recipe.replace(search=SearchOptions(remove=2, method="clp")).data.calib_windows == default
 
 
 def test_the_repair_method_extrapolates_to_the_heals_steps_unless_told(workspace):

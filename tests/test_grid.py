@@ -264,27 +264,28 @@ def test_the_compact_headline_counts_where_clp_wins_ties_and_loses(tmp_path):
 
 def test_the_compact_headline_pairs_wiki_perplexity_window_by_window(tmp_path):
     """tail's windows are all 0.3 nats worse than CLP's (x1.35), ppl's the same as CLP's plus noise around 0, and
-    repair's 0.1 nats better than CLP's: the same comparisons are also counted against repair."""
+    repair-1's (the default) 0.1 nats better than CLP's: the same comparisons are also counted against
+    repair-1."""
     cells = tmp_path / "cells"
     cells.mkdir()
     write_dense_cell(cells)
     rng = np.random.default_rng(2)
     nll = rng.random(32) + 3.0
     shifts = {"clp": np.zeros(32), "tail": np.full(32, 0.3), "ppl": rng.normal(0, 0.01, 32),
-              "repair": np.full(32, -0.1)}
-    for name, cut_ in (("clp", [[2, 4]]), ("tail", [[4, 6]]), ("ppl", [[1, 3]]), ("repair", [[0, 1], [3, 4]])):
+              "repair-1": np.full(32, -0.1)}
+    for name, cut_ in (("clp", [[2, 4]]), ("tail", [[4, 6]]), ("ppl", [[1, 3]]), ("repair-1", [[0, 1], [3, 4]])):
         windows = nll + shifts[name]
         write_cell(cells, name, "endpoints", cut_=cut_, perplexity_wiki=float(np.exp(windows.mean())),
                    window_nll_wiki=windows.tolist())
     rows = {line.split(" | ")[0].strip("| *"): line for line in grid.compact_headline(tmp_path).splitlines()[2:]}
     assert rows["tail"].endswith(f"; wiki ppl x{np.exp(0.3):.2f} (clp wins) |")
     assert rows["ppl"].endswith("; wiki ppl x1.00 (tie) |")
-    assert rows["repair"].endswith(f"; wiki ppl x{np.exp(-0.1):.2f} (clp loses) |")
+    assert rows["repair-1"].endswith(f"; wiki ppl x{np.exp(-0.1):.2f} (clp loses) |")
     assert rows["CLP wins / ties / loses, wiki perplexity"] == ("| **CLP wins / ties / loses, wiki perplexity** | "
                                                                 "1 / 1 / 1 |")
-    assert rows["repair wins / ties / loses, wiki perplexity"] == ("| **repair wins / ties / loses, wiki "
+    assert rows["repair-1 wins / ties / loses, wiki perplexity"] == ("| **repair-1 wins / ties / loses, wiki "
                                                                    "perplexity** | 3 / 0 / 0 |")
-    assert rows["repair wins / ties / loses, accuracy"].endswith("| 0 / 3 / 0 (3 unpaired) |")
+    assert rows["repair-1 wins / ties / loses, accuracy"].endswith("| 0 / 3 / 0 (3 unpaired) |")
 
 
 def test_a_methods_best_heal_is_its_lowest_wiki_perplexity_at_the_full_cut_not_its_highest_accuracy(tmp_path):

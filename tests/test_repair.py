@@ -10,7 +10,7 @@ import torch
 
 from conftest import build_tiny, random_ids
 from layercut import heal, repair, selection
-from layercut.config import HealOptions, SearchOptions
+from layercut.config import REPAIR_CANDIDATES, REPAIR_FINALISTS, HealOptions, SearchOptions
 from layercut.errors import LayercutError
 from layercut.gate import candidate_key, cuts, exact_scorer, neighbours, parse_key
 from layercut.layers import Handle, cut
@@ -232,25 +232,29 @@ def test_a_shared_exact_scorer_gives_the_same_selection():
     assert shared.trajectory == alone.trajectory
 
 
-def test_the_repair_method_weighs_two_segments_unless_told():
-    """``--method repair`` chooses among cuts of one and two segments by default; a given ``--segments``, a
-    ``--segment``, one removed layer or another method keep one."""
-    assert SearchOptions(remove=6, method="repair").segments == 2
-    assert SearchOptions(ratio=0.3, method="repair").segments == 2
-    assert SearchOptions(remove=6, method="repair", segments=1).segments == 1
-    assert SearchOptions(remove=1, method="repair").segments == 1
-    assert SearchOptions(segment=("2:4",), method="repair").segments == 1
-    assert SearchOptions(remove=6, method="repair").replace(method="clp").segments == 1
-    assert SearchOptions(remove=6).segments == 1
+def test_the_default_is_the_repair_method_with_one_segment_and_its_defaults_follow_the_segments():
+    """``layercut prune`` with no ``--method`` is the repair method with one segment, 4 candidates and a lone
+    finalist; ``--segments 2`` screens every contiguous cut and the 4 best of two segments and heals 3 finalists of
+    each; given values stay, and a copy with another number of segments gets that number's defaults."""
+    default = SearchOptions(remove=6)
+    assert (default.method, default.segments) == ("repair", 1)
+    assert (default.repair_candidates, default.repair_finalists) == (REPAIR_CANDIDATES, 1)
+    several = SearchOptions(remove=6, segments=2)
+    assert (several.repair_candidates, several.repair_finalists) == (None, REPAIR_FINALISTS["several"])
+    assert default.replace(segments=2).repair_finalists == 3 and several.replace(segments=1).repair_finalists == 1
+    given = SearchOptions(remove=6, repair_candidates=2, repair_finalists=2)
+    assert (given.repair_candidates, given.repair_finalists) == (2, 2)
+    assert given.replace(segments=2).repair_finalists == 2
+    assert SearchOptions(ratio=0.3).segments == 1 and SearchOptions(segment=("2:4",)).segments == 1
 
 
-def test_a_ratio_of_one_layer_searches_one_segment_under_the_repair_default():
+def test_a_ratio_of_one_layer_searches_one_layer_under_the_default():
     handle = Handle.of(build_tiny("llama"))
     windows = random_ids(batch=8, length=12, seed=3)
-    options = SearchOptions(ratio=0.17, method="repair", repair_screen_steps=1, repair_steps=2)
-    assert options.segments == 2  # a default: the layer count is not known yet
+    options = SearchOptions(ratio=0.17, repair_screen_steps=1, repair_steps=2)
     found = selection.search(handle, windows, options)
-    assert len(found.segments) == 1 and found.segments[0][1] - found.segments[0][0] == 1
+    assert found.method == "repair" and len(found.segments) == 1
+    assert found.segments[0][1] - found.segments[0][0] == 1
     with pytest.raises(LayercutError, match="cannot split 1 removed layers into 2 segments"):
         selection.search(handle, windows, options.replace(segments=2))
 

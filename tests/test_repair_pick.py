@@ -23,11 +23,12 @@ def load(name: str):
 
 
 def tiny_run(tmp_path: Path) -> tuple:
-    """The script, its --out and its arguments for one cell (n = 2) of a tiny model, with 2-step short heals."""
+    """The script, its --out and its arguments for one cell (n = 2) of a tiny model, with 2-step short heals and 3
+    finalists (one segment keeps 1 by default, which no longer heal scores)."""
     torch.set_num_threads(1)
     model = load("landscape").smoke_model(tmp_path / "model", load_text("wiki", "calib"))
     out = tmp_path / "picks"
-    config = '{"segments": 1, "repair_screen_steps": 1, "repair_steps": 2}'
+    config = '{"segments": 1, "repair_finalists": 3, "repair_screen_steps": 1, "repair_steps": 2}'
     return load("repair_pick"), out, ["--out", str(out), "--cells", f"{model}:2", "--seeds", "0", "--seq-len", "16",
                                       "--calib-windows", "8", "--batch-size", "4", "--config", config,
                                       "--landscape", str(tmp_path / "landscape"), "--grid", str(tmp_path / "grid")]
@@ -39,7 +40,7 @@ def test_the_pick_is_recorded_and_priced_from_a_landscape_that_holds_it(tmp_path
     [path] = out.glob("*.json")
     result = json.loads(path.read_text())
     assert result["worth"] is None and len(result["chosen"]) == 1
-    assert result["config"] == {"segments": 1, "repair_screen_steps": 1, "repair_steps": 2}
+    assert result["config"] == {"segments": 1, "repair_finalists": 3, "repair_screen_steps": 1, "repair_steps": 2}
     listed = [row["cut"] for row in result["candidates"]]
     assert "4:6" in listed and result["chosen"] in [[[int(i) for i in cut.split(":")]] for cut in listed]
     cut = {"model": "model", "remove": 2, "seed": 0, "cut": result["chosen"],

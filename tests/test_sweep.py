@@ -97,13 +97,13 @@ def test_sweep_cli_with_ratios_and_a_heal(workspace, tmp_path, capsys):
     text = str(workspace / "text.txt")
     out = tmp_path / "out"
     flags = ["sweep", str(workspace / "tiny"), "--ratio", "0.2:0.4:0.2", "--output", str(out), "--calib", text,
-             "--ppl", text, "--seq-len", "16", "--calib-windows", "4", "--ppl-windows", "4", "--gate-steps", "2",
+             "--ppl", text, "--seq-len", "16", "--calib-windows", "4", "--ppl-windows", "4", "--repair-screen-steps", "1",
              "--heal-steps", "2", "--heal-windows", "4", "--heal-batch", "2", "--agreement-texts", text,
              "--generation-prompts", "4", "--prompt-tokens", "4", "--new-tokens", "4", "--match-tokens", "2"]
     assert main(flags) == 0
     result = json.loads((out / "sweep.json").read_text())
     assert [row["remove"] for row in result["rows"]] == [1, 2]  # 1.2 and 2.4 of 6 layers
-    assert all(row["heal"] == "endpoints" and row["method"] == "clp" for row in result["rows"])
+    assert all(row["heal"] == "endpoints" and row["method"] == "repair" for row in result["rows"])  # the default
     assert all(row["agreement"]["texts"][text]["tokens"] == 64 for row in result["rows"])
     assert "| 2 | [" in capsys.readouterr().out
     assert main(flags) == 2  # the folder exists: refused without --overwrite

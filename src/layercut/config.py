@@ -35,9 +35,13 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # cuts 0.12 % apart; on 128, 3.2 % apart in the full heal's order (bench/results/repair-pick-cpu)
 REPAIR_CALIB_WINDOWS = 128
 HEAL_STEPS = 200  # the heal's default steps, and the horizon --method repair extrapolates its finalists to
-# --method repair's segments when none are given: it weighs one against two itself, ranking the best cuts of each
-# by their KL extrapolated to the full heal, and picked right in every cell replayed (bench/results/repair-replay-h100)
-REPAIR_SEGMENTS = 2
+# --method repair's defaults with one segment: the contiguous cuts ranked on --gate-screen's windows, the 4 lowest
+# and the tail screened by a short heal, the lowest after it kept without a longer heal. Never worse than clp beyond
+# the paired interval in any cell and seed of bench/results/grid-repair1-h100, at 0.36x the heal's time at the 8B
+# shape (bench/results/repair-cost-rank4-h100). With several segments: every contiguous cut and the 4 lowest of each
+# larger number screened, 3 finalists of each number healed longer (14.6x the heal, bench/results/repair-cost-h100).
+REPAIR_CANDIDATES = 4
+REPAIR_FINALISTS = {"one segment": 1, "several": 3}
 
 
 def option(default: Any, help: str, aliases: tuple[str, ...] = (), **constraints: Any) -> Any:
@@ -123,8 +127,8 @@ class DataOptions(Options):
     """Calibration and perplexity text."""
 
     calib: str = option("wiki", "calibration text: wiki, lee, a .txt/.jsonl path, or wikitext2/c4/alpaca (online)")
-    calib_windows: int = option(32, f"number of calibration windows ({REPAIR_CALIB_WINDOWS} with --method repair "
-                                "unless given)", ge=1)
+    calib_windows: int = option(32, f"number of calibration windows: {REPAIR_CALIB_WINDOWS} unless given with "
+                                "--method repair (the default method), this default with the others", ge=1)
     seq_len: int = option(256, "tokens per calibration and perplexity window", ge=2)
     seed: int = option(0, "seed for calibration sampling and training", ge=0)
     ppl: str = option("wiki", "perplexity text (its test part): same choices as --calib")
@@ -147,9 +151,8 @@ class SearchOptions(Options):
     segment: tuple[str, ...] = option((), "remove this segment START:END (0-based, END exclusive); repeatable")
     remove: int | None = option(None, "number of layers to remove", ge=1)
     ratio: float | None = option(None, "fraction of layers to remove (rounded to whole layers)", gt=0, lt=1)
-    method: Literal[METHODS] = option("clp", "how to choose the layers to remove")  # type: ignore[valid-type]
-    segments: int = option(1, "at most this many separate contiguous segments (clp, exhaustive, repair); default 1, "
-                           f"{REPAIR_SEGMENTS} with --method repair", ge=1)
+    method: Literal[METHODS] = option("repair", "how to choose the layers to remove")  # type: ignore[valid-type]
+    segments: int = option(1, "at most this many separate contiguous segments (clp, exhaustive, repair)", ge=1)
     gate_steps: int | None = option(None, "optimisation steps of the concave gate (clp); default 5 for one segment, "
                                     "60 for several", ge=1)
     gate_lr: float | None = option(None, "learning rate of the gate position (clp); default 0.4 for one segment, 0.2 "
@@ -180,15 +183,17 @@ class SearchOptions(Options):
                                     "scored", ge=0)
     repair_candidates: int | None = option(
         None, "cuts of each number of segments the repair method screens, those of lowest KL (on --gate-screen's "
-        "windows with one segment), plus the tail cut; default every contiguous cut and the 4 lowest of each larger "
-        "number", ge=1)
+        f"windows with one segment), plus the tail cut; default {REPAIR_CANDIDATES} with one segment; with several, "
+        f"every contiguous cut and the {REPAIR_CANDIDATES} lowest of each larger number", ge=1)
     repair_proxy: Literal[REPAIR_PROXIES] = option(  # type: ignore[valid-type]
         "endpoints", "the repair method's cheap repair of each candidate: a short endpoints heal "
         "(--repair-screen-steps, then --repair-steps for the finalists), or a training-free linear patch")
     repair_screen_steps: int = option(10, "steps of the short endpoints heal that screens every candidate (repair)",
                                       ge=1)
-    repair_finalists: int = option(3, "candidates of each number of segments, those of lowest KL after the "
-                                      "screen, that are healed again for --repair-steps steps (repair)", ge=1)
+    repair_finalists: int | None = option(
+        None, "candidates of each number of segments, those of lowest KL after the screen, that are healed again for "
+        "--repair-steps steps (repair); a lone finalist wins without that heal; default "
+        f"{REPAIR_FINALISTS['one segment']} with one segment, {REPAIR_FINALISTS['several']} with several", ge=1)
     repair_steps: int = option(50, "steps of the finalists' short endpoints heal (repair)", ge=1)
     repair_horizon: int = option(
         HEAL_STEPS, "heal steps to which each finalist's held-out KL is extrapolated, on the power law through its "
@@ -224,14 +229,17 @@ class SearchOptions(Options):
         return segments
 
     @model_validator(mode="after")
-    def _repair_weighs_several_segments(self):
-        """``--method repair`` chooses among cuts of up to :data:`REPAIR_SEGMENTS` segments unless ``--segments`` is
-        given (or ``--segment``, or fewer layers removed). The value stays a default: a copy with another method
-        gets 1 again."""
-        wanted = (REPAIR_SEGMENTS if self.method == "repair" and not self.segment
-                  and (self.remove is None or self.remove >= REPAIR_SEGMENTS) else 1)
-        if "segments" not in self.model_fields_set and self.segments != wanted:
-            object.__setattr__(self, "segments", wanted)  # the options are frozen; this is their own validation
+    def _repair_defaults_by_segments(self):
+        """``--method repair``'s candidates and finalists when not given, by the number of segments: with one,
+        :data:`REPAIR_CANDIDATES` cuts and one finalist; with several, every contiguous cut and
+        :data:`REPAIR_CANDIDATES` of each larger number, and three finalists (:data:`REPAIR_FINALISTS`). They stay
+        defaults: a copy with another number of segments gets that number's."""
+        one = self.segments == 1
+        wanted = {"repair_candidates": REPAIR_CANDIDATES if one else None,
+                  "repair_finalists": REPAIR_FINALISTS["one segment" if one else "several"]}
+        for name, value in wanted.items():
+            if name not in self.model_fields_set and getattr(self, name) != value:
+                object.__setattr__(self, name, value)  # the options are frozen; this is their own validation
         return self
 
     @model_validator(mode="after")

@@ -433,7 +433,7 @@ def search_charts(found: SearchResult, folder: Path) -> dict[str, Path]:
             axis.bar([chosen], [single[chosen]], color="tab:red", label="chosen")
             axis.legend()
         axis.set_xlabel("segment start (layer)")
-        kl = found.method in ("clp", "exhaustive")
+        kl = found.method in ("clp", "exhaustive", "repair")
         axis.set_ylabel("hard-cut KL (nats/token)" if kl else f"{found.method} score")
         axis.set_title(f"{found.method}: {'KL of each scored cut' if kl else 'score by start layer'}")
         figure.tight_layout()

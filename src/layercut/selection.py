@@ -87,7 +87,7 @@ def removal_count(options: SearchOptions, total: int) -> int:
         raise LayercutError("say how much to remove: --remove N, --ratio R or --segment START:END")
     if not 0 < count < total:
         raise LayercutError(f"cannot remove {count} of {total} layers; choose between 1 and {total - 1}")
-    if count < options.segments and "segments" in options.model_fields_set:
+    if count < options.segments:
         raise LayercutError(f"cannot split {count} removed layers into {options.segments} segments")
     return count
 
@@ -123,8 +123,6 @@ def search(handle: Handle, windows: torch.Tensor, options: SearchOptions, batch_
                                 "(config.layer_types), which --keep-period forbids; give a segment whose length is a "
                                 "multiple of the pattern's period, or drop --keep-period")
         return SearchResult("given", planned, float("nan"), 0.0)
-    if planned < options.segments:  # a default of several segments (--method repair) and a --ratio of one layer
-        options = options.model_copy(update={"segments": planned})
     if types:
         return search_keeping_pattern(handle, windows, planned, types, options, batch_size)
     if scorer is not None and options.method in SEGMENTED_METHODS:
