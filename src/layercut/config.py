@@ -39,7 +39,7 @@ HEAL_STEPS = 200  # the heal's default steps, and the horizon --method repair ex
 # and the tail screened by a short heal, the lowest after it kept without a longer heal. Never worse than clp beyond
 # the paired interval in any cell and seed of bench/results/grid-repair1-h100, at 0.36x the heal's time at the 8B
 # shape (bench/results/repair-cost-rank4-h100). With several segments: every contiguous cut and the 4 lowest of each
-# larger number screened, 3 finalists of each number healed longer (14.6x the heal, bench/results/repair-cost-h100).
+# larger number screened, 3 finalists of each number healed longer (14.6x the heal, repair-cost-finalists3-h100).
 REPAIR_CANDIDATES = 4
 REPAIR_FINALISTS = {"one segment": 1, "several": 3}
 
