@@ -292,3 +292,19 @@ def test_a_lone_finalist_wins_without_a_longer_heal(monkeypatch):
     assert all(row["repaired_kl"] is None and row["extrapolated_kl"] is None for row in found.trajectory)
     best = min(found.trajectory, key=lambda row: row["screened_kl"])
     assert [candidate_key(tuple(found.segments))] == [best["cut"]]
+
+
+def test_the_default_search_reports_one_unit_of_progress_per_short_heal():
+    """A progress bar's total: the gate's steps for clp; for the default, its candidates and the tail at most,
+    each screen one unit; unknown before the search with several segments."""
+    handle = Handle.of(build_tiny("llama", layers=8))
+    windows = random_ids(batch=8, length=12, seed=6)
+    options = SearchOptions(remove=2, repair_screen_steps=1)
+    done = []
+    found = selection.search(handle, windows, options, progress=done.append)
+    assert selection.search_steps(options) == REPAIR_CANDIDATES + 1
+    assert sum(done) == len(found.trajectory) <= selection.search_steps(options)
+    assert selection.search_steps(options.replace(repair_finalists=2)) == REPAIR_CANDIDATES + 3
+    assert selection.search_steps(options.replace(method="clp")) == 5  # the gate's steps for one segment
+    assert selection.search_steps(options.replace(segments=2)) is None
+    assert selection.search_steps(options.replace(method="exhaustive")) is None

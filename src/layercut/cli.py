@@ -121,7 +121,7 @@ def run_search(arguments: argparse.Namespace) -> int:
     handle = load_model(arguments.model, recipe.model)
     windows = calibrate(handle.tokenizer, recipe.data, test=False)
     found = selection.search(handle, windows.calibration, recipe.search, recipe.data.batch_size, recipe.data.seed,
-                             show(f"search ({recipe.search.method})", selection.gate_steps(recipe.search)))
+                             show(f"search ({recipe.search.method})", selection.search_steps(recipe.search)))
     if arguments.plots:
         with staged_folder(arguments.plots, arguments.overwrite, marker="search.json") as folder:
             search_charts(found, folder)

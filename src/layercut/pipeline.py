@@ -108,7 +108,7 @@ def prune(model_name: str, recipe: Recipe, output: str | Path, overwrite: bool =
                      stage("dense evaluation", windows.test.shape[0]))
     reference = dense_outputs(handle, recipe, stage, copy_head=heal.HEALS[recipe.heal.heal].tail)
     found = selection.search(handle, windows.calibration, recipe.search, recipe.data.batch_size, recipe.data.seed,
-                             stage(f"search ({recipe.search.method})", selection.gate_steps(recipe.search)))
+                             stage(f"search ({recipe.search.method})", selection.search_steps(recipe.search)))
     prepared = heal.before_cut(handle, found.segments, heal.prepare(handle, recipe.heal, recipe.data), recipe.heal)
     stage("cut")
     removed = cut(handle, heal.planned_cut(found.segments, recipe.heal))
@@ -310,7 +310,7 @@ def sweep_size(handle: Handle, recipe: Recipe, remove: int, shared: Shared, stag
     started, batch_size, seed = time.perf_counter(), recipe.data.batch_size, recipe.data.seed
     options = recipe.search.replace(remove=remove, ratio=None)
     found = selection.search(handle, shared.windows.calibration, options, batch_size, seed,
-                             stage(f"{remove} layers: search ({options.method})", selection.gate_steps(options)),
+                             stage(f"{remove} layers: search ({options.method})", selection.search_steps(options)),
                              scorer=shared.scorer)
     collected = heal.before_cut(handle, found.segments, shared.prepared, recipe.heal)
     pruned = copy.deepcopy(handle)

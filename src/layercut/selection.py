@@ -102,11 +102,18 @@ def plan(options: SearchOptions, total: int) -> list[Segment] | int:
     return removal_count(options, total)
 
 
-def gate_steps(options: SearchOptions) -> int | None:
-    """Steps the gate search will take (for a progress bar), or None when no gate runs."""
-    if options.method not in GATE_METHODS or options.segment:
+def search_steps(options: SearchOptions) -> int | None:
+    """Units of progress the search reports, for a progress bar: the gate's steps (clp); the repair method's cheap
+    repairs with one segment, at most (its candidates and the tail cut, and its finalists when there are several);
+    None where no count is known before the search."""
+    if options.segment:
         return None
-    return gate_settings(options).gate_steps
+    if options.method in GATE_METHODS:
+        return gate_settings(options).gate_steps
+    if options.method == "repair" and options.segments == 1 and options.repair_candidates is not None:
+        longer = options.repair_finalists if options.repair_proxy == "endpoints" and options.repair_finalists > 1 else 0
+        return options.repair_candidates + 1 + longer
+    return None
 
 
 def search(handle: Handle, windows: torch.Tensor, options: SearchOptions, batch_size: int = 4, seed: int = 0,
