@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import build_tiny, random_ids
-from layercut import heal, repair, selection
+from layercut import forward, heal, repair, selection
 from layercut.config import REPAIR_CANDIDATES, REPAIR_FINALISTS, HealOptions, SearchOptions
 from layercut.errors import LayercutError
 from layercut.gate import candidate_key, cuts, exact_scorer, neighbours, parse_key
@@ -308,3 +308,33 @@ def test_the_default_search_reports_one_unit_of_progress_per_short_heal():
     assert selection.search_steps(options.replace(method="clp")) == 5  # the gate's steps for one segment
     assert selection.search_steps(options.replace(segments=2)) is None
     assert selection.search_steps(options.replace(method="exhaustive")) is None
+
+
+def test_lean_short_heals_score_the_candidates_as_the_full_ones_do():
+    """--gate-checkpointing: the short heals recompute each layer in backward and run the head and KL over chunks of
+    positions; the screened KLs are the same up to the order of the sums, the pick is the same, and every weight is
+    put back from its host copy."""
+    handle = Handle.of(build_tiny("llama", layers=8))
+    windows = random_ids(batch=8, length=12, seed=6)
+    before = {name: value.clone() for name, value in handle.model.state_dict().items()}
+    options = SearchOptions(remove=2, repair_screen_steps=3, repair_finalists=2, repair_steps=4)
+    full = selection.search(handle, windows, options)
+    lean = selection.search(handle, windows, options.replace(gate_checkpointing=True))
+    assert lean.segments == full.segments and len(lean.trajectory) == len(full.trajectory)
+    for row, other in zip(lean.trajectory, full.trajectory):
+        assert row["cut"] == other["cut"] and row["screened_kl"] == pytest.approx(other["screened_kl"], rel=1e-5)
+    assert all(torch.equal(value, before[name]) for name, value in handle.model.state_dict().items())
+
+
+def test_the_top_k_kl_over_chunks_equals_the_whole_one_with_its_gradient():
+    model = build_tiny("llama")
+    ids = random_ids(batch=3, length=10, seed=4)
+    teacher = heal.teacher_targets(model, random_ids(batch=3, length=10, seed=5), 8, 4)
+    hidden = forward.final_hidden(model, ids).detach().requires_grad_(True)
+    whole = heal.top_k_kl(forward.head_logits(model, hidden), teacher.log_probs, teacher.indices)
+    (expected,) = torch.autograd.grad(whole, hidden)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunked = heal.chunked_top_k_kl(model, hidden, teacher.log_probs, teacher.indices, budget=3 * 4 * vocab)
+    (found,) = torch.autograd.grad(chunked, hidden)  # three chunks of 4 positions (the last of 2)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert torch.allclose(found, expected, rtol=1e-5, atol=1e-8)

@@ -163,8 +163,9 @@ class SearchOptions(Options):
     gate_windows: int | None = option(None, "calibration windows per gate step (clp); default 2 for one segment, 4 "
                                       "for several", ge=1)
     gate_checkpointing: bool = option(
-        False, "recompute each decoder layer during the gate's backward pass instead of storing its activations "
-        "(less memory, about a third more compute) (clp)")
+        False, "recompute each decoder layer during backward in the search instead of storing its activations: the "
+        "gate's steps (clp) and the repair method's short heals, whose output head and KL then also run over chunks "
+        "of positions (less memory, more compute)")
     tau_start: float = option(1.0, "initial gate temperature in layers (clp)", gt=0)
     tau_end: float | None = option(None, "gate temperature in layers at the last step (clp); default 0.4 for one "
                                    "segment, 0.05 for several", gt=0)

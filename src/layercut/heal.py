@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from layercut import data, replacement
-from layercut.forward import batches, final_norm, model_device, optimizer_step
+from layercut.forward import batches, final_norm, head_logits, model_device, optimizer_step
 from layercut.layers import Cut, Handle, Segment, kept_layers
 from layercut.record import HealReport
 
@@ -55,6 +56,22 @@ def top_k_kl(student_logits: torch.Tensor, log_probs: torch.Tensor, indices: tor
     p_log = F.log_softmax(log_probs.float(), dim=-1)
     q_log = F.log_softmax(student_logits.float(), dim=-1).gather(-1, indices.long())
     return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+
+
+def chunked_top_k_kl(model, hidden: torch.Tensor, log_probs: torch.Tensor, indices: torch.Tensor,
+                     budget: int = 2**24) -> torch.Tensor:
+    """:func:`top_k_kl` of the output head on final ``hidden`` states ``[b, T, H]``, over chunks of positions of
+    about ``budget`` logits, each recomputed in backward, so that the ``[b, T, V]`` logits never exist whole."""
+    rows, length = hidden.shape[:2]
+    chunk = max(1, budget // (rows * model.get_output_embeddings().weight.shape[0]))
+
+    def summed(states, values, picks):
+        return top_k_kl(head_logits(model, states), values, picks) * states.shape[0] * states.shape[1]
+
+    total = sum(torch.utils.checkpoint.checkpoint(summed, hidden[:, i:i + chunk], log_probs[:, i:i + chunk],
+                                                  indices[:, i:i + chunk], use_reentrant=False)
+                for i in range(0, length, chunk))
+    return total / (rows * length)
 
 
 def lm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

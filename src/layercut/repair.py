@@ -21,7 +21,14 @@ import torch
 from layercut import heal, replacement
 from layercut.data import shares_no_run
 from layercut.errors import LayercutError
-from layercut.forward import ExactKL, batches, model_device, replaced_layers
+from layercut.forward import (
+    ExactKL,
+    batches,
+    checkpointed_layers,
+    final_hidden,
+    model_device,
+    replaced_layers,
+)
 from layercut.gate import (
     SearchResult,
     candidate_key,
@@ -105,9 +112,11 @@ def split_windows(windows: torch.Tensor, shingle: int = 16) -> tuple[torch.Tenso
 
 
 @contextlib.contextmanager
-def restored(modules: Sequence[torch.nn.Module]):
-    """Within the context the ``modules`` may change; their weights are put back afterwards."""
-    saved = [copy.deepcopy(module.state_dict()) for module in modules]
+def restored(modules: Sequence[torch.nn.Module], host: bool = False):
+    """Within the context the ``modules`` may change; their weights are put back afterwards (from copies kept in
+    host memory with ``host``)."""
+    saved = [{name: value.detach().to("cpu", copy=True) for name, value in module.state_dict().items()} if host
+             else copy.deepcopy(module.state_dict()) for module in modules]
     try:
         yield
     finally:
@@ -141,26 +150,33 @@ def held_out_kl(handle: Handle, windows: torch.Tensor, teacher: heal.TeacherTarg
 
 
 def short_heal(handle: Handle, trained: list[int], windows: torch.Tensor, teacher: heal.TeacherTargets, steps: int,
-               learning_rate: float, batch: int, seed: int) -> bool:
+               learning_rate: float, batch: int, seed: int, lean: bool = False) -> bool:
     """``steps`` AdamW steps of the layers ``trained`` on the top-k KL to the dense model over ``windows``, as the
-    endpoints heal does; False (and the steps stop) when the loss is not finite."""
+    endpoints heal does; False (and the steps stop) when the loss is not finite. ``lean``: each decoder layer is
+    recomputed in backward instead of its activations kept, and the output head and KL run over chunks of positions
+    (:func:`layercut.heal.chunked_top_k_kl`)."""
     model = handle.model
     model.requires_grad_(False)
     parameters = [p for index in trained for p in handle.layers[index].parameters()]
     for parameter in parameters:
         parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0, foreach=False if lean else None)
     generator, device = torch.Generator().manual_seed(seed), model_device(model)
     try:
-        for _ in range(steps):
-            picks = torch.randint(0, windows.shape[0], (min(batch, windows.shape[0]),), generator=generator)
-            logits = model(input_ids=windows[picks].to(device), use_cache=False).logits
-            loss = heal.top_k_kl(logits, teacher.log_probs[picks].to(device), teacher.indices[picks].to(device))
-            if not math.isfinite(loss.item()):
-                return False
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        with checkpointed_layers(model, handle.layers) if lean else contextlib.nullcontext():
+            for _ in range(steps):
+                picks = torch.randint(0, windows.shape[0], (min(batch, windows.shape[0]),), generator=generator)
+                ids, values, indices = (windows[picks].to(device), teacher.log_probs[picks].to(device),
+                                        teacher.indices[picks].to(device))
+                if lean:
+                    loss = heal.chunked_top_k_kl(model, final_hidden(model, ids), values, indices)
+                else:
+                    loss = heal.top_k_kl(model(input_ids=ids, use_cache=False).logits, values, indices)
+                if not math.isfinite(loss.item()):
+                    return False
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     finally:
         model.requires_grad_(False)
     return True
@@ -187,13 +203,14 @@ def repaired_kl(handle: Handle, candidate: Candidate, data: dict, options: Searc
     heal for ``endpoints``); the model is unchanged afterwards."""
     removed = {i for start, end in candidate for i in range(start, end)}
     ends = endpoint_layers(candidate, handle.num_layers)
-    with restored([handle.layers[i] for i in ends]):
+    lean = options.gate_checkpointing
+    with restored([handle.layers[i] for i in ends], host=lean):
         if options.repair_proxy != "endpoints":
             fold_patch(handle, candidate, data["train"], options.repair_proxy, batch_size)
         with replaced_layers(handle.layers, removed, tuple_output=data["tuple"]):
             if options.repair_proxy == "endpoints" and not short_heal(
                     handle, ends, data["train"], data["teacher_train"], steps,
-                    heal.HEALS["endpoints"].learning_rate, min(8, data["train"].shape[0]), seed):
+                    heal.HEALS["endpoints"].learning_rate, min(8, data["train"].shape[0]), seed, lean):
                 return math.inf
             return held_out_kl(handle, data["held"], data["teacher_held"], batch_size)
 
