@@ -2,11 +2,12 @@
 
 The golden run is `make demo`'s calibration and heal settings on a tiny Llama with a fixed seed, with the concave
 gate's search (`--method clp`, 4 profiles of 1 window, 20 steps): the default repair selection ranks candidates by
-short heals, whose near-ties are no place for a portable record; it has its own tests (tests/test_repair.py). Floating-point results differ between CPU
-kernels (ATEN_CPU_CAPABILITY default, avx2, avx512) and thread counts, and sixty Adam steps carry those differences
-into the trained weights. So each recorded number is compared in a unit that does not depend on its value being
-far from zero, against a tolerance set from the measured spread over those settings (bench/golden_matrix.py,
-bench/results/golden-matrix/)."""
+short heals, whose near-ties are no place for a portable record; it has its own tests (tests/test_repair.py).
+
+Floating-point results differ between CPU kernels (ATEN_CPU_CAPABILITY default, avx2, avx512) and thread counts,
+and sixty Adam steps carry those differences into the trained weights. So each recorded number is compared in a
+unit that does not depend on its value being far from zero, against a tolerance set from the measured spread over
+those settings (bench/golden_matrix.py, bench/results/golden-matrix/)."""
 
 from __future__ import annotations
 

@@ -135,7 +135,7 @@ def checkpointed_layers(model, layers: nn.ModuleList):
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise LayercutError(f"{type(model).__name__} does not support gradient checkpointing; "
-                            "run the gate search without --gate-checkpointing")
+                            "run the search without --gate-checkpointing")
     flags = [layer.training for layer in layers]
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in layers:
@@ -188,6 +188,21 @@ def head_reproduces_logits(model, input_ids: torch.Tensor) -> bool:
                                                          atol=1e-3 * float(full.abs().max()))
 
 
+def position_chunks(rows: int, length: int, vocab: int, budget: int) -> list[slice]:
+    """Slices of the positions ``[0, length)`` whose logits, ``rows`` × chunk × ``vocab``, stay within ``budget``
+    (at least one position each)."""
+    chunk = max(1, budget // (rows * vocab))
+    return [slice(start, start + chunk) for start in range(0, length, chunk)]
+
+
+def recomputed(function: Callable[..., torch.Tensor], *arguments) -> torch.Tensor:
+    """``function(*arguments)``; where a gradient flows through a tensor argument, checkpointed, so that its
+    intermediates (a chunk's logits) are recomputed in backward rather than kept."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in arguments):
+        return checkpoint(function, *arguments, use_reentrant=False)
+    return function(*arguments)
+
+
 def _chunk_kl(model, teacher_hidden: torch.Tensor, student_hidden: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         teacher = head_logits(model, teacher_hidden)
@@ -202,15 +217,10 @@ def head_kl(model, teacher_hidden: torch.Tensor, student_hidden: torch.Tensor, b
     chunk is recomputed in backward (checkpointed) rather than kept.
     """
     rows, length = student_hidden.shape[:2]
-    chunk = max(1, budget // (rows * vocab_size(model)))
     total = 0.0
-    for start in range(0, length, chunk):
-        teacher, student = teacher_hidden[:, start : start + chunk], student_hidden[:, start : start + chunk]
-        if torch.is_grad_enabled() and student.requires_grad:
-            piece = checkpoint(_chunk_kl, model, teacher, student, use_reentrant=False)
-        else:
-            piece = _chunk_kl(model, teacher, student)
-        total = total + piece * teacher.shape[1]
+    for part in position_chunks(rows, length, vocab_size(model), budget):
+        teacher, student = teacher_hidden[:, part], student_hidden[:, part]
+        total = total + recomputed(_chunk_kl, model, teacher, student) * teacher.shape[1]
     return total / length
 
 
@@ -336,16 +346,10 @@ def log_probs_kl(model, teacher_log_probs: torch.Tensor, student_hidden: torch.T
     of student final hidden states ``[R·b, T, H]``, over chunks of at most ``budget`` logits; with gradients on,
     each chunk is recomputed in backward rather than kept."""
     rows, length = student_hidden.shape[:2]
-    chunk = max(1, budget // (rows * teacher_log_probs.shape[-1]))
     total = 0.0
-    for start in range(0, length, chunk):
-        log_p = teacher_log_probs[:, start : start + chunk].to(student_hidden.device)
-        student = student_hidden[:, start : start + chunk]
-        if torch.is_grad_enabled() and student.requires_grad:
-            piece = checkpoint(_chunk_log_probs_kl, model, log_p, student, use_reentrant=False)
-        else:
-            piece = _chunk_log_probs_kl(model, log_p, student)
-        total = total + piece
+    for part in position_chunks(rows, length, teacher_log_probs.shape[-1], budget):
+        log_p = teacher_log_probs[:, part].to(student_hidden.device)
+        total = total + recomputed(_chunk_log_probs_kl, model, log_p, student_hidden[:, part])
     return total / length
 
 

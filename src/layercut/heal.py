@@ -15,10 +15,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from layercut import data, replacement
-from layercut.forward import batches, final_norm, head_logits, model_device, optimizer_step
+from layercut.forward import (
+    batches,
+    final_norm,
+    head_logits,
+    model_device,
+    optimizer_step,
+    position_chunks,
+    recomputed,
+    vocab_size,
+)
 from layercut.layers import Cut, Handle, Segment, kept_layers
 from layercut.record import HealReport
 
@@ -63,14 +71,12 @@ def chunked_top_k_kl(model, hidden: torch.Tensor, log_probs: torch.Tensor, indic
     """:func:`top_k_kl` of the output head on final ``hidden`` states ``[b, T, H]``, over chunks of positions of
     about ``budget`` logits, each recomputed in backward, so that the ``[b, T, V]`` logits never exist whole."""
     rows, length = hidden.shape[:2]
-    chunk = max(1, budget // (rows * model.get_output_embeddings().weight.shape[0]))
 
     def summed(states, values, picks):
         return top_k_kl(head_logits(model, states), values, picks) * states.shape[0] * states.shape[1]
 
-    total = sum(torch.utils.checkpoint.checkpoint(summed, hidden[:, i:i + chunk], log_probs[:, i:i + chunk],
-                                                  indices[:, i:i + chunk], use_reentrant=False)
-                for i in range(0, length, chunk))
+    total = sum(recomputed(summed, hidden[:, part], log_probs[:, part], indices[:, part])
+                for part in position_chunks(rows, length, vocab_size(model), budget))
     return total / (rows * length)
 
 

@@ -223,9 +223,10 @@ def scored_cuts(handle: Handle, windows: torch.Tensor, remove: int, options: Sea
     selection costs most at 8B, bench/results/grid-repair4-h200/replay-budget.md); with ``options.segments`` above
     1 every cut the concave gate's search reads out exactly on its way (:func:`layercut.gate.search_gate`;
     enumerating every cut of several segments grows as L², L³, …), widened for each number of segments by a
-    hill-climb of the candidates it screens (:func:`screened_per_number`) together (:func:`layercut.gate.refine_beam`). All use one exact scorer (``scorer``, or one made here): the
-    dense model runs once over ``windows``. The gate's search scores every contiguous cut itself (its search for one
-    segment fewer), so only those it did not are scored here."""
+    hill-climb of the candidates it screens (:func:`screened_per_number`) together
+    (:func:`layercut.gate.refine_beam`). All use one exact scorer (``scorer``, or one made here): the dense model
+    runs once over ``windows``. The gate's search scores every contiguous cut itself (its search for one segment
+    fewer), so only those it did not are scored here."""
     scorer = scorer or exact_scorer(handle, windows, options, batch_size)
     exact = checked(scorer)
     every = cuts(handle.num_layers, remove, 1)

@@ -119,9 +119,9 @@ def search_steps(options: SearchOptions) -> int | None:
 def search(handle: Handle, windows: torch.Tensor, options: SearchOptions, batch_size: int = 4, seed: int = 0,
            progress=None, scorer=None) -> SearchResult:
     """The segments to cut: the given ones, or those the options' method finds on calibration ``windows``
-    ``[N, T]``. ``progress`` (optional) is called with 1 after each gate step. ``scorer``: an exact scorer
-    (:func:`layercut.gate.exact_scorer`) of the same windows to share between searches, for the methods that
-    score cuts exactly (clp, exhaustive)."""
+    ``[N, T]``. ``progress`` (optional) is called with 1 after each gate step or short heal (:func:`search_steps`).
+    ``scorer``: an exact scorer (:func:`layercut.gate.exact_scorer`) of the same windows to share between searches,
+    for the methods that score cuts exactly (:data:`SEGMENTED_METHODS`)."""
     planned = plan(options, handle.num_layers)
     types = layer_pattern(handle) if options.keep_period else None
     if isinstance(planned, list):
