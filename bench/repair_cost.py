@@ -1,6 +1,8 @@
-"""What the repair-aware selection adds to a prune, as a user meets it: ``--method clp`` against ``--method repair
---segments 2`` (128 calibration windows, its default), on random-init model shapes (bench/timing.py's SHAPES);
-``--extra "--segments 1"`` times the default instead (the repair method with one segment; later flags win).
+"""What the repair-aware selection adds to a prune, as a user meets it: ``--method clp`` against ``--method repair``
+(the default: one segment, 128 calibration windows), on random-init model shapes (bench/timing.py's SHAPES).
+``--extra`` adds flags to both methods' commands, ``--repair-extra`` to the repair method's alone (later flags win):
+``--repair-extra "--segments 2"`` times the two-segment schedule, ``--repair-extra "--gate-checkpointing"`` its
+lean short heals against CLP as it ships.
 
 * COLD: per method, ``--repeats`` fresh processes of ``python -m layercut prune FOLDER --remove n --method M
   --output TMP --no-eval --no-speed`` with the default heal (200 endpoint-tuning steps), timed from launch to exit;
@@ -38,13 +40,13 @@ _spec = importlib.util.spec_from_file_location("timing", Path(__file__).with_nam
 timing = sys.modules.setdefault("timing", importlib.util.module_from_spec(_spec))  # its dataclasses look it up
 _spec.loader.exec_module(timing)
 
-# the concave gate alone, and the repair selection with two segments (on the 128 calibration windows it draws)
-METHODS = {"clp": [], "repair": ["--segments", "2"]}
+# the concave gate alone, and the repair selection (on the 128 calibration windows it draws)
+METHODS = ("clp", "repair")
 
 
 def prune_arguments(name: str, folder: Path, method: str, output: Path, extra: list[str]) -> list[str]:
     """The ``layercut prune`` arguments timed for shape ``name`` and ``method`` (after ``python -m layercut``)."""
-    return ["prune", str(folder), "--remove", str(timing.SHAPES[name].remove), "--method", method, *METHODS[method],
+    return ["prune", str(folder), "--remove", str(timing.SHAPES[name].remove), "--method", method,
             "--output", str(output), "--overwrite", "--no-eval", "--no-speed", *timing.SHAPES[name].flags, *extra]
 
 
@@ -111,14 +113,15 @@ def search_profile(arguments: list[str]) -> dict:
     return found
 
 
-def measure(name: str, folder: Path, extra: list[str], repeats: int) -> dict:
-    """Cold prunes and the search's peak memory of both methods on shape ``name``, and the repair selection's
-    added cost over the default's heal."""
+def measure(name: str, folder: Path, extra: list[str], repeats: int, repair_extra: list[str] = ()) -> dict:
+    """Cold prunes and the search's peak memory of both methods on shape ``name`` (``repair_extra``: flags for the
+    repair method alone), and the repair selection's added cost over CLP's heal."""
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "pruned"
         for method in METHODS:
-            arguments = prune_arguments(name, folder, method, output, extra)
+            arguments = prune_arguments(name, folder, method, output,
+                                        [*extra, *(repair_extra if method == "repair" else ())])
             cold = [cold_prune(arguments, output) for _ in range(repeats)]
             profile = search_profile(arguments)
             rows[method] = {"command": "layercut " + shlex.join(arguments).replace(str(output), "OUT"),
@@ -168,14 +171,16 @@ def write(results: dict, out: Path) -> None:
 
 
 def main(argv=None) -> None:
-    arguments = timing.shape_parser(__doc__, "smollm2-135m,gemma3-270m,llama3-8b", "prune").parse_args(argv)
+    parser = timing.shape_parser(__doc__, "smollm2-135m,gemma3-270m,llama3-8b", "prune")
+    parser.add_argument("--repair-extra", default="", help="more flags for the repair method alone")
+    arguments = parser.parse_args(argv)
     out, extra = Path(arguments.out), shlex.split(arguments.extra)
     out.mkdir(parents=True, exist_ok=True)
     results = {"device": timing.device_name(), "command": "python " + shlex.join([sys.argv[0], *(argv or sys.argv[1:])]),
                "repeats": arguments.repeats, "versions": library_versions(), "shapes": {}}
     for name in arguments.shapes.split(","):
         folder = timing.build_folder(name, Path(arguments.models))
-        results["shapes"][name] = measure(name, folder, extra, arguments.repeats)
+        results["shapes"][name] = measure(name, folder, extra, arguments.repeats, shlex.split(arguments.repair_extra))
         write(results, out)
 
 

@@ -22,7 +22,7 @@ def load():
 
 def test_the_timed_command_lines_parse_as_prune_with_each_method(tmp_path):
     repair_cost = load()
-    for method, segments in (("clp", 1), ("repair", 2)):
+    for method, segments in (("clp", 1), ("repair", 1)):
         arguments = repair_cost.prune_arguments("tiny", tmp_path / "model", method, tmp_path / "out",
                                                 ["--heal-steps", "4"])
         parsed = cli.build_parser().parse_args(arguments)
@@ -36,7 +36,10 @@ def test_the_added_cost_is_the_extra_search_over_the_default_heal(tmp_path, monk
     repair_cost = load()
     stages = {"clp": (2.0, 10.0), "repair": (7.0, 10.5)}  # search, heal seconds of each cold prune
 
+    seen = []
+
     def fake_prune(arguments, output):
+        seen.append(arguments)
         search, heal = stages[arguments[arguments.index("--method") + 1]]
         return {"wall_s": search + heal + 5.0, "search_s": search, "heal_s": heal, "segments": [[6, 8]]}
 
@@ -47,7 +50,11 @@ def test_the_added_cost_is_the_extra_search_over_the_default_heal(tmp_path, monk
         "peak_bytes": 110, "weight_bytes": 100, "peak_over_weights": 1.1})
     monkeypatch.setattr(repair_cost.timing, "build_folder", lambda name, root: tmp_path / name)
     monkeypatch.setattr(sys, "argv", ["bench/repair_cost.py"])
-    repair_cost.main(["--shapes", "tiny", "--repeats", "2", "--out", str(tmp_path / "out")])
+    repair_cost.main(["--shapes", "tiny", "--repeats", "2", "--out", str(tmp_path / "out"),
+                      "--repair-extra=--gate-checkpointing"])
+    # the repair method's flags reach its command lines alone
+    assert [("--gate-checkpointing" in a, a[a.index("--method") + 1]) for a in seen] == [
+        (False, "clp"), (False, "clp"), (True, "repair"), (True, "repair")]
     found = json.loads((tmp_path / "out" / "repair_cost.json").read_text())["shapes"]["tiny"]
     assert found["added_search_s"] == 5.0 and found["added_over_heal"] == 0.5
     assert found["methods"]["repair"]["search_s"] == {"mean": 7.0, "spread": 0.0, "values": [7.0, 7.0]}

@@ -74,10 +74,11 @@ picks)  # in the background on GPU $2, once Gemma-3 is in place (unless CELLS le
     ${CELLS:+--cells $CELLS} ${PICK_ARGS:-}" > ~/res/repair-pick${TAG:+-$TAG}.log 2>&1 < /dev/null & ;;
 repaircost)  # in the background on GPU $2, after smol2 (SmolLM2's tokenizer): what the repair selection adds to a
   # cold `layercut prune` at the shapes of ${SHAPES:-llama3-8b}, ${REPEATS:-1} run(s) each (bench/repair_cost.py;
-  # COST_EXTRA: prune options added to both methods, e.g. "--segments 1"; COST_TAG: another output folder and log)
+  # COST_EXTRA: prune options added to both methods; REPAIR_EXTRA: to the repair method alone, e.g. "--segments 2";
+  # COST_TAG: another output folder and log)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup python3 bench/repair_cost.py --shapes ${SHAPES:-llama3-8b} \
     --repeats ${REPEATS:-1} --models ~/tm --out ~/res/repair-cost${COST_TAG:+-$COST_TAG} ${COST_EXTRA:+--extra "$COST_EXTRA"} \
-    > ~/res/repair-cost${COST_TAG:+-$COST_TAG}.log 2>&1 < /dev/null & ;;
+    ${REPAIR_EXTRA:+--repair-extra "$REPAIR_EXTRA"} > ~/res/repair-cost${COST_TAG:+-$COST_TAG}.log 2>&1 < /dev/null & ;;
 standin)  # in the background on GPU $2, once Gemma-3 is in place: the linear stand-in proxy of every cut the committed
   # landscape healed (bench/standin_proxy.py; STANDIN_ARGS: more options, e.g. --seeds 0,1,2)
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
