@@ -53,6 +53,8 @@ def test_endpoint_tuning_changes_exactly_the_endpoint_layers(family):
     assert all(n.startswith(name + ".") for n in changed(before, model))
     assert report.trainable_parameters == sum(
         p.numel() for i in (1, 2) for p in find_decoder_layers(model)[1][i].parameters())
+    # the trained layers' last gradients are not kept: evaluation after the heal does not need them
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
 
 
 def test_lora_on_endpoints_merges_into_a_plain_model():

@@ -161,6 +161,7 @@ def test_streamline_keeps_and_trains_the_first_layer_of_the_block_to_map_its_inp
     assert report.last_loss < 0.5 * report.first_loss
     assert report.trainable_parameters == sum(p.numel() for p in handle.layers[2].parameters())
     assert all("forward" not in layer.__dict__ and not layer._forward_hooks for layer in handle.layers)
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())  # nothing left of the training
 
 
 def test_streamline_needs_blocks_of_two_layers_or_more():

@@ -253,6 +253,7 @@ def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptio
     if rank:
         model = model.merge_and_unload()
     model.requires_grad_(False)
+    model.zero_grad(set_to_none=True)  # the trained layers' last gradients, which evaluation does not need
     model.eval()
     handle.model = model
     return HealReport(name=options.heal, layers=indices, lora_rank=rank, trainable_parameters=count,

@@ -350,6 +350,7 @@ def streamline_apply(handle: Handle, cut: Cut, prepared: HealData, options: Heal
                 progress(1)
     finally:
         model.requires_grad_(False)
+        model.zero_grad(set_to_none=True)
     model.eval()
     return HealReport(name="streamline", layers=sorted(indices.values()),
                       trainable_parameters=sum(p.numel() for p in trainable), learning_rate=learning_rate,
