@@ -80,9 +80,18 @@ def stage_seconds(started: float, stamps: list[tuple[float, str]], ended: float)
     return stage
 
 
+def peak_stage(stamps: list[tuple[float, str]], peaks: list[int], last: int) -> tuple[int, str]:
+    """The search's peak allocated bytes and the stage it fell in: ``peaks[i]`` is the peak between log line
+    ``i - 1`` and line ``i`` (``stamps[i]``), ``last`` the peak after the last line; a stage is named by the log line
+    that ends it."""
+    found = [*zip(peaks, (message for _, message in stamps)), (last, "after the last log line")]
+    return max(found, key=lambda pair: pair[0])
+
+
 def search_profile(arguments: list[str]) -> dict:
     """The search alone, in this process: its stages' seconds (:func:`stage_seconds`, repair only) and, on a GPU,
-    the peak allocated memory (bytes) against the weights' bytes."""
+    the peak allocated memory (bytes) against the weights' bytes, and the stage it fell in (:func:`peak_stage`;
+    the peak is read and reset at each of the repair method's log lines, after the GPU has caught up)."""
     handle, windows, recipe = timing.prepared(arguments)
     weights = sum(p.numel() * p.element_size() for p in handle.model.parameters())
     cuda = torch.cuda.is_available()
@@ -90,8 +99,17 @@ def search_profile(arguments: list[str]) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     stamps: list[tuple[float, str]] = []
+    peaks: list[int] = []
+
+    def stamp(record: logging.LogRecord) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+        stamps.append((time.perf_counter(), record.getMessage()))
+
     handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: stamps.append((time.perf_counter(), record.getMessage()))
+    handler.emit = stamp
     log = logging.getLogger("layercut.repair")
     level, started = log.level, time.perf_counter()
     log.addHandler(handler)
@@ -105,8 +123,9 @@ def search_profile(arguments: list[str]) -> dict:
         log.setLevel(level)
     found = {"stages": stage_seconds(started, stamps, time.perf_counter())}
     if cuda:
-        peak = torch.cuda.max_memory_allocated()
-        found |= {"peak_bytes": peak, "weight_bytes": weights, "peak_over_weights": peak / weights}
+        peak, stage = peak_stage(stamps, peaks, torch.cuda.max_memory_allocated())
+        found |= {"peak_bytes": peak, "weight_bytes": weights, "peak_over_weights": peak / weights,
+                  "peak_stage": stage}
     del handle, windows
     if cuda:
         torch.cuda.empty_cache()
@@ -147,15 +166,17 @@ def table(results: dict) -> str:
                          f"{row['segments'][-1]} |")
         ratios.append(f"| {name} | {shape['added_search_s']:.2f} | {shape['added_over_heal']:.2f}× |")
     stages = ["", ("| shape | before the screen (s) | screens × s each | finalists × s each | after (s) | "
-                   "of the search, in one warm process (s) |"), "|---|---|---|---|---|---|"]
+                   "of the search, in one warm process (s) | its peak fell before the log line |"),
+              "|---|---|---|---|---|---|---|"]
     for name, shape in results["shapes"].items():
         if stage := shape["methods"]["repair"].get("stages"):
             total = (stage["before_screen_s"] + stage["after_s"] + stage.get("screens", 0) * stage.get("screen_s_each", 0)
                      + stage.get("finalists", 0) * stage.get("finalist_s_each", 0))
             each = [f"{stage[f'{k}s']} × {stage[f'{k}_s_each']:.2f} ({stage[f'{k}_steps']} steps)" if f"{k}s" in stage
                     else "—" for k in ("screen", "finalist")]
+            where = (shape["methods"]["repair"]["memory"] or {}).get("peak_stage", "—")
             stages.append(f"| {name} | {stage['before_screen_s']:.2f} | {' | '.join(each)} | {stage['after_s']:.2f} | "
-                          f"{total:.2f} |")
+                          f"{total:.2f} | {where} |")
     return "\n".join(lines + ratios + (stages if len(stages) > 3 else []))
 
 

@@ -47,7 +47,7 @@ def test_the_added_cost_is_the_extra_search_over_the_default_heal(tmp_path, monk
     monkeypatch.setattr(repair_cost, "search_profile", lambda arguments: {
         "stages": {"before_screen_s": 1.0, "after_s": 0.5, "screen_steps": 10, "screens": 4, "screen_s_each": 0.25,
                    "finalist_steps": 50, "finalists": 2, "finalist_s_each": 1.5},
-        "peak_bytes": 110, "weight_bytes": 100, "peak_over_weights": 1.1})
+        "peak_bytes": 110, "weight_bytes": 100, "peak_over_weights": 1.1, "peak_stage": "repair: 2:4, 0.3 after"})
     monkeypatch.setattr(repair_cost.timing, "build_folder", lambda name, root: tmp_path / name)
     monkeypatch.setattr(sys, "argv", ["bench/repair_cost.py"])
     repair_cost.main(["--shapes", "tiny", "--repeats", "2", "--out", str(tmp_path / "out"),
@@ -61,7 +61,7 @@ def test_the_added_cost_is_the_extra_search_over_the_default_heal(tmp_path, monk
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "| tiny | 2 | repair | 22.50 ± 0.00 | 7.00 ± 0.00 | 10.50 ± 0.00 | 1.10× | [[6, 8]] |" in readme
     assert "| tiny | 5.00 | 0.50× |" in readme
-    assert "| tiny | 1.00 | 4 × 0.25 (10 steps) | 2 × 1.50 (50 steps) | 0.50 | 5.50 |" in readme
+    assert "| tiny | 1.00 | 4 × 0.25 (10 steps) | 2 × 1.50 (50 steps) | 0.50 | 5.50 | repair: 2:4, 0.3 after |" in readme
 
 
 def test_the_stages_are_timed_from_the_log_lines_that_end_them():
@@ -74,3 +74,12 @@ def test_the_stages_are_timed_from_the_log_lines_that_end_them():
     assert (stage["screen_steps"], stage["screens"], stage["finalist_steps"], stage["finalists"]) == (10, 3, 50, 1)
     assert abs(stage["screen_s_each"] - 2.0 / 3) < 1e-12 and stage["finalist_s_each"] == 2.0
     assert repair_cost.stage_seconds(0.0, [(1.0, "repair: something else")], 2.0) == {}
+
+
+def test_the_peak_is_placed_in_the_stage_whose_log_line_ends_it():
+    repair_cost = load()
+    stamps = [(1.0, "repair: exact KL of 9 cuts; screening 3 of them"), (2.0, "repair: 0:2, 0.5 after (10 steps)"),
+              (3.0, "repair: 1:3, 0.4 after (10 steps)")]
+    assert repair_cost.peak_stage(stamps, [50, 90, 70], 60) == (90, "repair: 0:2, 0.5 after (10 steps)")
+    assert repair_cost.peak_stage(stamps, [50, 90, 70], 95) == (95, "after the last log line")
+    assert repair_cost.peak_stage([], [], 40) == (40, "after the last log line")  # clp: no repair lines
