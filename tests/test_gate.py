@@ -282,6 +282,9 @@ def test_checkpointed_layers_give_the_same_gate_gradient_and_recompute_each_laye
     assert counts == [LAYERS, 2 * LAYERS]  # forward, then each layer again during backward
     assert not any(module.training for module in model.modules())  # flags restored, dropout never on
     assert not any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    # nor does the input embedding stay hooked to require grad (a later backward would run down to it)
+    assert not model.get_input_embeddings()._forward_hooks
+    assert not model.get_input_embeddings()(ids).requires_grad
 
 
 def test_search_with_checkpointing_finds_the_same_segment():

@@ -324,8 +324,10 @@ def test_lean_short_heals_score_the_candidates_as_the_full_ones_do():
     for row, other in zip(lean.trajectory, full.trajectory):
         assert row["cut"] == other["cut"] and row["screened_kl"] == pytest.approx(other["screened_kl"], rel=1e-5)
     assert all(torch.equal(value, before[name]) for name, value in handle.model.state_dict().items())
-    # no candidate's gradients outlive its short heal (at 8B each endpoint layer's are 0.44 GB)
+    # no candidate's gradients outlive its short heal (at 8B each endpoint layer's are 0.44 GB), and the lean heals
+    # leave no hook on the input embeddings that would make a later backward run down to them
     assert all(p.grad is None and not p.requires_grad for p in handle.model.parameters())
+    assert not handle.model.get_input_embeddings()._forward_hooks
 
 
 def test_the_top_k_kl_over_chunks_equals_the_whole_one_with_its_gradient():

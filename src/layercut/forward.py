@@ -132,12 +132,20 @@ def checkpointed_layers(model, layers: nn.ModuleList):
     transformers checkpoints a layer only while ``layer.training`` is true, so exactly those flags are set; every
     submodule stays in eval mode, so dropout stays off. Gate hooks run inside the checkpointed call and read the
     gates again on recompute: the gates must stay installed until backward has run.
+
+    transformers also hooks the input embeddings so that their output requires grad, and does not unhook them when
+    checkpointing is disabled; non-reentrant checkpointing does not need it, and left on it makes every later
+    backward (the heal's) run through every layer down to the embeddings. Unless the model had that hook before,
+    it is removed at once.
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise LayercutError(f"{type(model).__name__} does not support gradient checkpointing; "
                             "run the search without --gate-checkpointing")
     flags = [layer.training for layer in layers]
+    hooked = bool(getattr(model, "_require_grads_hooks", None))  # transformers' record of that hook (PEFT sets it)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not hooked:
+        model.disable_input_require_grads()
     for layer in layers:
         layer.training = True
     try:
