@@ -500,6 +500,13 @@ class ExactKL:
         return [float(loss) for loss in torch.stack(found).cpu()] if found else []
 
 
+def frozen(model) -> None:
+    """End a training: no parameter of ``model`` requires grad, and none keeps a gradient (``requires_grad_(False)``
+    alone leaves the last ``.grad`` of each trained parameter allocated; 0.44 GB a decoder layer at 8B)."""
+    model.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, options: HealOptions,
                    learning_rate: float) -> float:
     """One step of a heal's training on ``loss``; returns its value. A loss that is not finite stops the heal with

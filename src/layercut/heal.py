@@ -20,6 +20,7 @@ from layercut import data, replacement
 from layercut.forward import (
     batches,
     final_norm,
+    frozen,
     head_logits,
     model_device,
     optimizer_step,
@@ -252,8 +253,7 @@ def heal(handle: Handle, cut: Cut, prepared: HealData | None, options: HealOptio
     losses = train(model, trainable, prepared, options, learning_rate, seed, progress)
     if rank:
         model = model.merge_and_unload()
-    model.requires_grad_(False)
-    model.zero_grad(set_to_none=True)  # the trained layers' last gradients, which evaluation does not need
+    frozen(model)
     model.eval()
     handle.model = model
     return HealReport(name=options.heal, layers=indices, lora_rank=rank, trainable_parameters=count,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layercut.errors import LayercutError
-from layercut.forward import batches, final_hidden, model_device, optimizer_step, replaced_layers
+from layercut.forward import batches, final_hidden, frozen, model_device, optimizer_step, replaced_layers
 from layercut.layers import Cut, Handle, Segment
 from layercut.record import HealReport
 
@@ -349,8 +349,7 @@ def streamline_apply(handle: Handle, cut: Cut, prepared: HealData, options: Heal
             if progress is not None:
                 progress(1)
     finally:
-        model.requires_grad_(False)
-        model.zero_grad(set_to_none=True)
+        frozen(model)
     model.eval()
     return HealReport(name="streamline", layers=sorted(indices.values()),
                       trainable_parameters=sum(p.numel() for p in trainable), learning_rate=learning_rate,
