@@ -52,7 +52,7 @@ def subject(which: str) -> tuple[Handle, torch.Tensor, int]:
 def gate_run(handle: Handle, windows: torch.Tensor, remove: int, **options) -> dict:
     """One timed gate search: its total, first step, median step and read-out seconds."""
     ends, clock = step_clock()
-    found, seconds = timed(search_gate, handle, windows, remove, SearchOptions(remove=remove, **options), BATCH, 0,
+    found, seconds = timed(search_gate, handle, windows, remove, SearchOptions(method="clp", remove=remove, **options), BATCH, 0,
                            clock)
     steps = [b - a for a, b in itertools.pairwise(ends)]
     return {"s": seconds, "first": ends[0], "median_step": statistics.median(steps) if steps else ends[0],
@@ -90,11 +90,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     handle, windows, remove = subject(which)
     for _ in range(2):  # warm-up: CUDA context, kernels, the first backward
-        search_gate(handle, windows, remove, SearchOptions(remove=remove), BATCH, 0)
+        search_gate(handle, windows, remove, SearchOptions(method="clp", remove=remove), BATCH, 0)
     result = {}
     _, result["oracle_s"] = timed(search_exhaustive, handle, windows, remove,
                                   SearchOptions(method="exhaustive", remove=remove), BATCH)
-    scorer, result["dense_s"] = timed(exact_scorer, handle, windows, SearchOptions(), BATCH)
+    scorer, result["dense_s"] = timed(exact_scorer, handle, windows, SearchOptions(method="clp"), BATCH)
     every = cuts(handle.num_layers, remove, 1)
     for count in (8, 4, 2):
         result[f"screen_per_cut_w{count}"] = timed(scorer, every, count)[1] / len(every)
@@ -108,7 +108,7 @@ def main() -> None:
     (out / f"{which}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}), flush=True)
     device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    gate = profiled(search_gate, handle, windows, remove, SearchOptions(remove=remove), BATCH, 0)
+    gate = profiled(search_gate, handle, windows, remove, SearchOptions(method="clp", remove=remove), BATCH, 0)
     oracle = profiled(search_exhaustive, handle, windows, remove, SearchOptions(method="exhaustive", remove=remove),
                       BATCH)
     tables = [gate.table(sort_by=key, row_limit=rows, max_name_column_width=70)

@@ -39,7 +39,7 @@ def token_kls(seeds, removes, windows: int = 8) -> dict[str, list[list[float]]]:
     for seed in seeds:
         data = DataOptions(calib="wiki", seq_len=256, calib_windows=32, seed=seed, batch_size=16)
         first = calibrate(handle.tokenizer, data, test=False).calibration[:windows]
-        scorer = exact_scorer(handle, first, SearchOptions(), 16)
+        scorer = exact_scorer(handle, first, SearchOptions(method="clp"), 16)
         teacher = scorer.teacher[0]  # [windows, T, V] dense log-probabilities
         for remove in removes:
             for cut in cuts(handle.num_layers, remove, 1):

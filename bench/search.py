@@ -117,7 +117,7 @@ def config_options(name: str, num_layers: int, remove: int, **fixed) -> SearchOp
     spacing = config.pop("profile_spacing", None)
     if spacing:
         config["gate_profiles"] = math.ceil((num_layers - remove + 1) / max(3, round(spacing * remove)))
-    return SearchOptions(remove=remove, **fixed, **config)
+    return SearchOptions(method="clp", remove=remove, **fixed, **config)
 
 
 def synchronize() -> None:
@@ -175,8 +175,8 @@ def greedy(scorer, num_layers: int, remove: int) -> tuple[list, float]:
 
 def single_rows(handle, arguments, result, out) -> None:
     warm = calibrate(handle.tokenizer, data_options(arguments, 0), test=False).calibration[:2]
-    exact_scorer(handle, warm, SearchOptions(), arguments.batch_size)([((0, 2),)])  # warm-up, untimed
-    search_gate(handle, warm, 2, SearchOptions(remove=2, gate_steps=2), arguments.batch_size)  # the gate's too
+    exact_scorer(handle, warm, SearchOptions(method="clp"), arguments.batch_size)([((0, 2),)])  # warm-up, untimed
+    search_gate(handle, warm, 2, SearchOptions(method="clp", remove=2, gate_steps=2), arguments.batch_size)  # the gate's too
     for seed in arguments.seeds:
         windows = calibrate(handle.tokenizer, data_options(arguments, seed), test=False).calibration
         for remove in arguments.single_removes:
@@ -228,7 +228,7 @@ def recorded(handle, windows, oracle, batch_size: int) -> dict:
     """The oracle's landscape (every cut's exact KL) and the screening landscape (every cut's KL on the first
     windows the gate screens its read-out on), recorded with ``--record`` for bench/gate_replay.py."""
     screen = gate_settings(SearchOptions()).gate_screen
-    scorer = exact_scorer(handle, windows, SearchOptions(), batch_size)
+    scorer = exact_scorer(handle, windows, SearchOptions(method="clp"), batch_size)
     keys = list(oracle.landscape)
     started = time.perf_counter()
     values = scorer([parse_key(key) for key in keys], screen)

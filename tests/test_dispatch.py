@@ -21,7 +21,7 @@ from layercut.load import load_model
 
 
 def gate_search(model, windows, **options):
-    return search_gate(Handle.of(model), windows, 2, SearchOptions(gate_steps=6, **options))
+    return search_gate(Handle.of(model), windows, 2, SearchOptions(method="clp", gate_steps=6, **options))
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ def layers_of(model):
 
 
 def gate_search(model, windows, remove, steps=60, seed=0, **options):
-    return search_gate(Handle.of(model), windows, remove, SearchOptions(gate_steps=steps, **options), seed=seed)
+    return search_gate(Handle.of(model), windows, remove, SearchOptions(method="clp", gate_steps=steps, **options),
+                       seed=seed)
 
 
 def oracle(model, windows, remove):

@@ -39,7 +39,7 @@ def recorded():
     row = {"remove": 3, "seed": 0, "oracle_segments": [list(s) for s in oracle.segments],
            "oracle_shared_seconds": 1.0, **search.recorded(handle, windows, oracle, 4)}
     ends, clock = search.step_clock()
-    full = search_gate(handle, windows, 3, SearchOptions(remove=3, gate_patience=0, **TWENTY_STEPS), seed=0,
+    full = search_gate(handle, windows, 3, SearchOptions(method="clp", remove=3, gate_patience=0, **TWENTY_STEPS), seed=0,
                        progress=clock)
     gate = {"trajectory": full.trajectory, "step_ends": ends, "seconds": ends[-1]}
     return handle, windows, row, full, gate
@@ -54,7 +54,7 @@ def test_a_replayed_stopping_rule_stops_and_reads_out_like_a_run_with_that_rule(
 
     stops = []
     for patience in (2, 3):
-        stopped = search_gate(handle, windows, 3, SearchOptions(remove=3, gate_patience=patience, **TWENTY_STEPS),
+        stopped = search_gate(handle, windows, 3, SearchOptions(method="clp", remove=3, gate_patience=patience, **TWENTY_STEPS),
                               seed=0)
         replayed = replay.replay_case(row, gate, 10, {"patience": patience})
         assert replayed["stop"] == len(stopped.trajectory)
@@ -67,7 +67,7 @@ def test_a_replayed_stopping_rule_stops_and_reads_out_like_a_run_with_that_rule(
 def test_a_shorter_run_on_the_same_schedule_follows_the_first_steps_of_the_full_run(recorded):
     """What the replay's stop-after-N rules stand for: N steps whose last temperature is the full run's at step N."""
     handle, windows, row, full, gate = recorded
-    first = search_gate(handle, windows, 3, SearchOptions(remove=3, gate_steps=8, gate_patience=0,
+    first = search_gate(handle, windows, 3, SearchOptions(method="clp", remove=3, gate_steps=8, gate_patience=0,
                                                           tau_end=0.05 ** (7 / 19)), seed=0)
     torch.testing.assert_close(torch.tensor([step["starts"] for step in first.trajectory]),
                                torch.tensor([step["starts"] for step in full.trajectory[:8]]), rtol=1e-5, atol=1e-6)

@@ -3,14 +3,15 @@ cut of lowest KL is not the one that repairs best."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import pytest
 import torch
 
 from conftest import build_tiny, random_ids
-from layercut import forward, heal, repair, selection
-from layercut.config import REPAIR_CANDIDATES, REPAIR_FINALISTS, HealOptions, SearchOptions
+from layercut import config, forward, heal, repair, selection
+from layercut.config import EXACT_CACHE_GIB, REPAIR_CANDIDATES, REPAIR_FINALISTS, HealOptions, SearchOptions
 from layercut.errors import LayercutError
 from layercut.gate import candidate_key, cuts, exact_scorer, neighbours, parse_key
 from layercut.layers import Handle, cut
@@ -246,6 +247,28 @@ def test_the_default_is_the_repair_method_with_one_segment_and_its_defaults_foll
     assert (given.repair_candidates, given.repair_finalists) == (2, 2)
     assert given.replace(segments=2).repair_finalists == 2
     assert SearchOptions(ratio=0.3).segments == 1 and SearchOptions(segment=("2:4",)).segments == 1
+
+
+def test_the_default_search_is_lean_and_the_other_searches_are_not_unless_told():
+    """The repair method with one segment checkpoints its short heals and keeps a smaller exact cache (its peak at the
+    8B shape: 1.19x the weights against 1.47x); CLP's gate, the exhaustive search and the repair method with several
+    segments keep their settings; a given value stays, through copies with another method too."""
+    lean = (True, EXACT_CACHE_GIB["lean"])
+    plain = (False, EXACT_CACHE_GIB["other"])
+    settings = lambda options: (options.gate_checkpointing, options.exact_cache_gib)
+    assert settings(SearchOptions(remove=6)) == lean
+    assert settings(SearchOptions(remove=6, method="clp")) == plain
+    assert settings(SearchOptions(remove=6, method="exhaustive")) == plain
+    assert settings(SearchOptions(remove=6, segments=2)) == plain
+    assert settings(SearchOptions(remove=6).replace(method="clp")) == plain
+    assert settings(SearchOptions(remove=6, method="clp").replace(method="repair")) == lean
+    assert settings(SearchOptions(remove=6, gate_checkpointing=None, exact_cache_gib=None)) == lean  # YAML's null
+    given = SearchOptions(remove=6, gate_checkpointing=False, exact_cache_gib=8.0)
+    assert settings(given) == (False, 8.0) and settings(given.replace(method="clp", segments=2)) == (False, 8.0)
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, ("search",))  # the CLI's flags: --no-gate-checkpointing turns the default off
+    recipe = config.recipe_from_arguments(parser.parse_args(["--no-gate-checkpointing"]))
+    assert settings(recipe.search) == (False, EXACT_CACHE_GIB["lean"])
 
 
 def test_a_ratio_of_one_layer_searches_one_layer_under_the_default():

@@ -144,14 +144,14 @@ def test_the_gate_settings_by_segments_fill_only_the_options_left_unset():
     given = gate_settings(SearchOptions(remove=3, gate_lr=0.1, gate_steps=7, gate_screen=0))
     assert (given.gate_steps, given.gate_lr, given.tau_end, given.gate_screen) == (7, 0.1, 0.4, 0)
     run = search_gate(Handle.of(build_tiny("llama", layers=8)), random_ids(batch=6, length=12, seed=4), 2,
-                      SearchOptions(remove=2, gate_profiles=2), seed=0)
+                      SearchOptions(method="clp", remove=2, gate_profiles=2), seed=0)
     assert [step["tau"] for step in run.trajectory] == pytest.approx([1.0 * 0.4 ** (k / 4) for k in range(5)])
 
 
 def test_sampled_positions_and_early_stopping_keep_the_gate_deterministic():
     model = build_tiny("llama", layers=LAYERS)
     windows = random_ids(batch=6, length=16, seed=3)
-    options = SearchOptions(gate_steps=30, gate_positions=4, gate_patience=3)
+    options = SearchOptions(method="clp", gate_steps=30, gate_positions=4, gate_patience=3)
     first = search_gate(Handle.of(model), windows, 2, options, seed=1)
     again = search_gate(Handle.of(model), windows, 2, options, seed=1)
     assert first.trajectory == again.trajectory and first.segments == again.segments

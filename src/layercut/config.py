@@ -38,10 +38,16 @@ HEAL_STEPS = 200  # the heal's default steps, and the horizon --method repair ex
 # --method repair's defaults with one segment: the contiguous cuts ranked on --gate-screen's windows, the 4 lowest
 # and the tail screened by a short heal, the lowest after it kept without a longer heal. Never worse than clp beyond
 # the paired interval in any cell and seed of bench/results/grid-repair1-h100, at 0.36x the heal's time at the 8B
-# shape (bench/results/repair-cost-rank4-h100). With several segments: every contiguous cut and the 4 lowest of each
-# larger number screened, 3 finalists of each number healed longer (14.6x the heal, repair-cost-finalists3-h100).
+# shape (bench/results/repair-cost-rank4-h100; 0.75x lean, below). With several segments: every contiguous cut and
+# the 4 lowest of each larger number screened, 3 finalists of each number healed longer (13.4x the heal,
+# repair-cost-seg2-h100).
 REPAIR_CANDIDATES = 4
 REPAIR_FINALISTS = {"one segment": 1, "several": 3}
+# --method repair's memory defaults with one segment: lean short heals (--gate-checkpointing) and a 2 GiB exact cache.
+# At the 8B shape its search then peaks at 1.19x the weights against 1.47x and adds 0.75x the heal's time against
+# 0.35x, with the same cut and KLs (bench/results/repair-cost-fixed-h100); the other searches keep 4 GiB and no
+# checkpointing unless told.
+EXACT_CACHE_GIB = {"lean": 2.0, "other": 4.0}
 
 
 def option(default: Any, help: str, aliases: tuple[str, ...] = (), **constraints: Any) -> Any:
@@ -162,10 +168,11 @@ class SearchOptions(Options):
                                 aliases=("--gate-starts",), ge=0)
     gate_windows: int | None = option(None, "calibration windows per gate step (clp); default 2 for one segment, 4 "
                                       "for several", ge=1)
-    gate_checkpointing: bool = option(
-        False, "recompute each decoder layer during backward in the search instead of storing its activations: the "
+    gate_checkpointing: bool | None = option(
+        None, "recompute each decoder layer during backward in the search instead of storing its activations: the "
         "gate's steps (clp) and the repair method's short heals, whose output head and KL then also run over chunks "
-        "of positions (less memory, more compute)")
+        "of positions and whose trained layers' copies stay in host memory (less memory, more compute); default on "
+        "with --method repair and one segment, off otherwise")
     tau_start: float = option(1.0, "initial gate temperature in layers (clp)", gt=0)
     tau_end: float | None = option(None, "gate temperature in layers at the last step (clp); default 0.4 for one "
                                    "segment, 0.05 for several", gt=0)
@@ -179,9 +186,10 @@ class SearchOptions(Options):
                                      "on all: the gate's read-out cuts, the best three (clp), and with one segment "
                                      "and --repair-candidates every contiguous cut, the best K (repair); 0 = score "
                                      "every such cut on all; default 4 for one segment, 0 for several", ge=0)
-    exact_cache_gib: float = option(4.0, "memory the exact scoring may keep (GiB): the dense model's hidden states "
-                                    "between layers and its output log-probabilities, computed once for every cut "
-                                    "scored", ge=0)
+    exact_cache_gib: float | None = option(
+        None, "memory the exact scoring may keep (GiB): the dense model's hidden states between layers and its output "
+        f"log-probabilities, computed once for every cut scored; default {EXACT_CACHE_GIB['lean']:g} with --method "
+        f"repair and one segment, {EXACT_CACHE_GIB['other']:g} otherwise", ge=0)
     repair_candidates: int | None = option(
         None, "cuts of each number of segments the repair method screens, those of lowest KL (on --gate-screen's "
         f"windows with one segment), plus the tail cut; default {REPAIR_CANDIDATES} with one segment; with several, "
@@ -233,13 +241,20 @@ class SearchOptions(Options):
     def _repair_defaults_by_segments(self):
         """``--method repair``'s candidates and finalists when not given, by the number of segments: with one,
         :data:`REPAIR_CANDIDATES` cuts and one finalist; with several, every contiguous cut and
-        :data:`REPAIR_CANDIDATES` of each larger number, and three finalists (:data:`REPAIR_FINALISTS`). They stay
-        defaults: a copy with another number of segments gets that number's."""
+        :data:`REPAIR_CANDIDATES` of each larger number, and three finalists (:data:`REPAIR_FINALISTS`). With one
+        segment the repair method's search is also lean unless told (checkpointed short heals, the smaller exact
+        cache of :data:`EXACT_CACHE_GIB`). They stay defaults: a copy with another method or number of segments
+        gets that one's."""
         one = self.segments == 1
+        lean = one and self.method == "repair"
         wanted = {"repair_candidates": REPAIR_CANDIDATES if one else None,
-                  "repair_finalists": REPAIR_FINALISTS["one segment" if one else "several"]}
+                  "repair_finalists": REPAIR_FINALISTS["one segment" if one else "several"],
+                  "gate_checkpointing": lean, "exact_cache_gib": EXACT_CACHE_GIB["lean" if lean else "other"]}
         for name, value in wanted.items():
-            if name not in self.model_fields_set and getattr(self, name) != value:
+            # left out, or null (in a YAML recipe): this method's and number's default; a null number of candidates
+            # is a value of its own (every cut)
+            unset = name not in self.model_fields_set or (getattr(self, name) is None and name != "repair_candidates")
+            if unset and getattr(self, name) != value:
                 object.__setattr__(self, name, value)  # the options are frozen; this is their own validation
         return self
 
