@@ -1,8 +1,8 @@
 """What the repair-aware selection adds to a prune, as a user meets it: ``--method clp`` against ``--method repair``
 (the default: one segment, 128 calibration windows), on random-init model shapes (bench/timing.py's SHAPES).
 ``--extra`` adds flags to both methods' commands, ``--repair-extra`` to the repair method's alone (later flags win):
-``--repair-extra "--segments 2"`` times the two-segment schedule, ``--repair-extra "--gate-checkpointing"`` its
-lean short heals against CLP as it ships.
+``--repair-extra "--segments 2"`` times the two-segment schedule, ``--repair-extra "--no-gate-checkpointing
+--exact-cache-gib 4"`` the one-segment default without its lean short heals and smaller exact cache.
 
 * COLD: per method, ``--repeats`` fresh processes of ``python -m layercut prune FOLDER --remove n --method M
   --output TMP --no-eval --no-speed`` with the default heal (200 endpoint-tuning steps), timed from launch to exit;
