@@ -3,7 +3,6 @@ cut of lowest KL is not the one that repairs best."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from conftest import build_tiny, random_ids
 from layercut import config, forward, heal, repair, selection
+from layercut.cli import build_parser
 from layercut.config import EXACT_CACHE_GIB, REPAIR_CANDIDATES, REPAIR_FINALISTS, HealOptions, SearchOptions
 from layercut.errors import LayercutError
 from layercut.gate import candidate_key, cuts, exact_scorer, neighbours, parse_key
@@ -265,9 +265,9 @@ def test_the_default_search_is_lean_and_the_other_searches_are_not_unless_told()
     assert settings(SearchOptions(remove=6, gate_checkpointing=None, exact_cache_gib=None)) == lean  # YAML's null
     given = SearchOptions(remove=6, gate_checkpointing=False, exact_cache_gib=8.0)
     assert settings(given) == (False, 8.0) and settings(given.replace(method="clp", segments=2)) == (False, 8.0)
-    parser = argparse.ArgumentParser()
-    config.add_arguments(parser, ("search",))  # the CLI's flags: --no-gate-checkpointing turns the default off
-    recipe = config.recipe_from_arguments(parser.parse_args(["--no-gate-checkpointing"]))
+    # `layercut prune ... --no-gate-checkpointing` turns the default off and keeps the rest of it
+    arguments = build_parser().parse_args(["prune", "m", "--output", "o", "--remove", "6", "--no-gate-checkpointing"])
+    recipe = config.recipe_from_arguments(arguments, None)
     assert settings(recipe.search) == (False, EXACT_CACHE_GIB["lean"])
 
 
