@@ -288,11 +288,13 @@ def test_checkpointed_layers_give_the_same_gate_gradient_and_recompute_each_laye
     assert not model.get_input_embeddings()(ids).requires_grad
 
 
-def test_search_with_checkpointing_finds_the_same_segment():
+@pytest.mark.parametrize("segments", [1, 2])
+def test_search_with_checkpointing_finds_the_same_segments(segments):
     model = build_tiny("qwen2")
     windows = random_ids(batch=6, length=12, seed=3)
-    plain = gate_search(model, windows, 2, steps=8)
-    lean = gate_search(model, windows, 2, steps=8, gate_checkpointing=True)
+    plain = gate_search(model, windows, 2, steps=8, segments=segments)
+    lean = gate_search(model, windows, 2, steps=8, segments=segments, gate_checkpointing=True)
+    assert len(lean.segments) == segments
     assert lean.segments == plain.segments
     assert lean.kl == pytest.approx(plain.kl, rel=1e-5)
     for mine, theirs in zip(lean.trajectory, plain.trajectory):
