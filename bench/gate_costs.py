@@ -52,8 +52,8 @@ def subject(which: str) -> tuple[Handle, torch.Tensor, int]:
 def gate_run(handle: Handle, windows: torch.Tensor, remove: int, **options) -> dict:
     """One timed gate search: its total, first step, median step and read-out seconds."""
     ends, clock = step_clock()
-    found, seconds = timed(search_gate, handle, windows, remove, SearchOptions(method="clp", remove=remove, **options), BATCH, 0,
-                           clock)
+    found, seconds = timed(search_gate, handle, windows, remove,
+                           SearchOptions(method="clp", remove=remove, **options), BATCH, 0, clock)
     steps = [b - a for a, b in itertools.pairwise(ends)]
     return {"s": seconds, "first": ends[0], "median_step": statistics.median(steps) if steps else ends[0],
             "readout": seconds - ends[-1], "evals": found.evaluations, "seg": found.segments,

@@ -175,8 +175,9 @@ def greedy(scorer, num_layers: int, remove: int) -> tuple[list, float]:
 
 def single_rows(handle, arguments, result, out) -> None:
     warm = calibrate(handle.tokenizer, data_options(arguments, 0), test=False).calibration[:2]
-    exact_scorer(handle, warm, SearchOptions(method="clp"), arguments.batch_size)([((0, 2),)])  # warm-up, untimed
-    search_gate(handle, warm, 2, SearchOptions(method="clp", remove=2, gate_steps=2), arguments.batch_size)  # the gate's too
+    # warm-up, untimed: the exact scorer's and the gate's
+    exact_scorer(handle, warm, SearchOptions(method="clp"), arguments.batch_size)([((0, 2),)])
+    search_gate(handle, warm, 2, SearchOptions(method="clp", remove=2, gate_steps=2), arguments.batch_size)
     for seed in arguments.seeds:
         windows = calibrate(handle.tokenizer, data_options(arguments, seed), test=False).calibration
         for remove in arguments.single_removes:

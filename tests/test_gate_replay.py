@@ -39,8 +39,8 @@ def recorded():
     row = {"remove": 3, "seed": 0, "oracle_segments": [list(s) for s in oracle.segments],
            "oracle_shared_seconds": 1.0, **search.recorded(handle, windows, oracle, 4)}
     ends, clock = search.step_clock()
-    full = search_gate(handle, windows, 3, SearchOptions(method="clp", remove=3, gate_patience=0, **TWENTY_STEPS), seed=0,
-                       progress=clock)
+    options = SearchOptions(method="clp", remove=3, gate_patience=0, **TWENTY_STEPS)
+    full = search_gate(handle, windows, 3, options, seed=0, progress=clock)
     gate = {"trajectory": full.trajectory, "step_ends": ends, "seconds": ends[-1]}
     return handle, windows, row, full, gate
 
@@ -54,8 +54,8 @@ def test_a_replayed_stopping_rule_stops_and_reads_out_like_a_run_with_that_rule(
 
     stops = []
     for patience in (2, 3):
-        stopped = search_gate(handle, windows, 3, SearchOptions(method="clp", remove=3, gate_patience=patience, **TWENTY_STEPS),
-                              seed=0)
+        options = SearchOptions(method="clp", remove=3, gate_patience=patience, **TWENTY_STEPS)
+        stopped = search_gate(handle, windows, 3, options, seed=0)
         replayed = replay.replay_case(row, gate, 10, {"patience": patience})
         assert replayed["stop"] == len(stopped.trajectory)
         assert replayed["segments"] == [list(s) for s in stopped.segments]
