@@ -96,7 +96,7 @@ def test_prune_with_the_repair_method_a_patch_and_a_heal_from_a_patch(workspace,
         assert record["healing"]["name"] == ("endpoints" if name == "init" else "lsq")
         assert transformers.AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == LAYERS - 2
     recipe = (tmp_path / "init" / "recipe.yaml").read_text()
-    assert "heal_init: linearpatch" in recipe and "segments: 2" in recipe and "repair_finalists: 3" in recipe
+    assert "heal_init: linearpatch" in recipe and "segments: 2" in recipe and "search.repair_finalists: 3" in recipe
 
 
 def test_search_json_for_gate_and_exhaustive(workspace, capsys):

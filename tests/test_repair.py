@@ -271,6 +271,32 @@ def test_the_default_search_is_lean_and_the_other_searches_are_not_unless_told()
     assert settings(recipe.search) == (False, EXACT_CACHE_GIB["lean"])
 
 
+def test_a_saved_recipe_reused_with_another_method_segments_or_heal_gets_their_defaults(tmp_path):
+    """recipe.yaml leaves out the defaults that follow other options (naming this run's in a comment), so a
+    default prune's recipe reused with ``--segments 2``, ``--method clp`` or more heal steps gets the same options
+    as a fresh run with those flags; a value that was given is written and stays."""
+    default = config.Recipe(search=SearchOptions(remove=6))
+    text = config.dump_recipe(default)
+    assert "# Defaults that follow" in text and "search.repair_finalists: 1" in text
+    saved = tmp_path / "recipe.yaml"
+    saved.write_text(text)
+    assert config.load_recipe(saved) == default
+    followed = set()
+    for changes in ({"search": {"segments": 2}}, {"search": {"method": "clp"}}, {"heal": {"heal_steps": 400}}):
+        fresh = config.from_dict(changes, default)
+        assert config.from_dict(changes, config.load_recipe(saved)) == fresh, changes
+        before, after = config.to_dict(default), config.to_dict(fresh)
+        followed |= {(section, name) for section in before for name in before[section]
+                     if before[section][name] != after[section][name] and name not in changes.get(section, {})}
+    # the options left out are exactly those whose defaults moved with another option
+    assert followed == {(section, name) for section, names in config.DEPENDENT_DEFAULTS.items() for name in names}
+    given = config.Recipe(search=SearchOptions(remove=6, repair_finalists=2, gate_checkpointing=False))
+    saved.write_text(config.dump_recipe(given))
+    reused = config.from_dict({"search": {"segments": 2}}, config.load_recipe(saved)).search
+    assert (reused.repair_finalists, reused.gate_checkpointing) == (2, False)
+    assert "repair_finalists: 2" in saved.read_text().split("\nmodel:")[1]
+
+
 def test_a_ratio_of_one_layer_searches_one_layer_under_the_default():
     handle = Handle.of(build_tiny("llama"))
     windows = random_ids(batch=8, length=12, seed=3)

@@ -8,7 +8,9 @@ the checking; an error names the flag and the recipe key and exits the CLI with 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -532,9 +534,28 @@ def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
         raise LayercutError(f"recipe file {path}: {error}") from None
 
 
+# Options whose defaults follow other options (the validators of SearchOptions and Recipe): a recipe file states
+# them only where they were given, so that a reused recipe with another method, number of segments or number of
+# heal steps gets that one's defaults rather than this run's.
+DEPENDENT_DEFAULTS = {"data": ("calib_windows",),
+                      "search": ("gate_checkpointing", "exact_cache_gib", "repair_candidates", "repair_finalists",
+                                 "repair_horizon")}
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    """The recipe as YAML text."""
-    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+    """The recipe as YAML text to reuse: every option, less the :data:`DEPENDENT_DEFAULTS` that were not given,
+    whose values this run took are named in a comment instead (``layercut.json`` records every value)."""
+    data, resolved = to_dict(recipe), []
+    for section, names in DEPENDENT_DEFAULTS.items():
+        given = getattr(recipe, section).model_fields_set
+        resolved += [f"{section}.{name}: {json.dumps(data[section].pop(name))}" for name in names
+                     if name not in given]
+    text = yaml.safe_dump(data, sort_keys=False)
+    if not resolved:
+        return text
+    note = ("Defaults that follow the method, the number of segments and the heal's steps, left out so that they "
+            f"follow them again when this recipe is reused; this run's: {', '.join(resolved)}")
+    return textwrap.fill(note, 100, initial_indent="# ", subsequent_indent="# ") + "\n" + text
 
 
 # ----------------------------------------------------------------------------------------------- flags
