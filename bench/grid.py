@@ -10,7 +10,7 @@ layers removed, search and heal time, held-out perplexity on ``wiki`` (test part
 each window, zero-shot acc and acc_norm on the seven commonsense tasks, LAMBADA-OpenAI (acc, perplexity) and MMLU
 through lm-eval (with its standard errors and each item's correctness), retention and retention above chance.
 Methods are compared with CLP paired over the same items and windows (``layercut.paired``); cells measured before
-per-item results were kept are compared unpaired, and say so.
+per-item results were kept get no verdict and say "unpaired".
 
     python bench/grid.py --out bench/results/grid-h200               # the full grid (GPU; resumes the committed cells)
     python bench/grid.py --out bench/results/grid-h200 --report      # tables, plots and results.md from the cells
@@ -601,22 +601,13 @@ def separation_table(found: list[tuple[tuple, dict[str, str]]], what: str, colum
     return [*lines, ""]
 
 
-def unpaired_verdict(value: dict, reference: dict) -> str:
-    """The verdict of cells without per-item results: a retention difference inside two standard errors (the
-    larger of the two) is a tie."""
-    difference = value["retention"] - reference["retention"]
-    if abs(difference) <= 2 * max(value["stderr"], reference["stderr"]):
-        return "tie"
-    return "better" if difference > 0 else "worse"
-
-
 def verdict(value: dict, reference: dict) -> str:
     """``value`` against ``reference`` on retention: "tie", "better" or "worse" with the paired 95 % interval of the
-    difference in retention (accuracy difference / dense accuracy), or "..., unpaired" for cells measured without
-    per-item results (see :func:`unpaired_verdict`)."""
+    difference in retention (accuracy difference / dense accuracy); "unpaired", and no verdict, for cells measured
+    without per-item results: a verdict needs both models scored on the same items."""
     difference = paired_accuracy(value, reference)
     if difference is None:
-        return f"{unpaired_verdict(value, reference)}, unpaired"
+        return "unpaired"
     dense = value["cells"][0]["retention"]["dense"]
     return (f"{difference.verdict()} ({difference.estimate / dense:+.3f} [{difference.low / dense:+.3f}, "
             f"{difference.high / dense:+.3f}])")
@@ -694,14 +685,11 @@ def headline(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
 
 
 def tally_text(verdicts: list[str]) -> str:
-    """How often CLP wins, ties and loses among ``verdicts``, paired and unpaired apart."""
-    def count(paired: bool) -> str:
-        kept = [text for text in verdicts if text.endswith("unpaired") != paired]
-        found = {word: sum(text.startswith(word) for text in kept) for word in ("clp wins", "tie", "clp loses")}
-        return (f"{len(kept)} {'paired' if paired else 'unpaired'}: {found['clp wins']} wins, {found['tie']} ties, "
-                f"{found['clp loses']} losses")
-
-    return f"CLP against the other methods' best heals: {count(True)}; {count(False)}."
+    """How often CLP wins, ties and loses among the paired ``verdicts``; the unpaired ones are only counted."""
+    kept = [text for text in verdicts if text != "unpaired"]
+    found = {word: sum(text.startswith(word) for text in kept) for word in ("clp wins", "tie", "clp loses")}
+    return (f"CLP against the other methods' best heals: {len(kept)} paired: {found['clp wins']} wins, "
+            f"{found['tie']} ties, {found['clp loses']} losses; {len(verdicts) - len(kept)} unpaired, no verdict.")
 
 
 def report(out: Path) -> str:
@@ -718,8 +706,7 @@ def report(out: Path) -> str:
              "(dense - chance). ± is two standard errors (lm-eval's, combined over the tasks). Against clp (or "
              "endpoints): the paired difference over the same items (zero-shot) or test windows (perplexity, as a "
              "ratio), mean over the seeds both have, with its 95 % bootstrap interval; a tie when it holds 0. Cells "
-             "measured without per-item results are compared unpaired (a tie within two standard errors) and say "
-             "so."), ""]
+             "measured without per-item results get no verdict and say \"unpaired\"."), ""]
     for model in sorted(dense):
         scores = dense[model].get("zero_shot")
         if scores:
@@ -936,22 +923,22 @@ def main() -> None:
 START, END = "<!-- grid results: start -->", "<!-- grid results: end -->"
 
 
-def against(found: dict, reference: dict, name: str) -> tuple[str, bool, str | None, float | None]:
+def against(found: dict, reference: dict, name: str) -> tuple[str, str | None, float | None]:
     """``found`` (a method's best heal) against ``reference``'s, in the words of a README row named after the
-    reference (``name``): its verdict on accuracy ("NAME wins", "tie", "NAME loses"), whether that verdict is
-    unpaired, and where both kept per-window results the verdict on wiki perplexity and the perplexity ratio."""
-    said = clp_verdict(reference, found, name)
-    word = said.split(" (")[0].removesuffix(", unpaired")
+    reference (``name``): its verdict on accuracy ("NAME wins", "tie", "NAME loses"; "unpaired" without per-item
+    results), and where both kept per-window results the verdict on wiki perplexity and the perplexity ratio."""
+    word = clp_verdict(reference, found, name).split(" (")[0]
     ratio = paired_perplexity(found, reference)
     if ratio is None:
-        return word, said.endswith("unpaired"), None, None
+        return word, None, None
     ppl_word = {"better": f"{name} loses", "worse": f"{name} wins", "tie": "tie"}[ratio.verdict(higher_is_better=False)]
-    return word, said.endswith("unpaired"), ppl_word, math.exp(ratio.estimate)
+    return word, ppl_word, math.exp(ratio.estimate)
 
 
 def tally_rows(best: dict, cases: list, reference: str) -> list[str]:
     """The rows that count, per case, how often ``reference``'s best heal wins, ties or loses against every other
-    method's, on accuracy and (where paired) on wiki perplexity; none where ``reference`` was not run."""
+    method's, on accuracy and on wiki perplexity, where paired (the unpaired ones only counted); none where
+    ``reference`` was not run."""
     if not any(reference in best[case] for case in cases):
         return []
     words = (f"{reference} wins", "tie", f"{reference} loses")
@@ -963,9 +950,11 @@ def tally_rows(best: dict, cases: list, reference: str) -> list[str]:
         for name, found in best[case].items():
             if name == reference:
                 continue
-            word, alone, ppl_word, _ = against(found[1], best[case][reference][1], reference)
-            counts["accuracy"][case][word] += 1
-            unpaired[case] += alone
+            word, ppl_word, _ = against(found[1], best[case][reference][1], reference)
+            if word == "unpaired":
+                unpaired[case] += 1
+            else:
+                counts["accuracy"][case][word] += 1
             if ppl_word is not None:
                 counts["perplexity"][case][ppl_word] += 1
     label = "CLP" if reference == "clp" else reference
@@ -1000,8 +989,8 @@ def compact_headline(out: Path, references: tuple[str, ...] = ("clp", "repair-1"
             elif name == "clp" or clp is None:
                 entries.append(f"**{found[1]['retention']:.3f} ± {2 * found[1]['stderr']:.3f}**")
             else:
-                word, alone, ppl_word, ratio = against(found[1], clp[1], "clp")
-                entry = f"{found[1]['retention']:.3f} ({word}{', unpaired' * alone})"
+                word, ppl_word, ratio = against(found[1], clp[1], "clp")
+                entry = f"{found[1]['retention']:.3f} ({word})"
                 if ppl_word is not None:
                     entry += f"; wiki ppl x{ratio:.2f} ({ppl_word})"
                 entries.append(entry)
