@@ -601,13 +601,16 @@ def separation_table(found: list[tuple[tuple, dict[str, str]]], what: str, colum
     return [*lines, ""]
 
 
+UNPAIRED = "unpaired"  # what a comparison says, in place of a verdict, where the two cells kept no per-item results
+
+
 def verdict(value: dict, reference: dict) -> str:
     """``value`` against ``reference`` on retention: "tie", "better" or "worse" with the paired 95 % interval of the
     difference in retention (accuracy difference / dense accuracy); "unpaired", and no verdict, for cells measured
     without per-item results: a verdict needs both models scored on the same items."""
     difference = paired_accuracy(value, reference)
     if difference is None:
-        return "unpaired"
+        return UNPAIRED
     dense = value["cells"][0]["retention"]["dense"]
     return (f"{difference.verdict()} ({difference.estimate / dense:+.3f} [{difference.low / dense:+.3f}, "
             f"{difference.high / dense:+.3f}])")
@@ -618,7 +621,7 @@ def perplexity_verdict(value: dict, reference: dict, text: str = "wiki") -> str:
     interval of the perplexity ratio; "unpaired" for cells measured without per-window NLLs."""
     difference = paired_perplexity(value, reference, text)
     if difference is None:
-        return "unpaired"
+        return UNPAIRED
     word = {"tie": "tie", "better": "lower", "worse": "higher"}[difference.verdict(higher_is_better=False)]
     return (f"{word} (x{math.exp(difference.estimate):.3f} [{math.exp(difference.low):.3f}, "
             f"{math.exp(difference.high):.3f}])")
@@ -686,7 +689,7 @@ def headline(table: dict[tuple, dict], cells: list[dict]) -> list[str]:
 
 def tally_text(verdicts: list[str]) -> str:
     """How often CLP wins, ties and loses among the paired ``verdicts``; the unpaired ones are only counted."""
-    kept = [text for text in verdicts if text != "unpaired"]
+    kept = [text for text in verdicts if text != UNPAIRED]
     found = {word: sum(text.startswith(word) for text in kept) for word in ("clp wins", "tie", "clp loses")}
     return (f"CLP against the other methods' best heals: {len(kept)} paired: {found['clp wins']} wins, "
             f"{found['tie']} ties, {found['clp loses']} losses; {len(verdicts) - len(kept)} unpaired, no verdict.")
@@ -951,7 +954,7 @@ def tally_rows(best: dict, cases: list, reference: str) -> list[str]:
             if name == reference:
                 continue
             word, ppl_word, _ = against(found[1], best[case][reference][1], reference)
-            if word == "unpaired":
+            if word == UNPAIRED:
                 unpaired[case] += 1
             else:
                 counts["accuracy"][case][word] += 1
