@@ -262,3 +262,58 @@ def test_exported_checkpoint_runs_under_the_plain_lm_eval_command_line(model, to
     scores = json.loads(written.read_text())["results"]["piqa"]
     in_process = zeroshot.evaluate_zero_shot(pruned, tokenizer, ["piqa"], limit=4, batch_size=2)
     assert scores["acc,none"] == pytest.approx(in_process.tasks["piqa"].acc)
+
+
+def test_continuation_head_scores_as_lm_eval_does_with_the_head_at_fewer_positions(family, tiny_tokenizer):
+    """lm-eval's log-likelihood requests scored with the output head only where a continuation lies give lm-eval's
+    own scores (log-likelihood and greedy match), per family, while the head sees fewer positions."""
+    from lm_eval.models.huggingface import HFLM
+
+    from conftest import VOCAB, build_tiny
+
+    model = build_tiny(family)
+    generator = torch.Generator().manual_seed(1)
+
+    def tokens(count):
+        return torch.randint(3, VOCAB, (count,), generator=generator).tolist()
+
+    # contexts of varied length, continuations of 1 to 5 tokens, one input ending in the padding token (0), one
+    # context shared by two continuations, and one longer than the model's window (lm-eval cuts it from the left)
+    requests = [(("c", "x"), tokens(n), tokens(k)) for n, k in [(9, 1), (30, 4), (17, 2), (5, 5), (40, 1), (12, 3)]]
+    requests.append((("c", "x"), tokens(8) + [0], [0, 7]))
+    requests.append((("c", "x"), requests[1][1], tokens(1)))
+    requests.append((("c", "x"), tokens(300), tokens(2)))
+    seen = {}
+
+    def scores(cls):
+        lm = cls(pretrained=model, tokenizer=tiny_tokenizer, batch_size=4, max_length=256)
+        widths = []
+        hook = model.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: widths.append(args[0].shape[1]))
+        try:
+            result = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+        finally:
+            hook.remove()
+        seen[cls] = widths
+        return result
+
+    plain, kept = scores(HFLM), scores(zeroshot._continuation_lm())
+    assert [greedy for _, greedy in kept] == [greedy for _, greedy in plain]
+    assert [value for value, _ in kept] == pytest.approx([value for value, _ in plain], rel=1e-5, abs=1e-5)
+    # batches of 4, longest first; inputs (length, first scored position): (256, 254) (40, 39) (33, 29) (30, 29) ·
+    # (18, 16) (14, 11) (10, 8) (9, 8) · (9, 4). The head runs from each batch's earliest scored position on.
+    assert seen[HFLM] == [256, 18, 9], seen
+    assert seen[zeroshot._continuation_lm()] == [256 - 29, 18 - 8, 9 - 4], seen
+
+
+def test_kept_positions_cover_every_continuation():
+    requests = [(None, [5, 6, 7], [8, 9]), (None, [5, 6], [7]), (None, [4, 0], [0, 3])]
+    starts = zeroshot.continuation_starts(requests, max_length=64)
+    # inputs [5, 6, 7, 8] (the logits at 2 and 3 predict 8 and 9), [5, 6] (from 1), [4, 0, 0] stored as [4] (from 1)
+    assert starts == {(5, 6, 7, 8): 2, (5, 6): 1, (4,): 1}
+    batch = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0], [4, 0, 0, 0]])
+    assert zeroshot.kept_positions(batch, starts) == 3  # positions 1, 2 and 3
+    assert zeroshot.kept_positions(batch[:1], starts) == 2
+    assert zeroshot.kept_positions(torch.tensor([[9, 9, 9, 9]]), starts) is None  # not a request: every position
+    cut = zeroshot.continuation_starts([(None, list(range(1, 11)), [11, 12])], max_length=5)
+    assert cut == {(7, 8, 9, 10, 11): 3}  # the last 6 tokens, less the last
