@@ -267,8 +267,8 @@ def _continuation_lm():
     """lm-eval's HFLM, computing the output head only at the last positions of each batch that hold a
     continuation (transformers' ``logits_to_keep``) instead of at every position. lm-eval then takes the
     log-softmax of, and reads, only those: the same scores, without a ``[B, P, vocab]`` head and log-softmax
-    (on 2 CPU cores Gemma-3-270M's 262k-token head at every position made a zero-shot run 1.27 times as long and
-    0.8 GB larger; bench/results/zeroshot-head-cpu). lm-eval maps a row's continuation into a shorter logits
+    (on 2 CPU cores Gemma-3-270M's 262k-token head at every position made a run of the grid's eight tasks 1.39 times
+    as long and 5.6 GB larger; bench/results/zeroshot-head-cpu). lm-eval maps a row's continuation into a shorter logits
     tensor itself (its ``logits.shape[0] - padding_len_inp`` offset, kept for prefix-tuned models)."""
     import inspect
 
