@@ -147,6 +147,16 @@ def test_repair_picks_the_cut_that_repairs_best_where_the_lowest_kl_cut_does_not
     assert exhaustive.segments == [(4, 6)]  # the lowest KL on these windows, as computed independently
 
 
+def test_a_patch_proxy_that_cannot_fold_into_the_model_is_refused_before_any_scoring():
+    """Gemma-3 normalises its MLP's output before the residual add: no candidate could be patched, so the selection
+    would rank plain KLs under the patch's name. It stops at once, naming the proxy that works."""
+    handle = Handle.of(build_tiny("gemma3"))
+    windows = random_ids(batch=8, length=12, seed=2)
+    options = SearchOptions(remove=2, method="repair", segments=1, repair_proxy="lsq", repair_candidates=2)
+    with pytest.raises(LayercutError, match="Gemma3DecoderLayer.*use --repair-proxy endpoints, not lsq"):
+        selection.search(handle, windows, options)
+
+
 def test_the_short_heal_proxy_screens_every_candidate_heals_the_best_again_and_puts_the_weights_back():
     handle = Handle.of(build_tiny("llama"))
     windows = random_ids(batch=8, length=12, seed=2)

@@ -287,9 +287,13 @@ def search_repair(handle: Handle, windows: torch.Tensor, remove: int, options: S
     number of segments (:func:`finalists`) repaired again from the start for ``options.repair_steps`` steps; the
     lowest of those after ``options.repair_horizon`` steps, extrapolated from the two (:func:`extrapolated`),
     wins (a lone finalist wins unhealed again). A linear-patch proxy has no steps: every candidate is patched once
-    and the lowest wins. ``progress`` (optional) is called with 1 per repair. ``landscape`` holds the exact KL of
-    every cut; ``trajectory`` one row per candidate with its screened and (finalists) repaired and extrapolated KL."""
+    and the lowest wins; it is refused at once (LayercutError) where it does not fold into the model's layers (a
+    norm after the MLP, as in Gemma-2 and -3), since every candidate would then be scored by its plain KL.
+    ``progress`` (optional) is called with 1 per repair. ``landscape`` holds the exact KL of every cut;
+    ``trajectory`` one row per candidate with its screened and (finalists) repaired and extrapolated KL."""
     started = time.perf_counter()
+    if options.repair_proxy != "endpoints":  # else every candidate would be scored unpatched, by its plain KL
+        replacement.check_foldable(handle, 0, windows, f"use --repair-proxy endpoints, not {options.repair_proxy}")
     kl, evaluations = scored_cuts(handle, windows, remove, options, batch_size, seed, scorer)
     chosen = candidate_cuts(kl, handle.num_layers, remove, options.repair_candidates)
     data = repair_data(handle, windows, batch_size)

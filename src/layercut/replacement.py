@@ -151,10 +151,11 @@ def dense_states(handle: Handle, windows: torch.Tensor, wanted: dict[str, tuple[
 # ----------------------------------------------------------------------------------------------- ReplaceMe
 
 
-def _check_foldable(handle: Handle, index: int, windows: torch.Tensor) -> None:
-    """LayercutError unless layer ``index`` adds its MLP's output to the residual stream as it is (no norm or
-    scale after the MLP) and that output is its last projection's: scaling the MLP's output by 2 must move the
-    layer's output by exactly that output."""
+def check_foldable(handle: Handle, index: int, windows: torch.Tensor,
+                   fix: str = "use --heal endpoints or streamline") -> None:
+    """LayercutError (ending in ``fix``) unless layer ``index`` adds its MLP's output to the residual stream as it
+    is (no norm or scale after the MLP) and that output is its last projection's: scaling the MLP's output by 2
+    must move the layer's output by exactly that output."""
     layer = handle.layers[index]
     projection = output_projection(layer)
     batch = windows[:1, : min(windows.shape[1], 16)]
@@ -172,8 +173,7 @@ def _check_foldable(handle: Handle, index: int, windows: torch.Tensor) -> None:
         raise LayercutError(f"a linear patch (replaceme, lsq, linearpatch) is folded into the MLP of the layer before "
                             "the cut, but "
                             f"{type(layer).__name__} does not add its MLP's output to the residual stream as it is "
-                            "(a norm or scale follows it), so the fold would not be exact: use --heal endpoints or "
-                            "streamline")
+                            f"(a norm or scale follows it), so the fold would not be exact: {fix}")
 
 
 def _write_pairs(handle: Handle, start: int, end: int, windows: torch.Tensor, batch_size: int):
@@ -186,7 +186,7 @@ def _write_pairs(handle: Handle, start: int, end: int, windows: torch.Tensor, ba
         raise LayercutError(f"a linear patch is folded into the layer before the cut; the cut [0:{end}) has none: "
                             "use --heal endpoints or streamline, or cut elsewhere")
     before = handle.layers[start - 1]
-    _check_foldable(handle, start - 1, windows)
+    check_foldable(handle, start - 1, windows)
     wanted = {"mlp": (before.mlp, False), "entering": (before, False), "leaving": (handle.layers[end - 1], False)}
     for states in dense_states(handle, windows, wanted, batch_size):
         m = states["mlp"].flatten(0, 1).double()
