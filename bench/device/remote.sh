@@ -66,6 +66,12 @@ landscape)  # in the background on GPU $2, once Gemma-3 is in place: ${WORKERS:-
   cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
     python3 bench/landscape.py --out ~/res/landscape --dtype float32 --batch-size 8 --workers ${WORKERS:-6} \
     ${LANDSCAPE_ARGS:---patches= --no-agreement}" > ~/res/landscape-gpu$2${TAG:+-$TAG}.log 2>&1 < /dev/null & ;;
+zeroshothead)  # in the background on GPU $2, once Gemma-3 is in place: Gemma-3's zero-shot scoring with the output head
+  # at every position (lm-eval's) against layercut's, fresh processes in turn (bench/zeroshot_head.py; ZS_ARGS: more)
+  cd ~/code && CUDA_VISIBLE_DEVICES=$2 setsid nohup bash -c "until [ -f ~/res/gemma.ready ]; do sleep 5; done;
+    python3 bench/zeroshot_head.py --models gemma3-270m --limit 200 --repeats 2 --out ~/res/zeroshot-head-h100 \
+    --tasks piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa,lambada_openai ${ZS_ARGS:-}" \
+    > ~/res/zeroshot-head.log 2>&1 < /dev/null & ;;
 picks)  # in the background on GPU $2, once Gemma-3 is in place (unless CELLS leaves it out): the repair selection's
   # pick in each headline cell (CELLS: fewer, e.g. one per process; PICK_ARGS: more options; TAG: the log's name)
   ready=~/res/gemma.ready; [ -n "${CELLS:-}" ] && [[ $CELLS != *gemma* ]] && ready=~/res
@@ -107,6 +113,6 @@ collect)
   ls -d repair-cost* > /dev/null 2>&1 && tar czf "$OUT/repair-cost.tgz" --warning=no-file-changed repair-cost* 2>&1 | tail -3
   ls -la "$OUT" ;;
 *)
-  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|landscape GPU|picks GPU|repaircost GPU|standin GPU|search|record GPU|status [SLEEP]|collect [SLEEP]"
+  echo "usage: bench/device/remote.sh setup|smol1|smol2|gemma N|workers GPU|landscape GPU|picks GPU|zeroshothead GPU|repaircost GPU|standin GPU|search|record GPU|status [SLEEP]|collect [SLEEP]"
   exit 2 ;;
 esac
