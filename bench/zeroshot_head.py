@@ -47,10 +47,10 @@ def one(variant: str, model: str, tasks: str, limit: int, batch_size: int, dtype
                              "correct_norm": task.correct_norm, "perplexity": task.perplexity} for name, task in scores.tasks.items()}}
 
 
-def run(variant: str, arguments, scratch: Path) -> dict:
+def run(variant: str, model: str, arguments, scratch: Path) -> dict:
     """``one`` in a fresh process, timed from launch to exit."""
     result = scratch / f"{variant}.json"
-    command = [sys.executable, __file__, "--one", variant, "--models", arguments.models.split(",")[0],
+    command = [sys.executable, __file__, "--one", variant, "--models", model,
                "--tasks", arguments.tasks, "--limit", str(arguments.limit), "--batch-size", str(arguments.batch_size),
                "--dtype", arguments.dtype, "--result", str(result)]
     started = time.perf_counter()
@@ -136,11 +136,10 @@ def main() -> None:
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "models": {}}
     for model in arguments.models.split(","):
-        single = argparse.Namespace(**{**vars(arguments), "models": model})
         runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
         for repeat in range(arguments.repeats):
             for variant in VARIANTS:
-                runs[variant].append(run(variant, single, scratch))
+                runs[variant].append(run(variant, model, arguments, scratch))
                 print(model, variant, repeat, f"{runs[variant][-1]['launch_to_exit_seconds']:.1f} s", flush=True)
         ratios = [c["launch_to_exit_seconds"] / e["launch_to_exit_seconds"]
                   for c, e in zip(runs["continuation"], runs["every"])]

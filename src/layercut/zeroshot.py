@@ -279,7 +279,8 @@ def _continuation_lm():
         _starts: dict[tuple[int, ...], int] | None = None
 
         def _loglikelihood_tokens(self, requests, *args, **kwargs):
-            self._starts = continuation_starts(requests, self.max_length)
+            if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+                self._starts = continuation_starts(requests, self.max_length)
             try:
                 return super()._loglikelihood_tokens(requests, *args, **kwargs)
             finally:
@@ -288,7 +289,7 @@ def _continuation_lm():
         def _model_call(self, inps, attn_mask=None, labels=None):
             keep = None if self._starts is None or attn_mask is not None or labels is not None else (
                 kept_positions(inps, self._starts))
-            if keep is None or "logits_to_keep" not in inspect.signature(self.model.forward).parameters:
+            if keep is None:
                 return super()._model_call(inps, attn_mask, labels)
             dtype = getattr(self, "mixed_precision_dtype", None)
             with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=dtype,
